@@ -1,0 +1,89 @@
+"""PyTorch reference for attention over a dense paged KV cache.
+
+Cache layout (one layer): ``cache[num_blocks, num_kv_heads, block_size, 2 * head_dim]``;
+row ``n`` of a head page holds ``[key_n | value_n]``, so one token's K and V sit together.
+
+Conventions shared by every op here:
+* ``slots`` are physical slot ids ``block * block_size + offset``; negative = skip.
+* ``block_table[r]`` lists the physical blocks of request ``r`` in order; ``kv_lens[r]``
+  is how many cached tokens request ``r`` attends to (its own new tokens included).
+* Queries of a request are its last ``q_len`` tokens (bottom-right causal alignment).
+Softmax and accumulation run in fp32 whatever the cache dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_kv(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store ``key``/``value`` ``[T, H, D]`` at ``slots`` ``[T]``."""
+    block_size = cache.shape[2]
+    head_dim = key.shape[-1]
+    keep = slots >= 0
+    if not bool(keep.all()):
+        key, value, slots = key[keep], value[keep], slots[keep]
+    blocks = torch.div(slots, block_size, rounding_mode="floor")
+    offsets = slots % block_size
+    # Advanced indices around a slice put the token dim first: shape [T, H, D].
+    cache[blocks, :, offsets, :head_dim] = key.to(cache.dtype)
+    cache[blocks, :, offsets, head_dim:] = value.to(cache.dtype)
+
+
+def gather_kv(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``(K, V)`` ``[H, length, D]`` of one request from its block list."""
+    head_dim = cache.shape[-1] // 2
+    num_blocks = -(-length // cache.shape[2])
+    pages = cache[blocks[:num_blocks]]  # [nb, H, bs, 2D]
+    rows = pages.permute(1, 0, 2, 3).reshape(cache.shape[1], -1, 2 * head_dim)[:, :length]
+    return rows[..., :head_dim], rows[..., head_dim:]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``, mask ``[B|1, 1, Tq, Tk]`` (True = attend)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v.float())
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    cache: torch.Tensor,
+    blocks: torch.Tensor,
+    kv_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of one request's ``q_len`` new queries ``[q_len, Hq, D]``
+    over its ``kv_len`` cached tokens (context + the new ones)."""
+    q_len = query.shape[0]
+    k, v = gather_kv(cache, blocks, kv_len)
+    q_pos = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
+    mask = (torch.arange(kv_len).unsqueeze(0) <= q_pos)[None, None]
+    out = _attend(query.transpose(0, 1)[None], k[None], v[None], mask, scale)
+    return out[0].transpose(0, 1)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    kv_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per request ``[B, Hq, D]``; requests padded to the longest and masked."""
+    batch = query.shape[0]
+    max_len = int(kv_lens.max())
+    block_size = cache.shape[2]
+    head_dim = cache.shape[-1] // 2
+    num_blocks = -(-max_len // block_size)
+    pages = cache[block_table[:batch, :num_blocks]]  # [B, nb, H, bs, 2D]
+    rows = pages.permute(0, 2, 1, 3, 4).reshape(batch, cache.shape[1], -1, 2 * head_dim)[:, :, :max_len]
+    mask = (torch.arange(max_len).unsqueeze(0) < kv_lens.unsqueeze(1))[:, None, None, :]
+    out = _attend(query.unsqueeze(2), rows[..., :head_dim], rows[..., head_dim:], mask, scale)
+    return out.squeeze(2)

@@ -1,0 +1,179 @@
+"""The ``KVCOMPRESS`` attention backend: vLLM's V1 interfaces around the plugin's ops.
+
+Thin glue only. The metadata builder plans each step once (FlashInfer's plan/run
+split: decode/prefill split, per-request KV lengths and block lists), and the impl
+writes K/V into the plugin's own page layout and runs the PyTorch ops from
+``vllm_kvcompress.kernels`` for every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from vllm_kvcompress import BACKEND_NAME
+from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.kernels import paged_dense_ref as dense
+
+
+class KVCompressBackend(AttentionBackend):
+    # We write K/V ourselves inside forward(): the page layout is ours, and later
+    # methods write to physical slots that differ from vLLM's logical slot mapping.
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16, torch.float16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "bfloat16", "float16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type["KVCompressImpl"]:
+        return KVCompressImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["KVCompressMetadataBuilder"]:
+        return KVCompressMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # One page per (block, KV head): [block_size, 2 * head_dim] rows of [key | value].
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        # Method "none" stores the dense cache: vLLM's own page size is exact.
+        return spec
+
+
+@dataclass
+class PrefillSpan:
+    """One request with more than one new token (prompt or prompt chunk)."""
+
+    token_start: int
+    token_end: int
+    kv_len: int
+    blocks: torch.Tensor
+
+
+@dataclass
+class KVCompressMetadata:
+    num_actual_tokens: int
+    slot_mapping: torch.Tensor  # [T] physical slot of each new token
+    decode_token_index: torch.Tensor  # [D] token position of each single-token request
+    decode_block_table: torch.Tensor  # [D, max_blocks]
+    decode_kv_lens: torch.Tensor  # [D]
+    prefills: list[PrefillSpan]
+
+
+class KVCompressMetadataBuilder(AttentionMetadataBuilder[KVCompressMetadata]):
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> KVCompressMetadata:
+        m = common_attn_metadata
+        num_reqs = m.num_reqs
+        starts = m.query_start_loc_cpu[: num_reqs + 1].tolist()
+        kv_lens = m.seq_lens[:num_reqs].to("cpu")
+        block_table = m.block_table_tensor[:num_reqs]
+        decode_rows, prefills = [], []
+        for row in range(num_reqs):
+            q_len = starts[row + 1] - starts[row]
+            if q_len == 1:
+                decode_rows.append(row)
+            elif q_len > 1:
+                prefills.append(PrefillSpan(starts[row], starts[row + 1], int(kv_lens[row]), block_table[row]))
+        rows = torch.tensor(decode_rows, dtype=torch.long)
+        return KVCompressMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            slot_mapping=m.slot_mapping[: m.num_actual_tokens],
+            decode_token_index=m.query_start_loc_cpu[rows].to(torch.long),
+            decode_block_table=block_table[rows],
+            decode_kv_lens=kv_lens[rows],
+            prefills=prefills,
+        )
+
+
+class KVCompressImpl(AttentionImpl[KVCompressMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        **extra,
+    ) -> None:
+        refused = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding window": sliding_window is not None,
+            "logit soft-capping": bool(logits_soft_cap),
+            "attention sinks": sinks is not None,
+            "KV sharing across layers": kv_sharing_target_layer_name is not None,
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+        }
+        unsupported = [name for name, present in refused.items() if present]
+        if unsupported:
+            raise NotImplementedError(f"kvcompress does not support {', '.join(unsupported)} yet")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.config = KVCompressConfig.from_additional_config(get_current_vllm_config().additional_config)
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: KVCompressMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("kvcompress does not support fused output quantization")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        n = attn_metadata.num_actual_tokens
+        query = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        dense.write_kv(kv_cache, key[:n].view(n, self.num_kv_heads, -1), value[:n].view(n, self.num_kv_heads, -1), attn_metadata.slot_mapping)
+        if attn_metadata.decode_token_index.numel():
+            idx = attn_metadata.decode_token_index
+            result = dense.decode_attention(query[idx], kv_cache, attn_metadata.decode_block_table, attn_metadata.decode_kv_lens, self.scale)
+            out[idx] = result.to(out.dtype)
+        for span in attn_metadata.prefills:
+            result = dense.prefill_attention(query[span.token_start : span.token_end], kv_cache, span.blocks, span.kv_len, self.scale)
+            out[span.token_start : span.token_end] = result.to(out.dtype)
+        return output

@@ -1,0 +1,122 @@
+"""The plugin's settings: one typed, validated object built from
+``additional_config["kvcompress"]`` (``--additional-config '{"kvcompress": {...}}'``).
+
+Every error names the key and the allowed values, and is raised in the front-end
+process before any engine process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_KEY = "kvcompress"
+
+# Methods that run in this release, and those still being built (refused with a
+# clear message rather than silently falling back to no compression).
+AVAILABLE_METHODS = ("none",)
+PLANNED_METHODS = ("lookat", "knorm", "kvzap", "dms", "headkv")
+EVICTION_METHODS = ("knorm", "kvzap", "dms", "headkv")
+
+
+class KVCompressConfigError(ValueError):
+    """A bad ``kvcompress`` setting; the message names the key and what is allowed."""
+
+
+def _key(name: str) -> str:
+    return f"additional_config.{CONFIG_KEY}.{name}"
+
+
+@dataclass(frozen=True)
+class KVCompressConfig:
+    method: str = field(
+        default="none",
+        metadata={"doc": "Compression method. `none` stores the full bf16/fp16 cache (pass-through)."},
+    )
+    max_kv_tokens: int | None = field(
+        default=None,
+        metadata={"doc": "Eviction budget: tokens kept per sequence (integer >= 1). Eviction methods only."},
+    )
+    compression_ratio: float | None = field(
+        default=None,
+        metadata={"doc": "Eviction budget: fraction of tokens removed, 0 <= r < 1. Eviction methods only."},
+    )
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> "KVCompressConfig":
+        raw = (additional_config or {}).get(CONFIG_KEY, {}) if isinstance(additional_config, dict) else {}
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "KVCompressConfig":
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise KVCompressConfigError(
+                f"additional_config.{CONFIG_KEY} must be a JSON object, got {type(raw).__name__}"
+            )
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise KVCompressConfigError(
+                f"unknown key(s) {', '.join(_key(k) for k in unknown)}; allowed keys: {', '.join(known)}"
+            )
+        config = cls(**raw)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if not isinstance(self.method, str):
+            raise KVCompressConfigError(
+                f"{_key('method')} must be a string; allowed: {', '.join(AVAILABLE_METHODS)}"
+            )
+        if self.method in PLANNED_METHODS:
+            raise KVCompressConfigError(
+                f"{_key('method')}={self.method!r} is not available in this release yet; "
+                f"allowed: {', '.join(AVAILABLE_METHODS)}"
+            )
+        if self.method not in AVAILABLE_METHODS:
+            raise KVCompressConfigError(
+                f"{_key('method')}: unknown method {self.method!r}; allowed: {', '.join(AVAILABLE_METHODS)}"
+            )
+        if self.max_kv_tokens is not None and (
+            isinstance(self.max_kv_tokens, bool) or not isinstance(self.max_kv_tokens, int) or self.max_kv_tokens < 1
+        ):
+            raise KVCompressConfigError(
+                f"{_key('max_kv_tokens')} must be an integer >= 1 (or null), got {self.max_kv_tokens!r}"
+            )
+        if self.compression_ratio is not None and (
+            isinstance(self.compression_ratio, bool)
+            or not isinstance(self.compression_ratio, (int, float))
+            or not 0 <= self.compression_ratio < 1
+        ):
+            raise KVCompressConfigError(
+                f"{_key('compression_ratio')} must be a number with 0 <= r < 1 (or null), "
+                f"got {self.compression_ratio!r}"
+            )
+        if self.max_kv_tokens is not None and self.compression_ratio is not None:
+            raise KVCompressConfigError(
+                f"set at most one of {_key('max_kv_tokens')} and {_key('compression_ratio')}"
+            )
+        has_budget = self.max_kv_tokens is not None or self.compression_ratio is not None
+        if has_budget and self.method not in EVICTION_METHODS:
+            raise KVCompressConfigError(
+                f"{_key('max_kv_tokens')}/{_key('compression_ratio')} apply to eviction methods "
+                f"({', '.join(EVICTION_METHODS)}); method {self.method!r} keeps every token"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def reference_table() -> str:
+    """Markdown table of every setting, for the README."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(KVCompressConfig):
+        rows.append(f"| `{f.name}` | `{f.default!r}` | {f.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_table())

