@@ -8,12 +8,13 @@ Conventions shared by every op here:
 * ``block_table[r]`` lists the physical blocks of request ``r`` in order; ``kv_lens[r]``
   is how many cached tokens request ``r`` attends to (its own new tokens included).
 * Queries of a request are its last ``q_len`` tokens (bottom-right causal alignment).
-Softmax and accumulation run in fp32 whatever the cache dtype.
+Softmax and accumulation run in fp32 (torch SDPA) whatever the cache dtype.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def write_kv(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
@@ -39,17 +40,14 @@ def gather_kv(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> tuple[t
     return rows[..., :head_dim], rows[..., head_dim:]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``, mask ``[B|1, 1, Tq, Tk]`` (True = attend)."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v.float())
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool = False) -> torch.Tensor:
+    """q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``, mask ``[B|1, 1, Tq, Tk]`` (True = attend).
+
+    torch's fused SDPA keeps inputs in their dtype and accumulates in fp32 without
+    materialising the score matrix; GQA is handled natively (no K/V repeat)."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 def prefill_attention(
@@ -63,9 +61,13 @@ def prefill_attention(
     over its ``kv_len`` cached tokens (context + the new ones)."""
     q_len = query.shape[0]
     k, v = gather_kv(cache, blocks, kv_len)
-    q_pos = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
-    mask = (torch.arange(kv_len).unsqueeze(0) <= q_pos)[None, None]
-    out = _attend(query.transpose(0, 1)[None], k[None], v[None], mask, scale)
+    q = query.transpose(0, 1)[None].to(k.dtype)
+    if q_len == kv_len:  # whole prompt in one step: plain causal
+        out = _attend(q, k[None], v[None], None, scale, causal=True)
+    else:  # a chunk after cached context: causal, aligned to the bottom-right
+        q_pos = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
+        mask = (torch.arange(kv_len).unsqueeze(0) <= q_pos)[None, None]
+        out = _attend(q, k[None], v[None], mask, scale)
     return out[0].transpose(0, 1)
 
 
@@ -85,5 +87,5 @@ def decode_attention(
     pages = cache[block_table[:batch, :num_blocks]]  # [B, nb, H, bs, 2D]
     rows = pages.permute(0, 2, 1, 3, 4).reshape(batch, cache.shape[1], -1, 2 * head_dim)[:, :, :max_len]
     mask = (torch.arange(max_len).unsqueeze(0) < kv_lens.unsqueeze(1))[:, None, None, :]
-    out = _attend(query.unsqueeze(2), rows[..., :head_dim], rows[..., head_dim:], mask, scale)
+    out = _attend(query.unsqueeze(2).to(rows.dtype), rows[..., :head_dim], rows[..., head_dim:], mask, scale)
     return out.squeeze(2)

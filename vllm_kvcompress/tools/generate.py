@@ -1,0 +1,86 @@
+"""Greedy offline generation through vLLM, one engine per call, results as JSON.
+
+    python -m vllm_kvcompress.tools.generate SPEC.json OUT.json
+
+SPEC: {"llm": {LLM(...) kwargs}, "prompts": [[token ids], ...], "max_tokens": 32,
+       "logprobs": 2}
+OUT:  {"outputs": [{"token_ids", "text", "top_logprobs": [[[id, logprob], ...] per step]}],
+       "kv_cache_tokens": int, "attention_impls": [class names used by the workers]}
+
+Used by the tests and the demo so that every engine runs in a fresh process (vLLM's
+CPU engine spawns its own processes and keeps global state).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _attention_impls(worker) -> list[str]:
+    from vllm.model_executor.layers.attention import Attention
+
+    model = worker.model_runner.model
+    return sorted({type(m.impl).__name__ for m in model.modules() if isinstance(m, Attention)})
+
+
+def run(spec: dict) -> dict:
+    import os
+
+    # collective_rpc(_attention_impls) ships a function to the workers, which vLLM
+    # only pickles with this opt-in. This is a local test tool, never a server.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(**spec["llm"])
+    params = SamplingParams(
+        max_tokens=spec.get("max_tokens", 32), temperature=0.0, logprobs=spec.get("logprobs", 2), ignore_eos=spec.get("ignore_eos", False)
+    )
+    results = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, use_tqdm=False)
+    outputs = []
+    for result in results:
+        completion = result.outputs[0]
+        top = [
+            sorted(([tok, lp.logprob] for tok, lp in step.items()), key=lambda t: -t[1])
+            for step in (completion.logprobs or [])
+        ]
+        outputs.append({"token_ids": list(completion.token_ids), "text": completion.text, "top_logprobs": top})
+    cache = llm.llm_engine.vllm_config.cache_config
+    return {
+        "outputs": outputs,
+        "kv_cache_tokens": int(cache.num_gpu_blocks or 0) * int(cache.block_size),
+        "attention_impls": sorted({name for names in llm.collective_rpc(_attention_impls) for name in names}),
+    }
+
+
+def main() -> None:
+    spec_path, out_path = sys.argv[1], sys.argv[2]
+    with open(spec_path) as f:
+        spec = json.load(f)
+    result = run(spec)
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
+
+
+def run_in_subprocess(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int = 32, timeout: int = 900) -> dict:
+    """:func:`run` in a fresh Python process; adds the engine's log as ``result["log"]``."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp, "spec.json"), Path(tmp, "out.json")
+        spec.write_text(json.dumps({"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens, "logprobs": 2}))
+        proc = subprocess.run(
+            [sys.executable, "-m", "vllm_kvcompress.tools.generate", str(spec), str(out)],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"generation failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        result = json.loads(out.read_text())
+        result["log"] = proc.stderr + proc.stdout
+        return result
