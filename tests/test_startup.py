@@ -5,7 +5,7 @@ import types
 import psutil
 import pytest
 
-from vllm_kvcompress import version
+from vllm_kvcompress import startup, version
 from vllm_kvcompress.config import KVCompressConfigError
 from vllm_kvcompress.plugin import register
 from vllm_kvcompress.startup import UnsupportedModelError, check_model
@@ -66,6 +66,15 @@ def test_llm_does_not_start_half_configured(smollm2_dir):
         LLM(model=smollm2_dir, attention_backend="kvcompress", enforce_eager=True, additional_config={"kvcompress": {"method": "bogus"}})
     after = {p.pid for p in psutil.Process().children(recursive=True)}
     assert after == before, "an engine process was spawned for a refused configuration"
+
+
+def test_cuda_is_refused_until_kernels_land(smollm2_dir, monkeypatch):
+    from vllm.platforms import current_platform
+
+    config = engine_config(smollm2_dir, attention_backend="kvcompress")
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
+    with pytest.raises(KVCompressConfigError, match="runs on CPU only in this release"):
+        startup.validate_vllm_config(config)
 
 
 def fake_model(**overrides):

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -27,6 +28,10 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from vllm_kvcompress import BACKEND_NAME
 from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.kernels import paged_dense_ref as dense
+
+
+# Under the "vllm" logger tree, so records get vLLM's handlers and process prefixes.
+logger = init_logger("vllm.kvcompress.backend")
 
 
 class KVCompressBackend(AttentionBackend):
@@ -90,6 +95,11 @@ class KVCompressMetadata:
 class KVCompressMetadataBuilder(AttentionMetadataBuilder[KVCompressMetadata]):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
+        logger.info(
+            "kvcompress attention active: method=%s, %d layers, block_size=%d, page %d bytes",
+            config.method, len(layer_names), kv_cache_spec.block_size, kv_cache_spec.page_size_bytes,
+        )
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> KVCompressMetadata:
         m = common_attn_metadata

@@ -2,17 +2,20 @@
 
 A bf16 model rounds its logits to bf16 (one ulp is 0.125 at magnitudes 16-32), so two
 correct attention implementations that round differently can pick different tokens
-where the top two logits are within a couple of ulps. A divergence is accepted only
-there: both runs must see a near-tie between the two tokens at the first differing
-step, and every step before it must agree exactly on the token.
+where the top two logits are within a few ulps; vLLM's own CPU backend does this
+against itself between two runs with identical settings, because batch composition
+depends on request arrival. A divergence is accepted only at such a tie: at the first
+differing step each run prefers its own token, and the gap between the two tokens
+moved by at most ``NEAR_TIE_NATS`` in total. A wrong attention kernel moves it by nats;
+exact equality is checked separately in fp32.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Two bf16 ulps at logit magnitude 16-32; divergences beyond this are real errors.
-NEAR_TIE_NATS = 0.25
+# Four bf16 ulps at logit magnitude 16-32.
+NEAR_TIE_NATS = 0.5
 
 
 @dataclass
@@ -25,15 +28,23 @@ class Divergence:
     candidate_margin: float | None  # logprob(candidate token) - logprob(ref token), in the candidate run
 
     @property
+    def gap_shift(self) -> float | None:
+        """How far the logit gap between the two tokens moved from one run to the other."""
+        if self.reference_margin is None or self.candidate_margin is None:
+            return None
+        return self.reference_margin + self.candidate_margin
+
+    @property
     def is_near_tie(self) -> bool:
         margins = (self.reference_margin, self.candidate_margin)
-        return all(m is not None and 0 <= m <= NEAR_TIE_NATS for m in margins)
+        return all(m is not None and m >= 0 for m in margins) and self.gap_shift <= NEAR_TIE_NATS
 
     def explain(self) -> str:
         kind = "near-tie (rounding)" if self.is_near_tie else "NOT a near-tie"
         return (
             f"prompt {self.prompt} step {self.step}: reference token {self.reference_token}, candidate "
-            f"{self.candidate_token}; margins {self.reference_margin} / {self.candidate_margin} nats -> {kind}"
+            f"{self.candidate_token}; margins {self.reference_margin} / {self.candidate_margin} nats "
+            f"(gap moved {self.gap_shift}) -> {kind}"
         )
 
 

@@ -7,11 +7,8 @@ for users who do not select kvcompress.
 from __future__ import annotations
 
 import functools
-import logging
 
 from vllm_kvcompress import BACKEND_NAME, BACKEND_PATH
-
-logger = logging.getLogger(__name__)
 
 
 def restore_backend_member(name: str, path: str):

@@ -46,6 +46,16 @@ def check_model(vllm_config: "VllmConfig") -> None:
         )
 
 
+def check_platform() -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise KVCompressConfigError(
+            f"--attention-backend kvcompress runs on CPU only in this release (platform: "
+            f"{current_platform.device_name}); its CUDA kernels are not available yet"
+        )
+
+
 def check_engine_options(vllm_config: "VllmConfig") -> None:
     cache_dtype = vllm_config.cache_config.cache_dtype
     if cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
@@ -74,6 +84,7 @@ def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
         return None
     check_vllm_version()
     config = KVCompressConfig.from_additional_config(additional)
+    check_platform()
     check_model(vllm_config)
     check_engine_options(vllm_config)
     if isinstance(additional, dict):
