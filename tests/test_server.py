@@ -80,3 +80,30 @@ def test_bad_config_stops_serve_before_the_engine(smollm2_dir):
     assert proc.returncode != 0
     assert "additional_config.kvcompress.method: unknown method 'bogus'; allowed: none" in output
     assert "Initializing a V1 LLM engine" not in output
+
+
+def test_offline_batch_file_through_run_batch(smollm2_dir, tmp_path):
+    """`vllm run-batch`: an OpenAI batch file processed offline with kvcompress."""
+    questions = ["What is the capital of France?", "What is the capital of Italy?", "What is the capital of Japan?"]
+    requests_file = tmp_path / "batch.jsonl"
+    requests_file.write_text("".join(
+        json.dumps({
+            "custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": smollm2_dir, "messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 24},
+        }) + "\n"
+        for i, q in enumerate(questions)
+    ))
+    results_file = tmp_path / "results.jsonl"
+    proc = subprocess.run(
+        [VLLM, "run-batch", "-i", str(requests_file), "-o", str(results_file), "--model", smollm2_dir,
+         "--attention-backend", "kvcompress", "--enforce-eager", "--max-model-len", "2048",
+         "--kv-cache-memory-bytes", str(1 << 29)],
+        capture_output=True, text=True, timeout=600,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "kvcompress attention active: method=none" in output
+    results = {r["custom_id"]: r for r in map(json.loads, results_file.read_text().splitlines())}
+    assert sorted(results) == ["q0", "q1", "q2"]
+    answers = [results[f"q{i}"]["response"]["body"]["choices"][0]["message"]["content"] for i in range(3)]
+    assert "Paris" in answers[0], answers
