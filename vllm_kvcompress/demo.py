@@ -10,6 +10,7 @@ import argparse
 import re
 import textwrap
 
+from vllm_kvcompress.equivalence import first_divergences
 from vllm_kvcompress.models import MODELS, ensure_model
 from vllm_kvcompress.prompts import SHORT_QUESTIONS, chat_ids, long_document_ids
 from vllm_kvcompress.tools.generate import run_in_subprocess
@@ -41,14 +42,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[demo] generating with {label} ...", flush=True)
         runs[label] = run_in_subprocess({**base, **extra}, prompts, max_tokens=args.max_tokens)
 
+    divergences = {
+        d.prompt: d for d in first_divergences(runs["vLLM default"]["outputs"], runs["kvcompress"]["outputs"])
+    }
     for i, ids in enumerate(prompts):
         shown = tokenizer.decode(ids[-60:]).replace("\n", " ")
         print(f"\n=== prompt {i} ({len(ids)} tokens): ...{shown[-90:]}")
         for label, result in runs.items():
             text = result["outputs"][i]["text"].strip().replace("\n", " ")
             print(f"--- {label:13s}| " + textwrap.shorten(text, 200))
-        same = runs["vLLM default"]["outputs"][i]["token_ids"] == runs["kvcompress"]["outputs"][i]["token_ids"]
-        print(f"    identical tokens: {same}")
+        d = divergences.get(i)
+        print("    identical tokens" if d is None else f"    differs: {d.explain()}")
     print("\n=== KV capacity (the engine's own log line)")
     for label, result in runs.items():
         match = CAPACITY_LINE.search(result["log"])
