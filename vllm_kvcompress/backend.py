@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -85,7 +85,7 @@ class PrefillSpan:
 @dataclass
 class KVCompressMetadata:
     num_actual_tokens: int
-    slot_mapping: torch.Tensor  # [T] physical slot of each new token
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token (method none: vLLM's own)
     decode_token_index: torch.Tensor  # [D] token position of each single-token request
     decode_block_table: torch.Tensor  # [D, max_blocks]
     decode_kv_lens: torch.Tensor  # [D]
@@ -157,7 +157,6 @@ class KVCompressImpl(AttentionImpl[KVCompressMetadata]):
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
-        self.config = KVCompressConfig.from_additional_config(get_current_vllm_config().additional_config)
 
     def forward(
         self,
