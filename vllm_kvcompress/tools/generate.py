@@ -62,29 +62,14 @@ def main() -> None:
         json.dump(result, f)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def run_in_subprocess(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int = 32, timeout: int = 900) -> dict:
     """:func:`run` in a fresh Python process; adds the engine's log (``log``) and the
     wall time of the whole process (``wall_s``)."""
-    import subprocess
-    import tempfile
-    import time
-    from pathlib import Path
+    from vllm_kvcompress.tools.subprocess_run import run_module
 
-    with tempfile.TemporaryDirectory() as tmp:
-        spec, out = Path(tmp, "spec.json"), Path(tmp, "out.json")
-        spec.write_text(json.dumps({"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens, "logprobs": 2}))
-        started = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "vllm_kvcompress.tools.generate", str(spec), str(out)],
-            capture_output=True, text=True, timeout=timeout,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"generation failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-        result = json.loads(out.read_text())
-        result["log"] = proc.stderr + proc.stdout
-        result["wall_s"] = time.perf_counter() - started  # process start-up included
-        return result
+    spec = {"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens, "logprobs": 2}
+    return run_module("vllm_kvcompress.tools.generate", spec, timeout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""KV capacity, bytes per token, concurrency and throughput: vLLM's own caches vs kvcompress.
+
+    python -m benchmarks.capacity                       # bf16, fp8, kvcompress(none)
+    python -m benchmarks.capacity --quick               # CI smoke: tiny pool and workload
+    python -m benchmarks.capacity --config 'my-name={"attention_backend": "kvcompress", ...}'
+
+Each configuration runs in its own process, one after another in this invocation, on
+the same fixed KV pool and workload. Ratios are against the first configuration (bf16).
+Writes ``OUT/capacity.json`` and ``OUT/capacity.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vllm_kvcompress.models import MODELS, ensure_model
+from vllm_kvcompress.tools.subprocess_run import run_module
+
+# Adding a configuration is one line: a name and the LLM(...) kwargs it changes.
+DEFAULT_CONFIGS = {
+    "bf16": {},
+    "fp8": {"kv_cache_dtype": "fp8"},
+    "kvcompress-none": {"attention_backend": "kvcompress", "additional_config": {"kvcompress": {"method": "none"}}},
+}
+FULL = dict(pool_mib=128, requests=8, prompt_tokens=512, output_tokens=64, conc_prompt=200, conc_output=56)
+QUICK = dict(pool_mib=64, requests=2, prompt_tokens=256, output_tokens=16, conc_prompt=100, conc_output=20)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def parse_config(text: str) -> tuple[str, dict]:
+    name, sep, body = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--config expects NAME=JSON, got {text!r}")
+    try:
+        kwargs = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--config {name}: invalid JSON ({exc})") from None
+    if not isinstance(kwargs, dict):
+        raise argparse.ArgumentTypeError(f"--config {name}: JSON must be an object of LLM kwargs")
+    return name, kwargs
+
+
+def ratio(value, base):
+    return None if value is None or not base else value / base
+
+
+def markdown(report: dict) -> str:
+    w = report["workload"]
+    lines = [
+        f"# KV capacity and throughput ({report['date']})",
+        "",
+        f"- command: `{report['command']}`",
+        f"- model: {report['model']}; hardware: {report['hardware']}; vLLM {report['vllm']}",
+        f"- KV pool: {w['pool_mib']} MiB per run; throughput workload: {w['requests']} requests × "
+        f"{w['prompt_tokens']} prompt + {w['output_tokens']} output tokens (greedy, ignore_eos); "
+        f"concurrency workload: {w['conc_prompt']} + {w['conc_output']} tokens per request",
+        f"- ratios are against `{report['baseline']}`, measured in the same invocation",
+        "",
+        "| config | KV capacity (tokens) | × | bytes/token (measured) | max running, no preemption (predicted) | output tok/s | × | TTFT median (s) | × |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["results"].items():
+        if "error" in r:
+            lines.append(f"| {name} | not supported here: {r['error']} | | | | | | | |")
+            continue
+        t, c = r["throughput"], r["concurrency"]
+        lines.append(
+            f"| {name} | {r['kv_capacity_tokens']:,} | {r['capacity_ratio']:.2f} | {r['bytes_per_token']:,.0f} | "
+            f"{c['max_running_without_preemption']} ({c['predicted_fit']}) | {t['output_tokens_per_s']:.1f} | "
+            f"{r['throughput_ratio']:.2f} | {t['ttft_median_s']:.2f} | {r['ttft_ratio']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
+    parser.add_argument("--config", action="append", type=parse_config, help="NAME=JSON of LLM kwargs (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="tiny pool and workload (CI smoke)")
+    parser.add_argument("--out", default=f"results/{datetime.date.today().isoformat()}")
+    args = parser.parse_args(argv)
+
+    configs = dict(args.config) if args.config else dict(DEFAULT_CONFIGS)
+    workload = dict(QUICK if args.quick else FULL)
+    model_dir = str(ensure_model(args.model))
+    base_llm = dict(model=model_dir, dtype="bfloat16", max_model_len=2048, enforce_eager=True,
+                    kv_cache_memory_bytes=workload["pool_mib"] << 20, max_num_seqs=256)
+    results = {}
+    for name, kwargs in tqdm(configs.items(), desc="configs", unit="config", file=sys.stderr):
+        spec = {
+            "llm": {**base_llm, **kwargs},
+            "throughput": {k: workload[k] for k in ("requests", "prompt_tokens", "output_tokens")},
+            "concurrency": {"prompt_tokens": workload["conc_prompt"], "output_tokens": workload["conc_output"]},
+        }
+        try:
+            result = run_module("vllm_kvcompress.harness.capacity", spec, timeout=1800)
+        except RuntimeError as exc:
+            last = [line for line in str(exc).splitlines() if line.strip()][-1:]
+            results[name] = {"error": last[0][:200] if last else "failed"}
+            continue
+        result.pop("log")
+        results[name] = result
+
+    baseline = next(iter(results))
+    base = results[baseline]
+    for r in results.values():
+        if "error" in r or "error" in base:
+            continue
+        r["capacity_ratio"] = ratio(r["kv_capacity_tokens"], base["kv_capacity_tokens"])
+        r["throughput_ratio"] = ratio(r["throughput"]["output_tokens_per_s"], base["throughput"]["output_tokens_per_s"])
+        r["ttft_ratio"] = ratio(r["throughput"]["ttft_median_s"], base["throughput"]["ttft_median_s"])
+
+    import vllm
+
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "command": "python -m benchmarks.capacity " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": args.model,
+        "hardware": f"{cpu_name()}, {os.cpu_count()} cores, CPU only",
+        "vllm": vllm.__version__,
+        "workload": workload,
+        "baseline": baseline,
+        "configs": configs,
+        "results": results,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "capacity.json").write_text(json.dumps(report, indent=2))
+    (out / "capacity.md").write_text(markdown(report))
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
