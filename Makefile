@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 
-.PHONY: setup model test test-unit test-engine demo clean vllm-cli-alias
+.PHONY: setup model test test-unit test-engine demo bench-capacity clean vllm-cli-alias
 
 setup: $(STAMP)
 
@@ -50,6 +50,9 @@ test-engine: setup model
 
 demo: setup model
 	$(PY) -m vllm_kvcompress.demo
+
+bench-capacity: setup model
+	$(PY) -m benchmarks.capacity
 
 clean:
 	rm -rf $(VENV) build *.egg-info
