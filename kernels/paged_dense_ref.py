@@ -31,12 +31,19 @@ def write_kv(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots:
     cache[blocks, :, offsets, head_dim:] = value.to(cache.dtype)
 
 
+def gather_rows(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Cached ``[key | value]`` rows ``[B, H, length, 2D]`` of ``B`` requests, read from
+    the first ``ceil(length / block_size)`` blocks of each row of ``block_table``."""
+    batch, num_kv_heads, width = block_table.shape[0], cache.shape[1], cache.shape[-1]
+    num_blocks = -(-length // cache.shape[2])
+    pages = cache[block_table[:, :num_blocks]]  # [B, nb, H, bs, 2D]
+    return pages.permute(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, -1, width)[:, :, :length]
+
+
 def gather_kv(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense ``(K, V)`` ``[H, length, D]`` of one request from its block list."""
+    rows = gather_rows(cache, blocks[None], length)[0]
     head_dim = cache.shape[-1] // 2
-    num_blocks = -(-length // cache.shape[2])
-    pages = cache[blocks[:num_blocks]]  # [nb, H, bs, 2D]
-    rows = pages.permute(1, 0, 2, 3).reshape(cache.shape[1], -1, 2 * head_dim)[:, :length]
     return rows[..., :head_dim], rows[..., head_dim:]
 
 
@@ -85,9 +92,7 @@ def decode_attention(
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads = cache.shape[1]
     max_len = int(kv_lens.max())
-    num_blocks = -(-max_len // cache.shape[2])
-    pages = cache[block_table[:batch, :num_blocks]]  # [B, nb, H, bs, 2D]
-    rows = pages.permute(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, -1, 2 * head_dim)[:, :, :max_len]
+    rows = gather_rows(cache, block_table[:batch], max_len)
     k, v = rows[..., :head_dim].float(), rows[..., head_dim:].float()
     q = query.view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim).float()  # GQA groups
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hkv, group, L]
