@@ -8,7 +8,8 @@ Conventions shared by every op here:
 * ``block_table[r]`` lists the physical blocks of request ``r`` in order; ``kv_lens[r]``
   is how many cached tokens request ``r`` attends to (its own new tokens included).
 * Queries of a request are its last ``q_len`` tokens (bottom-right causal alignment).
-Softmax and accumulation run in fp32 (torch SDPA) whatever the cache dtype.
+Softmax and accumulation run in fp32 whatever the cache dtype (torch SDPA for
+prefill, fp32 matmuls for single-token decode).
 """
 
 from __future__ import annotations

@@ -12,9 +12,7 @@ workload, and the largest number of requests that ran at once without preemption
 
 from __future__ import annotations
 
-import json
 import statistics
-import sys
 import time
 
 
@@ -54,10 +52,6 @@ def _run_batch(llm, prompts: list[list[int]], output_tokens: int) -> dict:
 
 
 def run(spec: dict) -> dict:
-    import os
-
-    # collective_rpc(_cache_bytes) ships a function to the workers; local tool only.
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from transformers import AutoTokenizer
     from vllm import LLM
 
@@ -103,13 +97,7 @@ def run(spec: dict) -> dict:
     }
 
 
-def main() -> None:
-    spec_path, out_path = sys.argv[1], sys.argv[2]
-    with open(spec_path) as f:
-        result = run(json.load(f))
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=2)
-
-
 if __name__ == "__main__":
-    main()
+    from vllm_kvcompress.tools.subprocess_run import tool_main
+
+    tool_main(run)

@@ -13,9 +13,6 @@ CPU engine spawns its own processes and keeps global state).
 
 from __future__ import annotations
 
-import json
-import sys
-
 
 def _attention_impls(worker) -> list[str]:
     from vllm.model_executor.layers.attention import Attention
@@ -25,11 +22,6 @@ def _attention_impls(worker) -> list[str]:
 
 
 def run(spec: dict) -> dict:
-    import os
-
-    # collective_rpc(_attention_impls) ships a function to the workers, which vLLM
-    # only pickles with this opt-in. This is a local test tool, never a server.
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM, SamplingParams
 
     llm = LLM(**spec["llm"])
@@ -53,15 +45,6 @@ def run(spec: dict) -> dict:
     }
 
 
-def main() -> None:
-    spec_path, out_path = sys.argv[1], sys.argv[2]
-    with open(spec_path) as f:
-        spec = json.load(f)
-    result = run(spec)
-    with open(out_path, "w") as f:
-        json.dump(result, f)
-
-
 def run_in_subprocess(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int = 32, timeout: int = 900) -> dict:
     """:func:`run` in a fresh Python process; adds the engine's log (``log``) and the
     wall time of the whole process (``wall_s``)."""
@@ -72,4 +55,6 @@ def run_in_subprocess(llm_kwargs: dict, prompts: list[list[int]], max_tokens: in
 
 
 if __name__ == "__main__":
-    main()
+    from vllm_kvcompress.tools.subprocess_run import tool_main
+
+    tool_main(run)

@@ -1,7 +1,8 @@
-"""Run a ``python -m MODULE SPEC.json OUT.json`` tool in a fresh process.
+"""Both sides of the ``python -m MODULE SPEC.json OUT.json`` tool protocol.
 
 vLLM's CPU engine spawns processes and keeps global state, so every engine
-configuration gets its own interpreter.
+configuration gets its own interpreter: :func:`run_module` starts one, and a tool's
+``__main__`` calls :func:`tool_main`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+
+def tool_main(run: Callable[[dict], dict]) -> None:
+    """Entry point of a tool: ``run(spec)`` on SPEC.json, its result to OUT.json."""
+    import os
+
+    # The tools inspect workers with collective_rpc(function), which vLLM only
+    # pickles with this opt-in. They are local measurement tools, never servers.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    spec_path, out_path = sys.argv[1], sys.argv[2]
+    result = run(json.loads(Path(spec_path).read_text()))
+    Path(out_path).write_text(json.dumps(result, indent=2))
 
 
 def run_module(module: str, spec: dict, timeout: int = 900) -> dict:
