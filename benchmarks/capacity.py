@@ -89,21 +89,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
-    parser.add_argument("--config", action="append", type=parse_config, help="NAME=JSON of LLM kwargs (repeatable)")
-    parser.add_argument("--quick", action="store_true", help="tiny pool and workload (CI smoke)")
-    parser.add_argument("--out", default=f"results/{datetime.date.today().isoformat()}")
-    args = parser.parse_args(argv)
-
-    configs = dict(args.config) if args.config else dict(DEFAULT_CONFIGS)
-    workload = dict(QUICK if args.quick else FULL)
-    model_dir = str(ensure_model(args.model))
+def measure(model: str, configs: dict[str, dict], quick: bool = False) -> dict:
+    """Capacity/throughput of each configuration on one pool and workload; ratios against
+    the first. Returns the report (``results`` per config) without writing files."""
+    workload = dict(QUICK if quick else FULL)
+    model_dir = str(ensure_model(model))
     base_llm = dict(model=model_dir, dtype="bfloat16", max_model_len=2048, enforce_eager=True,
                     kv_cache_memory_bytes=workload["pool_mib"] << 20, max_num_seqs=256)
     results = {}
-    for name, kwargs in tqdm(configs.items(), desc="configs", unit="config", file=sys.stderr):
+    for name, kwargs in tqdm(configs.items(), desc="capacity configs", unit="config", file=sys.stderr):
         spec = {
             "llm": {**base_llm, **kwargs},
             "throughput": {k: workload[k] for k in ("requests", "prompt_tokens", "output_tokens")},
@@ -126,19 +120,32 @@ def main(argv: list[str] | None = None) -> dict:
         r["capacity_ratio"] = ratio(r["kv_capacity_tokens"], base["kv_capacity_tokens"])
         r["throughput_ratio"] = ratio(r["throughput"]["output_tokens_per_s"], base["throughput"]["output_tokens_per_s"])
         r["ttft_ratio"] = ratio(r["throughput"]["ttft_median_s"], base["throughput"]["ttft_median_s"])
+    return {"model": model, "workload": workload, "baseline": baseline, "configs": configs, "results": results}
 
+
+def environment() -> dict:
     import vllm
 
-    report = {
+    return {
         "date": datetime.date.today().isoformat(),
-        "command": "python -m benchmarks.capacity " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": args.model,
         "hardware": f"{cpu_name()}, {os.cpu_count()} cores, CPU only",
         "vllm": vllm.__version__,
-        "workload": workload,
-        "baseline": baseline,
-        "configs": configs,
-        "results": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
+    parser.add_argument("--config", action="append", type=parse_config, help="NAME=JSON of LLM kwargs (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="tiny pool and workload (CI smoke)")
+    parser.add_argument("--out", default=f"results/{datetime.date.today().isoformat()}")
+    args = parser.parse_args(argv)
+
+    configs = dict(args.config) if args.config else dict(DEFAULT_CONFIGS)
+    report = {
+        **environment(),
+        "command": "python -m benchmarks.capacity " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **measure(args.model, configs, args.quick),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

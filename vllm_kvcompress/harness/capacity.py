@@ -16,7 +16,7 @@ import statistics
 import time
 
 
-def _cache_bytes(worker) -> dict:
+def cache_bytes(worker) -> dict:
     caches = worker.model_runner.kv_caches
     return {"layers": len(caches), "bytes": sum(t.numel() * t.element_size() for t in caches)}
 
@@ -61,7 +61,7 @@ def run(spec: dict) -> dict:
     cache = llm.llm_engine.vllm_config.cache_config
     num_blocks, block_size = int(cache.num_gpu_blocks), int(cache.block_size)
     capacity = num_blocks * block_size
-    per_worker = llm.collective_rpc(_cache_bytes)
+    per_worker = llm.collective_rpc(cache_bytes)
     cache_bytes = sum(w["bytes"] for w in per_worker)
     tokenizer = AutoTokenizer.from_pretrained(spec["llm"]["model"])
 

@@ -28,19 +28,24 @@ def tool_main(run: Callable[[dict], dict]) -> None:
     Path(out_path).write_text(json.dumps(result, indent=2))
 
 
-def run_module(module: str, spec: dict, timeout: int = 900) -> dict:
-    """The tool's JSON result, plus its log (``log``) and wall time (``wall_s``, start-up included)."""
+def run_module(module: str, spec: dict, timeout: int = 900, show_progress: bool = False) -> dict:
+    """The tool's JSON result, plus its log (``log``) and wall time (``wall_s``, start-up included).
+
+    ``show_progress`` passes the tool's stderr (its progress bar) through to ours; the
+    log then holds stdout only."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
         spec_path.write_text(json.dumps(spec))
         started = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-m", module, str(spec_path), str(out_path)],
-            capture_output=True, text=True, timeout=timeout,
+            stdout=subprocess.PIPE, stderr=None if show_progress else subprocess.PIPE,
+            text=True, timeout=timeout,
         )
+        stderr = proc.stderr or ""
         if proc.returncode != 0:
-            raise RuntimeError(f"{module} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"{module} failed (exit {proc.returncode}):\n{(stderr or proc.stdout)[-4000:]}")
         result = json.loads(out_path.read_text())
-        result["log"] = proc.stderr + proc.stdout
+        result["log"] = stderr + proc.stdout
         result["wall_s"] = time.perf_counter() - started
         return result

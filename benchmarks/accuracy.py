@@ -1,0 +1,118 @@
+"""Accuracy of engine configurations on long-context tasks, against the full-cache baseline.
+
+Suites say which cells (task, length) run and how many samples each has; sizes are
+chosen for a 2-core CPU (see README). The first configuration is the baseline: it runs
+every cell, and the others run only the cells where the baseline scores at least
+``min_baseline`` (perplexity cells always run). Cells below it are reported as out of
+the model's reach.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+
+from tqdm import tqdm
+
+from vllm_kvcompress.evaluation.scoring import cell_summary, score
+from vllm_kvcompress.tools.subprocess_run import run_module
+
+# niah / passkey: {length: [depths in %]}; ruler: {task: samples} at ruler_length;
+# perplexity: {context length: documents}, each scored on `continuation` forced tokens.
+SUITES = {
+    "full": dict(
+        niah={1024: [10, 50, 90], 2048: [10, 50, 90], 4096: [10, 50, 90], 8192: [10, 50, 90], 16384: [50]},
+        passkey={1024: [25, 75], 4096: [25, 75], 8192: [25, 75]},
+        ruler_length=4096, ruler={"niah_multikey_1": 4, "vt": 4, "cwe": 4, "qa_1": 4, "qa_2": 4},
+        perplexity={2048: 1, 4096: 1, 8192: 1}, continuation=128, pool_gib=2,
+    ),
+    # The 1.5B model prefills about 3x slower: fewer cells, same tasks.
+    "small": dict(
+        niah={2048: [50], 4096: [10, 90], 8192: [50]},
+        passkey={4096: [50]},
+        ruler_length=4096, ruler={"niah_multikey_1": 2, "vt": 2, "cwe": 2, "qa_1": 2, "qa_2": 2},
+        perplexity={4096: 1}, continuation=128, pool_gib=2,
+    ),
+    # CI smoke: every code path once, on SmolLM2-135M (scores are not meaningful there).
+    "quick": dict(
+        niah={512: [50]}, passkey={512: [50]},
+        ruler_length=1024, ruler={"vt": 1},
+        perplexity={256: 1}, continuation=16, pool_gib=0.25,
+    ),
+}
+DEFAULT_SUITE = {"qwen2.5-coder-0.5b": "full", "qwen2.5-coder-1.5b": "small", "smollm2-135m": "quick"}
+
+
+def build_samples(model_dir: str, suite: dict) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from vllm_kvcompress.evaluation.ruler import ruler_samples
+    from vllm_kvcompress.evaluation.tasks import niah_samples, passkey_samples, perplexity_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    samples = passkey_samples(tokenizer, suite["passkey"]) + niah_samples(tokenizer, suite["niah"])
+    samples += ruler_samples(tokenizer, model_dir, suite["ruler"], suite["ruler_length"])
+    samples += perplexity_samples(tokenizer, suite["perplexity"], suite["continuation"])
+    return [s.to_dict() for s in samples]
+
+
+def cell_name(sample: dict) -> str:
+    return f"{sample['task']}@{sample['length']}"
+
+
+def max_sequence(samples: list[dict]) -> int:
+    return max(len(s["prompt_ids"]) + (len(s["forced_ids"]) if s.get("forced_ids") else s["max_tokens"]) for s in samples)
+
+
+def run_config(name: str, llm: dict, samples: list[dict]) -> dict:
+    out = run_module("vllm_kvcompress.harness.accuracy", {"llm": llm, "samples": samples, "label": name},
+                     timeout=6 * 3600, show_progress=True)
+    by_cell = defaultdict(list)
+    for sample, result in zip(samples, out["results"]):
+        result["score"] = score(sample, result)
+        by_cell[cell_name(sample)].append((sample, result))
+    cells = {}
+    for cell, pairs in by_cell.items():
+        cells[cell] = cell_summary([s for s, _ in pairs], [r["score"] for _, r in pairs])
+        cells[cell]["samples"] = [
+            {"depth": s["depth"], "prompt_tokens": len(s["prompt_ids"]), "answers": s["answers"],
+             "output": r["text"][:200], "score": r["score"]} for s, r in pairs
+        ]
+    return {"cells": cells, "kv_cache_tokens": out["kv_cache_tokens"], "bytes_per_token": out["bytes_per_token"],
+            "wall_s": out["wall_s"]}
+
+
+def run_suite(model_dir: str, suite: dict, configs: dict[str, dict], base_llm: dict, min_baseline: float) -> dict:
+    """Baseline (first config) on every cell, the rest on the cells the baseline can do."""
+    samples = build_samples(model_dir, suite)
+    llm = {**base_llm, "max_model_len": max_sequence(samples) + 16,
+           "kv_cache_memory_bytes": int(suite["pool_gib"] * (1 << 30))}
+    names = list(configs)
+    results, kept = {}, None
+    for name in tqdm(names, desc="accuracy configs", unit="config", file=sys.stderr):
+        chosen = samples if kept is None else [s for s in samples if cell_name(s) in kept]
+        try:
+            results[name] = run_config(name, {**llm, **configs[name]}, chosen)
+        except RuntimeError as exc:
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            results[name] = {"error": lines[-1][:300] if lines else "failed"}
+            if kept is None:
+                raise
+            continue
+        if kept is None:
+            kept = {cell for cell, c in results[name]["cells"].items()
+                    if "perplexity" in c or c["score"] >= min_baseline}
+    baseline = results[names[0]]
+    return {
+        "baseline": names[0],
+        "min_baseline": min_baseline,
+        "kept_cells": sorted(kept, key=_cell_order),
+        "out_of_reach": {cell: c["score"] for cell, c in sorted(baseline["cells"].items(), key=lambda kv: _cell_order(kv[0]))
+                         if cell not in kept},
+        "results": results,
+    }
+
+
+def _cell_order(cell: str):
+    task, _, length = cell.rpartition("@")
+    return (task, int(length))

@@ -1,0 +1,81 @@
+"""benchmarks.run: argument handling, and the --quick smoke of both suites (engine)."""
+
+import json
+
+import pytest
+
+from benchmarks.run import main, parse_args, summarise
+
+
+def test_baseline_first_and_one_line_configs():
+    args = parse_args(["--configs", "fp8", "--config", 'mine={"attention_backend": "kvcompress"}'])
+    assert list(args.configs) == ["bf16", "fp8", "mine"]
+    assert args.model == "qwen2.5-coder-0.5b" and args.accuracy_suite == "full" and args.min_baseline == 0.8
+    quick = parse_args(["--quick"])
+    assert quick.model == "smollm2-135m" and quick.accuracy_suite == "quick" and quick.min_baseline == 0.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--configs", "bogus"], "unknown config 'bogus'"),
+    (["--suites", "speed"], "unknown suite 'speed'"),
+])
+def test_bad_arguments_name_the_allowed_values(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert message in err and "allowed" in err
+
+
+def test_summary_counts_eviction_and_bytes():
+    configs = {"bf16": {}, "half": {"additional_config": {"kvcompress": {"compression_ratio": 0.5}}}}
+    cell = lambda score: {"n": 1, "score": score}  # noqa: E731
+    accuracy = {
+        "kept_cells": ["niah@1024", "perplexity@256"],
+        "results": {
+            "bf16": {"cells": {"niah@1024": cell(1.0), "perplexity@256": {**cell(2.0), "perplexity": 7.4}},
+                     "bytes_per_token": 100.0, "kv_cache_tokens": 1000, "wall_s": 1.0},
+            "half": {"cells": {"niah@1024": cell(0.5), "perplexity@256": {**cell(2.5), "perplexity": 12.2}},
+                     "bytes_per_token": 50.0, "kv_cache_tokens": 2000, "wall_s": 1.0},
+        },
+    }
+    s = summarise(configs, accuracy, None)
+    assert s["bf16"]["mean_accuracy"] == 1.0 and s["bf16"]["compression"] == 0.0 and s["bf16"]["capacity_ratio"] == 1.0
+    # Half the bytes per token and half the tokens kept: a quarter of the memory, 4x the context.
+    assert s["half"]["compression"] == pytest.approx(0.75) and s["half"]["capacity_ratio"] == pytest.approx(4.0)
+    assert s["half"]["mean_accuracy"] == 0.5 and s["half"]["accuracy_ratio"] == 0.5
+
+
+@pytest.mark.engine
+def test_quick_run_both_suites(smollm2_dir, tmp_path):
+    report = main(["--quick", "--out", str(tmp_path), "--configs", "bf16,kvcompress-none"])
+    cap = report["capacity"]["results"]
+    bf16, kvc = cap["bf16"], cap["kvcompress-none"]
+    # SmolLM2-135M: 30 layers x 3 KV heads x (64 + 64) bf16 values = 23,040 bytes per token.
+    assert bf16["bytes_per_token"] == kvc["bytes_per_token"] == 23040
+    assert kvc["kv_capacity_tokens"] == bf16["kv_capacity_tokens"] > 0 and kvc["capacity_ratio"] == 1.0
+    for r in (bf16, kvc):
+        c = r["concurrency"]
+        fit = c["trials"][str(c["predicted_fit"])]
+        assert fit["preemptions"] == 0 and fit["peak_running"] == c["predicted_fit"]
+        assert c["max_running_without_preemption"] == c["predicted_fit"]
+        assert r["throughput"]["output_tokens"] == 2 * 16 and r["throughput"]["output_tokens_per_s"] > 0
+    assert kvc["throughput_ratio"] > 0
+
+    acc = report["accuracy"]
+    cells = {"passkey@512", "niah@512", "ruler/vt@1024", "perplexity@256"}
+    assert set(acc["kept_cells"]) == cells  # --quick keeps every cell (threshold 0)
+    for name in ("bf16", "kvcompress-none"):
+        result = acc["results"][name]
+        assert set(result["cells"]) == cells and result["bytes_per_token"] == 23040
+        for c in result["cells"].values():
+            assert 0.0 <= c["score"] <= 1.0 or "perplexity" in c
+    ppl = [acc["results"][n]["cells"]["perplexity@256"]["perplexity"] for n in ("bf16", "kvcompress-none")]
+    assert 1.0 < ppl[0] < 1000 and abs(ppl[1] / ppl[0] - 1) < 0.1  # same cache, bf16 noise only
+    assert report["summary"]["kvcompress-none"]["compression"] == 0.0
+
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert set(written["accuracy"]["results"]) == {"bf16", "kvcompress-none"}
+    md = (tmp_path / "results.md").read_text()
+    assert "| ruler/vt@1024 | 1 |" in md and "| kvcompress-none |" in md
+    for plot in ("accuracy_vs_compression.png", "capacity_vs_accuracy.png"):
+        assert (tmp_path / plot).stat().st_size > 1000

@@ -1,0 +1,73 @@
+"""Greedy answers and teacher-forced logprobs for accuracy samples, in a fresh process.
+
+    python -m vllm_kvcompress.harness.accuracy SPEC.json OUT.json
+
+SPEC: {"llm": {LLM kwargs}, "samples": [Sample.to_dict(), ...]}
+OUT:  {"results": [{"text", "output_tokens", "forced_logprobs"?}, ...] in sample order,
+       "kv_cache_tokens": int, "bytes_per_token": float (measured from the cache tensors)}
+
+Samples run cell by cell (one batch per (task, length)), with a progress bar on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from itertools import groupby
+
+
+def _params(sample: dict):
+    from vllm import SamplingParams
+
+    from vllm_kvcompress.harness.forcing import FORCED_IDS_KEY
+
+    if sample.get("forced_ids"):
+        forced = sample["forced_ids"]
+        return SamplingParams(max_tokens=len(forced), min_tokens=len(forced), temperature=0.0, ignore_eos=True,
+                              logprobs=0, extra_args={FORCED_IDS_KEY: forced})
+    return SamplingParams(max_tokens=sample["max_tokens"], temperature=0.0)
+
+
+def run(spec: dict) -> dict:
+    from tqdm import tqdm
+    from vllm import LLM
+
+    from vllm_kvcompress.harness.forcing import ForcedContinuation
+
+    samples = spec["samples"]
+    llm_kwargs = dict(spec["llm"])
+    if any(s.get("forced_ids") for s in samples):
+        llm_kwargs.setdefault("logits_processors", [ForcedContinuation])
+    llm = LLM(**llm_kwargs)
+
+    results: list[dict | None] = [None] * len(samples)
+    order = sorted(range(len(samples)), key=lambda i: (samples[i]["task"], samples[i]["length"]))
+    cells = [(key, list(group)) for key, group in groupby(order, key=lambda i: (samples[i]["task"], samples[i]["length"]))]
+    bar = tqdm(total=len(samples), desc=spec.get("label", "samples"), unit="sample", file=sys.stderr)
+    for (task, length), indices in cells:
+        bar.set_postfix_str(f"{task} @ {length}")
+        outputs = llm.generate(
+            [{"prompt_token_ids": samples[i]["prompt_ids"]} for i in indices],
+            [_params(samples[i]) for i in indices], use_tqdm=False,
+        )
+        for i, out in zip(indices, outputs):
+            completion = out.outputs[0]
+            result = {"text": completion.text, "output_tokens": len(completion.token_ids)}
+            if samples[i].get("forced_ids"):
+                if list(completion.token_ids) != samples[i]["forced_ids"]:
+                    raise RuntimeError(f"forced continuation diverged for {task} @ {length}")
+                result["forced_logprobs"] = [step[tok].logprob for tok, step in zip(completion.token_ids, completion.logprobs)]
+            results[i] = result
+        bar.update(len(indices))
+    bar.close()
+    from vllm_kvcompress.harness.capacity import cache_bytes
+
+    cache = llm.llm_engine.vllm_config.cache_config
+    tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size)
+    stored = sum(w["bytes"] for w in llm.collective_rpc(cache_bytes))
+    return {"results": results, "kv_cache_tokens": tokens, "bytes_per_token": stored / tokens if tokens else None}
+
+
+if __name__ == "__main__":
+    from vllm_kvcompress.tools.subprocess_run import tool_main
+
+    tool_main(run)
