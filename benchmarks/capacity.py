@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vllm_kvcompress.models import MODELS, ensure_model
-from vllm_kvcompress.tools.subprocess_run import run_module
+from vllm_kvcompress.tools.subprocess_run import failure_reason, run_module
 
 # Adding a configuration is one line: a name and the LLM(...) kwargs it changes.
 DEFAULT_CONFIGS = {
@@ -106,8 +106,7 @@ def measure(model: str, configs: dict[str, dict], quick: bool = False) -> dict:
         try:
             result = run_module("vllm_kvcompress.harness.capacity", spec, timeout=1800)
         except RuntimeError as exc:
-            last = [line for line in str(exc).splitlines() if line.strip()][-1:]
-            results[name] = {"error": last[0][:200] if last else "failed"}
+            results[name] = {"error": failure_reason(str(exc))}
             continue
         result.pop("log")
         results[name] = result

@@ -61,8 +61,7 @@ def run(spec: dict) -> dict:
     cache = llm.llm_engine.vllm_config.cache_config
     num_blocks, block_size = int(cache.num_gpu_blocks), int(cache.block_size)
     capacity = num_blocks * block_size
-    per_worker = llm.collective_rpc(cache_bytes)
-    cache_bytes = sum(w["bytes"] for w in per_worker)
+    stored = sum(w["bytes"] for w in llm.collective_rpc(cache_bytes))
     tokenizer = AutoTokenizer.from_pretrained(spec["llm"]["model"])
 
     tp = spec["throughput"]
@@ -85,8 +84,8 @@ def run(spec: dict) -> dict:
         "kv_capacity_tokens": capacity,
         "num_blocks": num_blocks,
         "block_size": block_size,
-        "cache_bytes": cache_bytes,
-        "bytes_per_token": cache_bytes / capacity,
+        "cache_bytes": stored,
+        "bytes_per_token": stored / capacity,
         "throughput": throughput,
         "concurrency": {
             "blocks_per_request": blocks_per_request,

@@ -8,6 +8,7 @@ configuration gets its own interpreter: :func:`run_module` starts one, and a too
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,13 @@ def tool_main(run: Callable[[dict], dict]) -> None:
     spec_path, out_path = sys.argv[1], sys.argv[2]
     result = run(json.loads(Path(spec_path).read_text()))
     Path(out_path).write_text(json.dumps(result, indent=2))
+
+
+def failure_reason(message: str) -> str:
+    """The exception line of a failed tool's output (not a trailing warning)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", line)]
+    return (errors or lines or ["failed"])[-1][:300]
 
 
 def run_module(module: str, spec: dict, timeout: int = 900, show_progress: bool = False) -> dict:
