@@ -78,7 +78,7 @@ def markdown(report: dict) -> str:
     ]
     for name, r in report["results"].items():
         if "error" in r:
-            lines.append(f"| {name} | not supported here: {r['error']} | | | | | | | |")
+            lines.append(f"| {name} | failed: {r['error']} | | | | | | | |")
             continue
         t, c = r["throughput"], r["concurrency"]
         lines.append(
