@@ -146,12 +146,16 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m benchmarks.capacity " + " ".join(argv if argv is not None else sys.argv[1:]),
         **measure(args.model, configs, args.quick),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "capacity.json").write_text(json.dumps(report, indent=2))
-    (out / "capacity.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(Path(args.out), "capacity", report, markdown(report))
     return report
+
+
+def write_report(out: Path, stem: str, report: dict, text: str) -> None:
+    """OUT/STEM.json and OUT/STEM.md, and the markdown on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

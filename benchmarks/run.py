@@ -164,9 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["summary"] = summarise(args.configs, report.get("accuracy"), report.get("capacity"))
     if report.get("accuracy"):
         report["plots"] = write_plots(report["summary"], report["accuracy"], out, args.model)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "results.md").write_text(markdown(report))
-    print(markdown(report))
+    cap.write_report(out, "results", report, markdown(report))
     return report
 
 
