@@ -19,6 +19,7 @@ def _scatter(points: dict[str, tuple[float, float]], xlabel: str, ylabel: str, t
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.set_ylim(-0.05, 1.05)
+    ax.margins(x=0.2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -53,6 +54,8 @@ def write_plots(summary: dict[str, dict], accuracy: dict, out: Path, model: str)
                 ax.plot(lengths, [series[n] for n in lengths], marker="o", label=name)
             ax.set_xscale("log", base=2)
             ax.set(title=task, xlabel="context tokens", ylabel="perplexity" if task == "perplexity" else "score")
+            if task != "perplexity":
+                ax.set_ylim(-0.05, 1.05)
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8)
         fig.suptitle(f"{model}: by context length")
@@ -61,3 +64,19 @@ def write_plots(summary: dict[str, dict], accuracy: dict, out: Path, model: str)
         plt.close(fig)
         written.append("accuracy_by_length.png")
     return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Redraw the figures of a finished run: ``python -m benchmarks.plots OUT/results.json``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", type=Path)
+    args = parser.parse_args(argv)
+    report = json.loads(args.results.read_text())
+    print(write_plots(report["summary"], report["accuracy"], args.results.parent, report["model"]))
+
+
+if __name__ == "__main__":
+    main()
