@@ -54,7 +54,7 @@ demo: setup model
 
 # Capacity + accuracy of bf16 and fp8 on Qwen2.5-Coder-0.5B (downloads ~0.5 GB once; ~1 h on 2 cores).
 bench: setup
-	$(PY) -m benchmarks.run --model qwen2.5-coder-0.5b --configs bf16,fp8
+	$(PY) -m benchmarks.run --model qwen2.5-coder-0.5b --configs bf16,fp8 --out results/$$(date +%F)/qwen2.5-coder-0.5b
 
 bench-quick: setup model
 	$(PY) -m benchmarks.run --quick --out build/bench-quick

@@ -5,7 +5,8 @@ Engine-neutral: a transformers forward pass whose attention function records its
 inputs, then runs transformers' own SDPA attention. Keys and values come out as a
 KV cache would store them (post-RoPE keys, one per KV head).
 
-    python -m vllm_kvcompress.capture --model smollm2-135m --tokens 1024   # fidelity of fp8 keys/values
+    python -m vllm_kvcompress.capture --model smollm2-135m --tokens 1024 --pq 8,16,32
+    # per layer: fidelity of fp8 K/V, and of PQ keys with m = 8, 16, 32 subspaces
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import argparse
 import torch
 
 from vllm_kvcompress import fidelity
+from vllm_kvcompress.kernels.pq_ref import decode, encode
+from vllm_kvcompress.pq import fit_codebooks
 
 CAPTURE_IMPL = "kvcompress_capture"
 
@@ -93,18 +96,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
+    parser.add_argument("--pq", default="", help="comma-separated subspace counts m: also measure PQ keys "
+                        "(K=256, codebooks fitted on a different 2K-token text)")
     args = parser.parse_args(argv)
     model_dir = str(ensure_model(args.model))
-    ids = long_document_ids(AutoTokenizer.from_pretrained(model_dir), args.tokens)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = long_document_ids(tokenizer, args.tokens, offset=20000)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    pq = [int(x) for x in args.pq.split(",") if x]
+    calibration = capture_qkv(model_dir, long_document_ids(tokenizer, 2048, offset=5000), layers) if pq else {}
     report = {}
     for index, layer in capture_qkv(model_dir, ids, layers).items():
-        report[index] = compare(layer, fp8_roundtrip(layer["k"]), fp8_roundtrip(layer["v"]))
-        r = report[index]
-        print(f"layer {index:2d}: fp8 K/V  output cosine {r['output_cosine']['mean']:.5f} "
-              f"(min {r['output_cosine']['min']:.4f})  KL {r['attention_kl']['mean']:.2e}  "
-              f"spearman {r['logit_spearman']['mean']:.4f}  top32 {r['top32_overlap']['mean']:.3f}")
-    return {"model": args.model, "tokens": len(ids), "fp8": report}
+        report[index] = {"fp8 K/V": compare(layer, fp8_roundtrip(layer["k"]), fp8_roundtrip(layer["v"]))}
+        for m in pq:
+            codebooks = fit_codebooks(calibration[index]["k"], m=m)
+            keys = layer["k"].transpose(0, 1)  # [T, Hkv, D]
+            rebuilt = decode(encode(keys, codebooks), codebooks).transpose(0, 1).to(layer["k"].dtype)
+            report[index][f"PQ keys m={m}"] = compare(layer, rebuilt, layer["v"])
+        for name, r in report[index].items():
+            print(f"layer {index:2d} {name:>13}: output cosine {r['output_cosine']['mean']:.4f} "
+                  f"(min {r['output_cosine']['min']:.4f})  KL {r['attention_kl']['mean']:.2e}  "
+                  f"spearman {r['logit_spearman']['mean']:.4f}  top32 {r['top32_overlap']['mean']:.3f}")
+    return {"model": args.model, "tokens": len(ids), "report": report}
 
 
 if __name__ == "__main__":
