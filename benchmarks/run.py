@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "accuracy" in args.suites:
         suite = acc.SUITES[args.accuracy_suite]
         base_llm = dict(model=model_dir, dtype="bfloat16", enforce_eager=True)
-        report["accuracy"] = {"suite": args.accuracy_suite, "suite_cells": {k: v for k, v in suite.items()},
+        report["accuracy"] = {"suite": args.accuracy_suite, "suite_cells": dict(suite),
                               **acc.run_suite(model_dir, suite, args.configs, base_llm, args.min_baseline)}
     report["summary"] = summarise(args.configs, report.get("accuracy"), report.get("capacity"))
     if report.get("accuracy"):
