@@ -1,0 +1,48 @@
+"""LOOKAT calibration: deterministic codebooks in safetensors, refused for another model."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vllm_kvcompress.calibrate import CodebookMismatch, load_codebooks, main
+
+
+@pytest.fixture(scope="module")
+def codebook_file(smollm2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cb") / "smol.safetensors"
+    main(["--model", smollm2_dir, "--out", str(out), "--m", "8", "--k", "16", "--tokens", "256", "--iters", "3"])
+    return out
+
+
+def test_file_layout_and_metadata(codebook_file, smollm2_dir):
+    from transformers import AutoConfig
+
+    layers, meta = load_codebooks(str(codebook_file), AutoConfig.from_pretrained(smollm2_dir))
+    assert len(layers) == 30 and layers[0].shape == (3, 8, 16, 8)
+    assert meta["m"] == "8" and meta["K"] == "16" and meta["tokens"] == "256" and meta["head_dim"] == "64"
+    assert open(codebook_file, "rb").read(8) != b"\x80\x04\x95"  # not a pickle
+    with safe_open(str(codebook_file), framework="pt") as f:
+        assert sorted(f.keys(), key=lambda k: int(k.split(".")[1]))[-1] == "layer.29"
+
+
+def test_same_seed_same_codebooks(codebook_file, smollm2_dir, tmp_path):
+    again = tmp_path / "again.safetensors"
+    main(["--model", smollm2_dir, "--out", str(again), "--m", "8", "--k", "16", "--tokens", "256", "--iters", "3"])
+    with safe_open(str(codebook_file), framework="pt") as a, safe_open(str(again), framework="pt") as b:
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key))
+
+
+def test_another_model_is_refused(codebook_file, smollm2_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(smollm2_dir)
+    config.num_key_value_heads = 2
+    with pytest.raises(CodebookMismatch, match="num_kv_heads: file has 3, model has 2"):
+        load_codebooks(str(codebook_file), config)
+
+
+def test_bad_k_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", "x", "--out", "y", "--k", "300"])
+    assert "--k must be in 2..256" in capsys.readouterr().err

@@ -1,0 +1,102 @@
+"""LOOKAT calibration: PQ codebooks for every (layer, KV head, subspace) of a model.
+
+    python -m vllm_kvcompress.calibrate --model smollm2-135m --m 32 --out codebooks.safetensors
+
+Keys are captured exactly as the cache holds them (post-RoPE, one stream per KV head;
+see :mod:`vllm_kvcompress.capture`) over calibration text that is not used by the
+accuracy suite (Python standard-library docstrings). k-means is deterministic for a
+given ``--seed``. The output is safetensors: one ``layer.N`` tensor
+``[kv_heads, m, K, head_dim / m]`` per layer, and metadata the engine checks against
+the model it serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+FORMAT = "kvcompress-pq-codebooks/1"
+
+
+def model_signature(config) -> dict[str, str]:
+    """What a codebook file must agree with (string values: safetensors metadata)."""
+    heads = config.num_attention_heads
+    return {
+        "architecture": (config.architectures or ["?"])[0],
+        "num_layers": str(config.num_hidden_layers),
+        "num_kv_heads": str(getattr(config, "num_key_value_heads", heads)),
+        "head_dim": str(getattr(config, "head_dim", None) or config.hidden_size // heads),
+        "rope_theta": str(float(getattr(config, "rope_theta", 0.0) or 0.0)),
+    }
+
+
+def calibrate(model_dir: str, m: int, k: int = 256, tokens: int = 4096, iters: int = 20, seed: int = 0) -> tuple[dict, dict]:
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vllm_kvcompress.capture import capture_qkv
+    from vllm_kvcompress.pq import fit_codebooks
+    from vllm_kvcompress.prompts import stdlib_text
+
+    config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(stdlib_text(), add_special_tokens=False)["input_ids"][:tokens]
+    captured = capture_qkv(model_dir, ids)
+    tensors = {}
+    for layer, qkv in tqdm(captured.items(), desc="k-means per layer", unit="layer", file=sys.stderr):
+        tensors[f"layer.{layer}"] = fit_codebooks(qkv["k"], m=m, k=k, iters=iters, seed=seed + layer).contiguous()
+    metadata = {"format": FORMAT, "m": str(m), "K": str(k), "tokens": str(len(ids)), "seed": str(seed),
+                "iters": str(iters), "model": Path(model_dir).name, **model_signature(config)}
+    return tensors, metadata
+
+
+class CodebookMismatch(ValueError):
+    pass
+
+
+def load_codebooks(path: str, config) -> tuple[list[torch.Tensor], dict]:
+    """Codebooks per layer, refusing a file made for another model or format."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise CodebookMismatch(f"{path}: not a kvcompress codebook file (format {metadata.get('format')!r}, expected {FORMAT!r})")
+        expected = model_signature(config)
+        wrong = {key: (metadata.get(key), value) for key, value in expected.items() if metadata.get(key) != value}
+        if wrong:
+            details = "; ".join(f"{key}: file has {have}, model has {want}" for key, (have, want) in wrong.items())
+            raise CodebookMismatch(f"{path} was calibrated for another model ({details}); "
+                                   f"run `python -m vllm_kvcompress.calibrate` for this model")
+        layers = [f.get_tensor(f"layer.{i}") for i in range(int(expected["num_layers"]))]
+    return layers, metadata
+
+
+def main(argv: list[str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    from vllm_kvcompress.models import MODELS, ensure_model
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help=f"a model folder or one of {sorted(MODELS)}")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--m", type=int, default=32, help="subspaces per key (one uint8 code each)")
+    parser.add_argument("--k", type=int, default=256, help="centroids per subspace (<= 256)")
+    parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not 2 <= args.k <= 256:
+        parser.error(f"--k must be in 2..256 (codes are one byte), got {args.k}")
+    model_dir = str(ensure_model(args.model)) if args.model in MODELS else args.model
+    tensors, metadata = calibrate(model_dir, args.m, args.k, args.tokens, args.iters, args.seed)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, args.out, metadata=metadata)
+    print(f"wrote {args.out}: {len(tensors)} layers, m={args.m}, K={args.k}, {metadata['tokens']} tokens")
+
+
+if __name__ == "__main__":
+    main()
