@@ -105,13 +105,14 @@ def run_suite(model_dir: str, suite: dict, configs: dict[str, dict], base_llm: d
     return {
         "baseline": names[0],
         "min_baseline": min_baseline,
-        "kept_cells": sorted(kept, key=_cell_order),
-        "out_of_reach": {cell: c["score"] for cell, c in sorted(baseline["cells"].items(), key=lambda kv: _cell_order(kv[0]))
+        "kept_cells": sorted(kept, key=parse_cell),
+        "out_of_reach": {cell: c["score"] for cell, c in sorted(baseline["cells"].items(), key=lambda kv: parse_cell(kv[0]))
                          if cell not in kept},
         "results": results,
     }
 
 
-def _cell_order(cell: str):
+def parse_cell(cell: str) -> tuple[str, int]:
+    """``"ruler/vt@4096"`` -> ``("ruler/vt", 4096)``; sorts cells by task, then length."""
     task, _, length = cell.rpartition("@")
     return (task, int(length))

@@ -21,15 +21,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from benchmarks.configs import CONFIGS
 from vllm_kvcompress.models import MODELS, ensure_model
 from vllm_kvcompress.tools.subprocess_run import failure_reason, run_module
 
-# Adding a configuration is one line: a name and the LLM(...) kwargs it changes.
-DEFAULT_CONFIGS = {
-    "bf16": {},
-    "fp8": {"kv_cache_dtype": "fp8"},
-    "kvcompress-none": {"attention_backend": "kvcompress", "additional_config": {"kvcompress": {"method": "none"}}},
-}
 FULL = dict(pool_mib=128, requests=8, prompt_tokens=512, output_tokens=64, conc_prompt=200, conc_output=56)
 QUICK = dict(pool_mib=64, requests=2, prompt_tokens=256, output_tokens=16, conc_prompt=100, conc_output=20)
 
@@ -140,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=f"results/{datetime.date.today().isoformat()}")
     args = parser.parse_args(argv)
 
-    configs = dict(args.config) if args.config else dict(DEFAULT_CONFIGS)
+    configs = dict(args.config) if args.config else dict(CONFIGS)
     report = {
         **environment(),
         "command": "python -m benchmarks.capacity " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import matplotlib
 
+from benchmarks.accuracy import parse_cell
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -42,9 +44,8 @@ def write_plots(summary: dict[str, dict], accuracy: dict, out: Path, model: str)
     by_task = defaultdict(dict)  # task -> config -> {length: score}
     for name, result in accuracy["results"].items():
         for cell, c in result.get("cells", {}).items():
-            task, _, length = cell.rpartition("@")
-            value = c.get("perplexity", c["score"])
-            by_task[task].setdefault(name, {})[int(length)] = value
+            task, length = parse_cell(cell)
+            by_task[task].setdefault(name, {})[length] = c.get("perplexity", c["score"])
     tasks = [t for t in sorted(by_task) if len({n for cfg in by_task[t].values() for n in cfg}) > 1]
     if tasks:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)

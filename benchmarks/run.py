@@ -52,7 +52,7 @@ def parse_args(argv):
         configs[name] = CONFIGS[name]
     configs.update(dict(args.config))
     if not configs:
-        configs = {n: CONFIGS[n] for n in ("bf16", "fp8", "kvcompress-none")}
+        configs = dict(CONFIGS)
     args.configs = {BASELINE: CONFIGS[BASELINE], **configs}
     args.accuracy_suite = args.accuracy_suite or ("quick" if args.quick else acc.DEFAULT_SUITE[args.model])
     if args.min_baseline is None:

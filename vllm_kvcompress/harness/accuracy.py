@@ -15,7 +15,7 @@ import sys
 from itertools import groupby
 
 
-def _params(sample: dict):
+def sampling_params(sample: dict):
     from vllm import SamplingParams
 
     from vllm_kvcompress.harness.forcing import FORCED_IDS_KEY
@@ -31,6 +31,7 @@ def run(spec: dict) -> dict:
     from tqdm import tqdm
     from vllm import LLM
 
+    from vllm_kvcompress.harness.capacity import kv_pool
     from vllm_kvcompress.harness.forcing import ForcedContinuation
 
     samples = spec["samples"]
@@ -47,7 +48,7 @@ def run(spec: dict) -> dict:
         bar.set_postfix_str(f"{task} @ {length}")
         outputs = llm.generate(
             [{"prompt_token_ids": samples[i]["prompt_ids"]} for i in indices],
-            [_params(samples[i]) for i in indices], use_tqdm=False,
+            [sampling_params(samples[i]) for i in indices], use_tqdm=False,
         )
         for i, out in zip(indices, outputs):
             completion = out.outputs[0]
@@ -59,12 +60,8 @@ def run(spec: dict) -> dict:
             results[i] = result
         bar.update(len(indices))
     bar.close()
-    from vllm_kvcompress.harness.capacity import cache_bytes
-
-    cache = llm.llm_engine.vllm_config.cache_config
-    tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size)
-    stored = sum(w["bytes"] for w in llm.collective_rpc(cache_bytes))
-    return {"results": results, "kv_cache_tokens": tokens, "bytes_per_token": stored / tokens if tokens else None}
+    pool = kv_pool(llm)
+    return {"results": results, "kv_cache_tokens": pool["kv_capacity_tokens"], "bytes_per_token": pool["bytes_per_token"]}
 
 
 if __name__ == "__main__":

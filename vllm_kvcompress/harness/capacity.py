@@ -21,6 +21,17 @@ def cache_bytes(worker) -> dict:
     return {"layers": len(caches), "bytes": sum(t.numel() * t.element_size() for t in caches)}
 
 
+def kv_pool(llm) -> dict:
+    """The engine's KV pool: blocks, capacity in tokens, and bytes the workers' cache
+    tensors really hold (per token too)."""
+    cache = llm.llm_engine.vllm_config.cache_config
+    num_blocks, block_size = int(cache.num_gpu_blocks or 0), int(cache.block_size)
+    tokens = num_blocks * block_size
+    stored = sum(w["bytes"] for w in llm.collective_rpc(cache_bytes))
+    return {"kv_capacity_tokens": tokens, "num_blocks": num_blocks, "block_size": block_size,
+            "cache_bytes": stored, "bytes_per_token": stored / tokens if tokens else None}
+
+
 def peak_overlap(intervals: list[tuple[float, float]]) -> int:
     """Most intervals open at one instant (an interval ending when another starts does not overlap)."""
     events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals], key=lambda e: (e[0], e[1]))
@@ -58,10 +69,8 @@ def run(spec: dict) -> dict:
     from vllm_kvcompress.prompts import long_document_ids
 
     llm = LLM(**{"disable_log_stats": False, **spec["llm"]})
-    cache = llm.llm_engine.vllm_config.cache_config
-    num_blocks, block_size = int(cache.num_gpu_blocks), int(cache.block_size)
-    capacity = num_blocks * block_size
-    stored = sum(w["bytes"] for w in llm.collective_rpc(cache_bytes))
+    pool = kv_pool(llm)
+    num_blocks, block_size = pool["num_blocks"], pool["block_size"]
     tokenizer = AutoTokenizer.from_pretrained(spec["llm"]["model"])
 
     tp = spec["throughput"]
@@ -81,11 +90,7 @@ def run(spec: dict) -> dict:
         trials[n] = trial
     no_preemption = [t["peak_running"] for t in trials.values() if t["preemptions"] == 0]
     return {
-        "kv_capacity_tokens": capacity,
-        "num_blocks": num_blocks,
-        "block_size": block_size,
-        "cache_bytes": stored,
-        "bytes_per_token": stored / capacity,
+        **pool,
         "throughput": throughput,
         "concurrency": {
             "blocks_per_request": blocks_per_request,
