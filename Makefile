@@ -52,7 +52,7 @@ test-engine: setup model
 demo: setup model
 	$(PY) -m vllm_kvcompress.demo
 
-# Capacity + accuracy of bf16 and fp8 on Qwen2.5-Coder-0.5B (downloads ~0.5 GB once; ~1 h on 2 cores).
+# Capacity + accuracy of bf16 and fp8 on Qwen2.5-Coder-0.5B (downloads ~0.5 GB once; the committed run took about 70 min on 2 shared cores).
 bench: setup
 	$(PY) -m benchmarks.run --model qwen2.5-coder-0.5b --configs bf16,fp8 --out results/$$(date +%F)/qwen2.5-coder-0.5b
 
