@@ -17,7 +17,8 @@ def codebook_file(smollm2_dir, tmp_path_factory):
 def test_file_layout_and_metadata(codebook_file, smollm2_dir):
     from transformers import AutoConfig
 
-    layers, meta = load_codebooks(str(codebook_file), AutoConfig.from_pretrained(smollm2_dir))
+    layers, meta, dims = load_codebooks(str(codebook_file), AutoConfig.from_pretrained(smollm2_dir))
+    assert dims is None  # contiguous subspaces
     assert len(layers) == 30 and layers[0].shape == (3, 8, 16, 8)
     assert meta["m"] == "8" and meta["K"] == "16" and meta["tokens"] == "256" and meta["head_dim"] == "64"
     assert open(codebook_file, "rb").read(8) != b"\x80\x04\x95"  # not a pickle
@@ -46,3 +47,10 @@ def test_bad_k_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--model", "x", "--out", "y", "--k", "300"])
     assert "--k must be in 2..256" in capsys.readouterr().err
+
+
+def test_missing_file_names_the_command(smollm2_dir, tmp_path):
+    from transformers import AutoConfig
+
+    with pytest.raises(CodebookMismatch, match="does not exist; make one with `python -m vllm_kvcompress.calibrate"):
+        load_codebooks(str(tmp_path / "nope.safetensors"), AutoConfig.from_pretrained(smollm2_dir))

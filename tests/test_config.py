@@ -52,3 +52,26 @@ def test_reference_table_lists_every_key():
     table = reference_table()
     for key in ("method", "max_kv_tokens", "compression_ratio"):
         assert f"`{key}`" in table
+
+
+def test_lookat_needs_codebooks():
+    with pytest.raises(KVCompressConfigError, match=r"kvcompress\.codebooks is required for method 'lookat'.*calibrate"):
+        KVCompressConfig.from_dict({"method": "lookat"})
+
+
+@pytest.mark.parametrize("bits", [2, 3, 32, "8", True])
+def test_lookat_value_bits(bits):
+    with pytest.raises(KVCompressConfigError, match=r"value_bits must be one of 16, 8, 4"):
+        KVCompressConfig.from_dict({"method": "lookat", "codebooks": "x.safetensors", "value_bits": bits})
+
+
+def test_lookat_current_tokens():
+    with pytest.raises(KVCompressConfigError, match=r"current_tokens must be one of coded, exact, got 'fast'"):
+        KVCompressConfig.from_dict({"method": "lookat", "codebooks": "x", "current_tokens": "fast"})
+    config = KVCompressConfig.from_dict({"method": "lookat", "codebooks": "x", "value_bits": 4, "current_tokens": "exact"})
+    assert (config.value_bits, config.current_tokens) == (4, "exact")
+
+
+def test_lookat_settings_refused_for_other_methods():
+    with pytest.raises(KVCompressConfigError, match=r"value_bits applies to method 'lookat' only"):
+        KVCompressConfig.from_dict({"method": "none", "value_bits": 8})

@@ -4,6 +4,7 @@ import types
 
 import psutil
 import pytest
+import torch
 
 from vllm_kvcompress import startup, version
 from vllm_kvcompress.config import KVCompressConfigError
@@ -25,7 +26,8 @@ def engine_config(model_dir, **kwargs):
 def test_valid_config_is_normalised(smollm2_dir):
     config = engine_config(smollm2_dir, attention_backend="kvcompress")
     assert config.attention_config.backend.name == "KVCOMPRESS"
-    assert config.additional_config["kvcompress"] == {"method": "none", "max_kv_tokens": None, "compression_ratio": None}
+    assert config.additional_config["kvcompress"] == {"method": "none", "max_kv_tokens": None, "compression_ratio": None,
+                                                      "codebooks": None, "value_bits": 16, "current_tokens": "coded"}
 
 
 @pytest.mark.parametrize(
@@ -39,6 +41,21 @@ def test_valid_config_is_normalised(smollm2_dir):
 def test_bad_settings_rejected_at_config_time(smollm2_dir, settings, message):
     with pytest.raises(KVCompressConfigError, match=message):
         engine_config(smollm2_dir, attention_backend="kvcompress", additional_config={"kvcompress": settings})
+
+
+def test_lookat_codebooks_checked_at_config_time(smollm2_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    lookat = {"method": "lookat", "codebooks": str(tmp_path / "missing.safetensors")}
+    with pytest.raises(KVCompressConfigError, match=r"kvcompress\.codebooks: codebook file .* does not exist"):
+        engine_config(smollm2_dir, attention_backend="kvcompress", additional_config={"kvcompress": lookat})
+    other = tmp_path / "other.safetensors"  # made for a model with another head layout
+    save_file({"layer.0": torch.zeros(2, 8, 4, 8)}, str(other), metadata={
+        "format": "kvcompress-pq-codebooks/1", "m": "8", "architecture": "Qwen2ForCausalLM", "num_layers": "24",
+        "num_kv_heads": "2", "head_dim": "64", "rope_theta": "1000000.0"})
+    lookat["codebooks"] = str(other)
+    with pytest.raises(KVCompressConfigError, match=r"calibrated for another model \(architecture: file has Qwen2ForCausalLM"):
+        engine_config(smollm2_dir, attention_backend="kvcompress", additional_config={"kvcompress": lookat})
 
 
 def test_unsupported_vllm_version_is_refused(smollm2_dir, monkeypatch):

@@ -8,11 +8,11 @@ writes K/V into the plugin's own page layout and runs the PyTorch ops from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
-from vllm.config import VllmConfig
+from vllm.config import VllmConfig, get_current_vllm_config_or_none
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -26,12 +26,28 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from vllm_kvcompress import BACKEND_NAME
+from vllm_kvcompress.cache_formats import DenseFormat, LookatFormat
 from vllm_kvcompress.config import KVCompressConfig
-from vllm_kvcompress.kernels import paged_dense_ref as dense
 
 
 # Under the "vllm" logger tree, so records get vLLM's handlers and process prefixes.
 logger = init_logger("vllm.kvcompress.backend")
+
+# The worker's config, remembered when the model's attention layers are built:
+# vLLM asks ``customize_spec`` (a classmethod) for page sizes later, sometimes outside
+# ``set_current_vllm_config``.
+_worker_config: VllmConfig | None = None
+
+
+def _vllm_config() -> VllmConfig:
+    config = get_current_vllm_config_or_none() or _worker_config
+    if config is None:
+        raise RuntimeError("kvcompress: no vLLM config in this process")
+    return config
+
+
+def _settings() -> KVCompressConfig:
+    return KVCompressConfig.from_additional_config(_vllm_config().additional_config)
 
 
 class KVCompressBackend(AttentionBackend):
@@ -68,8 +84,13 @@ class KVCompressBackend(AttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        # Method "none" stores the dense cache: vLLM's own page size is exact.
-        return spec
+        # The real bytes per (token, KV head) row, so vLLM's pool holds that many more
+        # tokens. Method "none" stores the dense cache: vLLM's own page size is exact.
+        config = _settings()
+        if config.method != "lookat":
+            return spec
+        layout = LookatFormat.layout_for(config, spec.head_size, spec.dtype)
+        return replace(spec, dtype=torch.uint8, state_content_bytes=layout.row_bytes)
 
 
 @dataclass
@@ -157,6 +178,15 @@ class KVCompressImpl(AttentionImpl[KVCompressMetadata]):
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
+        global _worker_config
+        _worker_config = _vllm_config()
+        config = KVCompressConfig.from_additional_config(_worker_config.additional_config)
+        model_dtype = _worker_config.model_config.dtype
+        if config.method == "lookat":
+            self.format = LookatFormat.from_config(config, _worker_config.model_config.hf_config, head_size, model_dtype)
+        else:
+            self.format = DenseFormat(head_size, model_dtype)
+        self.layer_index: int | None = None
 
     def forward(
         self,
@@ -174,15 +204,25 @@ class KVCompressImpl(AttentionImpl[KVCompressMetadata]):
             raise NotImplementedError("kvcompress does not support fused output quantization")
         if attn_metadata is None:  # profiling / warm-up run
             return output
-        n = attn_metadata.num_actual_tokens
+        if self.layer_index is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self.layer_index = extract_layer_index(layer.layer_name)
+        fmt, index, meta = self.format, self.layer_index, attn_metadata
+        n = meta.num_actual_tokens
         query = query[:n].view(n, self.num_heads, self.head_size)
+        key = key[:n].view(n, self.num_kv_heads, self.head_size)
+        value = value[:n].view(n, self.num_kv_heads, -1)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        dense.write_kv(kv_cache, key[:n].view(n, self.num_kv_heads, -1), value[:n].view(n, self.num_kv_heads, -1), attn_metadata.slot_mapping)
-        if attn_metadata.decode_token_index.numel():
-            idx = attn_metadata.decode_token_index
-            result = dense.decode_attention(query[idx], kv_cache, attn_metadata.decode_block_table, attn_metadata.decode_kv_lens, self.scale)
+        fmt.write(index, kv_cache, key, value, meta.slot_mapping)
+        if meta.decode_token_index.numel():
+            idx = meta.decode_token_index
+            result = fmt.decode(index, query[idx], kv_cache, meta.decode_block_table, meta.decode_kv_lens, self.scale,
+                                current=(key[idx], value[idx]))
             out[idx] = result.to(out.dtype)
-        for span in attn_metadata.prefills:
-            result = dense.prefill_attention(query[span.token_start : span.token_end], kv_cache, span.blocks, span.kv_len, self.scale)
-            out[span.token_start : span.token_end] = result.to(out.dtype)
+        for span in meta.prefills:
+            rows = slice(span.token_start, span.token_end)
+            result = fmt.prefill(index, query[rows], kv_cache, span.blocks, span.kv_len, self.scale,
+                                 current=(key[rows], value[rows]))
+            out[rows] = result.to(out.dtype)
         return output

@@ -57,22 +57,54 @@ class CodebookMismatch(ValueError):
     pass
 
 
-def load_codebooks(path: str, config) -> tuple[list[torch.Tensor], dict]:
-    """Codebooks per layer, refusing a file made for another model or format."""
+def check_codebook_file(path: str, config) -> dict:
+    """The file's metadata, refusing a missing file, another format, or another model."""
     from safetensors import safe_open
 
+    if not Path(path).is_file():
+        raise CodebookMismatch(f"codebook file {path} does not exist; make one with "
+                               f"`python -m vllm_kvcompress.calibrate --model MODEL --out {path}`")
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise CodebookMismatch(f"{path}: not a kvcompress codebook file (format {metadata.get('format')!r}, expected {FORMAT!r})")
-        expected = model_signature(config)
-        wrong = {key: (metadata.get(key), value) for key, value in expected.items() if metadata.get(key) != value}
-        if wrong:
-            details = "; ".join(f"{key}: file has {have}, model has {want}" for key, (have, want) in wrong.items())
-            raise CodebookMismatch(f"{path} was calibrated for another model ({details}); "
-                                   f"run `python -m vllm_kvcompress.calibrate` for this model")
-        layers = [f.get_tensor(f"layer.{i}") for i in range(int(expected["num_layers"]))]
-    return layers, metadata
+    if metadata.get("format") != FORMAT:
+        raise CodebookMismatch(f"{path}: not a kvcompress codebook file (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    expected = model_signature(config)
+    wrong = {key: (metadata.get(key), value) for key, value in expected.items() if metadata.get(key) != value}
+    if wrong:
+        details = "; ".join(f"{key}: file has {have}, model has {want}" for key, (have, want) in wrong.items())
+        raise CodebookMismatch(f"{path} was calibrated for another model ({details}); "
+                               f"run `python -m vllm_kvcompress.calibrate` for this model")
+    return metadata
+
+
+def load_codebooks(path: str, config) -> tuple[list[torch.Tensor], dict, torch.Tensor | None]:
+    """Per-layer codebooks ``[Hkv, m, K, s]`` (fp32), metadata, and the subspace
+    dimension map ``[m, s]`` (None = contiguous subspaces)."""
+    from safetensors import safe_open
+
+    metadata = check_codebook_file(path, config)
+    with safe_open(path, framework="pt") as f:
+        layers = [f.get_tensor(f"layer.{i}").float() for i in range(int(metadata["num_layers"]))]
+        dims = f.get_tensor("subspace_dims").long() if "subspace_dims" in f.keys() else None
+    return layers, metadata, dims
+
+
+def ensure_codebooks(model: str, m: int = 16, **options) -> Path:
+    """Codebooks of a known model (``vllm_kvcompress.models``) in the cache folder, made
+    once with the default settings (deterministic), e.g. for `make demo` and tests."""
+    from safetensors.torch import save_file
+
+    from vllm_kvcompress.models import cache_root, ensure_model
+
+    suffix = "".join(f"-{key}{value}" for key, value in sorted(options.items()))
+    out = cache_root() / "codebooks" / f"{model}-m{m}{suffix}.safetensors"
+    if not out.exists():
+        tensors, metadata = calibrate(str(ensure_model(model)), m, **options)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.rename(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,9 +15,11 @@ CONFIG_KEY = "kvcompress"
 
 # Methods that run in this release, and those still being built (refused with a
 # clear message rather than silently falling back to no compression).
-AVAILABLE_METHODS = ("none",)
-PLANNED_METHODS = ("lookat", "knorm", "kvzap", "dms", "headkv")
+AVAILABLE_METHODS = ("none", "lookat")
+PLANNED_METHODS = ("knorm", "kvzap", "dms", "headkv")
 EVICTION_METHODS = ("knorm", "kvzap", "dms", "headkv")
+VALUE_BITS = (16, 8, 4)
+CURRENT_TOKENS = ("coded", "exact")
 
 
 class KVCompressConfigError(ValueError):
@@ -32,7 +34,8 @@ def _key(name: str) -> str:
 class KVCompressConfig:
     method: str = field(
         default="none",
-        metadata={"doc": "Compression method. `none` stores the full bf16/fp16 cache (pass-through)."},
+        metadata={"doc": "Compression method: `none` stores the full bf16/fp16 cache (pass-through); "
+                          "`lookat` stores keys as PQ codes and scores them with ADC lookup tables."},
     )
     max_kv_tokens: int | None = field(
         default=None,
@@ -41,6 +44,20 @@ class KVCompressConfig:
     compression_ratio: float | None = field(
         default=None,
         metadata={"doc": "Eviction budget: fraction of tokens removed, 0 <= r < 1. Eviction methods only."},
+    )
+    codebooks: str | None = field(
+        default=None,
+        metadata={"doc": "LOOKAT: codebook file from `python -m vllm_kvcompress.calibrate` (required for `lookat`; "
+                          "its m sets the codes per key)."},
+    )
+    value_bits: int = field(
+        default=16,
+        metadata={"doc": "LOOKAT: value storage, 16 (model's bf16/fp16), 8 (int8) or 4 (int4), per-token per-head scales."},
+    )
+    current_tokens: str = field(
+        default="coded",
+        metadata={"doc": "LOOKAT: `coded` reads the step's own tokens back from the coded cache (output independent of "
+                          "chunking and prefix caching); `exact` attends them with their exact keys/values."},
     )
 
     @classmethod
@@ -99,11 +116,32 @@ class KVCompressConfig:
             raise KVCompressConfigError(
                 f"set at most one of {_key('max_kv_tokens')} and {_key('compression_ratio')}"
             )
+        self._validate_lookat()
         has_budget = self.max_kv_tokens is not None or self.compression_ratio is not None
         if has_budget and self.method not in EVICTION_METHODS:
             raise KVCompressConfigError(
                 f"{_key('max_kv_tokens')}/{_key('compression_ratio')} apply to eviction methods "
                 f"({', '.join(EVICTION_METHODS)}); method {self.method!r} keeps every token"
+            )
+
+    def _validate_lookat(self) -> None:
+        if self.method != "lookat":
+            for name, default in (("codebooks", None), ("value_bits", 16), ("current_tokens", "coded")):
+                if getattr(self, name) != default:
+                    raise KVCompressConfigError(f"{_key(name)} applies to method 'lookat' only (method is {self.method!r})")
+            return
+        if not isinstance(self.codebooks, str) or not self.codebooks:
+            raise KVCompressConfigError(
+                f"{_key('codebooks')} is required for method 'lookat': a file made by "
+                "`python -m vllm_kvcompress.calibrate --model MODEL --out FILE`"
+            )
+        if isinstance(self.value_bits, bool) or self.value_bits not in VALUE_BITS:
+            raise KVCompressConfigError(
+                f"{_key('value_bits')} must be one of {', '.join(map(str, VALUE_BITS))}, got {self.value_bits!r}"
+            )
+        if self.current_tokens not in CURRENT_TOKENS:
+            raise KVCompressConfigError(
+                f"{_key('current_tokens')} must be one of {', '.join(CURRENT_TOKENS)}, got {self.current_tokens!r}"
             )
 
     def as_dict(self) -> dict[str, Any]:

@@ -67,6 +67,23 @@ def check_engine_options(vllm_config: "VllmConfig") -> None:
         raise KVCompressConfigError("speculative decoding is not supported with --attention-backend kvcompress yet")
 
 
+def check_lookat(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
+    """A codebook file for this very model, whose m fits the cache layout."""
+    if config.method != "lookat" or vllm_config.model_config is None:
+        return
+    from vllm_kvcompress.calibrate import CodebookMismatch, check_codebook_file
+
+    try:
+        metadata = check_codebook_file(config.codebooks, vllm_config.model_config.hf_config)
+    except CodebookMismatch as exc:
+        raise KVCompressConfigError(f"additional_config.{CONFIG_KEY}.codebooks: {exc}") from None
+    m, head_dim = int(metadata["m"]), int(metadata["head_dim"])
+    if m % 2 or head_dim % m:
+        raise KVCompressConfigError(
+            f"additional_config.{CONFIG_KEY}.codebooks: m={m} must be even and divide head_dim {head_dim}"
+        )
+
+
 def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
     """Return the parsed plugin config when kvcompress is selected, else None.
 
@@ -87,6 +104,7 @@ def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
     check_platform()
     check_model(vllm_config)
     check_engine_options(vllm_config)
+    check_lookat(vllm_config, config)
     if isinstance(additional, dict):
         additional[CONFIG_KEY] = config.as_dict()
     return config

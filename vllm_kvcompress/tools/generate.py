@@ -3,8 +3,9 @@
     python -m vllm_kvcompress.tools.generate SPEC.json OUT.json
 
 SPEC: {"llm": {LLM(...) kwargs}, "prompts": [[token ids], ...], "max_tokens": 32,
-       "logprobs": 2}
-OUT:  {"outputs": [{"token_ids", "text", "top_logprobs": [[[id, logprob], ...] per step]}],
+       "logprobs": 2, "repeat": 1}
+OUT:  {"outputs": [{"token_ids", "text", "top_logprobs": [[[id, logprob], ...] per step],
+                    "num_cached_tokens"}] (prompts in order, ``repeat`` rounds one after another),
        "kv_cache_tokens": int, "attention_impls": [class names used by the workers]}
 
 Used by the tests and the demo so that every engine runs in a fresh process (vLLM's
@@ -28,7 +29,9 @@ def run(spec: dict) -> dict:
     params = SamplingParams(
         max_tokens=spec.get("max_tokens", 32), temperature=0.0, logprobs=spec.get("logprobs", 2), ignore_eos=spec.get("ignore_eos", False)
     )
-    results = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, use_tqdm=False)
+    results = []
+    for _ in range(spec.get("repeat", 1)):  # later rounds can hit the prefix cache
+        results += llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, use_tqdm=False)
     outputs = []
     for result in results:
         completion = result.outputs[0]
@@ -36,7 +39,8 @@ def run(spec: dict) -> dict:
             sorted(([tok, lp.logprob] for tok, lp in step.items()), key=lambda t: -t[1])
             for step in (completion.logprobs or [])
         ]
-        outputs.append({"token_ids": list(completion.token_ids), "text": completion.text, "top_logprobs": top})
+        outputs.append({"token_ids": list(completion.token_ids), "text": completion.text, "top_logprobs": top,
+                        "num_cached_tokens": int(result.num_cached_tokens or 0)})
     cache = llm.llm_engine.vllm_config.cache_config
     return {
         "outputs": outputs,
@@ -45,12 +49,13 @@ def run(spec: dict) -> dict:
     }
 
 
-def run_in_subprocess(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int = 32, timeout: int = 900) -> dict:
+def run_in_subprocess(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int = 32, timeout: int = 900,
+                      repeat: int = 1) -> dict:
     """:func:`run` in a fresh Python process; adds the engine's log (``log``) and the
     wall time of the whole process (``wall_s``)."""
     from vllm_kvcompress.tools.subprocess_run import run_module
 
-    spec = {"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens, "logprobs": 2}
+    spec = {"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens, "logprobs": 2, "repeat": repeat}
     return run_module("vllm_kvcompress.tools.generate", spec, timeout)
 
 
