@@ -1,5 +1,13 @@
 """Named engine configurations. Adding one is one line: a name and the LLM(...) kwargs
-it changes. Ad-hoc ones come from the command line as NAME=JSON."""
+it changes. Ad-hoc ones come from the command line as NAME=JSON.
+
+LOOKAT configs are named by pattern, ``lookat-m{M}-v{BITS}[-exact]`` (e.g.
+``lookat-m8-v4``): M codes per key, values in BITS (16/8/4), ``-exact`` for
+``current_tokens=exact``. Their codebooks are calibrated for the benchmarked model on
+first use (``vllm_kvcompress.calibrate.ensure_codebooks``).
+"""
+
+import re
 
 KVC = "kvcompress"
 
@@ -9,6 +17,22 @@ CONFIGS = {
     "kvcompress-none": {"attention_backend": KVC, "additional_config": {KVC: {"method": "none"}}},
 }
 BASELINE = "bf16"
+LOOKAT_NAME = re.compile(r"lookat-m(\d+)-v(16|8|4)(-exact)?")
+NAMES_HELP = f"{', '.join(sorted(CONFIGS))}, or lookat-m{{M}}-v{{16|8|4}}[-exact]"
+
+
+def resolve(name: str, model: str) -> dict | None:
+    """LLM kwargs of a named config for ``model``; None if the name is unknown."""
+    if name in CONFIGS:
+        return CONFIGS[name]
+    match = LOOKAT_NAME.fullmatch(name)
+    if match is None:
+        return None
+    from vllm_kvcompress.calibrate import ensure_codebooks
+
+    settings = {"method": "lookat", "codebooks": str(ensure_codebooks(model, int(match[1]))),
+                "value_bits": int(match[2]), "current_tokens": "exact" if match[3] else "coded"}
+    return {"attention_backend": KVC, "additional_config": {KVC: settings}}
 
 
 def evicted_fraction(llm_kwargs: dict) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks import accuracy as acc
 from benchmarks import capacity as cap
-from benchmarks.configs import BASELINE, CONFIGS, evicted_fraction
+from benchmarks.configs import BASELINE, CONFIGS, NAMES_HELP, evicted_fraction, resolve
 from benchmarks.plots import write_plots
 from vllm_kvcompress.models import MODELS, ensure_model
 
@@ -30,7 +30,7 @@ SUITE_NAMES = ("accuracy", "capacity")
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), help="default: qwen2.5-coder-0.5b (smollm2-135m with --quick)")
-    parser.add_argument("--configs", default=None, help=f"comma-separated names from {sorted(CONFIGS)}")
+    parser.add_argument("--configs", default=None, help=f"comma-separated names: {NAMES_HELP}")
     parser.add_argument("--config", action="append", type=cap.parse_config, default=[], help="NAME=JSON of LLM kwargs (repeatable)")
     parser.add_argument("--suites", default="accuracy,capacity", help=f"comma-separated subset of {SUITE_NAMES}")
     parser.add_argument("--accuracy-suite", choices=sorted(acc.SUITES), help="cells and samples (default: per model)")
@@ -47,9 +47,10 @@ def parse_args(argv):
     configs = {}
     names = [n.strip() for n in args.configs.split(",") if n.strip()] if args.configs else []
     for name in names:
-        if name not in CONFIGS:
-            parser.error(f"--configs: unknown config {name!r}; allowed: {', '.join(sorted(CONFIGS))} (or --config NAME=JSON)")
-        configs[name] = CONFIGS[name]
+        kwargs = resolve(name, args.model)
+        if kwargs is None:
+            parser.error(f"--configs: unknown config {name!r}; allowed: {NAMES_HELP} (or --config NAME=JSON)")
+        configs[name] = kwargs
     configs.update(dict(args.config))
     if not configs:
         configs = dict(CONFIGS)

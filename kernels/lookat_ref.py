@@ -177,9 +177,14 @@ def prefill_attention(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Te
     if current is not None:
         keys[:, kv_len - q_len :] = current[0].transpose(0, 1).float()
         values[:, kv_len - q_len :] = current[1].transpose(0, 1).float()
-    q = query.transpose(0, 1)[None].float()
-    q_pos = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
-    mask = (torch.arange(kv_len).unsqueeze(0) <= q_pos)[None, None]
-    out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask, scale=scale,
-                                         enable_gqa=num_q_heads != keys.shape[0])
+    # In the model's dtype, as the dense path: SDPA accumulates in fp32 either way.
+    q = query.transpose(0, 1)[None]
+    keys, values = keys[None].to(q.dtype), values[None].to(q.dtype)
+    gqa = num_q_heads != keys.shape[1]
+    if q_len == kv_len:  # whole prompt in one step: no explicit [q_len, kv_len] mask
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        q_pos = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
+        mask = (torch.arange(kv_len).unsqueeze(0) <= q_pos)[None, None]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[0].transpose(0, 1)

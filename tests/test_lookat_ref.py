@@ -106,3 +106,12 @@ def test_exact_current_tokens_change_only_what_they_should():
     same = L.decode_attention(q, cache, blocks[None], torch.tensor([20]), codebooks, None, layout, 0.3,
                               current=(pq_ref.decode(codes, codebooks), v[-1:].bfloat16().float()))
     torch.testing.assert_close(same, coded, atol=1e-4, rtol=1e-4)
+
+
+def test_whole_prompt_prefill_equals_chunked():
+    g, layout, codebooks, cache = _setup(4)
+    k, v, blocks = _fill(cache, layout, codebooks, None, 40, g)
+    q = torch.randn(40, 6, 16, generator=g)
+    whole = L.prefill_attention(q, cache, blocks, 40, codebooks, None, layout, 0.3)  # is_causal path
+    tail = L.prefill_attention(q[25:], cache, blocks, 40, codebooks, None, layout, 0.3)  # explicit mask
+    torch.testing.assert_close(whole[25:], tail, atol=1e-5, rtol=1e-5)
