@@ -15,7 +15,20 @@ def test_baseline_first_and_one_line_configs():
     assert quick.model == "smollm2-135m" and quick.accuracy_suite == "quick" and quick.min_baseline == 0.0
 
 
+def test_lookat_configs_by_name(monkeypatch):
+    import vllm_kvcompress.calibrate as calibrate
+
+    made = []
+    monkeypatch.setattr(calibrate, "ensure_codebooks", lambda model, m: made.append((model, m)) or f"/cb/{model}-m{m}")
+    args = parse_args(["--configs", "lookat-m8-v4,lookat-m16-v16-exact", "--model", "qwen2.5-coder-1.5b"])
+    assert made == [("qwen2.5-coder-1.5b", 8), ("qwen2.5-coder-1.5b", 16)]
+    settings = args.configs["lookat-m8-v4"]["additional_config"]["kvcompress"]
+    assert settings == {"method": "lookat", "codebooks": "/cb/qwen2.5-coder-1.5b-m8", "value_bits": 4, "current_tokens": "coded"}
+    assert args.configs["lookat-m16-v16-exact"]["additional_config"]["kvcompress"]["current_tokens"] == "exact"
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--configs", "lookat-m8-v3"], "unknown config 'lookat-m8-v3'"),
     (["--configs", "bogus"], "unknown config 'bogus'"),
     (["--suites", "speed"], "unknown suite 'speed'"),
 ])

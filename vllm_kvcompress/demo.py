@@ -1,12 +1,16 @@
 """`make demo`: the same prompts through vLLM's default CPU backend and through
 kvcompress, printing both generations and each engine's own KV-capacity line.
 
-    python -m vllm_kvcompress.demo [--model smollm2-135m] [--max-tokens 48]
+    python -m vllm_kvcompress.demo [--model smollm2-135m] [--max-tokens 48] [--additional-config JSON]
+
+Default kvcompress settings: LOOKAT, 16 PQ codes per key, int8 values; the codebooks
+are calibrated for the model on first use (offline, deterministic, about a minute).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import textwrap
 
@@ -22,14 +26,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--additional-config", default='{"kvcompress": {"method": "none"}}')
+    parser.add_argument("--additional-config", default=None,
+                        help='default: {"kvcompress": {"method": "lookat", "codebooks": <calibrated m=16>, "value_bits": 8}}')
     args = parser.parse_args(argv)
-
-    import json
 
     from transformers import AutoTokenizer
 
     model_dir = str(ensure_model(args.model))
+    if args.additional_config is None:
+        from vllm_kvcompress.calibrate import ensure_codebooks
+
+        print("[demo] LOOKAT codebooks for the model (calibrated once, then cached) ...", flush=True)
+        codebooks = ensure_codebooks(args.model, 16)
+        args.additional_config = json.dumps({"kvcompress": {"method": "lookat", "codebooks": str(codebooks), "value_bits": 8}})
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [chat_ids(tokenizer, q) for q in SHORT_QUESTIONS[:3]]
     prompts.append(long_document_ids(tokenizer, 2048))
