@@ -23,7 +23,7 @@ def test_file_layout_and_metadata(codebook_file, smollm2_dir):
     assert meta["m"] == "8" and meta["K"] == "16" and meta["tokens"] == "256" and meta["head_dim"] == "64"
     assert open(codebook_file, "rb").read(8) != b"\x80\x04\x95"  # not a pickle
     with safe_open(str(codebook_file), framework="pt") as f:
-        assert sorted(f.keys(), key=lambda k: int(k.split(".")[1]))[-1] == "layer.29"
+        assert sorted(f.keys()) == sorted(f"layer.{i}" for i in range(30))
 
 
 def test_same_seed_same_codebooks(codebook_file, smollm2_dir, tmp_path):
@@ -47,6 +47,19 @@ def test_bad_k_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--model", "x", "--out", "y", "--k", "300"])
     assert "--k must be in 2..256" in capsys.readouterr().err
+
+
+def test_rope_pairs_grouping_is_stored_and_used(smollm2_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from vllm_kvcompress.pq import subspace_dims
+
+    out = tmp_path / "pairs.safetensors"
+    main(["--model", smollm2_dir, "--out", str(out), "--m", "8", "--k", "16", "--tokens", "256", "--iters", "3",
+          "--grouping", "rope_pairs"])
+    layers, meta, dims = load_codebooks(str(out), AutoConfig.from_pretrained(smollm2_dir))
+    assert meta["grouping"] == "rope_pairs" and torch.equal(dims, subspace_dims(64, 8, "rope_pairs"))
+    assert dims[0].tolist() == [0, 1, 2, 3, 32, 33, 34, 35]
 
 
 def test_missing_file_names_the_command(smollm2_dir, tmp_path):

@@ -33,23 +33,26 @@ def model_signature(config) -> dict[str, str]:
     }
 
 
-def calibrate(model_dir: str, m: int, k: int = 256, tokens: int = 4096, iters: int = 20, seed: int = 0) -> tuple[dict, dict]:
+def calibrate(model_dir: str, m: int, k: int = 256, tokens: int = 4096, iters: int = 20, seed: int = 0,
+              grouping: str = "contiguous") -> tuple[dict, dict]:
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
     from vllm_kvcompress.capture import capture_qkv
-    from vllm_kvcompress.pq import fit_codebooks
+    from vllm_kvcompress.pq import fit_codebooks, subspace_dims
     from vllm_kvcompress.prompts import stdlib_text
 
     config = AutoConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer(stdlib_text(), add_special_tokens=False)["input_ids"][:tokens]
     captured = capture_qkv(model_dir, ids)
-    tensors = {}
+    head_dim = int(model_signature(config)["head_dim"])
+    dims = None if grouping == "contiguous" else subspace_dims(head_dim, m, grouping)
+    tensors = {} if dims is None else {"subspace_dims": dims.contiguous()}
     for layer, qkv in tqdm(captured.items(), desc="k-means per layer", unit="layer", file=sys.stderr):
-        tensors[f"layer.{layer}"] = fit_codebooks(qkv["k"], m=m, k=k, iters=iters, seed=seed + layer).contiguous()
+        tensors[f"layer.{layer}"] = fit_codebooks(qkv["k"], m=m, k=k, iters=iters, seed=seed + layer, dims=dims).contiguous()
     metadata = {"format": FORMAT, "m": str(m), "K": str(k), "tokens": str(len(ids)), "seed": str(seed),
-                "iters": str(iters), "model": Path(model_dir).name, **model_signature(config)}
+                "iters": str(iters), "grouping": grouping, "model": Path(model_dir).name, **model_signature(config)}
     return tensors, metadata
 
 
@@ -120,14 +123,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grouping", default="contiguous", choices=("contiguous", "rope_pairs"),
+                        help="key dims per subspace: contiguous, or whole RoPE (rotate_half) pairs")
     args = parser.parse_args(argv)
     if not 2 <= args.k <= 256:
         parser.error(f"--k must be in 2..256 (codes are one byte), got {args.k}")
     model_dir = str(ensure_model(args.model)) if args.model in MODELS else args.model
-    tensors, metadata = calibrate(model_dir, args.m, args.k, args.tokens, args.iters, args.seed)
+    tensors, metadata = calibrate(model_dir, args.m, args.k, args.tokens, args.iters, args.seed, args.grouping)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, args.out, metadata=metadata)
-    print(f"wrote {args.out}: {len(tensors)} layers, m={args.m}, K={args.k}, {metadata['tokens']} tokens")
+    print(f"wrote {args.out}: {metadata['num_layers']} layers, m={args.m}, K={args.k}, {metadata['tokens']} tokens")
 
 
 if __name__ == "__main__":
