@@ -269,17 +269,17 @@ def run_timings(device: str, models: list[str], batches, contexts, ms, bits_list
 # ------------------------------------------------------------------ sweep
 
 
-def sweep(device: str, log) -> list[dict]:
+def sweep(device: str, log, dense: bool = True) -> list[dict]:
     """Score mode x table dtype x launch parameters on representative cells, then the
     partition count for the best; how the defaults in the kernels were chosen."""
     gen = torch.Generator().manual_seed(2)
     out = []
-    cells = [("qwen2.5-0.5b", 8, 4), ("qwen2.5-1.5b", 16, 16)]
+    cells = [("qwen2.5-0.5b", 8, 4), ("qwen2.5-1.5b", 16, 16), ("qwen2.5-0.5b", 16, 8)]
     shapes = [(1, 32768), (64, 32768)]
-    grid = [{"score": sc, "lut_dtype": dt, "block_n": bn, "num_warps": nw, "num_stages": ns}
+    grid = [{"score": sc, "lut_dtype": dt, "block_n": bn, "num_warps": nw, "num_stages": 1}
             for sc in lookat_triton.SCORES
             for dt in ((torch.float32, torch.float16) if sc == "adc" else (torch.float32,))
-            for bn in (64, 128) for nw in (4, 8) for ns in (1, 3)]
+            for bn in (32, 64, 128) for nw in (4, 8)]
     for model, m, bits in cells:
         for batch, ctx in shapes:
             sh = Shape(model, batch, ctx, device, gen, dense=False)
@@ -307,12 +307,15 @@ def sweep(device: str, log) -> list[dict]:
             log(f"sweep lookat {model} m={m} bits={bits} B={batch} ctx={ctx}: best {t * 1e3:.1f} us with "
                 + str({k: str(v) for k, v in best.items()}))
             del sh, cache
+    if not dense:
+        return out
     for model in MODELS:
         for batch, ctx in shapes:
             sh = Shape(model, batch, ctx, device, gen)
             best = dict(dense_triton.DEFAULTS)
             for stage in ([{"block_n": bn, "num_warps": nw, "num_stages": ns} for bn in (32, 64, 128)
                            for nw in (4, 8) for ns in (1, 3)],
+                          [{"num_stages": ns} for ns in (2, 4)],
                           [{"programs_per_sm": p} for p in (1, 2, 4, 8)]):
                 results = []
                 for over in stage:
@@ -352,7 +355,7 @@ def write_report(out: Path, meta: dict, checks: list[dict], rows: list[dict], pe
              " + attention + partition combine (one op, no host sync); every request has the full context.",
              "- bytes: cache rows read (+ block table, query, output); LOOKAT also its tables (written + read"
              " once). GB/s = bytes / time; x dense / x SDPA = baseline time / LOOKAT time.",
-             f"- launch parameters (lookat_triton.tuned; m >= 16 uses fp16 ADC tables): {meta['lookat_defaults']};"
+             f"- launch parameters (lookat_triton.tuned): {meta['lookat_defaults']};"
              f" dense {meta['dense_defaults']}",
              "- lookat-adc: per-request ADC tables (built inside the op) gathered by code; lookat-rebuilt*: no"
              " tables, keys rebuilt from bf16 codebooks (a per-layer constant, prepared once) and scored on tensor"
@@ -414,6 +417,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--quick", action="store_true", help="fewer cells, shorter timings (a smoke run)")
     ap.add_argument("--sweep", action="store_true", help="also sweep launch parameters (sweep.json)")
+    ap.add_argument("--sweep-no-dense", action="store_true", help="sweep the LOOKAT kernel only")
     ap.add_argument("--no-bench", action="store_true", help="correctness (and sweep) only")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness pass")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -442,8 +446,9 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
             "python": platform.python_version(), "date": datetime.date.today().isoformat(),
             "command": "python -m benchmarks.kernels_lookat " + " ".join(sys.argv[1:] if argv is None else argv),
-            "lookat_defaults": {sc: {k: str(v) for k, v in lookat_triton.tuned(64, 8, 4, 1, sc).items()}
-                                for sc in args.scores},
+            "lookat_defaults": {f"{sc}, head_dim {d}": {k: str(v) for k, v in lookat_triton.tuned(d, 8, 4, 1, sc).items()
+                                                        if k != "score"}
+                                for sc in args.scores for d in sorted({MODELS[mm]["d"] for mm in args.models})},
             "dense_defaults": dense_triton.DEFAULTS}
     log(f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB; {peak_label}")
     checks = [] if args.no_check else correctness(device, args.models, args.scores, args.quick)
@@ -452,7 +457,7 @@ def main(argv=None) -> int:
         log(f"check {c}")
     log(f"correctness: {len(checks)} checks, worst relative error {worst:.2e}")
     if args.sweep:
-        sw = sweep(device, log)
+        sw = sweep(device, log, dense=not args.sweep_no_dense)
         (args.out / "sweep.json").write_text(json.dumps(sw, indent=0))
     rows = []
     if not args.no_bench:

@@ -1,27 +1,32 @@
 """Triton kernels for LOOKAT decode: ADC lookup tables and fused paged attention over
 PQ-coded keys (layout and semantics: :mod:`lookat_ref`).
 
-Two launches (three when the context is split):
+:func:`lookat_decode` = two or three launches:
 
-1. :func:`build_lut` — the ADC tables of every query head, premultiplied by
-   ``scale * log2(e)`` so the decode kernel's logits are already in the ``exp2``
-   domain. Stored **group-innermost**, ``lut[B, Hkv, m, K, GL]`` (``GL`` = the GQA group
-   rounded up to a power of two, padded heads are zero): the ``group`` entries that one
-   code selects for the whole GQA group are one contiguous 16/32-byte vector, so each
-   (token, subspace) costs one vector gather (one L1 sector) instead of ``group`` scalar
-   gathers. :func:`adc_tables` gives the ``[B, Hq, m, K]`` view of the reference.
-2. ``_lookat_decode_kernel`` — one program per (request, KV head, context partition):
-   codes ``[BLOCK_N, m]`` straight from the paged rows, one gather of the group's LUT
-   vectors ``[BLOCK_N, m, GL]``, sum over ``m``, online softmax (fp32), values
+1. Scoring material. ``score="adc"``: :func:`build_lut`, the ADC tables of every query
+   head, premultiplied by ``scale * log2(e)`` (logits land in the ``exp2`` domain) and
+   stored **group-innermost**, ``lut[B, Hkv, m, K, GL]`` (``GL`` = the GQA group rounded
+   up to a power of two, padded heads zero): the ``group`` entries one code selects are one
+   contiguous 16/32-byte vector, so a (token, subspace) costs one vector gather instead
+   of ``group`` scalar ones (:func:`adc_tables` gives the reference's ``[B, Hq, m, K]``).
+   ``score="rebuilt"`` (default): nothing per request; the bf16 codebooks (a per-layer
+   constant, 32-64 KiB per KV head, shared by every request so they stay in L1).
+2. ``_lookat_decode_kernel``, one program per (request, KV head, context partition):
+   codes ``[N, m]`` straight from the paged rows; "adc" gathers ``[N, m, GL]`` table
+   vectors and sums over ``m``; "rebuilt" gathers ``[N, m, D/m]`` centroids, reshapes them
+   to keys ``[N, D]`` and scores the group on tensor cores. Online softmax in fp32; values
    dequantized by folding the per-token scale into the probabilities (integers 0..15 /
-   -127..127 are exact in fp16, so the tensor-core ``p @ v`` sees exact values),
-   ``+ p @ min`` for 4-bit, whose low / high nibbles (even / odd columns) go through two
-   ``tl.dot`` into two accumulators instead of being interleaved in registers.
-3. ``_combine_kernel`` (shared with :mod:`dense_triton`) — flash-decoding reduce of the
+   -127..127 are exact in fp16, so ``p @ v`` on tensor cores sees exact values), ``+ p @
+   min`` for 4-bit, whose low / high nibbles (even / odd columns) go through two ``tl.dot``
+   into two accumulators. The next tile's rows (and the block-table entries of the one
+   after) are loaded before the current tile is computed.
+3. ``_combine_kernel`` (shared with :mod:`dense_triton`): flash-decoding reduce of the
    partitions, only when the context is split (small batch x long context).
 
-The GQA group is widened to ``GD >= 16`` rows for ``tl.dot`` by duplicating each head's
-logits (``tl.join``); duplicated rows compute the same thing and only one is stored.
+The GQA group is widened to ``GD >= 16`` rows for ``tl.dot`` (ADC: each head's logits
+duplicated with ``tl.join``; rebuilt: zero query rows); only the real rows are stored.
+Where the time goes on an H100 (results/2026-11-24/h100-lookat-kernels/NOTES.md): the
+per-token gathers through L1 (one wavefront per distinct line), not DRAM bytes.
 """
 
 from __future__ import annotations
@@ -146,26 +151,51 @@ def _store_partial(acc, acc_odd, m_i, l_i, out_ptr, ml_ptr, b, h, split, num_q_h
 
 
 @triton.jit
-def _accumulate_values(pt, acc, acc_odd, row, slot, valid, cache_ptr, cache_i8_ptr, cache_16_ptr, cache_f16_ptr,
-                       M: tl.constexpr, D: tl.constexpr, ROW_BYTES: tl.constexpr, VALUE_BITS: tl.constexpr,
-                       INTERP: tl.constexpr):
-    """``acc (+ acc_odd) += pt @ values`` for probabilities ``pt[GD, N]`` (fp32) of the tile's rows."""
+def _load_page(bt_ptr, b, stride_bt, pos, valid, BS: tl.constexpr):
+    return tl.load(bt_ptr + b * stride_bt + pos // BS, mask=valid, other=0).to(tl.int64)
+
+
+@triton.jit
+def _load_rows(pos, valid, page, h, num_kv_heads, cache_ptr, cache_i8_ptr, cache_16_ptr, cache_f16_ptr,
+               M: tl.constexpr, D: tl.constexpr, ROW_BYTES: tl.constexpr, ALIGN: tl.constexpr, BS: tl.constexpr,
+               VALUE_BITS: tl.constexpr):
+    """Codes ``[N, M]`` and value payload / scale / minimum of the tile's rows."""
+    slot = (page * num_kv_heads + h) * BS + pos % BS  # row index, int64
+    # Alignment hint: every row starts at a multiple of ALIGN bytes (the largest power of two
+    # dividing ROW_BYTES), and no more: without it Triton 3.6 assumed more for 8-bit rows
+    # and issued misaligned 4-byte copies.
+    row = tl.multiple_of(slot * ROW_BYTES, ALIGN)
+    codes = tl.load(cache_ptr + row[:, None] + tl.arange(0, M)[None, :], mask=valid[:, None], other=0)
+    zero = tl.zeros(pos.shape, tl.float32)
     if VALUE_BITS == 16:
         d = tl.arange(0, D)
-        v = tl.load(cache_16_ptr + (slot * (ROW_BYTES // 2) + M // 2)[:, None] + d[None, :],
+        x = tl.load(cache_16_ptr + (slot * (ROW_BYTES // 2) + M // 2)[:, None] + d[None, :],
                     mask=valid[:, None], other=0.0)  # [N, D] bf16 / fp16
-        acc += _mma(pt.to(v.dtype), v, INTERP)
+        sc = zero
+        lo = zero
     elif VALUE_BITS == 8:
         d = tl.arange(0, D)
-        q = tl.load(cache_i8_ptr + (row + M)[:, None] + d[None, :], mask=valid[:, None], other=0)
-        sc = tl.load(cache_f16_ptr + slot * (ROW_BYTES // 2) + (M + D) // 2, mask=valid, other=0.0)
-        acc += _mma((pt * sc.to(tl.float32)[None, :]).to(tl.float16), q.to(tl.float16), INTERP)
+        x = tl.load(cache_i8_ptr + (row + M)[:, None] + d[None, :], mask=valid[:, None], other=0)  # [N, D] int8
+        sc = tl.load(cache_f16_ptr + slot * (ROW_BYTES // 2) + (M + D) // 2, mask=valid, other=0.0).to(tl.float32)
+        lo = zero
     else:
         j = tl.arange(0, D // 2)
-        x = tl.load(cache_ptr + (row + M)[:, None] + j[None, :], mask=valid[:, None], other=0)  # [N, D/2]
+        x = tl.load(cache_ptr + (row + M)[:, None] + j[None, :], mask=valid[:, None], other=0)  # [N, D/2] uint8
         prm = slot * (ROW_BYTES // 2) + (M + D // 2) // 2
         sc = tl.load(cache_f16_ptr + prm, mask=valid, other=0.0).to(tl.float32)
         lo = tl.load(cache_f16_ptr + prm + 1, mask=valid, other=0.0).to(tl.float32)
+    return codes, x, sc, lo
+
+
+@triton.jit
+def _accumulate_values(pt, acc, acc_odd, x, sc, lo, VALUE_BITS: tl.constexpr, INTERP: tl.constexpr):
+    """``acc (+ acc_odd) += pt @ values`` for probabilities ``pt[GD, N]`` (fp32); the per-token
+    scale is folded into ``pt`` so the integers reach the tensor cores exactly (fp16)."""
+    if VALUE_BITS == 16:
+        acc += _mma(pt.to(x.dtype), x, INTERP)
+    elif VALUE_BITS == 8:
+        acc += _mma((pt * sc[None, :]).to(tl.float16), x.to(tl.float16), INTERP)
+    else:
         ps = (pt * sc[None, :]).to(tl.float16)
         shift = tl.sum(pt * lo[None, :], axis=1)[:, None]  # sum_n p_n * min_n
         acc += _mma(ps, (x & 15).to(tl.float16), INTERP) + shift  # element 2j: low nibble
@@ -182,12 +212,12 @@ def _lookat_decode_kernel(
         M: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
         ROW_BYTES: tl.constexpr, ALIGN: tl.constexpr, BS: tl.constexpr, VALUE_BITS: tl.constexpr,
         SCORE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
-    """SCORE 0: ADC, one [N, M, GL] gather summed over M; 2: keys rebuilt from the codebooks
-    (``lut_ptr`` = codebooks ``[Hkv, M, K, D/M]`` in bf16) and ``q @ k`` on tensor cores,
-    codes read once per key dimension ([N, D] bytes); 3: the same with codes read once
-    ([N, M]), centroids gathered as [N, M, D/M] and reshaped to [N, D].
-    (A SCORE 1, one [N, GL] gather per subspace in a static loop, was right under the
-    interpreter but wrong on the H100 with Triton 3.6, and was dropped.)"""
+    """SCORE 0: ADC, one ``[N, M, GL]`` gather of table vectors summed over M; SCORE 2: keys
+    rebuilt from the codebooks (``lut_ptr`` = codebooks ``[Hkv, M, K, D/M]`` in bf16,
+    gathered as ``[N, M, D/M]`` centroids, reshaped to ``[N, D]``) and ``q @ k`` on tensor
+    cores. Rows are prefetched one tile ahead (block-table entries two): the table / codebook
+    gathers must stay plain L1-cached loads, so Triton's own pipelining (``num_stages > 1``,
+    which copies them with ``cp.async.cg``, past L1) is left off."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
@@ -198,19 +228,19 @@ def _lookat_decode_kernel(
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_i = tl.arange(0, M)
-    offs_g = tl.arange(0, GL)
-    offs_d = tl.arange(0, D)
     SUB: tl.constexpr = D // M
-    if SCORE >= 2:
+    if SCORE == 2:
         r = tl.arange(0, GD)
-        qv = tl.load(q_ptr + b * stride_qb + (h * G + r)[:, None] * stride_qh + offs_d[None, :],
+        d = tl.arange(0, D)
+        qv = tl.load(q_ptr + b * stride_qb + (h * G + r)[:, None] * stride_qh + d[None, :],
                      mask=(r < G)[:, None], other=0.0).to(lut_ptr.dtype.element_ty)  # [GD, D]
-        cb_base = lut_ptr + h * (M * K * SUB)
-        cb_offs = ((offs_d // SUB) * (K * SUB) + offs_d % SUB)[None, :]  # [1, D]
-        cb_offs3 = (offs_i * (K * SUB))[None, :, None] + tl.arange(0, SUB)[None, None, :]  # [1, M, SUB]
+        base = lut_ptr + h * (M * K * SUB)
+        offs = (offs_i * (K * SUB))[None, :, None] + tl.arange(0, SUB)[None, None, :]  # [1, M, SUB]
+        VEC: tl.constexpr = SUB
     else:
-        lut_base = lut_ptr + bh.to(tl.int64) * (M * K * GL)
-        lut_offs = (offs_i * (K * GL))[None, :, None] + offs_g[None, None, :]  # [1, M, GL]
+        base = lut_ptr + bh.to(tl.int64) * (M * K * GL)
+        offs = (offs_i * (K * GL))[None, :, None] + tl.arange(0, GL)[None, None, :]  # [1, M, GL]
+        VEC: tl.constexpr = GL
 
     m_i = tl.full([GD], float("-inf"), tl.float32)
     l_i = tl.zeros([GD], tl.float32)
@@ -220,33 +250,28 @@ def _lookat_decode_kernel(
     else:
         acc = tl.zeros([GD, D], tl.float32)
         acc_odd = tl.zeros([GD, 1], tl.float32)  # unused
+
+    pos = start + offs_n
+    page = _load_page(bt_ptr, b, stride_bt, pos, pos < end, BS)
+    codes, x, sc, lo = _load_rows(pos, pos < end, page, h, num_kv_heads, cache_ptr, cache_i8_ptr, cache_16_ptr,
+                                  cache_f16_ptr, M, D, ROW_BYTES, ALIGN, BS, VALUE_BITS)
+    page_next = _load_page(bt_ptr, b, stride_bt, pos + BLOCK_N, pos + BLOCK_N < end, BS)
     for n0 in range(start, end, BLOCK_N):
-        pos = n0 + offs_n
-        valid = pos < end
-        page = tl.load(bt_ptr + b * stride_bt + pos // BS, mask=valid, other=0).to(tl.int64)
-        slot = (page * num_kv_heads + h) * BS + pos % BS  # row index, int64
-        # Alignment hints: every row starts at a multiple of ALIGN bytes (the largest power of
-        # two dividing ROW_BYTES) and no more (without them Triton 3.6 assumed more for
-        # 8-bit rows and issued misaligned 4-byte copies).
-        row = tl.multiple_of(slot * ROW_BYTES, ALIGN)
-        if SCORE == 0:
-            codes = tl.load(cache_ptr + row[:, None] + offs_i[None, :], mask=valid[:, None], other=0)  # [N, M]
-            lidx = lut_offs + (codes.to(tl.int32) * GL)[:, :, None]  # [N, M, GL]: one vector per (token, i)
-            lidx = tl.max_contiguous(tl.multiple_of(lidx, [1, 1, GL]), [1, 1, GL])
-            t = tl.load(lut_base + lidx, cache_modifier=".ca")
-            s = tl.trans(_widen(tl.sum(t.to(tl.float32), axis=1), BLOCK_N, GL, PAD_LOG))  # [GD, N], log2 domain
-        elif SCORE == 2:
-            c = tl.load(cache_ptr + row[:, None] + (offs_d // SUB)[None, :], mask=valid[:, None], other=0)  # [N, D]
-            kidx = cb_offs + c.to(tl.int32) * SUB
-            kidx = tl.max_contiguous(tl.multiple_of(kidx, [1, SUB]), [1, SUB])
-            k = tl.load(cb_base + kidx, cache_modifier=".ca")  # [N, D] rebuilt keys
-            s = _mma(qv, tl.trans(k), INTERP) * qk_scale  # [GD, N], log2 domain
+        # prefetch: block-table entries of tile + 2, rows of tile + 1 (masked off past the end)
+        pos2 = n0 + 2 * BLOCK_N + offs_n
+        page_after = _load_page(bt_ptr, b, stride_bt, pos2, pos2 < end, BS)
+        pos1 = n0 + BLOCK_N + offs_n
+        codes1, x1, sc1, lo1 = _load_rows(pos1, pos1 < end, page_next, h, num_kv_heads, cache_ptr, cache_i8_ptr,
+                                          cache_16_ptr, cache_f16_ptr, M, D, ROW_BYTES, ALIGN, BS, VALUE_BITS)
+
+        valid = (n0 + offs_n) < end
+        idx = offs + (codes.to(tl.int32) * VEC)[:, :, None]  # [N, M, VEC]: one vector per (token, subspace)
+        idx = tl.max_contiguous(tl.multiple_of(idx, [1, 1, VEC]), [1, 1, VEC])
+        t = tl.load(base + idx, cache_modifier=".ca")
+        if SCORE == 2:
+            s = _mma(qv, tl.trans(tl.reshape(t, [BLOCK_N, D])), INTERP) * qk_scale  # [GD, N], log2 domain
         else:
-            codes = tl.load(cache_ptr + row[:, None] + offs_i[None, :], mask=valid[:, None], other=0)  # [N, M]
-            kidx = cb_offs3 + (codes.to(tl.int32) * SUB)[:, :, None]  # [N, M, SUB]: one centroid per (token, i)
-            kidx = tl.max_contiguous(tl.multiple_of(kidx, [1, 1, SUB]), [1, 1, SUB])
-            k = tl.reshape(tl.load(cb_base + kidx, cache_modifier=".ca"), [BLOCK_N, D])
-            s = _mma(qv, tl.trans(k), INTERP) * qk_scale
+            s = tl.trans(_widen(tl.sum(t.to(tl.float32), axis=1), BLOCK_N, GL, PAD_LOG))  # [GD, N], log2 domain
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -255,9 +280,11 @@ def _lookat_decode_kernel(
         acc = acc * alpha[:, None]
         if VALUE_BITS == 4:
             acc_odd = acc_odd * alpha[:, None]
-        acc, acc_odd = _accumulate_values(p, acc, acc_odd, row, slot, valid, cache_ptr, cache_i8_ptr, cache_16_ptr,
-                                          cache_f16_ptr, M, D, ROW_BYTES, VALUE_BITS, INTERP)
+        acc, acc_odd = _accumulate_values(p, acc, acc_odd, x, sc, lo, VALUE_BITS, INTERP)
         m_i = m_new
+
+        codes, x, sc, lo = codes1, x1, sc1, lo1
+        page_next = page_after
     _store_partial(acc, acc_odd, m_i, l_i, out_ptr, ml_ptr, b, h, split, num_q_heads, num_splits,
                    G, GD, PAD_LOG, D, SPLIT, VALUE_BITS == 4)
 
@@ -324,9 +351,9 @@ def launch_split(kernel, grid_bh: int, args: tuple, consts: dict, query: torch.T
     return combine(partial, lse, kv_lens, part_len, out)
 
 
-DEFAULTS = {"score": "adc", "block_n": 128, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2.0,
+DEFAULTS = {"score": "rebuilt", "block_n": 128, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8.0,
             "min_part": 256, "lut_dtype": torch.float32}
-SCORES = {"adc": 0, "rebuilt": 2, "rebuilt_v": 3}
+SCORES = {"adc": 0, "rebuilt": 2}
 
 
 def lookat_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor,
@@ -337,18 +364,19 @@ def lookat_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.T
 
     ``max_kv_len``: host copy of ``kv_lens.max()`` (else read back, a device sync).
     ``num_splits``: force the number of context partitions (else :func:`plan_splits`).
-    ``tune``: overrides of :data:`DEFAULTS`: ``score`` ("adc": ADC tables, one gather of
-    ``[N, m, GL]`` vectors per tile; "rebuilt": no tables, keys rebuilt from bf16 codebooks
-    in registers and scored on tensor cores; "rebuilt_v": the same, codes loaded once per
-    token and centroid vectors reshaped to keys),
+    ``tune``: overrides of :func:`tuned` / :data:`DEFAULTS`: ``score`` ("rebuilt", the
+    default and the faster on an H100 at every measured shape: no tables, keys rebuilt from
+    bf16 codebooks, one centroid vector per token and subspace, scored on tensor cores;
+    "adc": per-request ADC tables in fp32 logits, one gather of ``[N, m, GL]`` vectors per
+    tile, closest to the reference),
     block_n, num_warps, num_stages, programs_per_sm, min_part, lut_dtype. ``lut``: a
     prebuilt :func:`build_lut` (``mult = scale * log2(e)``), or for "rebuilt" the
     codebooks already in bf16, to leave the conversion out of a timed call.
     """
-    cfg = {**DEFAULTS, **tune}
-    score = SCORES[cfg["score"]]
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads, m, num_codes, _ = codebooks.shape
+    cfg = {**DEFAULTS, **tuned(head_dim, m, layout.value_bits, batch, tune.get("score", DEFAULTS["score"])), **tune}
+    score = SCORES[cfg["score"]]
     if head_dim != layout.head_dim or m != layout.m or cache.shape[-1] != layout.row_bytes:
         raise ValueError("query / codebooks / cache do not match the layout")
     if head_dim & (head_dim - 1):
@@ -360,7 +388,7 @@ def lookat_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.T
     gl = _next_pow2(group)
     gd = max(16, gl)
     pad_log = (gd // gl).bit_length() - 1
-    if score >= 2:
+    if score == 2:
         if lut is None:
             lut = codebooks.to(torch.bfloat16).contiguous()
         pad_log = 0  # rows of the group are the query heads themselves
@@ -385,12 +413,14 @@ def lookat_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.T
                         part_len, out_dtype, cfg["num_warps"], cfg["num_stages"])
 
 
-def tuned(head_dim: int, m: int, value_bits: int, batch: int, score: str = "adc") -> dict:
-    """Launch parameters, from ``benchmarks.kernels_lookat --sweep`` on an H100 (Triton 3.6):
-    128-token tiles, 4 warps, no software pipelining (``num_stages=1``: with stages, Triton
-    copies the table gathers with ``cp.async.cg``, which skips L1, where the tables live),
-    about 2 programs per SM; fp32 tables for m=8, fp16 above (they stay in L1)."""
-    cfg = {"score": score, "block_n": 128, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2.0}
+def tuned(head_dim: int, m: int, value_bits: int, batch: int, score: str = "rebuilt") -> dict:
+    """Launch parameters, from ``benchmarks.kernels_lookat --sweep`` on an H100 (Triton 3.6),
+    see results/2026-11-24/h100-lookat-kernels: 4 warps, no Triton pipelining
+    (``num_stages=1``: with stages, Triton copies the table / codebook gathers with
+    ``cp.async.cg``, which skips L1, where they must hit; rows are prefetched by hand instead).
+    "rebuilt": 128-token tiles, ~8 programs per SM. "adc": fp32 tables (fp16 was never
+    faster), 128-token tiles at head_dim 64 and 64 at 128, ~2 programs per SM."""
     if score == "adc":
-        cfg["lut_dtype"] = torch.float32 if m <= 8 else torch.float16
-    return cfg
+        return {"score": score, "block_n": 128 if head_dim <= 64 else 64, "num_warps": 4, "num_stages": 1,
+                "programs_per_sm": 2.0, "lut_dtype": torch.float32}
+    return {"score": score, "block_n": 128, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8.0}
