@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvcompress.kernels.lookat_triton import LOG2E, _mma, _next_pow2, _store_partial, launch_split, num_sms, plan_splits
+from vllm_kvcompress.kernels.lookat_triton import LOG2E, _mma, _program_span, _next_pow2, _store_partial, launch_split, partition
 
 
 @triton.jit
@@ -20,13 +20,7 @@ def _dense_decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, stride_qb, stride_q
                          out_ptr, ml_ptr, num_q_heads, num_splits, part_len,
                          G: tl.constexpr, GD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                          BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = bh // num_kv_heads
-    h = bh % num_kv_heads
-    kv_len = tl.load(lens_ptr + b)
-    start = split * part_len
-    end = tl.minimum(start + part_len, kv_len)
+    b, h, split, kv_len, start, end = _program_span(lens_ptr, num_kv_heads, part_len)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -76,12 +70,7 @@ def dense_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     group = num_q_heads // num_kv_heads
     max_len = int(kv_lens.max()) if max_kv_len is None else int(max_kv_len)
     block_n = cfg["block_n"] or (128 if head_dim <= 64 else 64)
-    if num_splits is None:
-        num_splits, part_len = plan_splits(batch, num_kv_heads, max_len, block_n, num_sms(query.device),
-                                           cfg["programs_per_sm"], cfg["min_part"])
-    else:
-        part_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
-        num_splits = triton.cdiv(max_len, part_len)
+    num_splits, part_len = partition(batch, num_kv_heads, max_len, block_n, query.device, cfg, num_splits)
     query = query if query.stride(-1) == 1 else query.contiguous()
     args = (query, cache, block_table, kv_lens, query.stride(0), query.stride(1), block_table.stride(0),
             num_kv_heads, float(scale * LOG2E))

@@ -54,6 +54,19 @@ def _next_pow2(x: int) -> int:
 
 
 @triton.jit
+def _program_span(lens_ptr, num_kv_heads, part_len):
+    """This program's request, KV head, context partition and its token range."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // num_kv_heads
+    h = bh % num_kv_heads
+    kv_len = tl.load(lens_ptr + b)
+    start = split * part_len
+    end = tl.minimum(start + part_len, kv_len)
+    return b, h, split, kv_len, start, end
+
+
+@triton.jit
 def _adc_table_kernel(q_ptr, cb_ptr, lut_ptr, num_kv_heads, stride_qb, stride_qh, mult,
                       G: tl.constexpr, GL: tl.constexpr, M: tl.constexpr, K: tl.constexpr,
                       SUB: tl.constexpr, SUBP: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -218,13 +231,7 @@ def _lookat_decode_kernel(
     cores. Rows are prefetched one tile ahead (block-table entries two): the table / codebook
     gathers must stay plain L1-cached loads, so Triton's own pipelining (``num_stages > 1``,
     which copies them with ``cp.async.cg``, past L1) is left off."""
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = bh // num_kv_heads
-    h = bh % num_kv_heads
-    kv_len = tl.load(lens_ptr + b)
-    start = split * part_len
-    end = tl.minimum(start + part_len, kv_len)
+    b, h, split, kv_len, start, end = _program_span(lens_ptr, num_kv_heads, part_len)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_i = tl.arange(0, M)
@@ -238,7 +245,7 @@ def _lookat_decode_kernel(
         offs = (offs_i * (K * SUB))[None, :, None] + tl.arange(0, SUB)[None, None, :]  # [1, M, SUB]
         VEC: tl.constexpr = SUB
     else:
-        base = lut_ptr + bh.to(tl.int64) * (M * K * GL)
+        base = lut_ptr + (b * num_kv_heads + h).to(tl.int64) * (M * K * GL)
         offs = (offs_i * (K * GL))[None, :, None] + tl.arange(0, GL)[None, None, :]  # [1, M, GL]
         VEC: tl.constexpr = GL
 
@@ -312,6 +319,15 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def partition(batch, num_kv_heads, max_len, block_n, device, cfg, num_splits=None):
+    """``(num_splits, part_len)``: planned from the SM count, or ``num_splits`` forced."""
+    if num_splits is None:
+        return plan_splits(batch, num_kv_heads, max_len, block_n, num_sms(device), cfg["programs_per_sm"],
+                           cfg["min_part"])
+    part_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
+    return triton.cdiv(max_len, part_len), part_len
 
 
 def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sms: int,
@@ -396,12 +412,7 @@ def lookat_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.T
         lut = build_lut(query, codebooks, scale * LOG2E, cfg["lut_dtype"])
     max_len = int(kv_lens.max()) if max_kv_len is None else int(max_kv_len)
     block_n = cfg["block_n"]
-    if num_splits is None:
-        num_splits, part_len = plan_splits(batch, num_kv_heads, max_len, block_n, num_sms(query.device),
-                                           cfg["programs_per_sm"], cfg["min_part"])
-    else:
-        part_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
-        num_splits = triton.cdiv(max_len, part_len)
+    num_splits, part_len = partition(batch, num_kv_heads, max_len, block_n, query.device, cfg, num_splits)
     value_16 = layout.value_dtype if layout.value_bits == 16 else torch.float16
     args = (lut, cache, cache.view(torch.int8), cache.view(value_16), cache.view(torch.float16),
             block_table, kv_lens, block_table.stride(0), num_kv_heads,
