@@ -219,7 +219,7 @@ def summarize(per_layer: list[dict[str, dict[str, float]]]) -> dict[str, dict[st
         worst = (min if HIGHER_IS_BETTER[metric] else max)(range(len(values)), key=values.__getitem__)
         out["mean"][metric] = sum(values) / len(values)
         out["worst_layer"][metric] = values[worst]
-        out["worst_layer_index"][metric] = worst
+        out["worst_layer_index"][metric] = per_layer[worst].get("layer", worst)
     return out
 
 
@@ -335,36 +335,52 @@ def write_markdown(result: dict, path: Path) -> None:
 
 
 def write_plot(result: dict, path: Path) -> None:
+    """Output cosine (and 1 - cosine, log) vs key bytes: colour = length, line/marker =
+    format family."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    families = [("pq", "contiguous", "-", "o", "PQ"), ("pq", "rope_pairs", "--", "s", "PQ rope_pairs"),
-                ("int", "token", ":", "^", "INT per token"), ("int", "channel", "-.", "v", "INT per channel (KIVI)"),
-                ("fp8", "", "", "D", "fp8")]
+    families = [("pq", "contiguous", "-", "o", "PQ (contiguous)"), ("pq", "rope_pairs", "--", "s", "PQ (rope_pairs)"),
+                ("int", "token", ":", "^", "INT8/4/2 per token"), ("int", "channel", "-.", "v", "INT4/2 per channel (KIVI)"),
+                ("fp8", "", "none", "D", "fp8 e4m3")]
+    lengths = [str(n) for n in result["lengths"]]
+    present = set()
     for ax, transform, label in ((axes[0], lambda c: c, "output cosine"), (axes[1], lambda c: 1 - c, "1 - output cosine")):
-        for i, n in enumerate(str(n) for n in result["lengths"]):
+        for i, n in enumerate(lengths):
             for kind, grouping, style, marker, name in families:
-                fmts = [f for f in result["formats"] if f["kind"] == kind and f["grouping"] == grouping
+                fmts = [f for f in result["formats"] if f["kind"] == kind and f.get("grouping", "") == grouping
                         and n in result["results"][f["name"]]]
                 if not fmts:
                     continue
+                present.add(name)
                 xs = [f["bytes_per_token"] for f in fmts]
                 ys = [transform(result["results"][f["name"]][n]["mean"]["output_cosine"]) for f in fmts]
-                ax.plot(xs, ys, linestyle=style or "none", marker=marker, color=colors[i % len(colors)],
-                        label=f"{name}, {n} tok", markersize=5)
+                ax.plot(xs, ys, linestyle=style, marker=marker, color=colors[i % len(colors)], markersize=5, alpha=0.85)
         ax.set_xscale("log", base=2)
-        ax.set(xlabel="key bytes per token per KV head", ylabel=label)
+        ax.set(xlabel="key bytes per token per KV head (bf16: %d)" % (2 * result["head_dim"]), ylabel=label)
         ax.grid(alpha=0.3, which="both")
     axes[1].set_yscale("log")
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"{result['model']}: attention output cosine vs key bytes (mean over {result['num_layers']} layers, values exact)")
-    fig.tight_layout()
+    handles = [Line2D([], [], color=colors[i % len(colors)], lw=2, label=f"{n} tokens") for i, n in enumerate(lengths)]
+    handles += [Line2D([], [], color="gray", linestyle=style, marker=marker, label=name)
+                for _, _, style, marker, name in families if name in present]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(f"{result['model']}: attention output cosine vs key bytes "
+                 f"(mean over {result['num_layers']} layers, last {result['last_queries']} queries, values exact)")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def redraw(folder: Path) -> None:
+    """Rewrite results.md and the plot from a folder's results.json."""
+    result = json.loads((folder / "results.json").read_text())
+    write_markdown(result, folder / "results.md")
+    write_plot(result, folder / "output_cosine_vs_bytes.png")
 
 
 # ---------------------------------------------------------------- main
@@ -377,7 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
     from vllm_kvcompress.prompts import stdlib_text
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help=f"one of {sorted(MODELS)} or a model folder")
+    parser.add_argument("--model", help=f"one of {sorted(MODELS)} or a model folder")
+    parser.add_argument("--redraw", action="store_true", help="only rewrite results.md and the plot from --out/results.json")
     parser.add_argument("--lengths", default="512,2048,8192,16384")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--ms", default=None, help="PQ subspace counts (default 2, 4, ... head_dim/2)")
@@ -393,6 +410,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.redraw:
+        redraw(Path(args.out))
+        return json.loads((Path(args.out) / "results.json").read_text())
+    if not args.model:
+        parser.error("--model is required")
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
