@@ -21,6 +21,8 @@ def test_file_layout_and_metadata(codebook_file, smollm2_dir):
     assert dims is None  # contiguous subspaces
     assert len(layers) == 30 and layers[0].shape == (3, 8, 16, 8)
     assert meta["m"] == "8" and meta["K"] == "16" and meta["tokens"] == "256" and meta["head_dim"] == "64"
+    # keys spread over the whole 8K context (two random positions each), RoPE base recorded
+    assert meta["positions"] == "8192" and meta["copies"] == "2" and meta["rope_theta"] == "100000.0"
     assert open(codebook_file, "rb").read(8) != b"\x80\x04\x95"  # not a pickle
     with safe_open(str(codebook_file), framework="pt") as f:
         assert sorted(f.keys()) == sorted(f"layer.{i}" for i in range(30))

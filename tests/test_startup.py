@@ -46,12 +46,14 @@ def test_bad_settings_rejected_at_config_time(smollm2_dir, settings, message):
 def test_lookat_codebooks_checked_at_config_time(smollm2_dir, tmp_path):
     from safetensors.torch import save_file
 
+    from vllm_kvcompress.calibrate import FORMAT
+
     lookat = {"method": "lookat", "codebooks": str(tmp_path / "missing.safetensors")}
     with pytest.raises(KVCompressConfigError, match=r"kvcompress\.codebooks: codebook file .* does not exist"):
         engine_config(smollm2_dir, attention_backend="kvcompress", additional_config={"kvcompress": lookat})
     other = tmp_path / "other.safetensors"  # made for a model with another head layout
     save_file({"layer.0": torch.zeros(2, 8, 4, 8)}, str(other), metadata={
-        "format": "kvcompress-pq-codebooks/1", "m": "8", "architecture": "Qwen2ForCausalLM", "num_layers": "24",
+        "format": FORMAT, "m": "8", "architecture": "Qwen2ForCausalLM", "num_layers": "24",
         "num_kv_heads": "2", "head_dim": "64", "rope_theta": "1000000.0"})
     lookat["codebooks"] = str(other)
     with pytest.raises(KVCompressConfigError, match=r"calibrated for another model \(architecture: file has Qwen2ForCausalLM"):

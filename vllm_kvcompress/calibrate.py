@@ -18,7 +18,11 @@ from pathlib import Path
 
 import torch
 
-FORMAT = "kvcompress-pq-codebooks/1"
+from vllm_kvcompress.rope import check_default_rope, rope_theta, spread_positions
+
+# /2: rope_theta read from transformers 5's rope_parameters (/1 files recorded 0.0);
+# position-augmented calibration.
+FORMAT = "kvcompress-pq-codebooks/2"
 
 
 def model_signature(config) -> dict[str, str]:
@@ -29,12 +33,14 @@ def model_signature(config) -> dict[str, str]:
         "num_layers": str(config.num_hidden_layers),
         "num_kv_heads": str(getattr(config, "num_key_value_heads", heads)),
         "head_dim": str(getattr(config, "head_dim", None) or config.hidden_size // heads),
-        "rope_theta": str(float(getattr(config, "rope_theta", 0.0) or 0.0)),
+        "rope_theta": str(rope_theta(config)),
     }
 
 
 def calibrate(model_dir: str, m: int, k: int = 256, tokens: int = 4096, iters: int = 20, seed: int = 0,
-              grouping: str = "contiguous") -> tuple[dict, dict]:
+              grouping: str = "contiguous", positions: int | None = None, copies: int = 2) -> tuple[dict, dict]:
+    """``positions``: move each calibration key to ``copies`` random positions below this
+    (default: the model's context length; 0 = keys only where the text puts them)."""
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
@@ -45,14 +51,20 @@ def calibrate(model_dir: str, m: int, k: int = 256, tokens: int = 4096, iters: i
     config = AutoConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer(stdlib_text(), add_special_tokens=False)["input_ids"][:tokens]
+    if positions is None:
+        positions = int(getattr(config, "max_position_embeddings", 0) or 0)
+    theta = check_default_rope(config) if positions else 0.0
     captured = capture_qkv(model_dir, ids)
+    spread = torch.Generator().manual_seed(seed)
     head_dim = int(model_signature(config)["head_dim"])
     dims = None if grouping == "contiguous" else subspace_dims(head_dim, m, grouping)
     tensors = {} if dims is None else {"subspace_dims": dims.contiguous()}
     for layer, qkv in tqdm(captured.items(), desc="k-means per layer", unit="layer", file=sys.stderr):
-        tensors[f"layer.{layer}"] = fit_codebooks(qkv["k"], m=m, k=k, iters=iters, seed=seed + layer, dims=dims).contiguous()
+        keys = spread_positions(qkv["k"], theta, positions, copies, spread) if positions else qkv["k"]
+        tensors[f"layer.{layer}"] = fit_codebooks(keys, m=m, k=k, iters=iters, seed=seed + layer, dims=dims).contiguous()
     metadata = {"format": FORMAT, "m": str(m), "K": str(k), "tokens": str(len(ids)), "seed": str(seed),
-                "iters": str(iters), "grouping": grouping, "model": Path(model_dir).name, **model_signature(config)}
+                "iters": str(iters), "grouping": grouping, "positions": str(positions),
+                "copies": str(copies if positions else 1), "model": Path(model_dir).name, **model_signature(config)}
     return tensors, metadata
 
 
@@ -100,7 +112,7 @@ def ensure_codebooks(model: str, m: int = 16, **options) -> Path:
     from vllm_kvcompress.models import cache_root, ensure_model
 
     suffix = "".join(f"-{key}{value}" for key, value in sorted(options.items()))
-    out = cache_root() / "codebooks" / f"{model}-m{m}{suffix}.safetensors"
+    out = cache_root() / "codebooks" / FORMAT.rsplit("/", 1)[-1] / f"{model}-m{m}{suffix}.safetensors"
     if not out.exists():
         tensors, metadata = calibrate(str(ensure_model(model)), m, **options)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -123,13 +135,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--positions", type=int, default=None,
+                        help="move calibration keys to random positions below this (default: the model's context "
+                             "length, so codebooks see every RoPE angle; 0 = off)")
+    parser.add_argument("--copies", type=int, default=2, help="random positions per calibration key")
     parser.add_argument("--grouping", default="contiguous", choices=("contiguous", "rope_pairs"),
                         help="key dims per subspace: contiguous, or whole RoPE (rotate_half) pairs")
     args = parser.parse_args(argv)
     if not 2 <= args.k <= 256:
         parser.error(f"--k must be in 2..256 (codes are one byte), got {args.k}")
     model_dir = str(ensure_model(args.model)) if args.model in MODELS else args.model
-    tensors, metadata = calibrate(model_dir, args.m, args.k, args.tokens, args.iters, args.seed, args.grouping)
+    tensors, metadata = calibrate(model_dir, args.m, args.k, args.tokens, args.iters, args.seed, args.grouping,
+                                  args.positions, args.copies)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, args.out, metadata=metadata)
     print(f"wrote {args.out}: {metadata['num_layers']} layers, m={args.m}, K={args.k}, {metadata['tokens']} tokens")

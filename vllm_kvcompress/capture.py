@@ -87,7 +87,7 @@ def fp8_roundtrip(x: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from vllm_kvcompress.models import MODELS, ensure_model
     from vllm_kvcompress.prompts import long_document_ids
@@ -98,23 +98,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
     parser.add_argument("--pq", default="", help="comma-separated subspace counts m: also measure PQ keys "
                         "(K=256, codebooks fitted on a different 2K-token text)")
+    parser.add_argument("--positions", default="0", help="comma-separated: fit PQ codebooks on calibration keys "
+                        "moved to 2 random positions below this each (0 = where the text puts them)")
     args = parser.parse_args(argv)
     model_dir = str(ensure_model(args.model))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = long_document_ids(tokenizer, args.tokens, offset=20000)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     pq = [int(x) for x in args.pq.split(",") if x]
+    spreads = [int(x) for x in args.positions.split(",") if x]
     calibration = capture_qkv(model_dir, long_document_ids(tokenizer, 2048, offset=5000), layers) if pq else {}
     report = {}
     for index, layer in capture_qkv(model_dir, ids, layers).items():
         report[index] = {"fp8 K/V": compare(layer, fp8_roundtrip(layer["k"]), fp8_roundtrip(layer["v"]))}
         for m in pq:
-            codebooks = fit_codebooks(calibration[index]["k"], m=m)
-            keys = layer["k"].transpose(0, 1)  # [T, Hkv, D]
-            rebuilt = decode(encode(keys, codebooks), codebooks).transpose(0, 1).to(layer["k"].dtype)
-            report[index][f"PQ keys m={m}"] = compare(layer, rebuilt, layer["v"])
+            for positions in spreads:
+                train = calibration[index]["k"]
+                if positions:
+                    from vllm_kvcompress.rope import check_default_rope, spread_positions
+
+                    theta = check_default_rope(AutoConfig.from_pretrained(model_dir))
+                    train = spread_positions(train, theta, positions, 2, torch.Generator().manual_seed(index))
+                codebooks = fit_codebooks(train, m=m)
+                keys = layer["k"].transpose(0, 1)  # [T, Hkv, D]
+                rebuilt = decode(encode(keys, codebooks), codebooks).transpose(0, 1).to(layer["k"].dtype)
+                name = f"PQ m={m}" + (f" pos<{positions}" if positions else "")
+                report[index][name] = compare(layer, rebuilt, layer["v"])
         for name, r in report[index].items():
-            print(f"layer {index:2d} {name:>13}: output cosine {r['output_cosine']['mean']:.4f} "
+            print(f"layer {index:2d} {name:>19}: output cosine {r['output_cosine']['mean']:.4f} "
                   f"(min {r['output_cosine']['min']:.4f})  KL {r['attention_kl']['mean']:.2e}  "
                   f"spearman {r['logit_spearman']['mean']:.4f}  top32 {r['top32_overlap']['mean']:.3f}")
     return {"model": args.model, "tokens": len(ids), "report": report}

@@ -1,0 +1,54 @@
+"""RoPE re-rotation used by position-augmented calibration."""
+
+import pytest
+import torch
+
+from vllm_kvcompress import rope
+
+
+def _reference_rope(x, position, theta):
+    # transformers' formulation: x * cos + rotate_half(x) * sin, angles repeated over both halves
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = torch.cat([position * inv, position * inv])
+    half = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
+    return x * ang.cos().float() + half * ang.sin().float()
+
+
+def test_moving_a_key_equals_rope_at_the_new_position():
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(2, 5, 64, generator=g)
+    positions = torch.tensor([0, 3, 100, 4095, 9000])
+    post = torch.stack([_reference_rope(raw[:, t], float(p), 1e6) for t, p in enumerate(positions)], 1)
+    target = torch.tensor([31000, 7, 100, 0, 20000])
+    moved = rope.rotate(post, target - positions, 1e6)
+    expected = torch.stack([_reference_rope(raw[:, t], float(p), 1e6) for t, p in enumerate(target)], 1)
+    torch.testing.assert_close(moved, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_rotation_keeps_norms_and_composes():
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(3, 6, 32, generator=g)
+    a, b = torch.randint(-5000, 5000, (6,), generator=g), torch.randint(-5000, 5000, (6,), generator=g)
+    torch.testing.assert_close(rope.rotate(rope.rotate(k, a, 1e4), b, 1e4), rope.rotate(k, a + b, 1e4), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rope.rotate(k, a, 1e4).norm(dim=-1), k.norm(dim=-1), atol=1e-4, rtol=1e-5)
+
+
+def test_spread_positions_shape_and_determinism():
+    k = torch.randn(2, 10, 16)
+    one = rope.spread_positions(k, 1e4, 4096, 3, torch.Generator().manual_seed(0))
+    two = rope.spread_positions(k, 1e4, 4096, 3, torch.Generator().manual_seed(0))
+    assert one.shape == (2, 30, 16) and torch.equal(one, two)
+
+
+def test_scaled_rope_is_refused():
+    class Config:
+        rope_parameters = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}
+
+    with pytest.raises(rope.UnsupportedRope, match="plain RoPE only.*--positions 0"):
+        rope.check_default_rope(Config())
+
+    class Plain:
+        rope_parameters = {"rope_type": "default", "rope_theta": 1e6}
+
+    assert rope.check_default_rope(Plain()) == 1e6
