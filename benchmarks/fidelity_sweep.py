@@ -70,20 +70,23 @@ class KeyFormat:
     grouping: str = ""  # pq: contiguous | rope_pairs; int: token | channel
     bits: int = 0
     group: int = 0  # int channel: tokens per (scale, minimum)
+    calib: str = ""  # pq: "plain" | "rope-aug" (calibration keys moved to random positions)
 
 
 def key_formats(head_dim: int, ms: list[int] | None = None, groupings: tuple[str, ...] = ("contiguous", "rope_pairs"),
                 int_bits: tuple[int, ...] = (8, 4, 2), channel_bits: tuple[int, ...] = (4, 2), channel_group: int = 32,
-                fp8: bool = True) -> list[KeyFormat]:
+                fp8: bool = True, pq_calibs: tuple[str, ...] = ("plain",)) -> list[KeyFormat]:
     """Formats in the sweep, fewest bytes first. Default m: 2, 4, ... up to head_dim / 2."""
     if ms is None:
         ms = [2 ** i for i in range(1, int(math.log2(head_dim)))]
     formats = []
-    for m in ms:
-        for grouping in groupings:
-            if grouping == "rope_pairs" and (head_dim // m) % 2:
-                continue
-            formats.append(KeyFormat(f"pq-m{m}-{grouping}", "pq", float(m), m=m, grouping=grouping))
+    for calib in pq_calibs:
+        suffix = {"plain": "", "rope-aug": "-ropeaug"}[calib]
+        for m in ms:
+            for grouping in groupings:
+                if grouping == "rope_pairs" and (head_dim // m) % 2:
+                    continue
+                formats.append(KeyFormat(f"pq-m{m}-{grouping}{suffix}", "pq", float(m), m=m, grouping=grouping, calib=calib))
     formats += [KeyFormat(f"int{b}", "int", head_dim * b / 8 + 4, grouping="token", bits=b) for b in int_bits]
     formats += [KeyFormat(f"int{b}-ch{channel_group}", "int", head_dim * b / 8 + 4 * head_dim / channel_group,
                           grouping="channel", bits=b, group=channel_group) for b in channel_bits]
@@ -147,9 +150,9 @@ def pq_keys(keys: torch.Tensor, codebooks: torch.Tensor, dims: torch.Tensor | No
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
     """:func:`vllm_kvcompress.fidelity._ranks` (ties get their average rank), sorting fp32
-    values directly (the same order as after its fp64 cast, faster)."""
-    order = x.argsort(dim=-1, stable=True)
-    sorted_x = x.gather(-1, order)
+    values directly (the same order as after its fp64 cast) with an unstable sort (tied
+    values share one average rank, so their order does not matter): faster."""
+    sorted_x, order = x.sort(dim=-1)
     n = x.shape[-1]
     positions = torch.arange(n, dtype=torch.float64).expand(x.shape)
     new_run = torch.ones_like(sorted_x, dtype=torch.bool)
@@ -303,7 +306,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "the keys all of them see; per layer the mean, then averaged over layers (worst layer in brackets).",
         "",
         f"Bytes per token per KV head; bf16 keys: {bf16}. PQ: m one-byte codes (codebooks not counted). "
-        "intN: per-token asymmetric, fp16 scale + min (4 bytes), dequantized before the dot product. "
+        + (result["calibration"].get("rope_aug", "") + ". " if any(f.get("calib") == "rope-aug" for f in result["formats"]) else "")
+        + "intN: per-token asymmetric, fp16 scale + min (4 bytes), dequantized before the dot product. "
         "intN-chG: per-channel asymmetric over groups of G tokens (KIVI-style; fp16 scale + min per group and dim, "
         "4 * head_dim / G bytes per token), dequantized. fp8: e4m3, scale 1.",
         "",
@@ -345,15 +349,20 @@ def write_plot(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    families = [("pq", "contiguous", "-", "o", "PQ (contiguous)"), ("pq", "rope_pairs", "--", "s", "PQ (rope_pairs)"),
-                ("int", "token", ":", "^", "INT8/4/2 per token"), ("int", "channel", "-.", "v", "INT4/2 per channel (KIVI)"),
-                ("fp8", "", "none", "D", "fp8 e4m3")]
+    families = [("pq", "contiguous", "plain", "-", "o", "PQ (contiguous)"),
+                ("pq", "rope_pairs", "plain", "--", "s", "PQ (rope_pairs)"),
+                ("pq", "contiguous", "rope-aug", (0, (5, 1, 1, 1)), "P", "PQ ropeaug (contiguous)"),
+                ("pq", "rope_pairs", "rope-aug", (0, (1, 1)), "X", "PQ ropeaug (rope_pairs)"),
+                ("int", "token", "", ":", "^", "INT8/4/2 per token"),
+                ("int", "channel", "", "-.", "v", "INT4/2 per channel (KIVI)"),
+                ("fp8", "", "", "none", "D", "fp8 e4m3")]
     lengths = [str(n) for n in result["lengths"]]
     present = set()
     for ax, transform, label in ((axes[0], lambda c: c, "output cosine"), (axes[1], lambda c: 1 - c, "1 - output cosine")):
         for i, n in enumerate(lengths):
-            for kind, grouping, style, marker, name in families:
+            for kind, grouping, calib, style, marker, name in families:
                 fmts = [f for f in result["formats"] if f["kind"] == kind and f.get("grouping", "") == grouping
+                        and (f.get("calib") or ("plain" if kind == "pq" else "")) == calib
                         and n in result["results"][f["name"]]]
                 if not fmts:
                     continue
@@ -367,11 +376,11 @@ def write_plot(result: dict, path: Path) -> None:
     axes[1].set_yscale("log")
     handles = [Line2D([], [], color=colors[i % len(colors)], lw=2, label=f"{n} tokens") for i, n in enumerate(lengths)]
     handles += [Line2D([], [], color="gray", linestyle=style, marker=marker, label=name)
-                for _, _, style, marker, name in families if name in present]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+                for _, _, _, style, marker, name in families if name in present]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
     fig.suptitle(f"{result['model']}: attention output cosine vs key bytes "
                  f"(mean over {result['num_layers']} layers, last {result['last_queries']} queries, values exact)")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.04 * (1 + (len(handles) - 1) // 6) + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -399,7 +408,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--ms", default=None, help="PQ subspace counts (default 2, 4, ... head_dim/2)")
     parser.add_argument("--groupings", default="contiguous,rope_pairs")
+    parser.add_argument("--pq-calib", default="plain", help="comma-separated: plain (calibration keys at the text's "
+                        "positions), rope-aug (--rope-aug-copies copies of each moved to random positions below "
+                        "--rope-aug-max-position, vllm_kvcompress.rope.spread_positions)")
+    parser.add_argument("--rope-aug-max-position", type=int, default=None, help="default: the longest length")
+    parser.add_argument("--rope-aug-copies", type=int, default=2)
     parser.add_argument("--int-bits", default="8,4,2", help="per-token integer keys")
+    parser.add_argument("--no-fp8", action="store_true")
     parser.add_argument("--channel-bits", default="4,2", help="per-channel (KIVI-style) integer keys")
     parser.add_argument("--channel-group", type=int, default=32, help="tokens per per-channel scale")
     parser.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
@@ -426,7 +441,9 @@ def main(argv: list[str] | None = None) -> dict:
     ms = [int(x) for x in args.ms.split(",")] if args.ms else None
     formats = key_formats(head_dim, ms, tuple(args.groupings.split(",")) if args.groupings else (),
                           tuple(int(b) for b in args.int_bits.split(",") if b),
-                          tuple(int(b) for b in args.channel_bits.split(",") if b), args.channel_group)
+                          tuple(int(b) for b in args.channel_bits.split(",") if b), args.channel_group,
+                          not args.no_fp8, tuple(args.pq_calib.split(",")))
+    aug_max = args.rope_aug_max_position or lengths[-1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -434,6 +451,10 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.time()
     calib_ids = tokenizer(stdlib_text(), add_special_tokens=False)["input_ids"][: args.calib_tokens]
     calibration = {i: e["k"] for i, e in capture(model, calib_ids, None).items()}
+    if any(f.calib == "rope-aug" for f in formats):
+        from vllm_kvcompress.rope import check_default_rope, spread_positions
+
+        theta = check_default_rope(config)
     calib_s = time.time() - t
     t = time.time()
     eval_ids = evaluation_ids(tokenizer, lengths[-1])
@@ -452,12 +473,16 @@ def main(argv: list[str] | None = None) -> dict:
         entry = captured[layer]
         refs = {n: Reference(entry["q"][:, where[n]], entry["k"][:, :n], entry["v"][:, :n], entry["scale"], args.top_k)
                 for n in lengths}
+        calib_keys = {"plain": calibration[layer]}
+        if any(f.calib == "rope-aug" for f in formats):
+            calib_keys["rope-aug"] = spread_positions(calibration[layer], theta, aug_max, args.rope_aug_copies,
+                                                      torch.Generator().manual_seed(args.seed + layer))
         for fmt in formats:
             bar.set_postfix_str(f"layer {layer} {fmt.name}")
             t = time.time()
             if fmt.kind == "pq":
                 dims = subspace_dims(head_dim, fmt.m, fmt.grouping)
-                codebooks = fit_codebooks(calibration[layer], m=fmt.m, iters=args.iters, seed=args.seed + layer, dims=dims)
+                codebooks = fit_codebooks(calib_keys[fmt.calib], m=fmt.m, iters=args.iters, seed=args.seed + layer, dims=dims)
                 keys = pq_keys(entry["k"], codebooks, dims)
             elif fmt.kind == "int" and fmt.grouping == "channel":
                 keys = int_channel_keys(entry["k"], fmt.bits, fmt.group)
@@ -482,7 +507,10 @@ def main(argv: list[str] | None = None) -> dict:
                           f"one forward over {lengths[-1]} tokens, shorter lengths are its prefixes",
         "evaluation_text": f"Paul Graham essays (RULER), first {lengths[-1]} tokens",
         "calibration": {"text": "Python stdlib docstrings (vllm_kvcompress.calibrate)", "tokens": len(calib_ids),
-                        "K": 256, "iters": args.iters, "seed": args.seed},
+                        "K": 256, "iters": args.iters, "seed": args.seed,
+                        "rope_aug": f"-ropeaug formats: {args.rope_aug_copies} copies of the {len(calib_ids)} calibration "
+                                    f"keys, each key moved (exact RoPE rotation) to a uniformly random position in "
+                                    f"[0, {aug_max})"},
         "formats": [{**asdict(f), "compression_vs_bf16": 2 * head_dim / f.bytes_per_token} for f in formats],
         "results": {name: {n: {**summarize(rows), "per_layer": rows} for n, rows in by_len.items()}
                     for name, by_len in per_layer.items()},
