@@ -5,6 +5,10 @@ LOOKAT configs are named by pattern, ``lookat-m{M}-v{BITS}[-exact]`` (e.g.
 ``lookat-m8-v4``): M codes per key, values in BITS (16/8/4), ``-exact`` for
 ``current_tokens=exact``. Their codebooks are calibrated for the benchmarked model on
 first use (``vllm_kvcompress.calibrate.ensure_codebooks``).
+
+Eviction configs: ``knorm-r{RATIO}`` (e.g. ``knorm-r0.5``): L2-norm eviction removing
+RATIO of each prompt's tokens (``compression_ratio``), compacted at the end of the
+prompt and whenever decode adds a block past the budget.
 """
 
 import re
@@ -18,13 +22,18 @@ CONFIGS = {
 }
 BASELINE = "bf16"
 LOOKAT_NAME = re.compile(r"lookat-m(\d+)-v(16|8|4)(-exact)?")
-NAMES_HELP = f"{', '.join(sorted(CONFIGS))}, or lookat-m{{M}}-v{{16|8|4}}[-exact]"
+EVICTION_NAME = re.compile(r"(knorm)-r(0?\.\d+)")
+NAMES_HELP = f"{', '.join(sorted(CONFIGS))}, lookat-m{{M}}-v{{16|8|4}}[-exact], or knorm-r{{RATIO}}"
 
 
 def resolve(name: str, model: str) -> dict | None:
     """LLM kwargs of a named config for ``model``; None if the name is unknown."""
     if name in CONFIGS:
         return CONFIGS[name]
+    match = EVICTION_NAME.fullmatch(name)
+    if match is not None:
+        settings = {"method": match[1], "compression_ratio": float(match[2])}
+        return {"attention_backend": KVC, "additional_config": {KVC: settings}}
     match = LOOKAT_NAME.fullmatch(name)
     if match is None:
         return None

@@ -64,17 +64,23 @@ def prefill_attention(
     blocks: torch.Tensor,
     kv_len: int,
     scale: float,
+    visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of one request's ``q_len`` new queries ``[q_len, Hq, D]``
-    over its ``kv_len`` cached tokens (context + the new ones)."""
-    q_len = query.shape[0]
+    over its ``kv_len`` cached tokens (context + the new ones). ``visible[Hkv, kv_len]``
+    (optional) hides cached rows per KV head (eviction's masked reference mode)."""
+    q_len, num_q_heads = query.shape[0], query.shape[1]
     k, v = gather_kv(cache, blocks, kv_len)
     q = query.transpose(0, 1)[None].to(k.dtype)
-    if q_len == kv_len:  # whole prompt in one step: plain causal
+    if q_len == kv_len and visible is None:  # whole prompt in one step: plain causal
         out = _attend(q, k[None], v[None], None, scale, causal=True)
     else:  # a chunk after cached context: causal, aligned to the bottom-right
         q_pos = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
         mask = (torch.arange(kv_len).unsqueeze(0) <= q_pos)[None, None]
+        if visible is not None:  # per query head: [1, Hq, q_len, kv_len]
+            group = num_q_heads // visible.shape[0]
+            mask = mask & visible.repeat_interleave(group, 0)[None, :, None, :]
+            k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
         out = _attend(q, k[None], v[None], mask, scale)
     return out[0].transpose(0, 1)
 
@@ -85,8 +91,10 @@ def decode_attention(
     block_table: torch.Tensor,
     kv_lens: torch.Tensor,
     scale: float,
+    visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per request ``[B, Hq, D]``; requests padded to the longest and masked.
+    ``visible[B, Hkv, >= max kv_len]`` (optional) hides rows per KV head.
 
     Single-token queries use grouped fp32 matmuls rather than SDPA: on CPU, SDPA's
     per-call overhead for a query length of 1 costs ~4x more (measured)."""
@@ -99,5 +107,7 @@ def decode_attention(
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hkv, group, L]
     valid = torch.arange(max_len).unsqueeze(0) < kv_lens.unsqueeze(1)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    if visible is not None:
+        scores = scores.masked_fill(~visible[:, :, None, :max_len], float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, Hkv, group, D]
     return out.reshape(batch, num_q_heads, head_dim)

@@ -15,8 +15,19 @@ def test_unknown_method_names_allowed_values():
 
 
 def test_planned_method_is_refused_not_ignored():
-    with pytest.raises(KVCompressConfigError, match=r"'knorm' is not available in this release.*allowed: none"):
+    with pytest.raises(KVCompressConfigError, match=r"'kvzap' is not available in this release.*allowed: none"):
+        KVCompressConfig.from_dict({"method": "kvzap"})
+
+
+def test_eviction_needs_a_budget_and_checks_its_options():
+    with pytest.raises(KVCompressConfigError, match=r"'knorm' needs a budget: set .*compression_ratio"):
         KVCompressConfig.from_dict({"method": "knorm"})
+    config = KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5, "sink_tokens": 4})
+    assert config.sink_tokens == 4 and config.buffer_blocks == 1
+    with pytest.raises(KVCompressConfigError, match=r"buffer_blocks must be an integer >= 1, got 0"):
+        KVCompressConfig.from_dict({"method": "knorm", "max_kv_tokens": 64, "buffer_blocks": 0})
+    with pytest.raises(KVCompressConfigError, match=r"recent_tokens applies to eviction methods .* \(method is 'none'\)"):
+        KVCompressConfig.from_dict({"recent_tokens": 8})
 
 
 @pytest.mark.parametrize("value", [-5, 0, 2.5, True, "128"])

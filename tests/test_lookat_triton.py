@@ -1,45 +1,18 @@
-"""Triton LOOKAT / dense decode kernels vs their PyTorch references (small shapes).
-
-Without a GPU the kernels run under Triton's interpreter: TRITON_INTERPRET=1 is set while
-triton and the kernel modules are imported (kernels are bound to the interpreter when
-decorated) and while each test here runs, and restored in between, so tests of other
-modules (and the vLLM processes they start) do not inherit it. Triton is a project
-dependency: a missing triton fails here instead of skipping."""
-
-import os
+"""Triton LOOKAT / dense decode kernels vs their PyTorch references (small shapes; on CPU
+under Triton's interpreter, see ``triton_env``)."""
 
 import pytest
 import torch
 
-_SAVED = os.environ.get("TRITON_INTERPRET")
-_INTERP = not torch.cuda.is_available()
+from triton_env import DEV, INTERP, import_kernels, interpreter  # noqa: F401  (autouse below)
 
-
-def _restore():
-    if _SAVED is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _SAVED
-
-
-if _INTERP:
-    os.environ["TRITON_INTERPRET"] = "1"
-import triton  # noqa: E402,F401  (fail, do not skip, without triton)
-
-from vllm_kvcompress.kernels import dense_triton, lookat_ref, lookat_triton, paged_dense_ref, pq_ref  # noqa: E402
-
-_restore()
+dense_triton, lookat_ref, lookat_triton, paged_dense_ref, pq_ref = import_kernels(
+    "dense_triton", "lookat_ref", "lookat_triton", "paged_dense_ref", "pq_ref")
 
 
 @pytest.fixture(autouse=True)
-def _interpreter():
-    if _INTERP:
-        os.environ["TRITON_INTERPRET"] = "1"
+def _interpreter(interpreter):
     yield
-    _restore()
-
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _rel(out, ref):
@@ -147,7 +120,7 @@ def test_dense_decode_matches_reference(hkv, group, lens, splits):
 
 
 def test_kernels_bound_to_the_interpreter_without_a_gpu():
-    assert lookat_triton.INTERPRET == _INTERP
+    assert lookat_triton.INTERPRET == INTERP
 
 
 def test_plan_splits_fills_the_gpu_and_covers_the_context():

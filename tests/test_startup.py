@@ -27,6 +27,8 @@ def test_valid_config_is_normalised(smollm2_dir):
     config = engine_config(smollm2_dir, attention_backend="kvcompress")
     assert config.attention_config.backend.name == "KVCOMPRESS"
     assert config.additional_config["kvcompress"] == {"method": "none", "max_kv_tokens": None, "compression_ratio": None,
+                                                      "sink_tokens": 0, "recent_tokens": 0, "buffer_blocks": 1,
+                                                      "eviction_mode": "compact",
                                                       "codebooks": None, "value_bits": 16, "current_tokens": "coded"}
 
 
@@ -125,3 +127,40 @@ def test_unsupported_models_refused(overrides, message):
 
 def test_supported_model_passes():
     check_model(fake_model())
+
+
+def _knorm(**settings):
+    return {"kvcompress": {"method": "knorm", "compression_ratio": 0.5, **settings}}
+
+
+def test_eviction_wires_scheduler_and_worker_and_turns_prefix_caching_off(smollm2_dir):
+    config = engine_config(smollm2_dir, attention_backend="kvcompress", additional_config=_knorm(),
+                           enable_prefix_caching=True)
+    assert config.scheduler_config.scheduler_cls == "vllm_kvcompress.scheduler.KVCompressScheduler"
+    assert config.parallel_config.worker_cls == "vllm_kvcompress.worker.KVCompressCPUWorker"
+    assert config.cache_config.enable_prefix_caching is False
+    plain = engine_config(smollm2_dir, attention_backend="kvcompress", enable_prefix_caching=True)
+    assert plain.cache_config.enable_prefix_caching is True and plain.scheduler_config.scheduler_cls is None
+
+
+def test_eviction_refuses_a_foreign_scheduler(smollm2_dir):
+    with pytest.raises(ValueError, match=r"--scheduler-cls my.Scheduler cannot be combined with kvcompress method 'knorm'"):
+        engine_config(smollm2_dir, attention_backend="kvcompress", additional_config=_knorm(),
+                      scheduler_cls="my.Scheduler")
+
+
+def test_per_request_settings_are_checked_in_the_front_end(smollm2_dir):
+    from vllm_kvcompress.plugin import register
+    from vllm_kvcompress.startup import check_request_settings
+
+    register()
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    assert InputProcessor._validate_params._kvcompress_checked
+    knorm = engine_config(smollm2_dir, attention_backend="kvcompress", additional_config=_knorm())
+    check_request_settings(knorm, {"kvcompress": {"max_kv_tokens": 64}})
+    with pytest.raises(ValueError, match=r"keys from compression_ratio, max_kv_tokens"):
+        check_request_settings(knorm, {"kvcompress": {"budget": 64}})
+    plain = engine_config(smollm2_dir, attention_backend="kvcompress")
+    with pytest.raises(ValueError, match=r"engine runs kvcompress method 'none'"):
+        check_request_settings(plain, {"kvcompress": {"max_kv_tokens": 64}})

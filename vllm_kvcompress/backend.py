@@ -27,7 +27,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from vllm_kvcompress import BACKEND_NAME
 from vllm_kvcompress.cache_formats import DenseFormat, LookatFormat
-from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.config import EVICTION_METHODS, KVCompressConfig
 
 
 # Under the "vllm" logger tree, so records get vLLM's handlers and process prefixes.
@@ -111,12 +111,15 @@ class KVCompressMetadata:
     decode_block_table: torch.Tensor  # [D, max_blocks]
     decode_kv_lens: torch.Tensor  # [D]
     prefills: list[PrefillSpan]
+    eviction: object | None = None  # eviction_attention.EvictionPlan when rows are physical
 
 
 class KVCompressMetadataBuilder(AttentionMetadataBuilder[KVCompressMetadata]):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
+        self.evicts = config.method in EVICTION_METHODS
+        self.compact = config.eviction_mode == "compact"
         logger.info(
             "kvcompress attention active: method=%s, %d layers, block_size=%d, page %d bytes",
             config.method, len(layer_names), kv_cache_spec.block_size, kv_cache_spec.page_size_bytes,
@@ -126,7 +129,13 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder[KVCompressMetadata]):
         m = common_attn_metadata
         num_reqs = m.num_reqs
         starts = m.query_start_loc_cpu[: num_reqs + 1].tolist()
-        kv_lens = m.seq_lens[:num_reqs].to("cpu")
+        kv_lens, slots, plan = m.seq_lens[:num_reqs].to("cpu"), m.slot_mapping[: m.num_actual_tokens], None
+        if self.evicts:  # rows are physical: fewer than the logical lengths once compacted
+            from vllm_kvcompress.eviction_attention import physical_layout
+
+            physical = physical_layout(m, num_reqs, self.kv_cache_spec.block_size, self.compact)
+            if physical is not None:
+                kv_lens, slots, plan = physical
         block_table = m.block_table_tensor[:num_reqs]
         decode_rows, prefills = [], []
         for row in range(num_reqs):
@@ -138,11 +147,12 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder[KVCompressMetadata]):
         rows = torch.tensor(decode_rows, dtype=torch.long)
         return KVCompressMetadata(
             num_actual_tokens=m.num_actual_tokens,
-            slot_mapping=m.slot_mapping[: m.num_actual_tokens],
+            slot_mapping=slots,
             decode_token_index=m.query_start_loc_cpu[rows].to(torch.long),
             decode_block_table=block_table[rows],
             decode_kv_lens=kv_lens[rows],
             prefills=prefills,
+            eviction=plan,
         )
 
 
@@ -186,6 +196,11 @@ class KVCompressImpl(AttentionImpl[KVCompressMetadata]):
             self.format = LookatFormat.from_config(config, _worker_config.model_config.hf_config, head_size, model_dtype)
         else:
             self.format = DenseFormat(head_size, model_dtype)
+        self.evictor = None
+        if config.method in EVICTION_METHODS:
+            from vllm_kvcompress.eviction_attention import Evictor
+
+            self.evictor = Evictor(config)
         self.layer_index: int | None = None
 
     def forward(
@@ -215,14 +230,21 @@ class KVCompressImpl(AttentionImpl[KVCompressMetadata]):
         value = value[:n].view(n, self.num_kv_heads, -1)
         out = output[:n].view(n, self.num_heads, self.head_size)
         fmt.write(index, kv_cache, key, value, meta.slot_mapping)
+        evictor, plan = self.evictor, meta.eviction
         if meta.decode_token_index.numel():
             idx = meta.decode_token_index
+            visible = None if plan is None else evictor.decode_visible(plan.decode_req_ids, index, meta.decode_kv_lens,
+                                                                      self.num_kv_heads)
             result = fmt.decode(index, query[idx], kv_cache, meta.decode_block_table, meta.decode_kv_lens, self.scale,
-                                current=(key[idx], value[idx]))
+                                current=(key[idx], value[idx]), visible=visible)
             out[idx] = result.to(out.dtype)
-        for span in meta.prefills:
+        for i, span in enumerate(meta.prefills):
             rows = slice(span.token_start, span.token_end)
+            visible = None if plan is None else evictor.prefill_visible(plan.prefill_req_ids[i], index, span.kv_len,
+                                                                       self.num_kv_heads)
             result = fmt.prefill(index, query[rows], kv_cache, span.blocks, span.kv_len, self.scale,
-                                 current=(key[rows], value[rows]))
+                                 current=(key[rows], value[rows]), visible=visible)
             out[rows] = result.to(out.dtype)
+        if plan is not None and plan.compactions:  # after this step's attention: the new tokens were seen
+            evictor.run(index, kv_cache, fmt, plan)
         return output

@@ -24,11 +24,15 @@ class DenseFormat:
     def write(self, layer: int, cache, key, value, slots) -> None:
         dense.write_kv(cache, key, value, slots)
 
-    def decode(self, layer: int, query, cache, block_table, kv_lens, scale, current=None):
-        return dense.decode_attention(query, cache, block_table, kv_lens, scale)
+    def decode(self, layer: int, query, cache, block_table, kv_lens, scale, current=None, visible=None):
+        return dense.decode_attention(query, cache, block_table, kv_lens, scale, visible)
 
-    def prefill(self, layer: int, query, cache, blocks, kv_len, scale, current=None):
-        return dense.prefill_attention(query, cache, blocks, kv_len, scale)
+    def prefill(self, layer: int, query, cache, blocks, kv_len, scale, current=None, visible=None):
+        return dense.prefill_attention(query, cache, blocks, kv_len, scale, visible)
+
+    def keys(self, layer: int, cache, blocks, length: int):
+        """Cached keys ``[H, length, D]`` of one request, for eviction scores."""
+        return dense.gather_kv(cache, blocks, length)[0]
 
 
 _LOADED: dict[str, tuple] = {}
@@ -72,14 +76,23 @@ class LookatFormat:
     def row_bytes(self) -> int:
         return self.layout.row_bytes
 
+    def keys(self, layer: int, cache, blocks, length: int):
+        """Keys ``[H, length, D]`` rebuilt from the codes (what attention scores against)."""
+        codes, _ = lookat_ref.split_rows(lookat_ref.gather_rows(cache, blocks[None], length)[0], self.layout)
+        return lookat_ref.rebuilt_keys(codes, self.codebooks[layer], self.dims)
+
     def write(self, layer: int, cache, key, value, slots) -> None:
         rows = lookat_ref.encode_rows(key, value, self.codebooks[layer], self.dims, self.layout)
         lookat_ref.write_rows(cache, rows, slots)
 
-    def decode(self, layer: int, query, cache, block_table, kv_lens, scale, current=None):
+    def decode(self, layer: int, query, cache, block_table, kv_lens, scale, current=None, visible=None):
+        if visible is not None:
+            raise NotImplementedError("LOOKAT rows with masked eviction")
         return lookat_ref.decode_attention(query, cache, block_table, kv_lens, self.codebooks[layer], self.dims,
                                            self.layout, scale, current if self.exact_current else None)
 
-    def prefill(self, layer: int, query, cache, blocks, kv_len, scale, current=None):
+    def prefill(self, layer: int, query, cache, blocks, kv_len, scale, current=None, visible=None):
+        if visible is not None:
+            raise NotImplementedError("LOOKAT rows with masked eviction")
         return lookat_ref.prefill_attention(query, cache, blocks, kv_len, self.codebooks[layer], self.dims,
                                             self.layout, scale, current if self.exact_current else None)

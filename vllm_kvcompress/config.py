@@ -15,11 +15,12 @@ CONFIG_KEY = "kvcompress"
 
 # Methods that run in this release, and those still being built (refused with a
 # clear message rather than silently falling back to no compression).
-AVAILABLE_METHODS = ("none", "lookat")
-PLANNED_METHODS = ("knorm", "kvzap", "dms", "headkv")
+AVAILABLE_METHODS = ("none", "lookat", "knorm")
+PLANNED_METHODS = ("kvzap", "dms", "headkv")
 EVICTION_METHODS = ("knorm", "kvzap", "dms", "headkv")
 VALUE_BITS = (16, 8, 4)
 CURRENT_TOKENS = ("coded", "exact")
+EVICTION_MODES = ("compact", "mask")
 
 
 class KVCompressConfigError(ValueError):
@@ -30,34 +31,58 @@ def _key(name: str) -> str:
     return f"additional_config.{CONFIG_KEY}.{name}"
 
 
+def _setting(default, doc: str):
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class KVCompressConfig:
-    method: str = field(
-        default="none",
-        metadata={"doc": "Compression method: `none` stores the full bf16/fp16 cache (pass-through); "
-                          "`lookat` stores keys as PQ codes and scores them with ADC lookup tables."},
+    method: str = _setting(
+        "none",
+        "Compression method: `none` stores the full bf16/fp16 cache (pass-through); "
+        "`lookat` stores keys as PQ codes and scores them with ADC lookup tables; "
+        "`knorm` evicts the tokens whose keys have the largest L2 norm (needs a budget).",
     )
-    max_kv_tokens: int | None = field(
-        default=None,
-        metadata={"doc": "Eviction budget: tokens kept per sequence (integer >= 1). Eviction methods only."},
+    max_kv_tokens: int | None = _setting(
+        None,
+        "Eviction budget: tokens kept per sequence (integer >= 1). Eviction methods only.",
     )
-    compression_ratio: float | None = field(
-        default=None,
-        metadata={"doc": "Eviction budget: fraction of tokens removed, 0 <= r < 1. Eviction methods only."},
+    compression_ratio: float | None = _setting(
+        None,
+        "Eviction budget: fraction of tokens removed, 0 <= r < 1. Eviction methods only.",
     )
-    codebooks: str | None = field(
-        default=None,
-        metadata={"doc": "LOOKAT: codebook file from `python -m vllm_kvcompress.calibrate` (required for `lookat`; "
-                          "its m sets the codes per key)."},
+    sink_tokens: int = _setting(
+        0,
+        "Eviction: first tokens of each sequence that are never evicted (count towards the budget).",
     )
-    value_bits: int = field(
-        default=16,
-        metadata={"doc": "LOOKAT: value storage, 16 (model's bf16/fp16), 8 (int8) or 4 (int4), per-token per-head scales."},
+    recent_tokens: int = _setting(
+        0,
+        "Eviction: most recent tokens that are never evicted at a compression (count towards the budget).",
     )
-    current_tokens: str = field(
-        default="coded",
-        metadata={"doc": "LOOKAT: `coded` reads the step's own tokens back from the coded cache (output independent of "
-                          "chunking and prefix caching); `exact` attends them with their exact keys/values."},
+    buffer_blocks: int = _setting(
+        1,
+        "Eviction: during decode the cache grows by this many blocks past the budget, then is "
+        "compacted back to the budget (integer >= 1).",
+    )
+    eviction_mode: str = _setting(
+        "compact",
+        "Eviction: `compact` moves kept tokens to the front and frees the emptied blocks; `mask` "
+        "is the reference that keeps every row and hides evicted ones (same tokens kept, no memory "
+        "saved; for validation).",
+    )
+    codebooks: str | None = _setting(
+        None,
+        "LOOKAT: codebook file from `python -m vllm_kvcompress.calibrate` (required for `lookat`; "
+        "its m sets the codes per key).",
+    )
+    value_bits: int = _setting(
+        16,
+        "LOOKAT: value storage, 16 (model's bf16/fp16), 8 (int8) or 4 (int4), per-token per-head scales.",
+    )
+    current_tokens: str = _setting(
+        "coded",
+        "LOOKAT: `coded` reads the step's own tokens back from the coded cache (output independent of "
+        "chunking and prefix caching); `exact` attends them with their exact keys/values.",
     )
 
     @classmethod
@@ -116,13 +141,37 @@ class KVCompressConfig:
             raise KVCompressConfigError(
                 f"set at most one of {_key('max_kv_tokens')} and {_key('compression_ratio')}"
             )
+        for name, minimum in (("sink_tokens", 0), ("recent_tokens", 0), ("buffer_blocks", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise KVCompressConfigError(f"{_key(name)} must be an integer >= {minimum}, got {value!r}")
         self._validate_lookat()
+        self._validate_eviction()
         has_budget = self.max_kv_tokens is not None or self.compression_ratio is not None
         if has_budget and self.method not in EVICTION_METHODS:
             raise KVCompressConfigError(
                 f"{_key('max_kv_tokens')}/{_key('compression_ratio')} apply to eviction methods "
                 f"({', '.join(EVICTION_METHODS)}); method {self.method!r} keeps every token"
             )
+
+    def _validate_eviction(self) -> None:
+        if self.method in EVICTION_METHODS:
+            if self.eviction_mode not in EVICTION_MODES:
+                raise KVCompressConfigError(
+                    f"{_key('eviction_mode')} must be one of {', '.join(EVICTION_MODES)}, got {self.eviction_mode!r}")
+            if self.max_kv_tokens is None and self.compression_ratio is None:
+                raise KVCompressConfigError(
+                    f"method {self.method!r} needs a budget: set {_key('compression_ratio')} (fraction of tokens "
+                    f"removed, 0 <= r < 1) or {_key('max_kv_tokens')} (tokens kept per sequence)"
+                )
+            return
+        for name, default in (("sink_tokens", 0), ("recent_tokens", 0), ("buffer_blocks", 1),
+                              ("eviction_mode", "compact")):
+            if getattr(self, name) != default:
+                raise KVCompressConfigError(
+                    f"{_key(name)} applies to eviction methods ({', '.join(EVICTION_METHODS)}) only "
+                    f"(method is {self.method!r})"
+                )
 
     def _validate_lookat(self) -> None:
         if self.method != "lookat":

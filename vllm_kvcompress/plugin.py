@@ -89,7 +89,33 @@ def _validate_at_config_time() -> None:
     EngineArgs.create_engine_config = create_engine_config
 
 
+def _validate_request_settings() -> None:
+    """Per-request settings (``SamplingParams.extra_args["kvcompress"]``) are checked in
+    the front end, so a bad request gets an error instead of reaching the scheduler."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if getattr(InputProcessor._validate_params, "_kvcompress_checked", False):
+        return
+    original = InputProcessor._validate_params
+
+    @functools.wraps(original)
+    def _validate_params(self, params, *args, **kwargs):
+        result = original(self, params, *args, **kwargs)
+        from vllm_kvcompress.config import CONFIG_KEY
+
+        extra_args = getattr(params, "extra_args", None)
+        if isinstance(extra_args, dict) and CONFIG_KEY in extra_args:
+            from vllm_kvcompress.startup import check_request_settings
+
+            check_request_settings(self.vllm_config, extra_args)
+        return result
+
+    _validate_params._kvcompress_checked = True
+    InputProcessor._validate_params = _validate_params
+
+
 def register() -> None:
     _register_backend()
     _route_cpu_platform()
     _validate_at_config_time()
+    _validate_request_settings()

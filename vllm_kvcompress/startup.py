@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vllm_kvcompress import BACKEND_NAME
-from vllm_kvcompress.config import CONFIG_KEY, KVCompressConfig, KVCompressConfigError
+from vllm_kvcompress.config import CONFIG_KEY, EVICTION_METHODS, KVCompressConfig, KVCompressConfigError
 from vllm_kvcompress.version import check_vllm_version
 
 if TYPE_CHECKING:
@@ -84,6 +84,61 @@ def check_lookat(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
         )
 
 
+SCHEDULER_CLS = "vllm_kvcompress.scheduler.KVCompressScheduler"
+WORKER_CLS = "vllm_kvcompress.worker.KVCompressCPUWorker"
+PLATFORM_WORKER_CLS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker")
+
+
+def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
+    """Eviction needs the plugin's scheduler and worker (physical block accounting);
+    one flag turns them on. Refuse what they cannot honour instead of ignoring it."""
+    if config.method not in EVICTION_METHODS:
+        return
+    from vllm.logger import init_logger
+
+    logger = init_logger("vllm.kvcompress.startup")
+    scheduler = vllm_config.scheduler_config
+    if scheduler.scheduler_cls not in (None, SCHEDULER_CLS):
+        raise KVCompressConfigError(
+            f"--scheduler-cls {scheduler.scheduler_cls} cannot be combined with kvcompress method {config.method!r}: "
+            "eviction brings its own scheduler (leave --scheduler-cls unset)"
+        )
+    if scheduler.async_scheduling:
+        raise KVCompressConfigError(
+            f"async scheduling cannot be combined with kvcompress method {config.method!r} yet; "
+            "add --no-async-scheduling"
+        )
+    parallel = vllm_config.parallel_config
+    if parallel.worker_cls not in (*PLATFORM_WORKER_CLS, WORKER_CLS):
+        raise KVCompressConfigError(
+            f"--worker-cls {parallel.worker_cls} cannot be combined with kvcompress method {config.method!r}: "
+            "eviction brings its own worker"
+        )
+    if parallel.pipeline_parallel_size > 1:
+        raise KVCompressConfigError("pipeline parallelism cannot be combined with kvcompress eviction yet")
+    scheduler.scheduler_cls = SCHEDULER_CLS
+    parallel.worker_cls = WORKER_CLS
+    if vllm_config.cache_config.enable_prefix_caching:
+        # Compaction rewrites a request's blocks in place: they no longer hold what
+        # their token hashes say, so they must never be offered to another request.
+        vllm_config.cache_config.enable_prefix_caching = False
+        logger.info("kvcompress: prefix caching turned off for method %r (compacted blocks no longer match "
+                    "their token hashes)", config.method)
+
+
+def check_request_settings(vllm_config: "VllmConfig", extra_args: dict) -> None:
+    """``SamplingParams.extra_args["kvcompress"]``: budget overrides of an eviction method."""
+    config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
+    if not kvcompress_selected(vllm_config) or config.method not in EVICTION_METHODS:
+        raise KVCompressConfigError(
+            f"SamplingParams.extra_args[{CONFIG_KEY!r}] sets a per-request eviction budget, but the engine runs "
+            f"kvcompress method {config.method!r}; start it with an eviction method ({', '.join(EVICTION_METHODS)})"
+        )
+    from vllm_kvcompress.eviction.policy import EvictionPolicy
+
+    EvictionPolicy(config, vllm_config.cache_config.block_size).schedule_for(1, extra_args)
+
+
 def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
     """Return the parsed plugin config when kvcompress is selected, else None.
 
@@ -105,6 +160,7 @@ def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
     check_model(vllm_config)
     check_engine_options(vllm_config)
     check_lookat(vllm_config, config)
+    wire_eviction(vllm_config, config)
     if isinstance(additional, dict):
         additional[CONFIG_KEY] = config.as_dict()
     return config

@@ -3,9 +3,10 @@
     python -m vllm_kvcompress.tools.generate SPEC.json OUT.json
 
 SPEC: {"llm": {LLM(...) kwargs}, "prompts": [[token ids], ...], "max_tokens": 32,
-       "logprobs": 2, "repeat": 1}
+       "logprobs": 2, "repeat": 1, "forced": [[token ids] or null per prompt] (optional)}
 OUT:  {"outputs": [{"token_ids", "text", "top_logprobs": [[[id, logprob], ...] per step],
-                    "num_cached_tokens"}] (prompts in order, ``repeat`` rounds one after another),
+                    "token_logprobs": [logprob of each emitted token], "num_cached_tokens"}]
+       (prompts in order, ``repeat`` rounds one after another),
        "kv_cache_tokens": int, "attention_impls": [class names used by the workers]}
 
 Used by the tests and the demo so that every engine runs in a fresh process (vLLM's
@@ -22,13 +23,42 @@ def _attention_impls(worker) -> list[str]:
     return sorted({type(m.impl).__name__ for m in model.modules() if isinstance(m, Attention)})
 
 
-def run(spec: dict) -> dict:
-    from vllm import LLM, SamplingParams
+def sampling_params(spec: dict, forced: list[int] | None = None, extra_args: dict | None = None):
+    """Greedy params; ``forced`` tokens are emitted one per step (teacher forcing through
+    ``harness.forcing``), so two engines can be compared on the same continuation."""
+    from vllm import SamplingParams
 
-    llm = LLM(**spec["llm"])
-    params = SamplingParams(
-        max_tokens=spec.get("max_tokens", 32), temperature=0.0, logprobs=spec.get("logprobs", 2), ignore_eos=spec.get("ignore_eos", False)
-    )
+    from vllm_kvcompress.harness.forcing import FORCED_IDS_KEY
+
+    extra_args = dict(extra_args or {})
+    max_tokens = spec.get("max_tokens", 32)
+    if forced:
+        extra_args[FORCED_IDS_KEY] = forced
+        max_tokens = len(forced)
+    return SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens if forced else 0, temperature=0.0,
+                          logprobs=spec.get("logprobs", 2), ignore_eos=bool(forced) or spec.get("ignore_eos", False),
+                          extra_args=extra_args or None)
+
+
+def llm_kwargs(spec: dict) -> dict:
+    from vllm_kvcompress.harness.forcing import ForcedContinuation
+
+    kwargs = dict(spec["llm"])
+    if any(spec.get("forced") or []):
+        kwargs.setdefault("logits_processors", [ForcedContinuation])
+    return kwargs
+
+
+def token_logprobs(completion) -> list[float]:
+    return [step[tok].logprob for tok, step in zip(completion.token_ids, completion.logprobs or [])]
+
+
+def run(spec: dict) -> dict:
+    from vllm import LLM
+
+    llm = LLM(**llm_kwargs(spec))
+    forced = spec.get("forced") or [None] * len(spec["prompts"])
+    params = [sampling_params(spec, f) for f in forced]
     results = []
     for _ in range(spec.get("repeat", 1)):  # later rounds can hit the prefix cache
         results += llm.generate([{"prompt_token_ids": ids} for ids in spec["prompts"]], params, use_tqdm=False)
@@ -40,7 +70,7 @@ def run(spec: dict) -> dict:
             for step in (completion.logprobs or [])
         ]
         outputs.append({"token_ids": list(completion.token_ids), "text": completion.text, "top_logprobs": top,
-                        "num_cached_tokens": int(result.num_cached_tokens or 0)})
+                        "token_logprobs": token_logprobs(completion), "num_cached_tokens": int(result.num_cached_tokens or 0)})
     cache = llm.llm_engine.vllm_config.cache_config
     return {
         "outputs": outputs,
@@ -50,12 +80,13 @@ def run(spec: dict) -> dict:
 
 
 def run_in_subprocess(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int = 32, timeout: int = 900,
-                      repeat: int = 1) -> dict:
+                      repeat: int = 1, forced: list[list[int]] | None = None) -> dict:
     """:func:`run` in a fresh Python process; adds the engine's log (``log``) and the
     wall time of the whole process (``wall_s``)."""
     from vllm_kvcompress.tools.subprocess_run import run_module
 
-    spec = {"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens, "logprobs": 2, "repeat": repeat}
+    spec = {"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens, "logprobs": 2, "repeat": repeat,
+            "forced": forced}
     return run_module("vllm_kvcompress.tools.generate", spec, timeout)
 
 

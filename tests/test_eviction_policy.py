@@ -1,0 +1,35 @@
+"""Budgets and per-request overrides -> compression schedules (scheduler and worker
+call the same function)."""
+
+import pytest
+
+from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
+from vllm_kvcompress.eviction.policy import EvictionPolicy
+
+
+def _policy(**settings):
+    return EvictionPolicy(KVCompressConfig.from_dict({"method": "knorm", **settings}), block_size=128)
+
+
+def test_ratio_and_token_budgets():
+    s = _policy(compression_ratio=0.75).schedule_for(1000, None)
+    assert (s.compress_at, s.budget, s.buffer) == (1000, 250, 128)
+    assert _policy(max_kv_tokens=300, buffer_blocks=2).schedule_for(1000, None).budget == 300
+    assert _policy(max_kv_tokens=300, buffer_blocks=2).schedule_for(1000, None).buffer == 256
+    assert _policy(compression_ratio=0.0).schedule_for(1000, None) is None  # keep everything
+
+
+def test_protected_tokens_raise_a_tiny_budget():
+    assert _policy(compression_ratio=0.99, sink_tokens=4, recent_tokens=16).schedule_for(100, None).budget == 20
+
+
+def test_per_request_overrides():
+    policy = _policy(compression_ratio=0.5)
+    assert policy.schedule_for(1000, {"kvcompress": {"max_kv_tokens": 64}}).budget == 64
+    assert policy.schedule_for(1000, {"kvcompress": {"compression_ratio": 0.9}}).budget == 100
+    assert policy.schedule_for(1000, {"kvcompress": {"compression_ratio": 0}}) is None
+    assert policy.schedule_for(1000, {"other_plugin": 1}).budget == 500
+    with pytest.raises(KVCompressConfigError, match=r"keys from compression_ratio, max_kv_tokens"):
+        policy.schedule_for(1000, {"kvcompress": {"ratio": 0.5}})
+    with pytest.raises(KVCompressConfigError, match=r"compression_ratio must be a number with 0 <= r < 1"):
+        policy.schedule_for(1000, {"kvcompress": {"compression_ratio": 1.5}})

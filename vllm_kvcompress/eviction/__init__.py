@@ -1,0 +1,3 @@
+"""Token eviction, engine-neutral: when to compress (:mod:`schedule`), what to keep
+(:mod:`scorers`, :mod:`selection`). Plain tensors in, plain tensors out; the vLLM glue
+lives in :mod:`vllm_kvcompress.scheduler` and :mod:`vllm_kvcompress.worker`."""

@@ -1,0 +1,109 @@
+"""Scheduler side of eviction: vLLM's scheduler and full-attention block manager, with
+blocks counted on *physical* rows (what the cache really holds after compaction).
+
+* :class:`EvictingBlockManager` allocates ``cdiv(physical + new, block_size)`` blocks,
+  and at the step after a compaction pops and frees the emptied tail blocks
+  (``remove_skipped_blocks`` runs first in every ``allocate_slots``), so admission and
+  preemption see them at once.
+* :class:`KVCompressScheduler` records each request's
+  :class:`~vllm_kvcompress.eviction.schedule.CompressionSchedule` and never lets a step
+  cross a compression point, so the worker compacts at the same logical lengths
+  whether a prompt arrives whole, in chunks, or again after preemption.
+
+Logical state (``num_computed_tokens``, positions, ``max_model_len``) stays vLLM's.
+The worker applies the same schedule (:mod:`vllm_kvcompress.worker`); nothing is sent
+between them.
+"""
+
+from __future__ import annotations
+
+from vllm.logger import init_logger
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.eviction.policy import EvictionPolicy
+from vllm_kvcompress.eviction.schedule import CompressionSchedule
+
+logger = init_logger("vllm.kvcompress.scheduler")
+
+
+class EvictingBlockManager(FullAttentionManager):
+    """Installed on the scheduler's full-attention managers (class swap in
+    :class:`KVCompressScheduler`); ``schedules`` is shared with the scheduler."""
+
+    schedules: dict[str, CompressionSchedule | None]
+    computed: dict[str, int]
+
+    def _physical(self, request_id: str, num_tokens: int, computed: int) -> int:
+        schedule = self.schedules.get(request_id)
+        if schedule is None:
+            return num_tokens
+        return schedule.physical_length(computed) + num_tokens - computed
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+                                   num_local_computed_tokens, num_tokens_main_model, **kwargs):
+        self.computed[request_id] = total_computed_tokens
+        return super().get_num_blocks_to_allocate(
+            request_id, self._physical(request_id, num_tokens, total_computed_tokens), new_computed_blocks,
+            total_computed_tokens, num_local_computed_tokens,
+            self._physical(request_id, num_tokens_main_model, total_computed_tokens), **kwargs)
+
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        computed = self.computed.get(request_id, 0)
+        return super().allocate_new_blocks(request_id, self._physical(request_id, num_tokens, computed),
+                                           self._physical(request_id, num_tokens_main_model, computed))
+
+    def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None):
+        schedule = self.schedules.get(request_id)
+        blocks = self.req_to_blocks.get(request_id)
+        if schedule is None or not blocks:
+            return
+        keep = cdiv(schedule.physical_length(processed_computed_tokens), self.block_size)
+        if len(blocks) > keep:
+            freed = blocks[keep:]
+            del blocks[keep:]
+            self.block_pool.free_blocks(reversed(freed))
+
+    def pop_blocks_for_free(self, request_id):
+        self.computed.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
+
+
+class KVCompressScheduler(Scheduler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        settings = KVCompressConfig.from_additional_config(self.vllm_config.additional_config)
+        self.policy = EvictionPolicy(settings, self.cache_config.block_size)
+        self.schedules: dict[str, CompressionSchedule | None] = {}
+        # "mask" mode keeps every row (the reference): blocks are counted as vLLM does.
+        managers = self.kv_cache_manager.coordinator.single_type_managers if settings.eviction_mode == "compact" else []
+        for manager in managers:
+            if type(manager) is not FullAttentionManager:
+                raise NotImplementedError(
+                    f"kvcompress eviction needs full attention in every layer, got {type(manager).__name__}")
+            manager.__class__ = EvictingBlockManager
+            manager.schedules, manager.computed = self.schedules, {}
+        logger.info("kvcompress eviction scheduler: method=%s, budget %s, decode buffer %d tokens",
+                    settings.method, settings.max_kv_tokens or f"ratio {settings.compression_ratio}",
+                    self.policy.buffer)
+
+    def add_request(self, request) -> None:
+        extra_args = request.sampling_params.extra_args if request.sampling_params is not None else None
+        self.schedules[request.request_id] = self.policy.schedule_for(request.num_prompt_tokens, extra_args)
+        super().add_request(request)
+
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        # Called for every request the scheduler is about to schedule: end the step at
+        # the next compression point at the latest.
+        num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        schedule = self.schedules.get(request.request_id)
+        if schedule is not None and num_new_tokens > 0:
+            num_new_tokens = min(num_new_tokens, schedule.next_point(num_computed_tokens) - num_computed_tokens)
+        return num_new_tokens
+
+    def _free_request(self, request, *args, **kwargs):
+        result = super()._free_request(request, *args, **kwargs)
+        self.schedules.pop(request.request_id, None)
+        return result

@@ -1,0 +1,81 @@
+"""Worker side of eviction: vLLM's CPU worker with a model runner that keeps its block
+tables physical.
+
+At the start of each step, a request whose cache was compacted at the end of an
+earlier step has its block list cut to ``cdiv(physical_length, block_size)`` blocks,
+the same cut the scheduler's :class:`~vllm_kvcompress.scheduler.EvictingBlockManager`
+makes before it appends new blocks, so both lists stay identical. Then the runner
+publishes each batch row's schedule (:mod:`vllm_kvcompress.step_plan`) for the
+attention metadata builder, which turns logical lengths into physical ones.
+"""
+
+from __future__ import annotations
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from vllm_kvcompress import step_plan
+from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.eviction.policy import EvictionPolicy
+
+
+class EvictionRunnerMixin:
+    def _kvc_setup(self) -> None:
+        settings = KVCompressConfig.from_additional_config(self.vllm_config.additional_config)
+        self.kvc_policy = EvictionPolicy(settings, self.cache_config.block_size)
+        self.kvc_schedules = {}
+        self.kvc_compact = settings.eviction_mode == "compact"
+
+    def _kvc_truncate(self, req_id: str, num_computed: int) -> None:
+        schedule = self.kvc_schedules.get(req_id)
+        state = self.requests.get(req_id)
+        if schedule is None or state is None:
+            return
+        tables = self.input_batch.block_table.block_tables
+        row = self.input_batch.req_id_to_index.get(req_id)
+        for group, block_ids in enumerate(state.block_ids):
+            keep = cdiv(schedule.physical_length(num_computed), tables[group].block_size)
+            if len(block_ids) <= keep:
+                continue
+            del block_ids[keep:]
+            if row is not None:
+                table = tables[group]
+                table.block_table.np[row, keep:table.num_blocks_per_row[row]] = 0
+                table.num_blocks_per_row[row] = keep
+
+    def _update_states(self, scheduler_output):
+        for request in scheduler_output.scheduled_new_reqs:
+            extra_args = request.sampling_params.extra_args if request.sampling_params is not None else None
+            self.kvc_schedules[request.req_id] = self.kvc_policy.schedule_for(len(request.prompt_token_ids or ()),
+                                                                              extra_args)
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, num_computed in zip(cached.req_ids, cached.num_computed_tokens):
+            if req_id in cached.resumed_req_ids:  # recomputed from scratch; vLLM replaces the block list
+                step_plan.masks.pop(req_id, None)
+            elif self.kvc_compact:
+                self._kvc_truncate(req_id, num_computed)
+        result = super()._update_states(scheduler_output)
+        for req_id in scheduler_output.finished_req_ids:
+            self.kvc_schedules.pop(req_id, None)
+            step_plan.masks.pop(req_id, None)
+        step_plan.req_ids = list(self.input_batch.req_ids)
+        step_plan.rows = [self.kvc_schedules.get(req_id) for req_id in step_plan.req_ids]
+        return result
+
+    def execute_model(self, *args, **kwargs):
+        try:
+            return super().execute_model(*args, **kwargs)
+        finally:
+            step_plan.rows = None
+
+
+class KVCompressCPUWorker(CPUWorker):
+    """Set as ``worker_cls`` by the plugin when an eviction method is configured."""
+
+    def init_device(self) -> None:
+        super().init_device()
+        runner_cls = type(self.model_runner)
+        if getattr(self, "use_v2_model_runner", False):
+            raise NotImplementedError("kvcompress eviction supports vLLM's V1 model runner only (CPU default)")
+        self.model_runner.__class__ = type(f"KVCompress{runner_cls.__name__}", (EvictionRunnerMixin, runner_cls), {})
+        self.model_runner._kvc_setup()
