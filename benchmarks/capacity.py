@@ -3,6 +3,11 @@
     python -m benchmarks.capacity                       # bf16, fp8, kvcompress(none)
     python -m benchmarks.capacity --quick               # CI smoke: tiny pool and workload
     python -m benchmarks.capacity --config 'my-name={"attention_backend": "kvcompress", ...}'
+    python -m benchmarks.capacity --config bf16 --config knorm-r0.75 --conc-prompt 1000 --saturation 24
+
+``--config`` takes NAME=JSON or a name from ``benchmarks.configs``. ``--saturation N``
+also queues N concurrency-workload requests at once and reports how many ran at the
+same time, preemptions and output tok/s (what an eviction method's freed blocks buy).
 
 Each configuration runs in its own process, one after another in this invocation, on
 the same fixed KV pool and workload. Ratios are against the first configuration (bf16).
@@ -41,7 +46,9 @@ def cpu_name() -> str:
 
 def parse_config(text: str) -> tuple[str, dict]:
     name, sep, body = text.partition("=")
-    if not sep or not name:
+    if not sep:
+        return name, None  # a named config, resolved for --model in main()
+    if not name:
         raise argparse.ArgumentTypeError(f"--config expects NAME=JSON, got {text!r}")
     try:
         kwargs = json.loads(body)
@@ -81,13 +88,22 @@ def markdown(report: dict) -> str:
             f"{c['max_running_without_preemption']} ({c['predicted_fit']}) | {t['output_tokens_per_s']:.1f} | "
             f"{r['throughput_ratio']:.2f} | {t['ttft_median_s']:.2f} | {r['ttft_ratio']:.2f} |"
         )
+    saturated = {n: r["concurrency"]["saturation"] for n, r in report["results"].items()
+                 if "error" not in r and r["concurrency"].get("saturation")}
+    if saturated:
+        lines += ["", f"Saturation: {w['saturation']} requests of {w['conc_prompt']} + {w['conc_output']} tokens queued "
+                  "at once (peak = most requests running at the same time, from vLLM's per-request timestamps).", "",
+                  "| config | peak running | × | preemptions | output tok/s | × | TTFT median (s) |", "|---|---|---|---|---|---|---|"]
+        for name, sat in saturated.items():
+            lines.append(f"| {name} | {sat['peak_running']} | {sat.get('peak_running_ratio') or 1:.2f} | {sat['preemptions']} | "
+                         f"{sat['output_tokens_per_s']:.1f} | {sat.get('throughput_ratio') or 1:.2f} | {sat['ttft_median_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def measure(model: str, configs: dict[str, dict], quick: bool = False) -> dict:
+def measure(model: str, configs: dict[str, dict], quick: bool = False, **overrides) -> dict:
     """Capacity/throughput of each configuration on one pool and workload; ratios against
     the first. Returns the report (``results`` per config) without writing files."""
-    workload = dict(QUICK if quick else FULL)
+    workload = {**(QUICK if quick else FULL), **{k: v for k, v in overrides.items() if v is not None}}
     model_dir = str(ensure_model(model))
     base_llm = dict(model=model_dir, dtype="bfloat16", max_model_len=2048, enforce_eager=True,
                     kv_cache_memory_bytes=workload["pool_mib"] << 20, max_num_seqs=256)
@@ -96,7 +112,8 @@ def measure(model: str, configs: dict[str, dict], quick: bool = False) -> dict:
         spec = {
             "llm": {**base_llm, **kwargs},
             "throughput": {k: workload[k] for k in ("requests", "prompt_tokens", "output_tokens")},
-            "concurrency": {"prompt_tokens": workload["conc_prompt"], "output_tokens": workload["conc_output"]},
+            "concurrency": {"prompt_tokens": workload["conc_prompt"], "output_tokens": workload["conc_output"],
+                            "saturation_requests": workload.get("saturation")},
         }
         try:
             result = run_module("vllm_kvcompress.harness.capacity", spec, timeout=1800)
@@ -114,6 +131,10 @@ def measure(model: str, configs: dict[str, dict], quick: bool = False) -> dict:
         r["capacity_ratio"] = ratio(r["kv_capacity_tokens"], base["kv_capacity_tokens"])
         r["throughput_ratio"] = ratio(r["throughput"]["output_tokens_per_s"], base["throughput"]["output_tokens_per_s"])
         r["ttft_ratio"] = ratio(r["throughput"]["ttft_median_s"], base["throughput"]["ttft_median_s"])
+        sat, base_sat = r["concurrency"].get("saturation"), base["concurrency"].get("saturation")
+        if sat and base_sat:
+            sat["throughput_ratio"] = ratio(sat["output_tokens_per_s"], base_sat["output_tokens_per_s"])
+            sat["peak_running_ratio"] = ratio(sat["peak_running"], base_sat["peak_running"])
     return {"model": model, "workload": workload, "baseline": baseline, "configs": configs, "results": results}
 
 
@@ -132,14 +153,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
     parser.add_argument("--config", action="append", type=parse_config, help="NAME=JSON of LLM kwargs (repeatable)")
     parser.add_argument("--quick", action="store_true", help="tiny pool and workload (CI smoke)")
+    parser.add_argument("--pool-mib", type=int, help="KV pool per run (MiB)")
+    parser.add_argument("--conc-prompt", type=int, help="prompt tokens of the concurrency workload")
+    parser.add_argument("--conc-output", type=int, help="output tokens of the concurrency workload")
+    parser.add_argument("--saturation", type=int, help="also queue this many concurrency requests at once")
     parser.add_argument("--out", default=f"results/{datetime.date.today().isoformat()}")
     args = parser.parse_args(argv)
 
+    from benchmarks.configs import NAMES_HELP, resolve
+
     configs = dict(args.config) if args.config else dict(CONFIGS)
+    for name, kwargs in configs.items():
+        if kwargs is None:
+            configs[name] = resolve(name, args.model)
+            if configs[name] is None:
+                parser.error(f"--config {name}: expected NAME=JSON or one of {NAMES_HELP}")
     report = {
         **environment(),
         "command": "python -m benchmarks.capacity " + " ".join(argv if argv is not None else sys.argv[1:]),
-        **measure(args.model, configs, args.quick),
+        **measure(args.model, configs, args.quick, pool_mib=args.pool_mib, conc_prompt=args.conc_prompt,
+                  conc_output=args.conc_output, saturation=args.saturation),
     }
     write_report(Path(args.out), "capacity", report, markdown(report))
     return report

@@ -14,6 +14,15 @@ def test_peak_overlap():
 
 def test_config_is_one_line():
     assert parse_config('kvc={"attention_backend": "kvcompress"}') == ("kvc", {"attention_backend": "kvcompress"})
-    for bad in ("noequals", "x={not json", "x=[1]", "={}"):
+    assert parse_config("knorm-r0.5") == ("knorm-r0.5", None)  # a named config, resolved for --model later
+    for bad in ("x={not json", "x=[1]", "={}"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_config(bad)
+
+
+def test_unknown_named_config_is_refused(capsys):
+    from benchmarks.capacity import main
+
+    with pytest.raises(SystemExit):
+        main(["--config", "noequals"])
+    assert "expected NAME=JSON or one of" in capsys.readouterr().err

@@ -44,8 +44,10 @@ def _logprob_gap(a, b) -> float:
 
 def test_compaction_frees_blocks_and_avoids_preemption(smollm2_dir, documents):
     prompts = [p[:640] for p in documents(700, 4)]  # 5 full blocks each
-    bf16 = run_traced(_llm(smollm2_dir, blocks=15, attention_backend="kvcompress"), prompts, max_tokens=200)
-    knorm = run_traced(_llm(smollm2_dir, blocks=15, **_knorm(max_kv_tokens=256)), prompts, max_tokens=200)
+    bf16 = run_traced(_llm(smollm2_dir, blocks=15, attention_backend="kvcompress"), prompts, max_tokens=100)
+    # Request 3 is aborted 20 steps in, after its compaction: its blocks must come back too.
+    knorm = run_traced(_llm(smollm2_dir, blocks=15, **_knorm(max_kv_tokens=256)), prompts, max_tokens=100,
+                       abort={"3": 20})
     assert bf16["num_blocks"] == knorm["num_blocks"] == 15
     # Request 0: 5 blocks while its prompt is computed, then ceil((256 + 1) / 128) = 3 at
     # the next step (kept rows + the token being decoded), never more than
@@ -60,11 +62,13 @@ def test_compaction_frees_blocks_and_avoids_preemption(smollm2_dir, documents):
     assert released == 2 * len(step["blocks"])  # 5 -> 3 blocks for every request compacted in that step
     assert after["free_blocks"] == step["free_blocks"] + released - admitted
     assert after["free_blocks"] + sum(after["blocks"].values()) == 15
-    print(f"pool 15 blocks, 4 x 640-token prompts + 200 tokens: bf16 preemptions {sum(bf16['preemptions'].values())}, "
+    print(f"pool 15 blocks, 4 x 640-token prompts + 100 tokens: bf16 preemptions {sum(bf16['preemptions'].values())}, "
           f"knorm (256 kept) preemptions {sum(knorm['preemptions'].values())}; request 0 blocks {held[first]} -> "
           f"{held[first + 1]}; free blocks {step['free_blocks']} -> {after['free_blocks']}")
     assert sum(bf16["preemptions"].values()) > 0
     assert sum(knorm["preemptions"].values()) == 0
+    assert "3" in knorm["steps"][19]["blocks"] and all("3" not in step["blocks"] for step in knorm["steps"][20:])
+    assert knorm["outputs"][3] is None and knorm["steps"][-1]["free_blocks"] == 15
 
 
 def test_budget_above_the_length_matches_method_none(smollm2_dir, documents):

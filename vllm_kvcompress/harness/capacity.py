@@ -89,6 +89,13 @@ def run(spec: dict) -> dict:
         trial.pop("ttft_s")
         trials[n] = trial
     no_preemption = [t["peak_running"] for t in trials.values() if t["preemptions"] == 0]
+    # Saturation: many more requests than bf16 fits, all queued at once. How many run at
+    # the same time, and the output rate, show what eviction's freed blocks buy.
+    saturation = None
+    if cc.get("saturation_requests"):
+        batch = [long_document_ids(tokenizer, cc["prompt_tokens"], offset=97 * i) for i in range(cc["saturation_requests"])]
+        saturation = _run_batch(llm, batch, cc["output_tokens"])
+        saturation["ttft_median_s"] = statistics.median(saturation.pop("ttft_s"))
     return {
         **pool,
         "throughput": throughput,
@@ -97,6 +104,7 @@ def run(spec: dict) -> dict:
             "predicted_fit": fits,
             "trials": {str(n): t for n, t in trials.items()},
             "max_running_without_preemption": max(no_preemption) if no_preemption else 0,
+            "saturation": saturation,
         },
     }
 

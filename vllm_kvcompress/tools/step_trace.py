@@ -4,10 +4,11 @@
 
 SPEC: {"llm": {LLM(...) kwargs}, "prompts": [[token ids], ...], "max_tokens": 16,
        "extra_args": [per-prompt SamplingParams.extra_args or null] (optional),
-       "forced": [per-prompt forced continuation or null] (optional, see tools.generate)}
+       "forced": [per-prompt forced continuation or null] (optional, see tools.generate),
+       "abort": {request index: step after which it is aborted} (optional)}
 OUT:  {"steps": [{"free_blocks", "blocks": {req: blocks held}, "computed": {req: tokens},
                   "waiting", "running"}] (after each engine step),
-       "outputs": [{"token_ids", "token_logprobs"}], "preemptions": {req: count},
+       "outputs": [{"token_ids", "token_logprobs"}] (aborted requests: null), "preemptions": {req: count},
        "num_blocks": usable blocks in the pool, "block_size"}
 
 The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the
@@ -45,7 +46,10 @@ def run(spec: dict) -> dict:
         requests[str(i)] = None
     preemptions: dict[str, int] = {}
     steps, outputs = [], {}
+    aborts = {int(step): req for req, step in (spec.get("abort") or {}).items()}
     while engine.has_unfinished_requests():
+        if len(steps) in aborts:
+            engine.abort_request([aborts[len(steps)]])
         for out in engine.step():
             if out.finished:
                 outputs[_name(out.request_id)] = out
@@ -59,6 +63,9 @@ def run(spec: dict) -> dict:
         })
     result_outputs = []
     for req_id in requests:
+        if req_id not in outputs:  # aborted
+            result_outputs.append(None)
+            continue
         completion = outputs[req_id].outputs[0]
         result_outputs.append({"token_ids": list(completion.token_ids), "token_logprobs": token_logprobs(completion)})
     return {
@@ -68,11 +75,12 @@ def run(spec: dict) -> dict:
     }
 
 
-def run_traced(llm: dict, prompts: list[list[int]], max_tokens: int = 16, extra_args=None, forced=None,
+def run_traced(llm: dict, prompts: list[list[int]], max_tokens: int = 16, extra_args=None, forced=None, abort=None,
                timeout: int = 900) -> dict:
     from vllm_kvcompress.tools.subprocess_run import run_module
 
-    spec = {"llm": llm, "prompts": prompts, "max_tokens": max_tokens, "extra_args": extra_args, "forced": forced}
+    spec = {"llm": llm, "prompts": prompts, "max_tokens": max_tokens, "extra_args": extra_args, "forced": forced,
+            "abort": abort}
     return run_module("vllm_kvcompress.tools.step_trace", spec, timeout)
 
 
