@@ -72,13 +72,16 @@ def test_compaction_frees_blocks_and_avoids_preemption(smollm2_dir, documents):
 
 
 def test_budget_above_the_length_matches_method_none(smollm2_dir, documents):
+    """No compression point is reached: the physical plumbing (slots, lengths, block
+    lists) must then give what method none gives. fp32: in bf16 a near-tie between two
+    tokens flipped between two processes of the *same* config."""
     prompts = documents(500, 2)
     # Eviction turns prefix caching off; a cache hit would change the prefill's chunking.
-    none = run_in_subprocess(_llm(smollm2_dir, attention_backend="kvcompress", enable_prefix_caching=False), prompts,
-                             max_tokens=24)
-    knorm = run_in_subprocess(_llm(smollm2_dir, **_knorm(max_kv_tokens=2048)), prompts, max_tokens=24)
+    none = run_in_subprocess(_llm(smollm2_dir, dtype="float32", attention_backend="kvcompress",
+                                  enable_prefix_caching=False), prompts, max_tokens=24)
+    knorm = run_in_subprocess(_llm(smollm2_dir, dtype="float32", **_knorm(max_kv_tokens=2048)), prompts, max_tokens=24)
     assert [o["token_ids"] for o in knorm["outputs"]] == [o["token_ids"] for o in none["outputs"]]
-    assert [o["top_logprobs"] for o in knorm["outputs"]] == [o["top_logprobs"] for o in none["outputs"]]
+    assert _logprob_gap(knorm, none) < 1e-4
 
 
 # The equivalence tests run the model in fp32: kept sets are discontinuous in the scores,
