@@ -29,15 +29,15 @@ class CompressionSchedule:
         if self.budget < 1 or self.buffer < 1 or self.compress_at < 1:
             raise ValueError(f"invalid schedule {self}")
 
-    @property
-    def first_target(self) -> int:
-        return min(self.compress_at, self.budget)
+    def _appended(self, logical: int) -> int:
+        """Rows there would be after the first compression if none followed (logical >= compress_at)."""
+        return min(self.compress_at, self.budget) + logical - self.compress_at
 
     def physical_length(self, logical: int) -> int:
         """Rows held once every compression up to ``logical`` tokens has run."""
         if logical < self.compress_at:
             return logical
-        rows = self.first_target + logical - self.compress_at
+        rows = self._appended(logical)
         if rows < self.budget + self.buffer:
             return rows
         return self.budget + (rows - self.budget) % self.buffer
@@ -48,14 +48,14 @@ class CompressionSchedule:
             return False
         if logical == self.compress_at:
             return self.compress_at > self.budget
-        rows = self.first_target + logical - self.compress_at
+        rows = self._appended(logical)
         return rows >= self.budget + self.buffer and (rows - self.budget) % self.buffer == 0
 
     def next_point(self, logical: int) -> int:
         """The first compression point strictly after ``logical``."""
         if logical < self.compress_at:
             return self.compress_at
-        rows = self.first_target + logical - self.compress_at
+        rows = self._appended(logical)
         if rows < self.budget + self.buffer:
             return logical + self.budget + self.buffer - rows
         return logical + self.buffer - (rows - self.budget) % self.buffer
