@@ -28,7 +28,9 @@ def test_valid_config_is_normalised(smollm2_dir):
     assert config.attention_config.backend.name == "KVCOMPRESS"
     assert config.additional_config["kvcompress"] == {"method": "none", "max_kv_tokens": None, "compression_ratio": None,
                                                       "sink_tokens": 0, "recent_tokens": 0, "buffer_blocks": 1,
-                                                      "eviction_mode": "compact",
+                                                      "eviction_mode": "compact", "head_scores": None,
+                                                      "headkv_beta": 1.2, "window_tokens": 8, "pool_kernel": 7,
+                                                      "page_tokens": 16,
                                                       "codebooks": None, "value_bits": 16, "current_tokens": "coded"}
 
 

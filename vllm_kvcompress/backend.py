@@ -120,6 +120,9 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder[KVCompressMetadata]):
         config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
         self.evicts = config.method in EVICTION_METHODS
         self.compact = config.eviction_mode == "compact"
+        self.streams = config.method == "headkv"
+        self.page_tokens = config.page_tokens
+        self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         logger.info(
             "kvcompress attention active: method=%s, %d layers, block_size=%d, page %d bytes",
             config.method, len(layer_names), kv_cache_spec.block_size, kv_cache_spec.page_size_bytes,
@@ -128,6 +131,15 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder[KVCompressMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> KVCompressMetadata:
         m = common_attn_metadata
         num_reqs = m.num_reqs
+        if self.streams:  # per-(layer, KV head) page lists (HeadKV)
+            from vllm_kvcompress import step_plan, stream_attention
+            from vllm_kvcompress.eviction.streams import PoolGeometry
+
+            geometry = PoolGeometry(self.num_layers, step_plan.num_blocks or 0, self.kv_cache_spec.num_kv_heads,
+                                    self.kv_cache_spec.block_size, self.page_tokens)
+            planned = stream_attention.build(m, num_reqs, geometry)
+            if planned is not None:
+                return planned
         starts = m.query_start_loc_cpu[: num_reqs + 1].tolist()
         kv_lens, slots, plan = m.seq_lens[:num_reqs].to("cpu"), m.slot_mapping[: m.num_actual_tokens], None
         if self.evicts:  # rows are physical: fewer than the logical lengths once compacted
@@ -196,8 +208,11 @@ class KVCompressImpl(AttentionImpl[KVCompressMetadata]):
             self.format = LookatFormat.from_config(config, _worker_config.model_config.hf_config, head_size, model_dtype)
         else:
             self.format = DenseFormat(head_size, model_dtype)
-        self.evictor = None
-        if config.method in EVICTION_METHODS:
+        self.evictor = self.stream_runner = None
+        self.settings = config
+        if config.method == "headkv":
+            pass  # a StreamRunner per layer, made once the layer index is known
+        elif config.method in EVICTION_METHODS:
             from vllm_kvcompress.eviction_attention import Evictor
 
             self.evictor = Evictor(config)
@@ -229,6 +244,13 @@ class KVCompressImpl(AttentionImpl[KVCompressMetadata]):
         key = key[:n].view(n, self.num_kv_heads, self.head_size)
         value = value[:n].view(n, self.num_kv_heads, -1)
         out = output[:n].view(n, self.num_heads, self.head_size)
+        if type(meta).__name__ == "StreamMetadata":
+            if self.stream_runner is None:
+                from vllm_kvcompress.stream_attention import StreamRunner
+
+                self.stream_runner = StreamRunner(self.settings, index, meta.geometry.num_layers)
+            self.stream_runner.forward(query, key, value, kv_cache, meta, out, self.scale)
+            return output
         fmt.write(index, kv_cache, key, value, meta.slot_mapping)
         evictor, plan = self.evictor, meta.eviction
         if meta.decode_token_index.numel():
@@ -246,5 +268,5 @@ class KVCompressImpl(AttentionImpl[KVCompressMetadata]):
                                  current=(key[rows], value[rows]), visible=visible)
             out[rows] = result.to(out.dtype)
         if plan is not None and plan.compactions:  # after this step's attention: the new tokens were seen
-            evictor.run(index, kv_cache, fmt, plan)
+            evictor.run(index, kv_cache, fmt, plan, query)
         return output

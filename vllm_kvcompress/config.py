@@ -15,9 +15,11 @@ CONFIG_KEY = "kvcompress"
 
 # Methods that run in this release, and those still being built (refused with a
 # clear message rather than silently falling back to no compression).
-AVAILABLE_METHODS = ("none", "lookat", "knorm")
-PLANNED_METHODS = ("kvzap", "dms", "headkv")
-EVICTION_METHODS = ("knorm", "kvzap", "dms", "headkv")
+AVAILABLE_METHODS = ("none", "lookat", "knorm", "snapkv", "headkv")
+PLANNED_METHODS = ("kvzap", "dms")
+EVICTION_METHODS = ("knorm", "snapkv", "headkv", "kvzap", "dms")
+# SnapKV-style selection at the prompt end, decode tokens appended (no decode compaction).
+WINDOW_METHODS = ("snapkv", "headkv")
 VALUE_BITS = (16, 8, 4)
 CURRENT_TOKENS = ("coded", "exact")
 EVICTION_MODES = ("compact", "mask")
@@ -41,11 +43,14 @@ class KVCompressConfig:
         "none",
         "Compression method: `none` stores the full bf16/fp16 cache (pass-through); "
         "`lookat` stores keys as PQ codes and scores them with ADC lookup tables; "
-        "`knorm` evicts the tokens whose keys have the largest L2 norm (needs a budget).",
+        "`knorm` evicts the tokens whose keys have the largest L2 norm; `snapkv` keeps, per KV head, the "
+        "tokens the prompt's last window attends to most; `headkv` does the same with a budget per "
+        "(layer, KV head) from head-importance scores (eviction methods need a budget).",
     )
     max_kv_tokens: int | None = _setting(
         None,
-        "Eviction budget: tokens kept per sequence (integer >= 1). Eviction methods only.",
+        "Eviction budget: tokens kept per sequence (integer >= 1; `headkv`: the average over "
+        "(layer, KV head) streams). Eviction methods only.",
     )
     compression_ratio: float | None = _setting(
         None,
@@ -69,6 +74,29 @@ class KVCompressConfig:
         "Eviction: `compact` moves kept tokens to the front and frees the emptied blocks; `mask` "
         "is the reference that keeps every row and hides evicted ones (same tokens kept, no memory "
         "saved; for validation).",
+    )
+    head_scores: str | None = _setting(
+        None,
+        "HeadKV: head-importance file (JSON from `python -m vllm_kvcompress.head_scores`, or a published "
+        "HeadKV `\"layer-head\" -> [scores]` file), or `uniform` (every head equal = SnapKV). Required for `headkv`.",
+    )
+    headkv_beta: float = _setting(
+        1.2,
+        "HeadKV: the paper's beta > 1; each stream keeps `b - floor(b / beta)` and the rest is shared in "
+        "proportion to the scores (b = budget - window).",
+    )
+    window_tokens: int = _setting(
+        8,
+        "SnapKV/HeadKV: the prompt's last tokens whose attention scores the rest (alpha); always kept.",
+    )
+    pool_kernel: int = _setting(
+        7,
+        "SnapKV/HeadKV: max-pooling kernel along positions (odd integer >= 1).",
+    )
+    page_tokens: int = _setting(
+        16,
+        "HeadKV: rows per (layer, KV head) page; budgets are whole pages and memory is counted in pages "
+        "(must divide the block size).",
     )
     codebooks: str | None = _setting(
         None,
@@ -147,6 +175,7 @@ class KVCompressConfig:
                 raise KVCompressConfigError(f"{_key(name)} must be an integer >= {minimum}, got {value!r}")
         self._validate_lookat()
         self._validate_eviction()
+        self._validate_window_methods()
         has_budget = self.max_kv_tokens is not None or self.compression_ratio is not None
         if has_budget and self.method not in EVICTION_METHODS:
             raise KVCompressConfigError(
@@ -172,6 +201,38 @@ class KVCompressConfig:
                     f"{_key(name)} applies to eviction methods ({', '.join(EVICTION_METHODS)}) only "
                     f"(method is {self.method!r})"
                 )
+
+    def _validate_window_methods(self) -> None:
+        defaults = {"head_scores": None, "headkv_beta": 1.2, "window_tokens": 8, "pool_kernel": 7, "page_tokens": 16}
+        allowed = {"snapkv": ("window_tokens", "pool_kernel"), "headkv": tuple(defaults)}.get(self.method, ())
+        for name, default in defaults.items():
+            if name not in allowed and getattr(self, name) != default:
+                raise KVCompressConfigError(
+                    f"{_key(name)} applies to method(s) {'headkv' if name not in ('window_tokens', 'pool_kernel') else 'snapkv, headkv'} "
+                    f"only (method is {self.method!r})")
+        if self.method not in WINDOW_METHODS:
+            return
+        for name in ("sink_tokens", "recent_tokens", "buffer_blocks", "eviction_mode"):
+            if getattr(self, name) != {"buffer_blocks": 1, "eviction_mode": "compact"}.get(name, 0):
+                raise KVCompressConfigError(
+                    f"{_key(name)} does not apply to {self.method!r}: it compresses once, at the prompt end, keeping "
+                    f"the last {_key('window_tokens')} tokens; decode tokens are appended")
+        for name, minimum in (("window_tokens", 1), ("pool_kernel", 1), ("page_tokens", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise KVCompressConfigError(f"{_key(name)} must be an integer >= {minimum}, got {value!r}")
+        if self.pool_kernel % 2 == 0:
+            raise KVCompressConfigError(f"{_key('pool_kernel')} must be odd (same padding), got {self.pool_kernel}")
+        if self.method != "headkv":
+            return
+        if not isinstance(self.head_scores, str) or not self.head_scores:
+            raise KVCompressConfigError(
+                f"{_key('head_scores')} is required for method 'headkv': a file from "
+                "`python -m vllm_kvcompress.head_scores --model MODEL --out FILE`, a published HeadKV scores file, "
+                "or \"uniform\"")
+        beta = self.headkv_beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 1:
+            raise KVCompressConfigError(f"{_key('headkv_beta')} must be a number > 1, got {beta!r}")
 
     def _validate_lookat(self) -> None:
         if self.method != "lookat":

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_kvcompress import step_plan
-from vllm_kvcompress.eviction.scorers import SCORERS
+from vllm_kvcompress.eviction.scorers import SCORERS, SnapKVScorer
 from vllm_kvcompress.eviction.selection import keep_indices
 from vllm_kvcompress.kernels import compaction_ref
 
@@ -30,6 +30,7 @@ class Compaction:
     blocks: torch.Tensor  # the request's block-table row
     length: int  # rows held after this step's writes
     target: int  # rows kept
+    token_end: int = 0  # end of the request's tokens in this step (SnapKV's window queries end here)
 
 
 @dataclass
@@ -56,7 +57,7 @@ def physical_layout(m, num_reqs: int, block_size: int, compact: bool):
         before.append(held)
         if schedule is not None and q_lens[r] > 0 and schedule.compacts_at(logical + int(q_lens[r])):
             plan.compactions.append(Compaction(req_ids[r], m.block_table_tensor[r], held + int(q_lens[r]),
-                                               schedule.budget))
+                                               schedule.budget, int(starts[r + 1])))
         if q_lens[r] == 1:
             plan.decode_req_ids.append(req_ids[r])
         elif q_lens[r] > 1:
@@ -73,7 +74,8 @@ class Evictor:
     """One per attention layer: scores, selects and compacts (or masks) at compaction points."""
 
     def __init__(self, settings):
-        self.scorer = SCORERS[settings.method]()
+        self.scorer = (SnapKVScorer(settings.window_tokens, settings.pool_kernel) if settings.method == "snapkv"
+                       else SCORERS[settings.method]())
         self.settings = settings
         self.mask_mode = settings.eviction_mode == "mask"
 
@@ -98,12 +100,18 @@ class Evictor:
             return None
         return self.visible(req_id, layer, length, heads)[:, :length]
 
-    def run(self, layer: int, cache: torch.Tensor, fmt, plan: EvictionPlan) -> None:
+    def _window(self, query, c: Compaction):
+        if not isinstance(self.scorer, SnapKVScorer) or query is None:
+            return None
+        return query[c.token_end - min(self.scorer.window, c.length): c.token_end].transpose(0, 1)  # [Hq, w, D]
+
+    def run(self, layer: int, cache: torch.Tensor, fmt, plan: EvictionPlan, query=None) -> None:
         s = self.settings
         for c in plan.compactions:
             keys = fmt.keys(layer, cache, c.blocks, c.length)  # [H, T, D]
             if not self.mask_mode:
-                keep = keep_indices(self.scorer.score(keys), c.target, s.sink_tokens, s.recent_tokens)
+                keep = keep_indices(self.scorer.score(keys, queries=self._window(query, c)), c.target,
+                                    s.sink_tokens, s.recent_tokens)
                 compaction_ref.compact(cache, c.blocks.long(), keep)
                 continue
             # The rows each head still sees, in order, stand in for the compacted rows, so
@@ -111,6 +119,7 @@ class Evictor:
             mask = self.visible(c.req_id, layer, c.length, keys.shape[0])
             held = mask[:, : c.length].nonzero()[:, 1].view(keys.shape[0], -1)  # [H, rows held]
             rows = keys.gather(1, held.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
-            keep = held.gather(1, keep_indices(self.scorer.score(rows), c.target, s.sink_tokens, s.recent_tokens))
+            keep = held.gather(1, keep_indices(self.scorer.score(rows, queries=self._window(query, c)), c.target,
+                                               s.sink_tokens, s.recent_tokens))
             mask[:, : c.length] = False
             mask.scatter_(1, keep, True)

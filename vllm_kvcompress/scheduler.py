@@ -23,10 +23,20 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from vllm_kvcompress.config import KVCompressConfig
-from vllm_kvcompress.eviction.policy import EvictionPolicy
+from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
 from vllm_kvcompress.eviction.schedule import CompressionSchedule
 
 logger = init_logger("vllm.kvcompress.scheduler")
+
+
+def _whole_window(schedule, computed: int, new: int) -> int:
+    """SnapKV-style scores need the queries of the prompt's last ``window`` tokens in the
+    step that compresses: a chunk must not end inside that window."""
+    end, start_of_window = computed + new, schedule.compress_at - schedule.window
+    if schedule.window and start_of_window < end < schedule.compress_at:
+        # Stop before the window, or wait until one step can take all of it.
+        return max(start_of_window - computed, 0)
+    return new
 
 
 class EvictingBlockManager(FullAttentionManager):
@@ -40,7 +50,7 @@ class EvictingBlockManager(FullAttentionManager):
         schedule = self.schedules.get(request_id)
         if schedule is None:
             return num_tokens
-        return schedule.physical_length(computed) + num_tokens - computed
+        return schedule.rows_during(computed, num_tokens)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model, **kwargs):
@@ -60,7 +70,7 @@ class EvictingBlockManager(FullAttentionManager):
         blocks = self.req_to_blocks.get(request_id)
         if schedule is None or not blocks:
             return
-        keep = cdiv(schedule.physical_length(processed_computed_tokens), self.block_size)
+        keep = cdiv(schedule.rows_held(processed_computed_tokens), self.block_size)
         if len(blocks) > keep:
             freed = blocks[keep:]
             del blocks[keep:]
@@ -75,7 +85,7 @@ class KVCompressScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         settings = KVCompressConfig.from_additional_config(self.vllm_config.additional_config)
-        self.policy = EvictionPolicy(settings, self.cache_config.block_size)
+        self.policy = EvictionPolicy(settings, self.cache_config.block_size, model_shape(self.vllm_config))
         self.schedules: dict[str, CompressionSchedule | None] = {}
         # "mask" mode keeps every row (the reference): blocks are counted as vLLM does.
         managers = self.kv_cache_manager.coordinator.single_type_managers if settings.eviction_mode == "compact" else []
@@ -101,6 +111,7 @@ class KVCompressScheduler(Scheduler):
         schedule = self.schedules.get(request.request_id)
         if schedule is not None and num_new_tokens > 0:
             num_new_tokens = min(num_new_tokens, schedule.next_point(num_computed_tokens) - num_computed_tokens)
+            num_new_tokens = _whole_window(schedule, num_computed_tokens, num_new_tokens)
         return num_new_tokens
 
     def _free_request(self, request, *args, **kwargs):

@@ -134,9 +134,25 @@ def check_request_settings(vllm_config: "VllmConfig", extra_args: dict) -> None:
             f"SamplingParams.extra_args[{CONFIG_KEY!r}] sets a per-request eviction budget, but the engine runs "
             f"kvcompress method {config.method!r}; start it with an eviction method ({', '.join(EVICTION_METHODS)})"
         )
-    from vllm_kvcompress.eviction.policy import EvictionPolicy
+    from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
 
-    EvictionPolicy(config, vllm_config.cache_config.block_size).schedule_for(1, extra_args)
+    EvictionPolicy(config, vllm_config.cache_config.block_size, model_shape(vllm_config)).schedule_for(1, extra_args)
+
+
+def check_headkv(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
+    """A head-scores file for this very model, and a page size that divides the block."""
+    if config.method != "headkv" or vllm_config.model_config is None:
+        return
+    from vllm_kvcompress.eviction.headkv import HeadScoresError
+    from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
+
+    if vllm_config.parallel_config.tensor_parallel_size > 1:
+        raise KVCompressConfigError("kvcompress method 'headkv' does not support tensor parallelism yet "
+                                    "(its budgets cover every KV head of the model on one rank)")
+    try:
+        EvictionPolicy(config, vllm_config.cache_config.block_size, model_shape(vllm_config))
+    except HeadScoresError as exc:
+        raise KVCompressConfigError(f"additional_config.{CONFIG_KEY}.head_scores: {exc}") from None
 
 
 def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
@@ -160,6 +176,7 @@ def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
     check_model(vllm_config)
     check_engine_options(vllm_config)
     check_lookat(vllm_config, config)
+    check_headkv(vllm_config, config)
     wire_eviction(vllm_config, config)
     if isinstance(additional, dict):
         additional[CONFIG_KEY] = config.as_dict()

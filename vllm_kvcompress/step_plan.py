@@ -10,3 +10,6 @@ rows: list[CompressionSchedule | None] | None = None
 req_ids: list[str] = []
 # eviction_mode "mask" only: {req_id: {layer: visible rows [H, capacity] bool}}
 masks: dict[str, dict[int, "torch.Tensor"]] = {}
+# headkv only: {req_id: (StreamPageTable, global page ids per stream)} of packed requests
+stream_tables: dict[str, tuple] = {}
+num_blocks: int | None = None  # blocks in the KV pool (set when the runner allocates it)

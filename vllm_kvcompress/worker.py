@@ -16,13 +16,13 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_kvcompress import step_plan
 from vllm_kvcompress.config import KVCompressConfig
-from vllm_kvcompress.eviction.policy import EvictionPolicy
+from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
 
 
 class EvictionRunnerMixin:
     def _kvc_setup(self) -> None:
         settings = KVCompressConfig.from_additional_config(self.vllm_config.additional_config)
-        self.kvc_policy = EvictionPolicy(settings, self.cache_config.block_size)
+        self.kvc_policy = EvictionPolicy(settings, self.cache_config.block_size, model_shape(self.vllm_config))
         self.kvc_schedules = {}
         self.kvc_compact = settings.eviction_mode == "compact"
 
@@ -34,7 +34,7 @@ class EvictionRunnerMixin:
         tables = self.input_batch.block_table.block_tables
         row = self.input_batch.req_id_to_index.get(req_id)
         for group, block_ids in enumerate(state.block_ids):
-            keep = cdiv(schedule.physical_length(num_computed), tables[group].block_size)
+            keep = cdiv(schedule.rows_held(num_computed), tables[group].block_size)
             if len(block_ids) <= keep:
                 continue
             del block_ids[keep:]
@@ -52,15 +52,21 @@ class EvictionRunnerMixin:
         for req_id, num_computed in zip(cached.req_ids, cached.num_computed_tokens):
             if req_id in cached.resumed_req_ids:  # recomputed from scratch; vLLM replaces the block list
                 step_plan.masks.pop(req_id, None)
+                step_plan.stream_tables.pop(req_id, None)
             elif self.kvc_compact:
                 self._kvc_truncate(req_id, num_computed)
         result = super()._update_states(scheduler_output)
         for req_id in scheduler_output.finished_req_ids:
             self.kvc_schedules.pop(req_id, None)
             step_plan.masks.pop(req_id, None)
+            step_plan.stream_tables.pop(req_id, None)
         step_plan.req_ids = list(self.input_batch.req_ids)
         step_plan.rows = [self.kvc_schedules.get(req_id) for req_id in step_plan.req_ids]
         return result
+
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        step_plan.num_blocks = kv_cache_config.num_blocks
 
     def execute_model(self, *args, **kwargs):
         try:

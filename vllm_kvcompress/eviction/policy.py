@@ -10,8 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from vllm_kvcompress.config import CONFIG_KEY, KVCompressConfig, KVCompressConfigError
+import functools
+
+from vllm_kvcompress.config import CONFIG_KEY, WINDOW_METHODS, KVCompressConfig, KVCompressConfigError
+from vllm_kvcompress.eviction.headkv import HeadScores, allocate_budgets, load_head_scores
 from vllm_kvcompress.eviction.schedule import CompressionSchedule
+from vllm_kvcompress.eviction.streams import NEVER, StreamSchedule
 
 REQUEST_KEYS = ("compression_ratio", "max_kv_tokens")
 
@@ -28,10 +32,38 @@ def request_overrides(extra_args: dict | None) -> dict[str, Any]:
     return raw
 
 
+def model_shape(vllm_config) -> tuple[int, int, int]:
+    """(layers, query heads, KV heads) of the whole model (HeadKV scores cover all of them)."""
+    hf = vllm_config.model_config.hf_text_config
+    return hf.num_hidden_layers, hf.num_attention_heads, getattr(hf, "num_key_value_heads", hf.num_attention_heads)
+
+
 class EvictionPolicy:
-    def __init__(self, config: KVCompressConfig, block_size: int):
+    """``model_shape`` = (layers, query heads, KV heads), needed by ``headkv`` only."""
+
+    def __init__(self, config: KVCompressConfig, block_size: int, model_shape: tuple[int, int, int] | None = None):
         self.config = config
-        self.buffer = config.buffer_blocks * block_size
+        self.block_size = block_size
+        # SnapKV/HeadKV compress once, at the prompt end (as in the papers): no decode compaction.
+        self.buffer = NEVER if config.method in WINDOW_METHODS else config.buffer_blocks * block_size
+        self.stream_scores = None
+        if config.method == "headkv":
+            if model_shape is None:
+                raise ValueError("headkv needs the model's (layers, query heads, KV heads)")
+            if config.head_scores == "uniform":
+                scores = HeadScores.uniform(*model_shape)
+            else:
+                scores = load_head_scores(config.head_scores, *model_shape)
+            self.stream_scores = scores.kv_head_scores()
+            if self.block_size % config.page_tokens:
+                raise KVCompressConfigError(
+                    f"additional_config.{CONFIG_KEY}.page_tokens={config.page_tokens} must divide the KV block "
+                    f"size {block_size}")
+
+    @functools.lru_cache(maxsize=256)
+    def stream_budgets(self, average: int) -> tuple[int, ...]:
+        c = self.config
+        return tuple(allocate_budgets(self.stream_scores, average, c.window_tokens, c.headkv_beta, c.page_tokens))
 
     def budget(self, prompt_len: int, overrides: dict[str, Any]) -> int | None:
         """Rows kept per (layer, KV head); None = keep everything."""
@@ -58,4 +90,11 @@ class EvictionPolicy:
         budget = self.budget(prompt_len, overrides)
         if budget is None:
             return None
-        return CompressionSchedule(compress_at=max(prompt_len, 1), budget=budget, buffer=self.buffer)
+        window = self.config.window_tokens if self.config.method in WINDOW_METHODS else 0
+        if self.stream_scores is not None:
+            budgets = self.stream_budgets(budget)
+            if min(budgets) >= prompt_len:
+                return None  # nothing to evict in any stream: stay in vLLM's layout
+            return StreamSchedule(compress_at=prompt_len, budgets=budgets, page=self.config.page_tokens,
+                                  block_size=self.block_size, window=window)
+        return CompressionSchedule(compress_at=max(prompt_len, 1), budget=budget, buffer=self.buffer, window=window)

@@ -24,6 +24,7 @@ class CompressionSchedule:
     compress_at: int  # logical length of the first compression (end of prompt)
     budget: int  # rows kept at each compression
     buffer: int  # rows appended between decode-time compressions (>= 1)
+    window: int = 0  # the step that compresses must hold the prompt's last `window` tokens (SnapKV queries)
 
     def __post_init__(self):
         if self.budget < 1 or self.buffer < 1 or self.compress_at < 1:
@@ -59,6 +60,14 @@ class CompressionSchedule:
         if rows < self.budget + self.buffer:
             return logical + self.budget + self.buffer - rows
         return logical + self.buffer - (rows - self.budget) % self.buffer
+
+    def rows_held(self, logical: int) -> int:
+        """Rows whose blocks stay held once ``logical`` tokens are computed (and compacted)."""
+        return self.physical_length(logical)
+
+    def rows_during(self, computed: int, total: int) -> int:
+        """Rows a step from ``computed`` to ``total`` tokens writes into (compaction comes after)."""
+        return self.physical_length(computed) + total - computed
 
     def max_rows(self) -> int:
         """Most rows ever held: ``compress_at`` during prefill, else budget + buffer."""

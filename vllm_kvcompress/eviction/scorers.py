@@ -7,6 +7,8 @@ them (KVzap, SnapKV-style selection) and may be None.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -28,4 +30,40 @@ class KnormScorer(Scorer):
         return -torch.linalg.vector_norm(keys.float(), dim=-1)
 
 
-SCORERS: dict[str, type[Scorer]] = {KnormScorer.name: KnormScorer}
+
+
+class SnapKVScorer(Scorer):
+    """SnapKV-style selection (as HeadKV uses it): attention of the last ``window`` prompt
+    queries over the prompt, averaged over those queries and the KV head's query group,
+    then max-pooled along positions (kernel ``kernel``, stride 1, same padding). Only the
+    window's ``[Hq, window, T]`` logits exist, never the full attention. The window's own
+    rows score +inf: they are always kept."""
+
+    name = "snapkv"
+
+    def __init__(self, window: int = 8, kernel: int = 7):
+        self.window, self.kernel = window, kernel
+
+    def score(self, keys, values=None, hidden=None, queries=None):
+        if queries is None:
+            raise ValueError("SnapKV scores need the window's queries")
+        heads, length, dim = keys.shape
+        window = min(queries.shape[1], length)
+        queries = queries[:, -window:].float()
+        group = queries.shape[0] // heads
+        grouped = queries.reshape(heads, group * window, dim)
+        logits = grouped @ keys.float().transpose(1, 2) / math.sqrt(dim)  # [H, G*w, T]
+        query_pos = (length - window + torch.arange(window)).repeat(group)
+        logits.masked_fill_(torch.arange(length)[None, :] > query_pos[:, None], float("-inf"))
+        weights = torch.softmax(logits, dim=-1).mean(dim=1)  # [H, T]
+        prefix = length - window
+        scores = torch.full((heads, length), float("inf"))
+        if prefix > 0:
+            pad = self.kernel // 2
+            scores[:, :prefix] = torch.nn.functional.max_pool1d(weights[:, None, :prefix], self.kernel, stride=1,
+                                                                 padding=pad)[:, 0, :prefix]
+        return scores
+
+
+SCORERS: dict[str, type[Scorer]] = {KnormScorer.name: KnormScorer, SnapKVScorer.name: SnapKVScorer,
+                                      "headkv": SnapKVScorer}

@@ -22,3 +22,10 @@ def keep_indices(scores: torch.Tensor, budget: int, sink_tokens: int = 0, recent
     scores[:, protected] = float("inf")
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     return torch.sort(order[:, :budget], dim=1).values
+
+
+def keep_indices_per_head(scores: torch.Tensor, budgets: list[int], sink_tokens: int = 0,
+                          recent_tokens: int = 0) -> list[torch.Tensor]:
+    """Like :func:`keep_indices` with a budget per head (HeadKV): one ascending index
+    tensor per head, ``min(budget, T)`` long."""
+    return [keep_indices(scores[h:h + 1], budget, sink_tokens, recent_tokens)[0] for h, budget in enumerate(budgets)]

@@ -1,0 +1,70 @@
+"""PyTorch reference for attention over per-(request, KV head) page lists ("streams").
+
+The pool is one flat array of rows ``pool[num_rows, 2 * head_dim]`` (``[key | value]``
+per row, as in :mod:`paged_dense_ref`). A stream is a list of page ids; page ``g``
+holds rows ``g * page .. g * page + page - 1``. Each (request, KV head) has its own page
+list and length, so heads of one request may hold different numbers of rows (HeadKV).
+
+* ``pages[..., P]``: page ids, padded with any valid id past the stream's length.
+* ``lengths[...]``: rows each stream attends to (the step's new rows included).
+Softmax and accumulation run in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def page_rows(pages: torch.Tensor, page: int) -> torch.Tensor:
+    """Row ids ``[..., P * page]`` of the pages ``[..., P]``, in order."""
+    return (pages.unsqueeze(-1) * page + torch.arange(page)).flatten(-2)
+
+
+def write_rows(pool: torch.Tensor, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Store ``key``/``value`` ``[T, H, D]`` at row ids ``rows[T, H]``."""
+    pool[rows] = torch.cat([key, value], dim=-1).to(pool.dtype)
+
+
+def gather(pool: torch.Tensor, pages: torch.Tensor, page: int, length: int) -> torch.Tensor:
+    """Rows ``[..., length, 2D]`` of streams ``pages[..., P]`` (first ``length`` rows)."""
+    return pool[page_rows(pages, page)[..., :length]]
+
+
+def decode_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor,
+                     page: int, scale: float) -> torch.Tensor:
+    """One query per request ``[B, Hq, D]``; ``pages[B, Hkv, P]``, ``lengths[B, Hkv]``."""
+    batch, num_q_heads, head_dim = query.shape
+    num_kv_heads = pages.shape[1]
+    max_len = int(lengths.max())
+    rows = gather(pool, pages, page, max_len)  # [B, Hkv, L, 2D]
+    k, v = rows[..., :head_dim].float(), rows[..., head_dim:].float()
+    q = query.view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim).float()
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hkv, group, L]
+    valid = torch.arange(max_len) < lengths.unsqueeze(-1)  # [B, Hkv, L]
+    scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    return out.reshape(batch, num_q_heads, head_dim)
+
+
+def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor,
+                      page: int, scale: float) -> torch.Tensor:
+    """Causal attention of one request's ``q_len`` new queries ``[q_len, Hq, D]``; each
+    stream's last ``q_len`` rows are those tokens (``pages[Hkv, P]``, ``lengths[Hkv]``)."""
+    q_len, num_q_heads, head_dim = query.shape
+    num_kv_heads = pages.shape[0]
+    group = num_q_heads // num_kv_heads
+    max_len = int(lengths.max())
+    rows = gather(pool, pages, page, max_len)  # [Hkv, L, 2D]
+    k, v = rows[..., :head_dim], rows[..., head_dim:]
+    q_pos = lengths[:, None] - q_len + torch.arange(q_len)  # [Hkv, q_len]
+    mask = torch.arange(max_len)[None, None, :] <= q_pos[:, :, None]  # [Hkv, q_len, L]
+    q = query.transpose(0, 1).reshape(num_kv_heads, group, q_len, head_dim).to(k.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k[:, None], v[:, None], attn_mask=mask[:, None],
+                                                           scale=scale)  # [Hkv, group, q_len, D]
+    return out.reshape(num_q_heads, q_len, head_dim).transpose(0, 1)
+
+
+def move_rows(pool: torch.Tensor, source: torch.Tensor, dest: torch.Tensor) -> None:
+    """``pool[dest] = pool[source]`` as if all reads came first (sources and destinations
+    may overlap: a repack of a request inside its own blocks)."""
+    pool[dest] = pool[source].clone()

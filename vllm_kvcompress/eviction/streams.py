@@ -1,0 +1,133 @@
+"""Per-(layer, KV head) budgets in a shared paged pool: a request's *streams*.
+
+A stream is one (layer, KV head) of a request, numbered layer-major. Memory is counted
+in stream pages of ``page`` rows (one head, one layer). A vLLM block (``block_size``
+rows of every layer and KV head) is ``pages_per_block = streams * block_size / page``
+stream pages, so a request whose streams hold ``n_s`` pages needs
+``cdiv(sum(n_s), pages_per_block)`` vLLM blocks: memory follows ``sum_s ceil(b_s / page)``,
+not ``max(b_s) * streams``.
+
+Until the prompt is compressed the cache is in vLLM's own layout ("native": row ``p``
+of stream ``(l, h)`` lives in layer ``l``, head ``h`` of block ``p // block_size``).
+At the compression point the kept rows are repacked ("packed"): each stream gets whole
+pages in the request's first blocks, back to back; decode tokens are appended to every
+stream, a new page taking the next free slot. Both sides evaluate the same pure
+functions (:class:`StreamSchedule`); only the worker keeps the slot lists
+(:class:`StreamPageTable`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+NEVER = 1 << 40  # "no compression point ahead"
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class StreamSchedule:
+    compress_at: int  # logical length of the (single) compression: the prompt end
+    budgets: tuple[int, ...]  # rows kept per stream at the compression
+    page: int  # rows per stream page
+    block_size: int  # rows per vLLM block (of every stream)
+    window: int = 0  # the step that compresses must hold the prompt's last `window` tokens
+
+    def __post_init__(self):
+        if self.block_size % self.page or self.compress_at < 1 or not self.budgets:
+            raise ValueError(f"invalid stream schedule {self}")
+
+    @property
+    def streams(self) -> int:
+        return len(self.budgets)
+
+    @property
+    def pages_per_block(self) -> int:
+        return self.streams * self.block_size // self.page
+
+    def kept(self) -> list[int]:
+        return [min(b, self.compress_at) for b in self.budgets]
+
+    def packed(self, logical: int) -> bool:
+        """Whether the cache is in the packed layout once ``logical`` tokens are computed."""
+        return logical >= self.compress_at
+
+    def stream_lengths(self, logical: int) -> list[int]:
+        if not self.packed(logical):
+            return [logical] * self.streams
+        grown = logical - self.compress_at
+        return [k + grown for k in self.kept()]
+
+    def pages(self, logical: int) -> int:
+        """Stream pages in use (packed layout)."""
+        return sum(cdiv(n, self.page) for n in self.stream_lengths(logical))
+
+    def rows_held(self, logical: int) -> int:
+        """vLLM block rows a request holds once ``logical`` tokens are computed and compressed."""
+        if not self.packed(logical):
+            return logical
+        return cdiv(self.pages(logical), self.pages_per_block) * self.block_size
+
+    def rows_during(self, computed: int, total: int) -> int:
+        """vLLM block rows a step from ``computed`` to ``total`` tokens needs (steps never
+        cross the compression point; the one that ends on it is still native)."""
+        return total if computed < self.compress_at else self.rows_held(total)
+
+    def compacts_at(self, logical: int) -> bool:
+        return logical == self.compress_at
+
+    def next_point(self, logical: int) -> int:
+        return self.compress_at if logical < self.compress_at else NEVER
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """The whole KV pool seen as one array of stream pages: global page
+    ``((layer * num_blocks + block) * heads + head) * pages_per_head_block + k`` holds
+    rows ``k * page .. k * page + page - 1`` of that layer's head page in that block."""
+
+    num_layers: int
+    num_blocks: int
+    heads: int
+    block_size: int
+    page: int
+
+    @property
+    def subpages(self) -> int:
+        return self.block_size // self.page
+
+    def native_page(self, layer: int, head: int, block: int, k: int) -> int:
+        return ((layer * self.num_blocks + block) * self.heads + head) * self.subpages + k
+
+    def slot_page(self, blocks: list[int], slot: int, pages_per_block: int) -> int:
+        """Global page of the request's ``slot`` (slots fill its blocks in order)."""
+        block = blocks[slot // pages_per_block]
+        layer, rest = divmod(slot % pages_per_block, self.heads * self.subpages)
+        head, k = divmod(rest, self.subpages)
+        return self.native_page(layer, head, block, k)
+
+
+@dataclass
+class StreamPageTable:
+    """The packed layout of one request (worker side): slots per stream, in the order
+    they were taken. Slots index the request's blocks (see :meth:`PoolGeometry.slot_page`)."""
+
+    page: int
+    slots: list[list[int]] = field(default_factory=list)
+    used: int = 0
+
+    @classmethod
+    def packed(cls, lengths: list[int], page: int) -> "StreamPageTable":
+        table = cls(page, [[] for _ in lengths])
+        table.grow(lengths)
+        return table
+
+    def grow(self, lengths: list[int]) -> None:
+        """Give every stream enough pages for ``lengths`` rows (new slots at the end)."""
+        for stream, length in enumerate(lengths):
+            have = self.slots[stream]
+            while len(have) * self.page < length:
+                have.append(self.used)
+                self.used += 1
