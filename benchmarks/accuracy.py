@@ -33,6 +33,11 @@ SUITES = {
         ruler_length=4096, ruler={"niah_multikey_1": 1, "vt": 1, "cwe": 1, "qa_1": 1, "qa_2": 1},
         perplexity={4096: 1}, continuation=128, pool_gib=2,
     ),
+    # HeadKV budget sweep: retrieval only, up to 4K (many configs on a 2-core CPU).
+    "retrieval": dict(
+        niah={2048: [25, 75], 4096: [25, 75]}, passkey={4096: [50]},
+        ruler_length=4096, ruler={"niah_multikey_1": 2}, perplexity={}, continuation=128, pool_gib=2,
+    ),
     # CI smoke: every code path once, on SmolLM2-135M (scores are not meaningful there).
     "quick": dict(
         niah={512: [50]}, passkey={512: [50]},
@@ -82,8 +87,10 @@ def run_config(name: str, llm: dict, samples: list[dict]) -> dict:
             "wall_s": out["wall_s"]}
 
 
-def run_suite(model_dir: str, suite: dict, configs: dict[str, dict], base_llm: dict, min_baseline: float) -> dict:
-    """Baseline (first config) on every cell, the rest on the cells the baseline can do."""
+def run_suite(model_dir: str, suite: dict, configs: dict[str, dict], base_llm: dict, min_baseline: float,
+              on_result=None) -> dict:
+    """Baseline (first config) on every cell, the rest on the cells the baseline can do.
+    ``on_result(name, result)`` is called after each config (to save partial results)."""
     samples = build_samples(model_dir, suite)
     llm = {**base_llm, "max_model_len": max_sequence(samples) + 16,
            "kv_cache_memory_bytes": int(suite["pool_gib"] * (1 << 30))}
@@ -101,6 +108,8 @@ def run_suite(model_dir: str, suite: dict, configs: dict[str, dict], base_llm: d
         if kept is None:
             kept = {cell for cell, c in results[name]["cells"].items()
                     if "perplexity" in c or c["score"] >= min_baseline}
+        if on_result is not None:
+            on_result(name, results[name])
     baseline = results[names[0]]
     return {
         "baseline": names[0],

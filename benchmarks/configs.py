@@ -9,6 +9,10 @@ first use (``vllm_kvcompress.calibrate.ensure_codebooks``).
 Eviction configs: ``knorm-r{RATIO}`` (e.g. ``knorm-r0.5``): L2-norm eviction removing
 RATIO of each prompt's tokens (``compression_ratio``), compacted at the end of the
 prompt and whenever decode adds a block past the budget.
+
+Budget configs: ``{knorm|snapkv|headkv}-b{TOKENS}`` (e.g. ``headkv-b128``): ``TOKENS``
+kept per KV head (``max_kv_tokens``; for HeadKV the average over (layer, KV head)
+streams, with the model's shipped R2 head scores), so equal TOKENS = equal total KV.
 """
 
 import re
@@ -23,7 +27,19 @@ CONFIGS = {
 BASELINE = "bf16"
 LOOKAT_NAME = re.compile(r"lookat-m(\d+)-v(16|8|4)(-exact)?")
 EVICTION_NAME = re.compile(r"(knorm)-r(0?\.\d+)")
-NAMES_HELP = f"{', '.join(sorted(CONFIGS))}, lookat-m{{M}}-v{{16|8|4}}[-exact], or knorm-r{{RATIO}}"
+BUDGET_NAME = re.compile(r"(knorm|snapkv|headkv)-b(\d+)")
+NAMES_HELP = (f"{', '.join(sorted(CONFIGS))}, lookat-m{{M}}-v{{16|8|4}}[-exact], knorm-r{{RATIO}} or "
+              "{knorm|snapkv|headkv}-b{TOKENS}")
+
+
+def head_scores_file(model: str) -> str:
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "vllm_kvcompress" / "artefacts" / "head_scores" / f"{model}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no shipped head scores for {model}: run "
+                                f"python -m vllm_kvcompress.head_scores --model {model} --out {path}")
+    return str(path)
 
 
 def resolve(name: str, model: str) -> dict | None:
@@ -33,6 +49,12 @@ def resolve(name: str, model: str) -> dict | None:
     match = EVICTION_NAME.fullmatch(name)
     if match is not None:
         settings = {"method": match[1], "compression_ratio": float(match[2])}
+        return {"attention_backend": KVC, "additional_config": {KVC: settings}}
+    match = BUDGET_NAME.fullmatch(name)
+    if match is not None:
+        settings = {"method": match[1], "max_kv_tokens": int(match[2])}
+        if match[1] == "headkv":
+            settings["head_scores"] = head_scores_file(model)
         return {"attention_backend": KVC, "additional_config": {KVC: settings}}
     match = LOOKAT_NAME.fullmatch(name)
     if match is None:

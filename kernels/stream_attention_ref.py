@@ -17,7 +17,7 @@ import torch
 
 def page_rows(pages: torch.Tensor, page: int) -> torch.Tensor:
     """Row ids ``[..., P * page]`` of the pages ``[..., P]``, in order."""
-    return (pages.unsqueeze(-1) * page + torch.arange(page)).flatten(-2)
+    return (pages.unsqueeze(-1) * page + torch.arange(page, device=pages.device)).flatten(-2)
 
 
 def write_rows(pool: torch.Tensor, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -40,7 +40,7 @@ def decode_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tenso
     k, v = rows[..., :head_dim].float(), rows[..., head_dim:].float()
     q = query.view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim).float()
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hkv, group, L]
-    valid = torch.arange(max_len) < lengths.unsqueeze(-1)  # [B, Hkv, L]
+    valid = torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(-1)  # [B, Hkv, L]
     scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1), v)
     return out.reshape(batch, num_q_heads, head_dim)
@@ -56,8 +56,8 @@ def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tens
     max_len = int(lengths.max())
     rows = gather(pool, pages, page, max_len)  # [Hkv, L, 2D]
     k, v = rows[..., :head_dim], rows[..., head_dim:]
-    q_pos = lengths[:, None] - q_len + torch.arange(q_len)  # [Hkv, q_len]
-    mask = torch.arange(max_len)[None, None, :] <= q_pos[:, :, None]  # [Hkv, q_len, L]
+    q_pos = lengths[:, None] - q_len + torch.arange(q_len, device=lengths.device)  # [Hkv, q_len]
+    mask = torch.arange(max_len, device=lengths.device)[None, None, :] <= q_pos[:, :, None]  # [Hkv, q_len, L]
     q = query.transpose(0, 1).reshape(num_kv_heads, group, q_len, head_dim).to(k.dtype)
     out = torch.nn.functional.scaled_dot_product_attention(q, k[:, None], v[:, None], attn_mask=mask[:, None],
                                                            scale=scale)  # [Hkv, group, q_len, D]

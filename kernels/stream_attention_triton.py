@@ -1,0 +1,29 @@
+"""Triton decode over per-(request, KV head) page lists (HeadKV streams).
+
+A stream is exactly a one-head paged sequence: viewing each (request, KV head) as its
+own "request" with one KV head and its GQA group of queries, the pool as pages of one
+head (``[pages, 1, page, 2D]``) and the stream page lists as block tables, the dense
+paged decode kernel (:mod:`dense_triton`: online softmax, flash-decoding split) runs
+unchanged. So a head with a small budget costs only its own pages, read and computed.
+Reference: :func:`stream_attention_ref.decode_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvcompress.kernels.dense_triton import dense_decode
+
+
+def stream_decode(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor, page: int,
+                  scale: float, *, max_kv_len: int | None = None, out_dtype: torch.dtype = torch.float32,
+                  **tune) -> torch.Tensor:
+    """``query[B, Hq, D]``, ``pool[rows, 2D]``, ``pages[B, Hkv, P]``, ``lengths[B, Hkv]`` -> ``[B, Hq, D]``."""
+    batch, num_q_heads, head_dim = query.shape
+    num_kv_heads = pages.shape[1]
+    group = num_q_heads // num_kv_heads
+    flat_query = query.reshape(batch * num_kv_heads, group, head_dim)
+    one_head_pages = pool.view(-1, 1, page, pool.shape[-1])
+    out = dense_decode(flat_query, one_head_pages, pages.reshape(batch * num_kv_heads, -1),
+                       lengths.reshape(-1).to(torch.int32), scale, max_kv_len=max_kv_len, out_dtype=out_dtype, **tune)
+    return out.view(batch, num_q_heads, head_dim)
