@@ -90,8 +90,9 @@ def test_headkv_memory_is_the_sum_of_head_budgets_and_survives_preemption(smollm
     opt_out = [{"kvcompress": {"compression_ratio": 0}}, None]
     plain = run_traced(_llm(smollm2_dir, **_method(**settings)), prompts, max_tokens=340, extra_args=opt_out)
     schedule = _schedule(settings, len(prompts[1]))
-    pages = sum(cdiv(b, 16) for b in schedule.kept())
-    assert len(set(schedule.budgets)) > 3 and pages == round(90 * 128 / 16)  # variable budgets, 720 pages in all
+    pages = sum(cdiv(b, 16) for b in schedule.kept())  # streams never keep more than the prompt
+    assert len(set(schedule.budgets)) > 3 and sum(b // 16 for b in schedule.budgets) == 90 * 128 // 16
+    assert pages == schedule.pages(len(prompts[1])) <= 720
     assert _check_blocks_follow_pages(plain, "1", schedule) >= 300
     forced = [o["token_ids"] for o in plain["outputs"]]
     small = run_traced(_llm(smollm2_dir, blocks=9, max_num_batched_tokens=256, **_method(**settings)), prompts,

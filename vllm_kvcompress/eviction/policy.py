@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import dataclasses
 import functools
 
 from vllm_kvcompress.config import CONFIG_KEY, WINDOW_METHODS, KVCompressConfig, KVCompressConfigError
@@ -84,7 +85,8 @@ class EvictionPolicy:
 
     def schedule_for(self, prompt_len: int, extra_args: dict | None) -> CompressionSchedule | None:
         overrides = request_overrides(extra_args)
-        probe = KVCompressConfig(method=self.config.method, **overrides) if overrides else None
+        probe = dataclasses.replace(self.config, **{"max_kv_tokens": None, "compression_ratio": None, **overrides}) \
+            if overrides else None
         if probe is not None:
             probe.validate()
         budget = self.budget(prompt_len, overrides)
