@@ -166,3 +166,33 @@ def test_per_request_settings_are_checked_in_the_front_end(smollm2_dir):
     plain = engine_config(smollm2_dir, attention_backend="kvcompress")
     with pytest.raises(ValueError, match=r"engine runs kvcompress method 'none'"):
         check_request_settings(plain, {"kvcompress": {"max_kv_tokens": 64}})
+
+
+def test_headkv_scores_checked_at_config_time(smollm2_dir, tmp_path):
+    import json
+
+    headkv = {"method": "headkv", "max_kv_tokens": 128}
+    with pytest.raises(KVCompressConfigError, match=r"kvcompress\.head_scores is required for method 'headkv'"):
+        engine_config(smollm2_dir, attention_backend="kvcompress", additional_config={"kvcompress": headkv})
+    qwen = tmp_path / "qwen.json"  # the published format, for a 24-layer, 14-head model
+    qwen.write_text(json.dumps({f"{l}-{h}": [1.0] for l in range(24) for h in range(14)}))
+    with pytest.raises(KVCompressConfigError, match=rf"head_scores: head scores {qwen}: key '0-9' is not"):
+        engine_config(smollm2_dir, attention_backend="kvcompress",
+                      additional_config={"kvcompress": {**headkv, "head_scores": str(qwen)}})
+    with pytest.raises(KVCompressConfigError, match=r"page_tokens=24 must divide the KV block size 128"):
+        engine_config(smollm2_dir, attention_backend="kvcompress",
+                      additional_config={"kvcompress": {**headkv, "head_scores": "uniform", "page_tokens": 24}})
+    config = engine_config(smollm2_dir, attention_backend="kvcompress",
+                           additional_config={"kvcompress": {**headkv, "head_scores": "uniform"}})
+    assert config.scheduler_config.scheduler_cls.endswith("KVCompressScheduler")
+    assert not config.cache_config.enable_prefix_caching  # compaction rewrites blocks: no prefix cache
+
+
+def test_headkv_with_tensor_parallelism_is_refused(smollm2_dir, monkeypatch):
+    from vllm_kvcompress.config import KVCompressConfig
+
+    vllm_config = engine_config(smollm2_dir)
+    monkeypatch.setattr(vllm_config.parallel_config, "tensor_parallel_size", 2)
+    settings = KVCompressConfig.from_dict({"method": "headkv", "head_scores": "uniform", "max_kv_tokens": 128})
+    with pytest.raises(KVCompressConfigError, match="'headkv' does not support tensor parallelism"):
+        startup.check_headkv(vllm_config, settings)
