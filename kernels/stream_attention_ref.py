@@ -55,13 +55,25 @@ def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tens
     group = num_q_heads // num_kv_heads
     max_len = int(lengths.max())
     rows = gather(pool, pages, page, max_len)  # [Hkv, L, 2D]
-    k, v = rows[..., :head_dim], rows[..., head_dim:]
-    q_pos = lengths[:, None] - q_len + torch.arange(q_len, device=lengths.device)  # [Hkv, q_len]
-    mask = torch.arange(max_len, device=lengths.device)[None, None, :] <= q_pos[:, :, None]  # [Hkv, q_len, L]
-    q = query.transpose(0, 1).reshape(num_kv_heads, group, q_len, head_dim).to(k.dtype)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k[:, None], v[:, None], attn_mask=mask[:, None],
-                                                           scale=scale)  # [Hkv, group, q_len, D]
-    return out.reshape(num_q_heads, q_len, head_dim).transpose(0, 1)
+    k, v = rows[None, ..., :head_dim], rows[None, ..., head_dim:]
+    q = query.transpose(0, 1)[None].to(k.dtype)  # [1, Hq, q_len, D]
+    if bool((lengths == max_len).all()):  # every stream equally long (a prompt before compression)
+        if q_len == max_len:
+            out = _sdpa(q, k, v, None, scale, causal=True)
+        else:
+            q_pos = torch.arange(max_len - q_len, max_len, device=lengths.device)
+            out = _sdpa(q, k, v, (torch.arange(max_len, device=lengths.device) <= q_pos[:, None])[None, None], scale)
+    else:
+        q_pos = lengths[:, None] - q_len + torch.arange(q_len, device=lengths.device)  # [Hkv, q_len]
+        mask = torch.arange(max_len, device=lengths.device)[None, None, :] <= q_pos[:, :, None]  # [Hkv, q_len, L]
+        out = _sdpa(q, k, v, mask.repeat_interleave(group, 0)[None], scale)
+    return out[0].transpose(0, 1)
+
+
+def _sdpa(q, k, v, mask, scale, causal=False):
+    # GQA natively (no K/V repeat); CPU's fused kernel, fp32 accumulation.
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                                            enable_gqa=q.shape[1] != k.shape[1])
 
 
 def move_rows(pool: torch.Tensor, source: torch.Tensor, dest: torch.Tensor) -> None:

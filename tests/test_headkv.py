@@ -134,14 +134,15 @@ def test_stream_attention_reference_matches_per_head_attention():
             rows = pool[ref.page_rows(pages[r, h], page)[: lengths[r, h]]]
             want = _naive(query[r, h * group:(h + 1) * group][None], rows[:, :dim], rows[:, dim:], 0.3)[0]
             assert torch.allclose(out[r, h * group:(h + 1) * group], want, atol=1e-5)
-    q_len = 4
-    chunk = torch.randn(q_len, heads * group, dim)
-    out = ref.prefill_attention(chunk, pool, pages[1], lengths[1], page, 0.3)
-    for h in range(heads):
-        rows = pool[ref.page_rows(pages[1, h], page)[: lengths[1, h]]]
-        want = _naive(chunk[:, h * group:(h + 1) * group], rows[:, :dim], rows[:, dim:], 0.3,
-                      causal_from=int(lengths[1, h]) - q_len)
-        assert torch.allclose(out[:, h * group:(h + 1) * group], want, atol=1e-5)
+    # a chunk after cached rows (per-head lengths, then equal ones), and a whole prompt
+    for q_len, stream_lengths in ((4, lengths[1]), (4, torch.tensor([50, 50])), (50, torch.tensor([50, 50]))):
+        chunk = torch.randn(q_len, heads * group, dim)
+        out = ref.prefill_attention(chunk, pool, pages[1], stream_lengths, page, 0.3)
+        for h in range(heads):
+            rows = pool[ref.page_rows(pages[1, h], page)[: stream_lengths[h]]]
+            want = _naive(chunk[:, h * group:(h + 1) * group], rows[:, :dim], rows[:, dim:], 0.3,
+                          causal_from=int(stream_lengths[h]) - q_len)
+            assert torch.allclose(out[:, h * group:(h + 1) * group], want, atol=1e-5)
 
 
 def test_move_rows_reads_before_it_writes():
