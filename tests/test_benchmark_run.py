@@ -92,3 +92,12 @@ def test_quick_run_both_suites(smollm2_dir, tmp_path):
     assert "| ruler/vt@1024 | 1 |" in md and "| kvcompress-none |" in md
     for plot in ("accuracy_vs_compression.png", "capacity_vs_accuracy.png"):
         assert (tmp_path / plot).stat().st_size > 1000
+
+
+def test_budget_configs_by_name():
+    args = parse_args(["--configs", "headkv-b128,snapkv-b64,knorm-b512"])
+    headkv = args.configs["headkv-b128"]["additional_config"]["kvcompress"]
+    assert headkv["method"] == "headkv" and headkv["max_kv_tokens"] == 128
+    assert headkv["head_scores"].endswith("artefacts/head_scores/qwen2.5-coder-0.5b.json")
+    assert args.configs["snapkv-b64"]["additional_config"]["kvcompress"] == {"method": "snapkv", "max_kv_tokens": 64}
+    assert args.configs["knorm-b512"]["additional_config"]["kvcompress"]["max_kv_tokens"] == 512
