@@ -10,10 +10,10 @@ pytestmark = pytest.mark.engine
 SCENARIOS = {
     # Whole prompts in one step: a batch of 8 prefills of mixed length, then batched decode.
     "bf16-whole-prompts": dict(dtype="bfloat16", max_num_batched_tokens=8192),
-    # 256-token budget: the 2100/2600-token prompts are chunked while short requests
-    # decode, so steps mix decodes, first chunks and later chunks over cached context.
-    "bf16-chunked-mixed": dict(dtype="bfloat16", max_num_batched_tokens=256),
-    # fp32 removes bf16 logit ties: every token must match.
+    # fp32 removes bf16 logit ties: every token must match. The 512-token budget chunks
+    # the 2100/2600-token prompts while short requests decode, so steps mix decodes, first
+    # chunks and later chunks over cached context. (A bf16 chunked scenario adds nothing
+    # the two others do not check and was dropped to keep CI under 30 minutes.)
     "fp32-chunked-mixed": dict(dtype="float32", max_num_batched_tokens=512),
 }
 
