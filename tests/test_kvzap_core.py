@@ -1,0 +1,55 @@
+"""KVzap groundwork (engine-neutral): the KVzip+ oracle against a loop over its
+definition, ridge against its normal equations, the MLP recipe, and the metrics."""
+
+import math
+
+import torch
+
+from vllm_kvcompress.eviction.kvzap import (fit_mlp, fit_ridge, head_output_norms, kvzip_plus_targets,
+                                            quality)
+
+
+def test_oracle_matches_its_definition():
+    torch.manual_seed(0)
+    kv_heads, group, head_dim, hidden, length, repeats = 2, 3, 4, 10, 7, 5
+    values = torch.randn(kv_heads, length, head_dim)
+    o_proj = torch.randn(hidden, kv_heads * group * head_dim)
+    attention = torch.softmax(torch.randn(kv_heads * group, repeats, length), -1)
+    hidden_norms = torch.rand(repeats) + 0.5
+    norms = head_output_norms(values, o_proj, group)
+    targets = kvzip_plus_targets(attention, norms, hidden_norms, group)
+    for h in range(kv_heads):
+        for i in range(length):
+            best = 0.0
+            for g in range(h * group, (h + 1) * group):
+                w_o = o_proj[:, g * head_dim:(g + 1) * head_dim]
+                contribution = float(torch.linalg.vector_norm(w_o @ values[h, i]))
+                for j in range(repeats):
+                    best = max(best, float(attention[g, j, i]) * contribution / float(hidden_norms[j]))
+            assert math.isclose(float(targets[h, i]), math.log(best), rel_tol=1e-4)
+
+
+def test_ridge_solves_its_normal_equations():
+    torch.manual_seed(1)
+    x = torch.randn(300, 6) * 3 + 1
+    w = torch.randn(2, 6)
+    y = x @ w.T + 0.5 + 0.1 * torch.randn(300, 2)
+    model = fit_ridge(x, y, alpha=1.0)
+    pred = model(x)
+    residual = (y - pred).double()
+    # gradient of ||y - xW - b||^2 + alpha ||W||^2 is zero at the solution
+    grad_w = -2 * residual.T @ x.double() + 2 * model.proj.weight.double()
+    assert grad_w.abs().max() < 1e-2 and residual.sum(0).abs().max() < 1e-2
+    assert quality(pred, y)["r2"] > 0.99
+
+
+def test_mlp_recipe_learns_a_nonlinear_target():
+    torch.manual_seed(2)
+    x = torch.randn(4096, 32)
+    y = torch.stack([x[:, 0].abs(), x[:, 1].abs()], 1)  # no linear part: ridge cannot fit it
+    losses = []
+    model = fit_mlp(x, y, epochs=30, batch=128, progress=losses.append, width=32)
+    assert losses[-1] < losses[0] / 3
+    with torch.no_grad():
+        mlp, linear = quality(model(x), y), quality(fit_ridge(x, y)(x).detach(), y)
+    assert mlp["r2"] > 0.9 and linear["r2"] < 0.1  # the nonlinearity is learnt
