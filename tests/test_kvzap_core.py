@@ -53,3 +53,40 @@ def test_mlp_recipe_learns_a_nonlinear_target():
     with torch.no_grad():
         mlp, linear = quality(model(x), y), quality(fit_ridge(x, y)(x).detach(), y)
     assert mlp["r2"] > 0.9 and linear["r2"] < 0.1  # the nonlinearity is learnt
+
+
+def test_predictor_files_round_trip_and_mismatches_are_refused(tmp_path):
+    import types
+
+    import pytest
+
+    from vllm_kvcompress.eviction.kvzap import LinearPredictor, MLPPredictor, PredictorFileError, load_predictors
+    from vllm_kvcompress.kvzap_train import save_predictors
+
+    config = types.SimpleNamespace(num_hidden_layers=2, hidden_size=16, num_key_value_heads=3)
+    for kind, make in (("linear", lambda: LinearPredictor(16, 3)), ("mlp", lambda: MLPPredictor(16, 3))):
+        modules = [make(), make()]
+        path = tmp_path / f"{kind}.safetensors"
+        save_predictors(path, modules, kind, "toy", config)
+        loaded = load_predictors(path, 2, 16, 3)
+        x = torch.randn(5, 16)
+        assert all(torch.equal(a(x), b(x)) for a, b in zip(modules, loaded))
+    with pytest.raises(PredictorFileError, match=r"made for \(layers, hidden, KV heads\) = \(2, 16, 3\)"):
+        load_predictors(tmp_path / "mlp.safetensors", 30, 576, 3)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(PredictorFileError, match="cannot read safetensors") as info:
+        load_predictors(bad, 2, 16, 3)
+    assert str(bad) in str(info.value)
+
+
+def test_repeat_prompt_locates_both_copies(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from vllm_kvcompress.kvzap_train import repeat_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    text = "The quick brown fox jumps over the lazy dog. It was a bright cold day in April."
+    ids, orig, rep, n = repeat_prompt(tokenizer, text)
+    assert ids[orig:orig + n] == ids[rep:rep + n] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert rep == len(ids) - n and orig + n < rep

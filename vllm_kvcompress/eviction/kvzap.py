@@ -110,3 +110,39 @@ def quality(predicted: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     total = ((t - t.mean()) ** 2).sum()
     pearson = torch.corrcoef(torch.stack([p, t]))[0, 1]
     return {"r2": float(1 - residual / total), "pearson": float(pearson)}
+
+
+class PredictorFileError(ValueError):
+    """A predictor file that cannot serve this model; the message names the file."""
+
+
+def load_predictors(path, num_layers: int, hidden: int, num_kv_heads: int) -> list[torch.nn.Module]:
+    """Predictors written by ``vllm_kvcompress.kvzap_train`` (safetensors only), checked
+    against the model's shape."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise PredictorFileError(f"KVzap predictors {path}: cannot read safetensors ({exc})") from exc
+    if meta.get("format") != FORMAT or meta.get("kind") not in ("linear", "mlp"):
+        raise PredictorFileError(f"KVzap predictors {path}: not a {FORMAT} file (metadata {meta})")
+    shape = tuple(int(meta.get(k, -1)) for k in ("num_layers", "hidden_size", "num_kv_heads"))
+    if shape != (num_layers, hidden, num_kv_heads):
+        raise PredictorFileError(f"KVzap predictors {path}: made for (layers, hidden, KV heads) = {shape}, "
+                                 f"model has {(num_layers, hidden, num_kv_heads)}")
+    predictors = []
+    for layer in range(num_layers):
+        state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"layers.{layer}.")}
+        if meta["kind"] == "linear":
+            module = LinearPredictor(hidden, num_kv_heads)
+        else:
+            module = MLPPredictor(hidden, num_kv_heads, state["net.0.weight"].shape[0] if "net.0.weight" in state else None)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise PredictorFileError(f"KVzap predictors {path}: layer {layer}: {exc}") from exc
+        predictors.append(module.eval())
+    return predictors
