@@ -91,16 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_kvcompress.evaluation.text import essay_sentences, take_tokens
-    from vllm_kvcompress.models import MODELS, ensure_model
+    from vllm_kvcompress.models import load_eager
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    path = str(ensure_model(args.model)) if args.model in MODELS else args.model
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    tokenizer, model = load_eager(args.model, args.threads)
     sentences = essay_sentences()
     rng = random.Random(0)
     per_layer_train: list[list] = [[] for _ in model.model.layers]

@@ -149,6 +149,20 @@ def ensure_model(name: str) -> Path:
     return out
 
 
+def load_eager(name_or_dir: str, threads: int | None = None):
+    """``(tokenizer, fp32 transformers model with eager attention)`` for offline analysis
+    that needs attention weights (head scores, KVzap's oracle); a name from
+    :data:`MODELS` is built first."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    path = str(ensure_model(name_or_dir)) if name_or_dir in MODELS else name_or_dir
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    return AutoTokenizer.from_pretrained(path), model
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(MODELS))
