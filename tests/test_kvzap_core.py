@@ -90,3 +90,26 @@ def test_repeat_prompt_locates_both_copies(smollm2_dir):
     ids, orig, rep, n = repeat_prompt(tokenizer, text)
     assert ids[orig:orig + n] == ids[rep:rep + n] == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert rep == len(ids) - n and orig + n < rep
+
+
+def test_published_layout_loads(tmp_path):
+    import json
+
+    import pytest
+    from safetensors.torch import save_file
+
+    from vllm_kvcompress.eviction.kvzap import PredictorFileError, load_published_predictors
+
+    torch.manual_seed(3)
+    mlp = {f"layers.{i}.{j}.{p}": torch.randn(*((8, 16) if j == 0 else (3, 8)) if p == "weight" else ((8,) if j == 0 else (3,)))
+           for i in range(2) for j in (0, 2) for p in ("weight", "bias")}
+    save_file(mlp, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "kvzap", "input_dim": 16, "output_dim": 3,
+                                                      "n_modules": 2, "hidden_dim": 8}))
+    loaded = load_published_predictors(tmp_path, 2, 16, 3)
+    x = torch.randn(4, 16)
+    want = torch.nn.functional.gelu(x @ mlp["layers.1.0.weight"].T + mlp["layers.1.0.bias"]) @ mlp["layers.1.2.weight"].T \
+        + mlp["layers.1.2.bias"]
+    assert torch.allclose(loaded[1](x), want, atol=1e-5)
+    with pytest.raises(PredictorFileError, match=r"model has \(30, 576, 3\)"):
+        load_published_predictors(tmp_path, 30, 576, 3)

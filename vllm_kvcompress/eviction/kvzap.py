@@ -146,3 +146,40 @@ def load_predictors(path, num_layers: int, hidden: int, num_kv_heads: int) -> li
             raise PredictorFileError(f"KVzap predictors {path}: layer {layer}: {exc}") from exc
         predictors.append(module.eval())
     return predictors
+
+
+def load_published_predictors(folder, num_layers: int, hidden: int, num_kv_heads: int) -> list[torch.nn.Module]:
+    """The ``nvidia/KVzap-*`` layout (a folder with ``config.json``: ``input_dim``,
+    ``output_dim``, ``n_modules``, ``hidden_dim`` (null = linear), and ``model.safetensors``
+    with ``layers.{i}.weight``/``.bias`` or ``layers.{i}.{0,2}.weight``/``.bias``)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        tensors = load_file(str(folder / "model.safetensors"))
+    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
+        raise PredictorFileError(f"KVzap predictors {folder}: need config.json and model.safetensors ({exc})") from exc
+    shape = (config.get("n_modules"), config.get("input_dim"), config.get("output_dim"))
+    if shape != (num_layers, hidden, num_kv_heads):
+        raise PredictorFileError(f"KVzap predictors {folder}: made for (layers, hidden, KV heads) = {shape}, "
+                                 f"model has {(num_layers, hidden, num_kv_heads)}")
+    width = config.get("hidden_dim")
+    predictors = []
+    for layer in range(num_layers):
+        prefix = f"layers.{layer}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if width is None:
+            module, state = LinearPredictor(hidden, num_kv_heads), {f"proj.{k}": v for k, v in state.items()}
+        else:
+            module, state = MLPPredictor(hidden, num_kv_heads, int(width)), {f"net.{k}": v for k, v in state.items()}
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise PredictorFileError(f"KVzap predictors {folder}: layer {layer}: {exc}") from exc
+        predictors.append(module.eval())
+    return predictors
