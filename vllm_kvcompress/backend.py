@@ -210,9 +210,8 @@ class KVCompressImpl(AttentionImpl[KVCompressMetadata]):
             self.format = DenseFormat(head_size, model_dtype)
         self.evictor = self.stream_runner = None
         self.settings = config
-        if config.method == "headkv":
-            pass  # a StreamRunner per layer, made once the layer index is known
-        elif config.method in EVICTION_METHODS:
+        # headkv gets a StreamRunner in forward(), once the layer index is known.
+        if config.method in EVICTION_METHODS and config.method != "headkv":
             from vllm_kvcompress.eviction_attention import Evictor
 
             self.evictor = Evictor(config)

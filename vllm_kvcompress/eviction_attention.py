@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_kvcompress import step_plan
-from vllm_kvcompress.eviction.scorers import SCORERS, SnapKVScorer
+from vllm_kvcompress.eviction.scorers import SnapKVScorer, scorer_for
 from vllm_kvcompress.eviction.selection import keep_indices
 from vllm_kvcompress.kernels import compaction_ref
 
@@ -74,8 +74,7 @@ class Evictor:
     """One per attention layer: scores, selects and compacts (or masks) at compaction points."""
 
     def __init__(self, settings):
-        self.scorer = (SnapKVScorer(settings.window_tokens, settings.pool_kernel) if settings.method == "snapkv"
-                       else SCORERS[settings.method]())
+        self.scorer = scorer_for(settings)
         self.settings = settings
         self.mask_mode = settings.eviction_mode == "mask"
 
@@ -103,7 +102,7 @@ class Evictor:
     def _window(self, query, c: Compaction):
         if not isinstance(self.scorer, SnapKVScorer) or query is None:
             return None
-        return query[c.token_end - min(self.scorer.window, c.length): c.token_end].transpose(0, 1)  # [Hq, w, D]
+        return self.scorer.window_queries(query, c.token_end, c.length)
 
     def run(self, layer: int, cache: torch.Tensor, fmt, plan: EvictionPlan, query=None) -> None:
         s = self.settings

@@ -134,9 +134,10 @@ def check_request_settings(vllm_config: "VllmConfig", extra_args: dict) -> None:
             f"SamplingParams.extra_args[{CONFIG_KEY!r}] sets a per-request eviction budget, but the engine runs "
             f"kvcompress method {config.method!r}; start it with an eviction method ({', '.join(EVICTION_METHODS)})"
         )
-    from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
+    from vllm_kvcompress.eviction.policy import validate_overrides
 
-    EvictionPolicy(config, vllm_config.cache_config.block_size, model_shape(vllm_config)).schedule_for(1, extra_args)
+    # Settings only: no policy (HeadKV's would re-read its scores file for every request).
+    validate_overrides(config, extra_args)
 
 
 def check_headkv(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:

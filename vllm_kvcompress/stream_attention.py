@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_kvcompress import step_plan
-from vllm_kvcompress.eviction.scorers import SnapKVScorer
+from vllm_kvcompress.eviction.scorers import scorer_for
 from vllm_kvcompress.eviction.selection import keep_indices_per_head
 from vllm_kvcompress.eviction.streams import PoolGeometry, StreamPageTable, StreamSchedule, cdiv
 from vllm_kvcompress.kernels import stream_attention_ref as ref
@@ -67,11 +67,15 @@ def _native_pages(geometry: PoolGeometry, blocks: torch.Tensor, length: int) -> 
     return ((layer * g.num_blocks + block) * g.heads + head) * g.subpages + j % g.subpages
 
 
+def _slot_pages(geometry: PoolGeometry, slots: list[int], blocks: list[int], schedule: StreamSchedule) -> list[int]:
+    return [geometry.slot_page(blocks, slot, schedule.pages_per_block) for slot in slots]
+
+
 def _packed_pages(geometry: PoolGeometry, table: StreamPageTable, ids: list[list[int]], blocks: list[int],
                   schedule: StreamSchedule, lengths: list[int]) -> torch.Tensor:
     table.grow(lengths)
-    for stream, slots in enumerate(table.slots):
-        ids[stream].extend(geometry.slot_page(blocks, slot, schedule.pages_per_block) for slot in slots[len(ids[stream]):])
+    for stream, slots in enumerate(table.slots):  # only slots taken since the last step need ids
+        ids[stream].extend(_slot_pages(geometry, slots[len(ids[stream]):], blocks, schedule))
     width = max(len(x) for x in ids)
     padded = torch.tensor([x + [x[0]] * (width - len(x)) for x in ids], dtype=torch.long)
     return padded.view(geometry.num_layers, geometry.heads, width)
@@ -150,8 +154,7 @@ class StreamRunner:
     """One per attention layer (HeadKV)."""
 
     def __init__(self, settings, layer: int, num_layers: int):
-        self.scorer = SnapKVScorer(settings.window_tokens, settings.pool_kernel)
-        self.window = settings.window_tokens
+        self.scorer = scorer_for(settings)
         self.layer, self.num_layers = layer, num_layers
 
     def forward(self, query, key, value, kv_cache, meta: StreamMetadata, out, scale: float) -> None:
@@ -177,11 +180,10 @@ class StreamRunner:
         head_dim = query.shape[-1]
         rows = ref.page_rows(c.pages[self.layer], c.schedule.page)[:, : c.length]  # [H, T]
         keys = pool[rows][..., :head_dim]
-        window = query[c.token_end - min(self.window, c.length): c.token_end].transpose(0, 1)  # [Hq, w, D]
-        scores = self.scorer.score(keys, queries=window)
+        scores = self.scorer.score(keys, queries=self.scorer.window_queries(query, c.token_end, c.length))
         heads = rows.shape[0]
         budgets = c.schedule.budgets[self.layer * heads:(self.layer + 1) * heads]
-        keep = keep_indices_per_head(scores, list(budgets), 0, self.window)
+        keep = keep_indices_per_head(scores, list(budgets), 0, self.scorer.window)
         c.kept_rows.append([rows[h, k] for h, k in enumerate(keep)])
 
 
@@ -189,7 +191,7 @@ def _repack(pool, c: StreamCompression, geometry: PoolGeometry) -> None:
     """Move every stream's kept rows into the packed layout (all layers at once)."""
     kept = [rows for layer_rows in c.kept_rows for rows in layer_rows]  # stream order (layer-major)
     table = StreamPageTable.packed([len(rows) for rows in kept], c.schedule.page)
-    ids = [[geometry.slot_page(c.blocks, slot, c.schedule.pages_per_block) for slot in slots] for slots in table.slots]
+    ids = [_slot_pages(geometry, slots, c.blocks, c.schedule) for slots in table.slots]
     dest = [ref.page_rows(torch.tensor(stream_ids), c.schedule.page)[: len(rows)] for stream_ids, rows in zip(ids, kept)]
     ref.move_rows(pool, torch.cat(kept), torch.cat(dest))
     step_plan.stream_tables[c.req_id] = (table, ids)

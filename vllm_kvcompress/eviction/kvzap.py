@@ -116,6 +116,20 @@ class PredictorFileError(ValueError):
     """A predictor file that cannot serve this model; the message names the file."""
 
 
+def _layer_state(tensors: dict, layer: int) -> dict:
+    """``layers.{layer}.<name>`` tensors as ``<name>``."""
+    prefix = f"layers.{layer}."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _loaded(module: torch.nn.Module, state: dict, source, layer: int) -> torch.nn.Module:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise PredictorFileError(f"KVzap predictors {source}: layer {layer}: {exc}") from exc
+    return module.eval()
+
+
 def load_predictors(path, num_layers: int, hidden: int, num_kv_heads: int) -> list[torch.nn.Module]:
     """Predictors written by ``vllm_kvcompress.kvzap_train`` (safetensors only), checked
     against the model's shape."""
@@ -135,16 +149,12 @@ def load_predictors(path, num_layers: int, hidden: int, num_kv_heads: int) -> li
                                  f"model has {(num_layers, hidden, num_kv_heads)}")
     predictors = []
     for layer in range(num_layers):
-        state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"layers.{layer}.")}
+        state = _layer_state(tensors, layer)
         if meta["kind"] == "linear":
             module = LinearPredictor(hidden, num_kv_heads)
         else:
             module = MLPPredictor(hidden, num_kv_heads, state["net.0.weight"].shape[0] if "net.0.weight" in state else None)
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as exc:
-            raise PredictorFileError(f"KVzap predictors {path}: layer {layer}: {exc}") from exc
-        predictors.append(module.eval())
+        predictors.append(_loaded(module, state, path, layer))
     return predictors
 
 
@@ -171,15 +181,10 @@ def load_published_predictors(folder, num_layers: int, hidden: int, num_kv_heads
     width = config.get("hidden_dim")
     predictors = []
     for layer in range(num_layers):
-        prefix = f"layers.{layer}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = _layer_state(tensors, layer)
         if width is None:
             module, state = LinearPredictor(hidden, num_kv_heads), {f"proj.{k}": v for k, v in state.items()}
         else:
             module, state = MLPPredictor(hidden, num_kv_heads, int(width)), {f"net.{k}": v for k, v in state.items()}
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as exc:
-            raise PredictorFileError(f"KVzap predictors {folder}: layer {layer}: {exc}") from exc
-        predictors.append(module.eval())
+        predictors.append(_loaded(module, state, folder, layer))
     return predictors

@@ -7,11 +7,10 @@ with the keys in :data:`REQUEST_KEYS`; the scheduler and the worker both call
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import dataclasses
 import functools
+import math
+from typing import Any
 
 from vllm_kvcompress.config import CONFIG_KEY, WINDOW_METHODS, KVCompressConfig, KVCompressConfigError
 from vllm_kvcompress.eviction.headkv import HeadScores, allocate_budgets, load_head_scores
@@ -31,6 +30,14 @@ def request_overrides(extra_args: dict | None) -> dict[str, Any]:
     if len(raw) > 1:
         raise KVCompressConfigError(f"SamplingParams.extra_args[{CONFIG_KEY!r}]: set at most one of {', '.join(REQUEST_KEYS)}")
     return raw
+
+
+def validate_overrides(config: KVCompressConfig, extra_args: dict | None) -> dict[str, Any]:
+    """A request's budget overrides, checked as the engine's settings would be."""
+    overrides = request_overrides(extra_args)
+    if overrides:
+        dataclasses.replace(config, **{"max_kv_tokens": None, "compression_ratio": None, **overrides}).validate()
+    return overrides
 
 
 def model_shape(vllm_config) -> tuple[int, int, int]:
@@ -84,11 +91,7 @@ class EvictionPolicy:
         return max(budget, self.config.sink_tokens + self.config.recent_tokens, 1)
 
     def schedule_for(self, prompt_len: int, extra_args: dict | None) -> CompressionSchedule | None:
-        overrides = request_overrides(extra_args)
-        probe = dataclasses.replace(self.config, **{"max_kv_tokens": None, "compression_ratio": None, **overrides}) \
-            if overrides else None
-        if probe is not None:
-            probe.validate()
+        overrides = validate_overrides(self.config, extra_args)
         budget = self.budget(prompt_len, overrides)
         if budget is None:
             return None

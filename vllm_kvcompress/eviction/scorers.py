@@ -30,8 +30,6 @@ class KnormScorer(Scorer):
         return -torch.linalg.vector_norm(keys.float(), dim=-1)
 
 
-
-
 class SnapKVScorer(Scorer):
     """SnapKV-style selection (as HeadKV uses it): attention of the last ``window`` prompt
     queries over the prompt, averaged over those queries and the KV head's query group,
@@ -43,6 +41,11 @@ class SnapKVScorer(Scorer):
 
     def __init__(self, window: int = 8, kernel: int = 7):
         self.window, self.kernel = window, kernel
+
+    def window_queries(self, query: torch.Tensor, token_end: int, length: int) -> torch.Tensor:
+        """The window's queries ``[Hq, w, D]`` of a request whose tokens in this step's
+        ``query[T, Hq, D]`` end at ``token_end`` (the prompt's last tokens)."""
+        return query[token_end - min(self.window, length): token_end].transpose(0, 1)
 
     def score(self, keys, values=None, hidden=None, queries=None):
         if queries is None:
@@ -65,5 +68,10 @@ class SnapKVScorer(Scorer):
         return scores
 
 
-SCORERS: dict[str, type[Scorer]] = {KnormScorer.name: KnormScorer, SnapKVScorer.name: SnapKVScorer,
-                                      "headkv": SnapKVScorer}
+def scorer_for(settings) -> Scorer:
+    """The scorer of an eviction method (``snapkv`` and ``headkv`` select alike)."""
+    if settings.method in ("snapkv", "headkv"):
+        return SnapKVScorer(settings.window_tokens, settings.pool_kernel)
+    if settings.method == KnormScorer.name:
+        return KnormScorer()
+    raise ValueError(f"no scorer for method {settings.method!r}")
