@@ -15,8 +15,8 @@ def test_unknown_method_names_allowed_values():
 
 
 def test_planned_method_is_refused_not_ignored():
-    with pytest.raises(KVCompressConfigError, match=r"'kvzap' is not available in this release.*allowed: none"):
-        KVCompressConfig.from_dict({"method": "kvzap"})
+    with pytest.raises(KVCompressConfigError, match=r"'dms' is not available in this release.*allowed: none"):
+        KVCompressConfig.from_dict({"method": "dms"})
 
 
 def test_eviction_needs_a_budget_and_checks_its_options():

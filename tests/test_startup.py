@@ -30,7 +30,8 @@ def test_valid_config_is_normalised(smollm2_dir):
                                                       "sink_tokens": 0, "recent_tokens": 0, "buffer_blocks": 1,
                                                       "eviction_mode": "compact", "head_scores": None,
                                                       "headkv_beta": 1.2, "window_tokens": 8, "pool_kernel": 7,
-                                                      "page_tokens": 16,
+                                                      "page_tokens": 16, "kvzap_predictor": None,
+                                                      "kvzap_threshold": None, "kvzap_window": 128,
                                                       "codebooks": None, "value_bits": 16, "current_tokens": "coded"}
 
 

@@ -27,7 +27,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from vllm_kvcompress import BACKEND_NAME
 from vllm_kvcompress.cache_formats import DenseFormat, LookatFormat
-from vllm_kvcompress.config import EVICTION_METHODS, KVCompressConfig
+from vllm_kvcompress.config import EVICTION_METHODS, STREAM_METHODS, KVCompressConfig
 
 
 # Under the "vllm" logger tree, so records get vLLM's handlers and process prefixes.
@@ -120,7 +120,7 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder[KVCompressMetadata]):
         config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
         self.evicts = config.method in EVICTION_METHODS
         self.compact = config.eviction_mode == "compact"
-        self.streams = config.method == "headkv"
+        self.streams = config.method in STREAM_METHODS
         self.page_tokens = config.page_tokens
         self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         logger.info(
@@ -131,7 +131,7 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder[KVCompressMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> KVCompressMetadata:
         m = common_attn_metadata
         num_reqs = m.num_reqs
-        if self.streams:  # per-(layer, KV head) page lists (HeadKV)
+        if self.streams:  # per-(layer, KV head) page lists (HeadKV, KVzap)
             from vllm_kvcompress import step_plan, stream_attention
             from vllm_kvcompress.eviction.streams import PoolGeometry
 
@@ -210,8 +210,8 @@ class KVCompressImpl(AttentionImpl[KVCompressMetadata]):
             self.format = DenseFormat(head_size, model_dtype)
         self.evictor = self.stream_runner = None
         self.settings = config
-        # headkv gets a StreamRunner in forward(), once the layer index is known.
-        if config.method in EVICTION_METHODS and config.method != "headkv":
+        # headkv/kvzap get a StreamRunner in forward(), once the layer index is known.
+        if config.method in EVICTION_METHODS and config.method not in STREAM_METHODS:
             from vllm_kvcompress.eviction_attention import Evictor
 
             self.evictor = Evictor(config)

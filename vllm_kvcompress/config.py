@@ -8,6 +8,7 @@ process before any engine process starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,11 +16,13 @@ CONFIG_KEY = "kvcompress"
 
 # Methods that run in this release, and those still being built (refused with a
 # clear message rather than silently falling back to no compression).
-AVAILABLE_METHODS = ("none", "lookat", "knorm", "snapkv", "headkv")
-PLANNED_METHODS = ("kvzap", "dms")
+AVAILABLE_METHODS = ("none", "lookat", "knorm", "snapkv", "headkv", "kvzap")
+PLANNED_METHODS = ("dms",)
 EVICTION_METHODS = ("knorm", "snapkv", "headkv", "kvzap", "dms")
 # SnapKV-style selection at the prompt end, decode tokens appended (no decode compaction).
 WINDOW_METHODS = ("snapkv", "headkv")
+# Per-(layer, KV head) streams paged from the shared pool (variable lengths per head).
+STREAM_METHODS = ("headkv", "kvzap")
 VALUE_BITS = (16, 8, 4)
 CURRENT_TOKENS = ("coded", "exact")
 EVICTION_MODES = ("compact", "mask")
@@ -31,6 +34,11 @@ class KVCompressConfigError(ValueError):
 
 def _key(name: str) -> str:
     return f"additional_config.{CONFIG_KEY}.{name}"
+
+
+def _methods_of(name: str) -> str:
+    return {"window_tokens": "snapkv, headkv", "pool_kernel": "snapkv, headkv", "page_tokens": "headkv, kvzap"}.get(
+        name, "headkv")
 
 
 def _setting(default, doc: str):
@@ -95,8 +103,23 @@ class KVCompressConfig:
     )
     page_tokens: int = _setting(
         16,
-        "HeadKV: rows per (layer, KV head) page; budgets are whole pages and memory is counted in pages "
+        "HeadKV/KVzap: rows per (layer, KV head) page; budgets are whole pages and memory is counted in pages "
         "(must divide the block size).",
+    )
+    kvzap_predictor: str | None = _setting(
+        None,
+        "KVzap: predictor file (safetensors from `python -m vllm_kvcompress.kvzap_train`) or a published "
+        "`nvidia/KVzap-*` folder (config.json + model.safetensors). Required for `kvzap`.",
+    )
+    kvzap_threshold: float | None = _setting(
+        None,
+        "KVzap threshold mode: a token leaving the window is evicted for a KV head when its predicted "
+        "log-score is below this (the paper: -4 for Qwen3-8B). Set this or a budget "
+        "(`compression_ratio`/`max_kv_tokens`: top-k per KV head at the prompt end), not both.",
+    )
+    kvzap_window: int = _setting(
+        128,
+        "KVzap threshold mode: newest tokens never evicted (a multiple of `page_tokens`).",
     )
     codebooks: str | None = _setting(
         None,
@@ -176,6 +199,7 @@ class KVCompressConfig:
         self._validate_lookat()
         self._validate_eviction()
         self._validate_window_methods()
+        self._validate_kvzap()
         has_budget = self.max_kv_tokens is not None or self.compression_ratio is not None
         if has_budget and self.method not in EVICTION_METHODS:
             raise KVCompressConfigError(
@@ -188,7 +212,7 @@ class KVCompressConfig:
             if self.eviction_mode not in EVICTION_MODES:
                 raise KVCompressConfigError(
                     f"{_key('eviction_mode')} must be one of {', '.join(EVICTION_MODES)}, got {self.eviction_mode!r}")
-            if self.max_kv_tokens is None and self.compression_ratio is None:
+            if self.max_kv_tokens is None and self.compression_ratio is None and self.method != "kvzap":
                 raise KVCompressConfigError(
                     f"method {self.method!r} needs a budget: set {_key('compression_ratio')} (fraction of tokens "
                     f"removed, 0 <= r < 1) or {_key('max_kv_tokens')} (tokens kept per sequence)"
@@ -204,19 +228,21 @@ class KVCompressConfig:
 
     def _validate_window_methods(self) -> None:
         defaults = {"head_scores": None, "headkv_beta": 1.2, "window_tokens": 8, "pool_kernel": 7, "page_tokens": 16}
-        allowed = {"snapkv": ("window_tokens", "pool_kernel"), "headkv": tuple(defaults)}.get(self.method, ())
+        allowed = {"snapkv": ("window_tokens", "pool_kernel"), "headkv": tuple(defaults),
+                   "kvzap": ("page_tokens",)}.get(self.method, ())
         for name, default in defaults.items():
             if name not in allowed and getattr(self, name) != default:
                 raise KVCompressConfigError(
-                    f"{_key(name)} applies to method(s) {'headkv' if name not in ('window_tokens', 'pool_kernel') else 'snapkv, headkv'} "
+                    f"{_key(name)} applies to method(s) {_methods_of(name)} "
                     f"only (method is {self.method!r})")
-        if self.method not in WINDOW_METHODS:
+        if self.method not in (*WINDOW_METHODS, "kvzap"):
             return
         for name in ("sink_tokens", "recent_tokens", "buffer_blocks", "eviction_mode"):
             if getattr(self, name) != {"buffer_blocks": 1, "eviction_mode": "compact"}.get(name, 0):
                 raise KVCompressConfigError(
-                    f"{_key(name)} does not apply to {self.method!r}: it compresses once, at the prompt end, keeping "
-                    f"the last {_key('window_tokens')} tokens; decode tokens are appended")
+                    f"{_key(name)} does not apply to {self.method!r}: it keeps its own window "
+                    f"({_key('kvzap_window' if self.method == 'kvzap' else 'window_tokens')}) and compacts per "
+                    "(layer, KV head) stream")
         for name, minimum in (("window_tokens", 1), ("pool_kernel", 1), ("page_tokens", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -233,6 +259,31 @@ class KVCompressConfig:
         beta = self.headkv_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 1:
             raise KVCompressConfigError(f"{_key('headkv_beta')} must be a number > 1, got {beta!r}")
+
+    def _validate_kvzap(self) -> None:
+        if self.method != "kvzap":
+            for name, default in (("kvzap_predictor", None), ("kvzap_threshold", None), ("kvzap_window", 128)):
+                if getattr(self, name) != default:
+                    raise KVCompressConfigError(f"{_key(name)} applies to method 'kvzap' only (method is {self.method!r})")
+            return
+        if not isinstance(self.kvzap_predictor, str) or not self.kvzap_predictor:
+            raise KVCompressConfigError(
+                f"{_key('kvzap_predictor')} is required for method 'kvzap': a file from "
+                "`python -m vllm_kvcompress.kvzap_train --model MODEL --out DIR` or a published nvidia/KVzap-* folder")
+        has_budget = self.max_kv_tokens is not None or self.compression_ratio is not None
+        threshold = self.kvzap_threshold
+        if (threshold is None) == (not has_budget):
+            raise KVCompressConfigError(
+                f"method 'kvzap' needs exactly one of {_key('kvzap_threshold')} (threshold mode, the paper's) or a "
+                f"budget {_key('compression_ratio')}/{_key('max_kv_tokens')} (top-k per KV head at the prompt end)")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not math.isfinite(threshold)):
+            raise KVCompressConfigError(f"{_key('kvzap_threshold')} must be a finite number (a log-score), "
+                                        f"got {threshold!r}")
+        window = self.kvzap_window
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % self.page_tokens:
+            raise KVCompressConfigError(f"{_key('kvzap_window')} must be a positive multiple of "
+                                        f"{_key('page_tokens')}={self.page_tokens}, got {window!r}")
 
     def _validate_lookat(self) -> None:
         if self.method != "lookat":

@@ -12,7 +12,8 @@ blocks counted on *physical* rows (what the cache really holds after compaction)
 
 Logical state (``num_computed_tokens``, positions, ``max_model_len``) stays vLLM's.
 The worker applies the same schedule (:mod:`vllm_kvcompress.worker`); nothing is sent
-between them.
+between them, except KVzap's threshold mode, whose survivors depend on the predicted
+scores: the worker reports the pages each request needs next with the step's output.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ logger = init_logger("vllm.kvcompress.scheduler")
 def _whole_window(schedule, computed: int, new: int) -> int:
     """SnapKV-style scores need the queries of the prompt's last ``window`` tokens in the
     step that compresses: a chunk must not end inside that window."""
-    end, start_of_window = computed + new, schedule.compress_at - schedule.window
-    if schedule.window and start_of_window < end < schedule.compress_at:
+    window = getattr(schedule, "window", 0)  # KVzap's threshold schedule needs no queries
+    end, start_of_window = computed + new, schedule.compress_at - window
+    if window and start_of_window < end < schedule.compress_at:
         # Stop before the window, or wait until one step can take all of it.
         return max(start_of_window - computed, 0)
     return new
@@ -113,6 +115,15 @@ class KVCompressScheduler(Scheduler):
             num_new_tokens = min(num_new_tokens, schedule.next_point(num_computed_tokens) - num_computed_tokens)
             num_new_tokens = _whole_window(schedule, num_computed_tokens, num_new_tokens)
         return num_new_tokens
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        # KVzap threshold mode: survivors are data-dependent, so the worker reports the
+        # pages each request needs for its next step; read before that step is scheduled.
+        for req_id, pages in (getattr(model_runner_output, "kvc_pages_next", None) or {}).items():
+            schedule = self.schedules.get(req_id)
+            if schedule is not None:
+                schedule.pages_next = pages
+        return super().update_from_output(scheduler_output, model_runner_output)
 
     def _free_request(self, request, *args, **kwargs):
         result = super()._free_request(request, *args, **kwargs)

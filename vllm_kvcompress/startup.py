@@ -156,6 +156,29 @@ def check_headkv(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
         raise KVCompressConfigError(f"additional_config.{CONFIG_KEY}.head_scores: {exc}") from None
 
 
+def check_kvzap(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
+    """Predictors for this very model, eager mode (the predictor is a forward pre-hook),
+    one rank, and a page size that divides the block."""
+    if config.method != "kvzap" or vllm_config.model_config is None:
+        return
+    from vllm_kvcompress.eviction.kvzap import PredictorFileError, load_any_predictors
+    from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
+
+    if vllm_config.parallel_config.tensor_parallel_size > 1:
+        raise KVCompressConfigError("kvcompress method 'kvzap' does not support tensor parallelism yet "
+                                    "(its predictors and per-head survivors cover every KV head on one rank)")
+    if not vllm_config.model_config.enforce_eager:
+        raise KVCompressConfigError("kvcompress method 'kvzap' needs eager mode (its predictor runs as a forward "
+                                    "pre-hook on each attention layer, which a compiled graph would skip): add "
+                                    "--enforce-eager (enforce_eager=True)")
+    hf = vllm_config.model_config.hf_text_config
+    try:
+        load_any_predictors(config.kvzap_predictor, hf.num_hidden_layers, hf.hidden_size, hf.num_key_value_heads)
+    except PredictorFileError as exc:
+        raise KVCompressConfigError(f"additional_config.{CONFIG_KEY}.kvzap_predictor: {exc}") from None
+    EvictionPolicy(config, vllm_config.cache_config.block_size, model_shape(vllm_config))
+
+
 def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
     """Return the parsed plugin config when kvcompress is selected, else None.
 
@@ -178,6 +201,7 @@ def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
     check_engine_options(vllm_config)
     check_lookat(vllm_config, config)
     check_headkv(vllm_config, config)
+    check_kvzap(vllm_config, config)
     wire_eviction(vllm_config, config)
     if isinstance(additional, dict):
         additional[CONFIG_KEY] = config.as_dict()

@@ -10,6 +10,14 @@ rows: list[CompressionSchedule | None] | None = None
 req_ids: list[str] = []
 # eviction_mode "mask" only: {req_id: {layer: visible rows [H, capacity] bool}}
 masks: dict[str, dict[int, "torch.Tensor"]] = {}
-# headkv only: {req_id: (StreamPageTable, global page ids per stream)} of packed requests
+# headkv/kvzap: {req_id: (StreamPageTable, global page ids per stream)} of packed requests
 stream_tables: dict[str, tuple] = {}
+# kvzap: {layer: predicted scores [tokens, KV heads]} of the step (set by the pre-hooks),
+# one score per pool row (moved with the rows), and in threshold mode the survivors
+# [layers, KV heads] of each packed request and the pages each needs for its next step
+# (collected for the scheduler after the step).
+kvzap_scores: dict[int, "torch.Tensor"] = {}
+score_store: "torch.Tensor | None" = None
+kept: dict[str, "torch.Tensor"] = {}
+pages_reports: dict[str, int] = {}
 num_blocks: int | None = None  # blocks in the KV pool (set when the runner allocates it)

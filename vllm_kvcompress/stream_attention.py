@@ -11,6 +11,13 @@ Run (impl, every layer): write, attend, and at a compression score the prompt wi
 last window's queries (SnapKV-style) and keep each stream's budget. The repack into the
 packed layout writes across every layer's pages, so it runs once, after the last
 layer's attention, when no layer still has to read or write this step.
+
+KVzap scores every new token from its hidden state (a pre-hook on the layer's attention,
+:mod:`vllm_kvcompress.kvzap_hooks`) and keeps the scores next to the rows
+(``step_plan.score_store``, one float per pool row, moved with them). Top-k mode selects
+with them at the prompt end like HeadKV; threshold mode
+(:mod:`vllm_kvcompress.eviction.threshold`) packs the prompt into a ring + survivors and
+then decides one leaving token per stream and step.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from vllm_kvcompress import step_plan
 from vllm_kvcompress.eviction.scorers import scorer_for
 from vllm_kvcompress.eviction.selection import keep_indices_per_head
 from vllm_kvcompress.eviction.streams import PoolGeometry, StreamPageTable, StreamSchedule, cdiv
+from vllm_kvcompress.eviction.threshold import ThresholdSchedule, prompt_survivors, ring_order
 from vllm_kvcompress.kernels import stream_attention_ref as ref
 
 
@@ -55,6 +63,12 @@ class StreamMetadata:
     prefills: list[StreamSpan]
     compressions: list[StreamCompression]
     geometry: PoolGeometry
+    # KVzap threshold mode, packed decode rows V: the token leaving each stream's window
+    # is copied from its ring row to the spare row, then kept where its score passes.
+    victim_req_ids: list[str] = field(default_factory=list)
+    victim_src: torch.Tensor | None = None  # [L, V, H]
+    victim_dst: torch.Tensor | None = None  # [L, V, H]
+    victim_kept: torch.Tensor | None = None  # [L, V, H] survivors per stream (updated in the step)
 
 
 def _native_pages(geometry: PoolGeometry, blocks: torch.Tensor, length: int) -> torch.Tensor:
@@ -94,6 +108,7 @@ def build(m, num_reqs: int, geometry: PoolGeometry) -> StreamMetadata | None:
     seq_lens = m.seq_lens[:num_reqs].to("cpu").tolist()
     table_rows = m.block_table_tensor[:num_reqs].cpu()
     writes, decode_rows, decode_pages, decode_lengths, prefills, compressions = [], [], [], [], [], []
+    victims: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for r in range(num_reqs):
         q_len, after = starts[r + 1] - starts[r], seq_lens[r]
         if q_len == 0:
@@ -106,11 +121,25 @@ def build(m, num_reqs: int, geometry: PoolGeometry) -> StreamMetadata | None:
             lengths = torch.full((geometry.num_layers, geometry.heads), after, dtype=torch.long)
             if schedule is not None and schedule.compacts_at(after):
                 compressions.append(StreamCompression(req_id, starts[r + 1], pages, after, schedule, blocks.tolist()))
+        elif isinstance(schedule, ThresholdSchedule):
+            if q_len != 1:
+                raise RuntimeError(f"kvzap: request {req_id} got {q_len} tokens in one step after its prompt was packed")
+            table, ids = step_plan.stream_tables[req_id]
+            kept = step_plan.kept[req_id]
+            lengths = schedule.ring + kept + 1
+            pages = _packed_pages(geometry, table, ids, blocks.tolist(), schedule, lengths.flatten().tolist())
+            # The new token takes the ring row of the token leaving the window; that one
+            # goes to the spare row first.
+            positions = torch.full((*lengths.shape, 1), (after - 1) % schedule.ring, dtype=torch.long)
+            all_rows = ref.page_rows(pages, geometry.page)
+            victims.append((req_id, all_rows.gather(2, positions)[..., 0],
+                            all_rows.gather(2, (lengths - 1)[..., None])[..., 0], kept))
         else:
             table, ids = step_plan.stream_tables[req_id]
             lengths = torch.tensor(schedule.stream_lengths(after), dtype=torch.long).view(geometry.num_layers, -1)
             pages = _packed_pages(geometry, table, ids, blocks.tolist(), schedule, lengths.flatten().tolist())
-        positions = lengths[:, :, None] - q_len + torch.arange(q_len)  # [L, H, q]
+        if not victims or victims[-1][0] != req_id:
+            positions = lengths[:, :, None] - q_len + torch.arange(q_len)  # [L, H, q]
         rows_lh = ref.page_rows(pages, geometry.page).gather(2, positions)
         writes.append(rows_lh.permute(0, 2, 1))  # [L, q, H]
         if q_len == 1:
@@ -125,7 +154,14 @@ def build(m, num_reqs: int, geometry: PoolGeometry) -> StreamMetadata | None:
     else:
         decode_pages_t = torch.zeros(geometry.num_layers, 0, geometry.heads, 1, dtype=torch.long)
         decode_lengths_t = torch.zeros(geometry.num_layers, 0, geometry.heads, dtype=torch.long)
+    victim_fields = {}
+    if victims:
+        victim_fields = dict(victim_req_ids=[v[0] for v in victims],
+                             victim_src=torch.stack([v[1] for v in victims], dim=1),
+                             victim_dst=torch.stack([v[2] for v in victims], dim=1),
+                             victim_kept=torch.stack([v[3] for v in victims], dim=1).clone())
     return StreamMetadata(
+        **victim_fields,
         num_actual_tokens=m.num_actual_tokens,
         write_rows=torch.cat(writes, dim=1) if writes else torch.zeros(geometry.num_layers, 0, geometry.heads,
                                                                         dtype=torch.long),
@@ -151,16 +187,25 @@ def pool_rows(kv_cache: torch.Tensor, layer: int, num_layers: int) -> torch.Tens
 
 
 class StreamRunner:
-    """One per attention layer (HeadKV)."""
+    """One per attention layer (HeadKV, KVzap)."""
 
     def __init__(self, settings, layer: int, num_layers: int):
-        self.scorer = scorer_for(settings)
+        self.predicted = settings.method == "kvzap"  # scores from the hidden states, kept per row
+        self.scorer = None if self.predicted else scorer_for(settings)
+        self.threshold = settings.kvzap_threshold
         self.layer, self.num_layers = layer, num_layers
 
     def forward(self, query, key, value, kv_cache, meta: StreamMetadata, out, scale: float) -> None:
         pool = pool_rows(kv_cache, self.layer, self.num_layers)
         layer, page = self.layer, meta.geometry.page
+        scores = step_plan.score_store if self.predicted else None
+        if meta.victim_src is not None:  # before the new tokens take their ring rows
+            src, dst = meta.victim_src[layer], meta.victim_dst[layer]
+            pool[dst] = pool[src]
+            scores[dst] = scores[src]
         ref.write_rows(pool, meta.write_rows[layer], key, value)
+        if self.predicted:
+            scores[meta.write_rows[layer]] = step_plan.kvzap_scores.pop(layer)[: meta.num_actual_tokens]
         if meta.decode_token_index.numel():
             idx = meta.decode_token_index
             result = ref.decode_attention(query[idx], pool, meta.decode_pages[layer], meta.decode_lengths[layer],
@@ -170,28 +215,57 @@ class StreamRunner:
             rows = slice(span.token_start, span.token_end)
             result = ref.prefill_attention(query[rows], pool, span.pages[layer], span.lengths[layer], page, scale)
             out[rows] = result.to(out.dtype)
+        if meta.victim_src is not None:  # after the attention: the leaving token was still seen
+            meta.victim_kept[layer] += (scores[meta.victim_dst[layer]] >= self.threshold).long()
         for c in meta.compressions:
             self._select(pool, query, c)
         if layer == self.num_layers - 1:
             for c in meta.compressions:
                 _repack(pool, c, meta.geometry)
+            for v, req_id in enumerate(meta.victim_req_ids):
+                _record_kept(req_id, meta.victim_kept[:, v])
 
     def _select(self, pool, query, c: StreamCompression) -> None:
-        head_dim = query.shape[-1]
         rows = ref.page_rows(c.pages[self.layer], c.schedule.page)[:, : c.length]  # [H, T]
-        keys = pool[rows][..., :head_dim]
-        scores = self.scorer.score(keys, queries=self.scorer.window_queries(query, c.token_end, c.length))
         heads = rows.shape[0]
+        if isinstance(c.schedule, ThresholdSchedule):  # ring (the last tokens), then survivors
+            ring = rows[:, ring_order(c.length, c.schedule.ring)]
+            survivors = prompt_survivors(step_plan.score_store[rows], c.schedule.threshold, c.schedule.ring)
+            c.kept_rows.append([torch.cat([ring[h], rows[h, keep]]) for h, keep in enumerate(survivors)])
+            return
+        if self.predicted:
+            scores = step_plan.score_store[rows]
+        else:
+            head_dim = query.shape[-1]
+            scores = self.scorer.score(pool[rows][..., :head_dim],
+                                       queries=self.scorer.window_queries(query, c.token_end, c.length))
         budgets = c.schedule.budgets[self.layer * heads:(self.layer + 1) * heads]
-        keep = keep_indices_per_head(scores, list(budgets), 0, self.scorer.window)
+        keep = keep_indices_per_head(scores, list(budgets), 0, self.scorer.window if self.scorer else 0)
         c.kept_rows.append([rows[h, k] for h, k in enumerate(keep)])
+
+
+def _record_kept(req_id: str, kept: torch.Tensor) -> None:
+    """After a threshold-mode step: survivors per stream, and the pages the next step needs
+    (reported to the scheduler with the step's output)."""
+    schedule = step_plan.rows[step_plan.req_ids.index(req_id)]
+    step_plan.kept[req_id] = kept.clone()
+    schedule.pages_next = schedule.pages_for(kept.flatten().tolist())
+    step_plan.pages_reports[req_id] = schedule.pages_next
 
 
 def _repack(pool, c: StreamCompression, geometry: PoolGeometry) -> None:
     """Move every stream's kept rows into the packed layout (all layers at once)."""
     kept = [rows for layer_rows in c.kept_rows for rows in layer_rows]  # stream order (layer-major)
-    table = StreamPageTable.packed([len(rows) for rows in kept], c.schedule.page)
+    threshold = isinstance(c.schedule, ThresholdSchedule)
+    spare = 1 if threshold else 0  # threshold mode: room for the next step's leaving token
+    table = StreamPageTable.packed([len(rows) + spare for rows in kept], c.schedule.page)
     ids = [_slot_pages(geometry, slots, c.blocks, c.schedule) for slots in table.slots]
     dest = [ref.page_rows(torch.tensor(stream_ids), c.schedule.page)[: len(rows)] for stream_ids, rows in zip(ids, kept)]
-    ref.move_rows(pool, torch.cat(kept), torch.cat(dest))
+    source, dest = torch.cat(kept), torch.cat(dest)
+    ref.move_rows(pool, source, dest)
+    if step_plan.score_store is not None:
+        step_plan.score_store[dest] = step_plan.score_store[source].clone()
     step_plan.stream_tables[c.req_id] = (table, ids)
+    if threshold:
+        ring = c.schedule.ring
+        _record_kept(c.req_id, torch.tensor([len(rows) - ring for rows in kept]).view(geometry.num_layers, -1))

@@ -11,6 +11,7 @@ attention metadata builder, which turns logical lengths into physical ones.
 
 from __future__ import annotations
 
+import torch
 from vllm.utils.math_utils import cdiv
 from vllm.v1.worker.cpu_worker import CPUWorker
 
@@ -25,6 +26,7 @@ class EvictionRunnerMixin:
         self.kvc_policy = EvictionPolicy(settings, self.cache_config.block_size, model_shape(self.vllm_config))
         self.kvc_schedules = {}
         self.kvc_compact = settings.eviction_mode == "compact"
+        self.kvc_settings = settings
 
     def _kvc_truncate(self, req_id: str, num_computed: int) -> None:
         schedule = self.kvc_schedules.get(req_id)
@@ -51,28 +53,56 @@ class EvictionRunnerMixin:
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, num_computed in zip(cached.req_ids, cached.num_computed_tokens):
             if req_id in cached.resumed_req_ids:  # recomputed from scratch; vLLM replaces the block list
-                step_plan.masks.pop(req_id, None)
-                step_plan.stream_tables.pop(req_id, None)
+                _forget(req_id)
             elif self.kvc_compact:
                 self._kvc_truncate(req_id, num_computed)
         result = super()._update_states(scheduler_output)
         for req_id in scheduler_output.finished_req_ids:
             self.kvc_schedules.pop(req_id, None)
-            step_plan.masks.pop(req_id, None)
-            step_plan.stream_tables.pop(req_id, None)
+            _forget(req_id)
         step_plan.req_ids = list(self.input_batch.req_ids)
         step_plan.rows = [self.kvc_schedules.get(req_id) for req_id in step_plan.req_ids]
         return result
 
+    def load_model(self, *args, **kwargs):
+        super().load_model(*args, **kwargs)
+        if self.kvc_settings.method == "kvzap":
+            from vllm_kvcompress import kvzap_hooks
+            from vllm_kvcompress.eviction.kvzap import load_any_predictors
+
+            hf = self.vllm_config.model_config.hf_text_config
+            predictors = load_any_predictors(self.kvc_settings.kvzap_predictor, hf.num_hidden_layers, hf.hidden_size,
+                                             hf.num_key_value_heads)
+            kvzap_hooks.install(self.model, [p.to(self.device) for p in predictors])
+
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
         step_plan.num_blocks = kv_cache_config.num_blocks
+        if self.kvc_settings.method == "kvzap":  # one predicted score per pool row (K and V of one token and head)
+            spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+            layers = self.vllm_config.model_config.hf_text_config.num_hidden_layers
+            rows = layers * kv_cache_config.num_blocks * spec.num_kv_heads * spec.block_size
+            step_plan.score_store = torch.zeros(rows, dtype=torch.float32, device=self.device)
 
     def execute_model(self, *args, **kwargs):
+        step_plan.pages_reports = {}
         try:
             return super().execute_model(*args, **kwargs)
         finally:
             step_plan.rows = None
+            step_plan.kvzap_scores.clear()
+
+    def sample_tokens(self, *args, **kwargs):
+        output = super().sample_tokens(*args, **kwargs)
+        if step_plan.pages_reports:  # kvzap threshold mode: the pages each request needs next (for the scheduler)
+            output.kvc_pages_next = step_plan.pages_reports
+            step_plan.pages_reports = {}
+        return output
+
+
+def _forget(req_id: str) -> None:
+    for state in (step_plan.masks, step_plan.stream_tables, step_plan.kept):
+        state.pop(req_id, None)
 
 
 class KVCompressCPUWorker(CPUWorker):

@@ -188,3 +188,15 @@ def load_published_predictors(folder, num_layers: int, hidden: int, num_kv_heads
             module, state = MLPPredictor(hidden, num_kv_heads, int(width)), {f"net.{k}": v for k, v in state.items()}
         predictors.append(_loaded(module, state, folder, layer))
     return predictors
+
+
+def load_any_predictors(path, num_layers: int, hidden: int, num_kv_heads: int) -> list[torch.nn.Module]:
+    """A ``kvzap_train`` safetensors file, or a published ``nvidia/KVzap-*`` folder."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        return load_published_predictors(path, num_layers, hidden, num_kv_heads)
+    if not path.is_file():
+        raise PredictorFileError(f"KVzap predictors {path}: no such file or folder")
+    return load_predictors(path, num_layers, hidden, num_kv_heads)

@@ -12,10 +12,11 @@ import functools
 import math
 from typing import Any
 
-from vllm_kvcompress.config import CONFIG_KEY, WINDOW_METHODS, KVCompressConfig, KVCompressConfigError
+from vllm_kvcompress.config import CONFIG_KEY, STREAM_METHODS, WINDOW_METHODS, KVCompressConfig, KVCompressConfigError
 from vllm_kvcompress.eviction.headkv import HeadScores, allocate_budgets, load_head_scores
 from vllm_kvcompress.eviction.schedule import CompressionSchedule
 from vllm_kvcompress.eviction.streams import NEVER, StreamSchedule
+from vllm_kvcompress.eviction.threshold import ThresholdSchedule
 
 REQUEST_KEYS = ("compression_ratio", "max_kv_tokens")
 
@@ -47,7 +48,7 @@ def model_shape(vllm_config) -> tuple[int, int, int]:
 
 
 class EvictionPolicy:
-    """``model_shape`` = (layers, query heads, KV heads), needed by ``headkv`` only."""
+    """``model_shape`` = (layers, query heads, KV heads), needed by ``headkv`` and ``kvzap``."""
 
     def __init__(self, config: KVCompressConfig, block_size: int, model_shape: tuple[int, int, int] | None = None):
         self.config = config
@@ -55,22 +56,28 @@ class EvictionPolicy:
         # SnapKV/HeadKV compress once, at the prompt end (as in the papers): no decode compaction.
         self.buffer = NEVER if config.method in WINDOW_METHODS else config.buffer_blocks * block_size
         self.stream_scores = None
-        if config.method == "headkv":
+        if config.method in STREAM_METHODS:
             if model_shape is None:
-                raise ValueError("headkv needs the model's (layers, query heads, KV heads)")
+                raise ValueError(f"{config.method} needs the model's (layers, query heads, KV heads)")
+            if self.block_size % config.page_tokens:
+                raise KVCompressConfigError(
+                    f"additional_config.{CONFIG_KEY}.page_tokens={config.page_tokens} must divide the KV block "
+                    f"size {block_size}")
+            self.streams = model_shape[0] * model_shape[2]
+        if config.method == "kvzap":
+            self.stream_scores = [1.0] * self.streams  # top-k mode: the same budget for every stream
+        if config.method == "headkv":
             if config.head_scores == "uniform":
                 scores = HeadScores.uniform(*model_shape)
             else:
                 scores = load_head_scores(config.head_scores, *model_shape)
             self.stream_scores = scores.kv_head_scores()
-            if self.block_size % config.page_tokens:
-                raise KVCompressConfigError(
-                    f"additional_config.{CONFIG_KEY}.page_tokens={config.page_tokens} must divide the KV block "
-                    f"size {block_size}")
 
     @functools.lru_cache(maxsize=256)
     def stream_budgets(self, average: int) -> tuple[int, ...]:
         c = self.config
+        if c.method == "kvzap":
+            return (average,) * self.streams
         return tuple(allocate_budgets(self.stream_scores, average, c.window_tokens, c.headkv_beta, c.page_tokens))
 
     def budget(self, prompt_len: int, overrides: dict[str, Any]) -> int | None:
@@ -92,6 +99,11 @@ class EvictionPolicy:
 
     def schedule_for(self, prompt_len: int, extra_args: dict | None) -> CompressionSchedule | None:
         overrides = validate_overrides(self.config, extra_args)
+        c = self.config
+        if c.method == "kvzap" and c.kvzap_threshold is not None:
+            return ThresholdSchedule(compress_at=max(prompt_len, c.kvzap_window), ring=c.kvzap_window,
+                                     streams=self.streams, page=c.page_tokens, block_size=self.block_size,
+                                     threshold=float(c.kvzap_threshold))
         budget = self.budget(prompt_len, overrides)
         if budget is None:
             return None

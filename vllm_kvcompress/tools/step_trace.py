@@ -7,7 +7,7 @@ SPEC: {"llm": {LLM(...) kwargs}, "prompts": [[token ids], ...], "max_tokens": 16
        "forced": [per-prompt forced continuation or null] (optional, see tools.generate),
        "abort": {request index: step after which it is aborted} (optional)}
 OUT:  {"steps": [{"free_blocks", "blocks": {req: blocks held}, "computed": {req: tokens},
-                  "waiting", "running"}] (after each engine step),
+                  "waiting", "running", "pages_next": {req: pages} (kvzap threshold)}] (after each step),
        "outputs": [{"token_ids", "token_logprobs"}] (aborted requests: null), "preemptions": {req: count},
        "num_blocks": usable blocks in the pool, "block_size"}
 
@@ -60,6 +60,9 @@ def run(spec: dict) -> dict:
             "blocks": _held(scheduler),
             "computed": {_name(r.request_id): r.num_computed_tokens for r in scheduler.requests.values()},
             "waiting": len(scheduler.waiting), "running": len(scheduler.running),
+            # KVzap threshold mode: stream pages the worker reported for each request's next step
+            "pages_next": {_name(req): getattr(s, "pages_next", None) for req, s in getattr(scheduler, "schedules", {}).items()
+                           if getattr(s, "pages_next", None) is not None},
         })
     result_outputs = []
     for req_id in requests:

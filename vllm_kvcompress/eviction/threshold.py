@@ -1,0 +1,109 @@
+"""Thresholded eviction with a sliding window (KVzap's inference rule, as kvpress's
+``DMSPress`` applies it): after each forward, a token that has left the newest
+``window`` tokens is evicted *for one KV head* when its score for that head is below
+``threshold``. Decisions are permanent, so every (layer, KV head) stream keeps a
+different number of tokens.
+
+Memory layout of a stream once packed (pure functions here, used by the engine glue):
+
+* rows ``0 .. window-1`` are a ring holding the newest ``window`` tokens (token at
+  logical position ``p`` lives in ring row ``p % window``);
+* rows ``window ..`` hold the survivors that left the ring (``kept`` of them), in order,
+  plus one spare row.
+
+In a decode step for position ``p`` the token leaving the window is ``p - window``: it is
+copied to the spare row (row ``window + kept``) *before* token ``p`` overwrites its ring
+row, so the step's attention still sees it (it is evicted after the attention, as in
+kvpress). After the attention ``kept`` grows by one where its score passes. Attention
+therefore reads exactly rows ``0 .. window + kept`` of every stream: the window, the
+step's own token, the leaving token and the survivors - no mask, no gaps.
+
+The prompt is stored in vLLM's own layout until ``compress_at = max(prompt, window)``
+(so chunked prefill is vLLM's); that step's end packs it: ring = the last ``window``
+tokens, survivors = earlier tokens whose score passes.
+
+Lengths depend on the scores, which only the worker sees: after every step the worker
+reports the pages it needs for the next one (:attr:`ThresholdSchedule.pages_next`), and
+the scheduler reads them before it schedules that step (async scheduling is refused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kvcompress.eviction.streams import cdiv
+
+
+@dataclass
+class ThresholdSchedule:
+    compress_at: int  # logical length at which the prompt is packed: max(prompt, window)
+    ring: int  # the window: newest tokens never evicted (a whole number of pages)
+    streams: int  # layers x KV heads
+    page: int  # rows per stream page
+    block_size: int  # rows per vLLM block (of every stream)
+    threshold: float
+    pages_next: int | None = None  # stream pages the next step needs (the worker's report)
+
+    def __post_init__(self):
+        if self.ring % self.page or self.block_size % self.page or self.compress_at < self.ring:
+            raise ValueError(f"invalid threshold schedule {self}")
+
+    @property
+    def pages_per_block(self) -> int:
+        return self.streams * self.block_size // self.page
+
+    def packed(self, logical: int) -> bool:
+        return logical >= self.compress_at
+
+    def compacts_at(self, logical: int) -> bool:
+        return logical == self.compress_at
+
+    def next_point(self, logical: int) -> int:
+        """Steps end at the packing point, and once packed every step is one token
+        (each token leaving the window is decided on its own), also when a preempted
+        request recomputes its output."""
+        return self.compress_at if logical < self.compress_at else logical + 1
+
+    def stream_rows(self, kept: int) -> int:
+        """Rows a packed stream with ``kept`` survivors needs for its next step."""
+        return self.ring + kept + 1
+
+    def pages_for(self, kept_per_stream) -> int:
+        return sum(cdiv(self.stream_rows(int(k)), self.page) for k in kept_per_stream)
+
+    def rows_held(self, logical: int) -> int:
+        if not self.packed(logical) or self.pages_next is None:
+            return logical
+        return cdiv(self.pages_next, self.pages_per_block) * self.block_size
+
+    def rows_during(self, computed: int, total: int) -> int:
+        return total if computed < self.compress_at else self.rows_held(total)
+
+
+def prompt_survivors(scores: torch.Tensor, threshold: float, window: int) -> list[torch.Tensor]:
+    """Rows of a ``[H, T]`` prompt (``T >= window``) that survive its packing, per head:
+    positions before the window whose score passes, ascending."""
+    before = scores[:, : scores.shape[1] - window]
+    return [torch.nonzero(row >= threshold).flatten() for row in before]
+
+
+def ring_order(length: int, window: int) -> torch.Tensor:
+    """Positions of the last ``window`` of ``length`` tokens in ring-row order
+    (ring row ``j`` holds the position ``p`` with ``p % window == j``)."""
+    positions = torch.arange(length - window, length)
+    return positions[torch.argsort(positions % window)]
+
+
+def visible(scores: torch.Tensor, threshold: float, window: int, prompt: int, query_pos: int) -> torch.Tensor:
+    """Reference mask ``[H, query_pos + 1]``: which tokens the query at ``query_pos``
+    attends to under the rule (prompt queries see the whole causal prompt; a decode
+    query at ``p`` sees positions ``>= p - window`` and earlier ones whose score
+    passes). ``scores[H, >= query_pos + 1]``."""
+    heads = scores.shape[0]
+    positions = torch.arange(query_pos + 1)
+    if query_pos < max(prompt, window):
+        return torch.ones(heads, query_pos + 1, dtype=torch.bool)
+    recent = positions >= query_pos - window
+    return recent[None, :] | (scores[:, : query_pos + 1] >= threshold)

@@ -1,0 +1,50 @@
+"""KVzap's input inside vLLM: each decoder layer's attention input (the hidden states
+after the input norm), scored by that layer's predictor as the layer runs.
+
+A forward pre-hook on every ``<prefix>.layers.<i>.self_attn`` module (Llama, Qwen2 and
+relatives call it as ``self_attn(positions=..., hidden_states=...)``) runs the predictor
+on the whole step's tokens at once (one matmul, or two for the MLP) and leaves the
+``[tokens, KV heads]`` scores in :data:`vllm_kvcompress.step_plan.kvzap_scores` for the
+same layer's attention, which runs right after. No model code is forked; the hooks exist
+only when method ``kvzap`` is configured. Python hooks cannot run inside a compiled
+graph, so kvzap needs eager mode (checked at start-up).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from vllm_kvcompress import step_plan
+
+_ATTENTION = re.compile(r"(^|\.)layers\.(\d+)\.self_attn$")
+
+
+def _score(predictor: torch.nn.Module, layer: int):
+    def hook(module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
+        with torch.no_grad():
+            step_plan.kvzap_scores[layer] = predictor(hidden.to(torch.float32))
+
+    return hook
+
+
+def install(model: torch.nn.Module, predictors: list[torch.nn.Module]) -> int:
+    """Hook every decoder layer's attention; returns the number hooked (must be all)."""
+    hooked = set()
+    for name, module in model.named_modules():
+        match = _ATTENTION.search(name)
+        if match is None:
+            continue
+        layer = int(match.group(2))
+        if layer >= len(predictors):
+            raise NotImplementedError(f"kvzap: model has attention module {name} past the predictors' "
+                                      f"{len(predictors)} layers")
+        module.register_forward_pre_hook(_score(predictors[layer], layer), with_kwargs=True)
+        hooked.add(layer)
+    if hooked != set(range(len(predictors))):
+        raise NotImplementedError(
+            f"kvzap: found attention inputs for layers {sorted(hooked)} of {len(predictors)}; the model's decoder "
+            "layers must be `...layers.<i>.self_attn` modules called with `hidden_states` (Llama/Qwen2 style)")
+    return len(hooked)
