@@ -30,9 +30,9 @@ def _score(predictor: torch.nn.Module, layer: int):
     return hook
 
 
-def install(model: torch.nn.Module, predictors: list[torch.nn.Module]) -> int:
-    """Hook every decoder layer's attention; returns the number hooked (must be all)."""
-    hooked = set()
+def install(model: torch.nn.Module, predictors: list[torch.nn.Module]) -> list:
+    """Hook every decoder layer's attention (all must be found); returns the hook handles."""
+    hooked, handles = set(), []
     for name, module in model.named_modules():
         match = _ATTENTION.search(name)
         if match is None:
@@ -41,10 +41,24 @@ def install(model: torch.nn.Module, predictors: list[torch.nn.Module]) -> int:
         if layer >= len(predictors):
             raise NotImplementedError(f"kvzap: model has attention module {name} past the predictors' "
                                       f"{len(predictors)} layers")
-        module.register_forward_pre_hook(_score(predictors[layer], layer), with_kwargs=True)
+        handles.append(module.register_forward_pre_hook(_score(predictors[layer], layer), with_kwargs=True))
         hooked.add(layer)
     if hooked != set(range(len(predictors))):
         raise NotImplementedError(
             f"kvzap: found attention inputs for layers {sorted(hooked)} of {len(predictors)}; the model's decoder "
             "layers must be `...layers.<i>.self_attn` modules called with `hidden_states` (Llama/Qwen2 style)")
-    return len(hooked)
+    return handles
+
+
+@torch.no_grad()
+def offline_scores(model: torch.nn.Module, predictors: list[torch.nn.Module], ids: list[int]) -> torch.Tensor:
+    """Predicted scores ``[layers, tokens, KV heads]`` of a token sequence under a
+    transformers model (same hooks, one forward): the reference for the engine's."""
+    handles = install(model, predictors)
+    try:
+        model(torch.tensor([ids]), use_cache=False)
+        return torch.stack([step_plan.kvzap_scores[i].reshape(len(ids), -1) for i in range(len(predictors))])
+    finally:
+        for handle in handles:
+            handle.remove()
+        step_plan.kvzap_scores.clear()
