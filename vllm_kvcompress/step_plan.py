@@ -20,4 +20,5 @@ kvzap_scores: dict[int, "torch.Tensor"] = {}
 score_store: "torch.Tensor | None" = None
 kept: dict[str, "torch.Tensor"] = {}
 pages_reports: dict[str, int] = {}
+kvzap_seconds = 0.0  # time spent in the predictors (the hooks), for the overhead benchmark
 num_blocks: int | None = None  # blocks in the KV pool (set when the runner allocates it)
