@@ -25,18 +25,18 @@ from vllm_kvcompress.eviction.kvzap import FORMAT, fit_mlp, fit_ridge, head_outp
 REPEAT = "\n\nRepeat the previous context exactly."
 
 
-def repeat_prompt(tokenizer, text: str) -> tuple[list[int], int, int, int] | None:
-    """``(ids, original start, repeat start, length)``; None if the text tokenises
-    differently inside the template."""
-    from vllm_kvcompress.prompts import chat_ids
+def repeat_prompt(tokenizer, text: str) -> tuple[list[int], int, int, int]:
+    """``(ids, original start, repeat start, length)``: the chat template around the
+    text, tokenised piecewise so that both copies are exactly the text's own tokens
+    (tokenising the whole prompt can merge tokens at the seams, e.g. with Qwen's BPE)."""
+    from vllm_kvcompress.prompts import chat_text
 
-    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = chat_ids(tokenizer, text + REPEAT)
-    n = len(text_ids)
-    for start in range(len(ids) - n + 1):
-        if ids[start:start + n] == text_ids:
-            return ids + text_ids, start, len(ids), n
-    return None
+    marker = "\x00TEXT\x00"
+    before, after = chat_text(tokenizer, marker + REPEAT).split(marker)
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prefix, text_ids, suffix = encode(before), encode(text), encode(after)
+    ids = prefix + text_ids + suffix
+    return ids + text_ids, len(prefix), len(ids), len(text_ids)
 
 
 @torch.no_grad()
@@ -105,8 +105,6 @@ def main(argv: list[str] | None = None) -> None:
         while used < args.texts + args.held_out:
             text = " ".join(take_tokens(tokenizer, sentences, args.tokens, start=rng.randrange(len(sentences))))
             prompt = repeat_prompt(tokenizer, text)
-            if prompt is None:
-                continue
             target = per_layer_train if used < args.texts else per_layer_test
             for layer, sample in enumerate(layer_samples(model, *prompt)):
                 target[layer].append(sample)

@@ -41,6 +41,12 @@ def stdlib_text() -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+def chat_text(tokenizer, user_text: str) -> str:
+    """The chat template with the generation prompt, as text."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
 def chat_ids(tokenizer, user_text: str) -> list[int]:
     encoded = tokenizer.apply_chat_template(
         [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=True
