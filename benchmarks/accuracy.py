@@ -9,6 +9,7 @@ the model's reach.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import defaultdict
 
@@ -37,6 +38,11 @@ SUITES = {
     "retrieval": dict(
         niah={2048: [25, 75], 4096: [25, 75]}, passkey={4096: [50]},
         ruler_length=4096, ruler={"niah_multikey_1": 2}, perplexity={}, continuation=128, pool_gib=2,
+    ),
+    # KVzap sweep: the retrieval cells plus continuation perplexity at 4K.
+    "kvzap": dict(
+        niah={2048: [25, 75], 4096: [25, 75]}, passkey={4096: [50]},
+        ruler_length=4096, ruler={"niah_multikey_1": 2}, perplexity={4096: 1}, continuation=128, pool_gib=2,
     ),
     # CI smoke: every code path once, on SmolLM2-135M (scores are not meaningful there).
     "quick": dict(
@@ -83,20 +89,37 @@ def run_config(name: str, llm: dict, samples: list[dict]) -> dict:
             {"depth": s["depth"], "prompt_tokens": len(s["prompt_ids"]), "answers": s["answers"],
              "output": r["text"][:200], "score": r["score"]} for s, r in pairs
         ]
-    return {"cells": cells, "kv_cache_tokens": out["kv_cache_tokens"], "bytes_per_token": out["bytes_per_token"],
-            "wall_s": out["wall_s"]}
+    result = {"cells": cells, "kv_cache_tokens": out["kv_cache_tokens"], "bytes_per_token": out["bytes_per_token"],
+              "wall_s": out["wall_s"]}
+    kept = kvzap_kept_fractions(out.get("log", ""))
+    if kept:  # KVzap threshold mode: what the requests really kept (the worker's report)
+        result["kept_fractions"] = kept
+    return result
+
+
+KVZAP_FINISHED = re.compile(r"kvcompress kvzap finished \S+: tokens=(\d+) kept_fraction=([\d.]+)")
+
+
+def kvzap_kept_fractions(log: str) -> list[float]:
+    return [float(m[2]) for m in KVZAP_FINISHED.finditer(log)]
 
 
 def run_suite(model_dir: str, suite: dict, configs: dict[str, dict], base_llm: dict, min_baseline: float,
               on_result=None) -> dict:
     """Baseline (first config) on every cell, the rest on the cells the baseline can do.
-    ``on_result(name, result)`` is called after each config (to save partial results)."""
+    ``on_result(name, result)`` is called after each config (to save partial results);
+    it may add configs to ``configs``, which then run too."""
     samples = build_samples(model_dir, suite)
     llm = {**base_llm, "max_model_len": max_sequence(samples) + 16,
            "kv_cache_memory_bytes": int(suite["pool_gib"] * (1 << 30))}
-    names = list(configs)
     results, kept = {}, None
-    for name in tqdm(names, desc="accuracy configs", unit="config", file=sys.stderr):
+    bar = tqdm(total=len(configs), desc="accuracy configs", unit="config", file=sys.stderr)
+    index = 0
+    while index < len(configs):  # on_result may add configs (e.g. at a measured compression)
+        name = list(configs)[index]
+        index += 1
+        bar.total = len(configs)
+        bar.update()
         chosen = samples if kept is None else [s for s in samples if cell_name(s) in kept]
         try:
             results[name] = run_config(name, {**llm, **configs[name]}, chosen)
@@ -110,9 +133,11 @@ def run_suite(model_dir: str, suite: dict, configs: dict[str, dict], base_llm: d
                     if "perplexity" in c or c["score"] >= min_baseline}
         if on_result is not None:
             on_result(name, results[name])
-    baseline = results[names[0]]
+    bar.close()
+    first = next(iter(configs))
+    baseline = results[first]
     return {
-        "baseline": names[0],
+        "baseline": first,
         "min_baseline": min_baseline,
         "kept_cells": sorted(kept, key=parse_cell),
         "out_of_reach": {cell: c["score"] for cell, c in sorted(baseline["cells"].items(), key=lambda kv: parse_cell(kv[0]))

@@ -6,9 +6,13 @@ LOOKAT configs are named by pattern, ``lookat-m{M}-v{BITS}[-exact]`` (e.g.
 ``current_tokens=exact``. Their codebooks are calibrated for the benchmarked model on
 first use (``vllm_kvcompress.calibrate.ensure_codebooks``).
 
-Eviction configs: ``knorm-r{RATIO}`` (e.g. ``knorm-r0.5``): L2-norm eviction removing
-RATIO of each prompt's tokens (``compression_ratio``), compacted at the end of the
-prompt and whenever decode adds a block past the budget.
+Eviction configs: ``{knorm|snapkv|headkv}-r{RATIO}`` (e.g. ``knorm-r0.5``): eviction
+removing RATIO of each prompt's tokens (``compression_ratio``; knorm also compacts
+whenever decode adds a block past the budget).
+
+KVzap configs: ``kvzap-{linear|mlp}-t{TAU}`` (threshold mode, e.g. ``kvzap-mlp-t-4``) and
+``kvzap-{linear|mlp}-r{RATIO}`` (top-k per KV head at the prompt end), with the model's
+shipped predictors (``vllm_kvcompress/artefacts/kvzap/MODEL/``).
 
 Budget configs: ``{knorm|snapkv|headkv}-b{TOKENS}`` (e.g. ``headkv-b128``): ``TOKENS``
 kept per KV head (``max_kv_tokens``; for HeadKV the average over (layer, KV head)
@@ -26,10 +30,11 @@ CONFIGS = {
 }
 BASELINE = "bf16"
 LOOKAT_NAME = re.compile(r"lookat-m(\d+)-v(16|8|4)(-exact)?")
-EVICTION_NAME = re.compile(r"(knorm)-r(0?\.\d+)")
+EVICTION_NAME = re.compile(r"(knorm|snapkv|headkv)-r(0?\.\d+)")
+KVZAP_NAME = re.compile(r"kvzap-(linear|mlp)-(?:t(-?\d+(?:\.\d+)?)|r(0?\.\d+))")
 BUDGET_NAME = re.compile(r"(knorm|snapkv|headkv)-b(\d+)")
-NAMES_HELP = (f"{', '.join(sorted(CONFIGS))}, lookat-m{{M}}-v{{16|8|4}}[-exact], knorm-r{{RATIO}} or "
-              "{knorm|snapkv|headkv}-b{TOKENS}")
+NAMES_HELP = (f"{', '.join(sorted(CONFIGS))}, lookat-m{{M}}-v{{16|8|4}}[-exact], {{knorm|snapkv|headkv}}-r{{RATIO}}, "
+              "{knorm|snapkv|headkv}-b{TOKENS} or kvzap-{linear|mlp}-{t{TAU}|r{RATIO}}")
 
 
 def head_scores_file(model: str) -> str:
@@ -42,6 +47,16 @@ def head_scores_file(model: str) -> str:
     return str(path)
 
 
+def kvzap_predictor_file(model: str, kind: str) -> str:
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "vllm_kvcompress" / "artefacts" / "kvzap" / model / f"kvzap-{kind}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no shipped KVzap predictors for {model}: run "
+                                f"python -m vllm_kvcompress.kvzap_train --model {model} --out {path.parent}")
+    return str(path)
+
+
 def resolve(name: str, model: str) -> dict | None:
     """LLM kwargs of a named config for ``model``; None if the name is unknown."""
     if name in CONFIGS:
@@ -49,7 +64,17 @@ def resolve(name: str, model: str) -> dict | None:
     match = EVICTION_NAME.fullmatch(name)
     if match is not None:
         settings = {"method": match[1], "compression_ratio": float(match[2])}
+        if match[1] == "headkv":
+            settings["head_scores"] = head_scores_file(model)
         return {"attention_backend": KVC, "additional_config": {KVC: settings}}
+    match = KVZAP_NAME.fullmatch(name)
+    if match is not None:
+        settings = {"method": "kvzap", "kvzap_predictor": kvzap_predictor_file(model, match[1])}
+        if match[2] is not None:
+            settings["kvzap_threshold"] = float(match[2])
+        else:
+            settings["compression_ratio"] = float(match[3])
+        return {"attention_backend": KVC, "enforce_eager": True, "additional_config": {KVC: settings}}
     match = BUDGET_NAME.fullmatch(name)
     if match is not None:
         settings = {"method": match[1], "max_kv_tokens": int(match[2])}

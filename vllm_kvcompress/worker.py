@@ -12,12 +12,15 @@ attention metadata builder, which turns logical lengths into physical ones.
 from __future__ import annotations
 
 import torch
+from vllm.logger import init_logger
 from vllm.utils.math_utils import cdiv
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_kvcompress import step_plan
 from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
+
+logger = init_logger("vllm.kvcompress.worker")
 
 
 class EvictionRunnerMixin:
@@ -56,6 +59,8 @@ class EvictionRunnerMixin:
                 _forget(req_id)
             elif self.kvc_compact:
                 self._kvc_truncate(req_id, num_computed)
+        for req_id in scheduler_output.finished_req_ids:
+            self._kvc_report_finished(req_id)
         result = super()._update_states(scheduler_output)
         for req_id in scheduler_output.finished_req_ids:
             self.kvc_schedules.pop(req_id, None)
@@ -63,6 +68,16 @@ class EvictionRunnerMixin:
         step_plan.req_ids = list(self.input_batch.req_ids)
         step_plan.rows = [self.kvc_schedules.get(req_id) for req_id in step_plan.req_ids]
         return result
+
+    def _kvc_report_finished(self, req_id: str) -> None:
+        """KVzap threshold mode: what a finished request really kept (benchmarks parse this line)."""
+        kept, schedule, state = step_plan.kept.get(req_id), self.kvc_schedules.get(req_id), self.requests.get(req_id)
+        if kept is None or schedule is None or state is None:
+            return
+        tokens, streams = state.num_computed_tokens, kept.numel()
+        rows = streams * schedule.ring + int(kept.sum())
+        logger.info("kvcompress kvzap finished %s: tokens=%d kept_fraction=%.4f pages=%d native_pages=%d", req_id,
+                    tokens, rows / (streams * tokens), schedule.pages_next, streams * cdiv(tokens, schedule.page))
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
