@@ -20,7 +20,7 @@ def registered():
 def engine_config(model_dir, **kwargs):
     from vllm.engine.arg_utils import EngineArgs
 
-    return EngineArgs(model=model_dir, max_model_len=2048, enforce_eager=True, **kwargs).create_engine_config()
+    return EngineArgs(**{"model": model_dir, "max_model_len": 2048, "enforce_eager": True, **kwargs}).create_engine_config()
 
 
 def test_valid_config_is_normalised(smollm2_dir):
@@ -197,3 +197,41 @@ def test_headkv_with_tensor_parallelism_is_refused(smollm2_dir, monkeypatch):
     settings = KVCompressConfig.from_dict({"method": "headkv", "head_scores": "uniform", "max_kv_tokens": 128})
     with pytest.raises(KVCompressConfigError, match="'headkv' does not support tensor parallelism"):
         startup.check_headkv(vllm_config, settings)
+
+
+def test_kvzap_predictors_and_eager_mode_checked_at_config_time(smollm2_dir, tmp_path):
+    from pathlib import Path
+
+    shipped = Path(__file__).parents[1] / "vllm_kvcompress" / "artefacts" / "kvzap" / "smollm2-135m"
+    kvzap = {"method": "kvzap", "kvzap_threshold": -4.0}
+    with pytest.raises(KVCompressConfigError, match=r"kvcompress\.kvzap_predictor is required for method 'kvzap'"):
+        engine_config(smollm2_dir, attention_backend="kvcompress",
+                      additional_config={"kvcompress": kvzap})
+    corrupt = tmp_path / "bad.safetensors"
+    corrupt.write_bytes(b"not a safetensors file")
+    with pytest.raises(KVCompressConfigError, match=rf"kvzap_predictor: KVzap predictors {corrupt}: cannot read"):
+        engine_config(smollm2_dir, attention_backend="kvcompress",
+                      additional_config={"kvcompress": {**kvzap, "kvzap_predictor": str(corrupt)}})
+    with pytest.raises(KVCompressConfigError, match=r"kvzap_predictor: KVzap predictors .*missing: no such file"):
+        engine_config(smollm2_dir, attention_backend="kvcompress",
+                      additional_config={"kvcompress": {**kvzap, "kvzap_predictor": str(tmp_path / "missing")}})
+    good = {**kvzap, "kvzap_predictor": str(shipped / "kvzap-linear.safetensors")}
+    with pytest.raises(KVCompressConfigError, match=r"'kvzap' needs eager mode.*--enforce-eager"):
+        engine_config(smollm2_dir, attention_backend="kvcompress", enforce_eager=False,
+                      additional_config={"kvcompress": good})
+    with pytest.raises(KVCompressConfigError, match=r"needs exactly one of .*kvzap_threshold"):
+        engine_config(smollm2_dir, attention_backend="kvcompress",
+                      additional_config={"kvcompress": {**good, "compression_ratio": 0.5}})
+    config = engine_config(smollm2_dir, attention_backend="kvcompress",
+                           additional_config={"kvcompress": good})
+    assert config.parallel_config.worker_cls.endswith("KVCompressCPUWorker")
+
+
+def test_kvzap_with_tensor_parallelism_is_refused(smollm2_dir, monkeypatch):
+    from vllm_kvcompress.config import KVCompressConfig
+
+    vllm_config = engine_config(smollm2_dir)
+    monkeypatch.setattr(vllm_config.parallel_config, "tensor_parallel_size", 2)
+    settings = KVCompressConfig.from_dict({"method": "kvzap", "kvzap_predictor": "x", "kvzap_threshold": -4.0})
+    with pytest.raises(KVCompressConfigError, match="'kvzap' does not support tensor parallelism"):
+        startup.check_kvzap(vllm_config, settings)

@@ -1,0 +1,49 @@
+"""KVzap benchmark plumbing without an engine: config names, the worker's per-request
+report as the sweep parses it, and the matched-compression table."""
+
+import pytest
+
+from benchmarks.accuracy import kvzap_kept_fractions
+from benchmarks.configs import resolve
+from benchmarks.kvzap_accuracy import markdown, removed_fraction, rows
+
+
+def test_kvzap_config_names_resolve_to_shipped_predictors():
+    threshold = resolve("kvzap-mlp-t-4.5", "smollm2-135m")
+    settings = threshold["additional_config"]["kvcompress"]
+    assert settings["kvzap_threshold"] == -4.5 and settings["kvzap_predictor"].endswith(
+        "smollm2-135m/kvzap-mlp.safetensors") and threshold["enforce_eager"]
+    topk = resolve("kvzap-linear-r0.75", "smollm2-135m")["additional_config"]["kvcompress"]
+    assert topk["compression_ratio"] == 0.75 and "kvzap_threshold" not in topk
+    assert resolve("headkv-r0.5", "smollm2-135m")["additional_config"]["kvcompress"]["head_scores"].endswith(".json")
+    with pytest.raises(FileNotFoundError, match="no shipped KVzap predictors for qwen2.5-coder-1.5b"):
+        resolve("kvzap-mlp-t-4", "qwen2.5-coder-1.5b")
+
+
+def test_kept_fractions_parsed_from_the_worker_log():
+    log = ("INFO 11-24 [worker.py:60] kvcompress kvzap finished 3-ab12: tokens=4100 kept_fraction=0.4012 pages=9 "
+           "native_pages=10\nnoise\nkvcompress kvzap finished 4: tokens=20 kept_fraction=1.0000 pages=1 native_pages=1")
+    assert kvzap_kept_fractions(log) == [0.4012, 1.0]
+    assert removed_fraction({"kept_fractions": [0.4, 0.2]}) == pytest.approx(0.7)
+    assert removed_fraction({}) is None
+
+
+def test_sweep_table_pairs_each_threshold_with_its_matched_runs():
+    cell = lambda score: {"score": score}  # noqa: E731
+    results = {
+        "bf16": {"cells": {"niah@2048": cell(1.0), "perplexity@4096": {"score": 3.0, "perplexity": 20.0}}},
+        "kvzap-mlp-t-4": {"cells": {"niah@2048": cell(1.0), "perplexity@4096": {"score": 3.0, "perplexity": 20.5}},
+                          "kept_fractions": [0.3, 0.3]},
+        "knorm-r0.70": {"cells": {"niah@2048": cell(0.0), "perplexity@4096": {"score": 3.5, "perplexity": 33.0}}},
+        "headkv-r0.70": {"error": "boom"},
+    }
+    report = {"date": "d", "command": "c", "model": "m", "kind": "mlp", "hardware": "h", "vllm": "v",
+              "kvzap_configs": {"-4": "kvzap-mlp-t-4"}, "compare": ["knorm", "headkv"],
+              "matched": {"kvzap-mlp-t-4": {"knorm": "knorm-r0.70", "headkv": "headkv-r0.70"}},
+              "accuracy": {"results": results, "kept_cells": ["niah@2048", "perplexity@4096"], "min_baseline": 0.8}}
+    (row,) = rows(report)
+    assert row["removed"] == pytest.approx(0.7)
+    assert row["methods"]["kvzap"]["accuracy"] == 1.0 and row["methods"]["knorm"]["perplexity"] == 33.0
+    assert row["methods"]["headkv"]["error"] == "boom"
+    text = markdown(report)
+    assert "| -4 | 0.700 | 3.33x | 1.00 / 20.500 | 0.00 / 33.000 | error: boom |" in text
