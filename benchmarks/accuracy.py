@@ -150,3 +150,22 @@ def parse_cell(cell: str) -> tuple[str, int]:
     """``"ruler/vt@4096"`` -> ``("ruler/vt", 4096)``; sorts cells by task, then length."""
     task, _, length = cell.rpartition("@")
     return (task, int(length))
+
+
+def sweep(report: dict, model_dir: str, suite_name: str, configs: dict[str, dict], on_result=None) -> dict:
+    """A method sweep's accuracy block (bf16 engine, eager, baseline filter 0.8) into ``report``."""
+    suite = SUITES[suite_name]
+    base_llm = dict(model=model_dir, dtype="bfloat16", enforce_eager=True)
+    report["accuracy"] = {"suite": suite_name, "suite_cells": dict(suite),
+                          **run_suite(model_dir, suite, configs, base_llm, 0.8, on_result=on_result)}
+    return report
+
+
+def write_report(out, report: dict, markdown, plot, figure: str) -> None:
+    """results.json, results.md and the sweep's figure; the table is printed too."""
+    import json
+
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "results.md").write_text(markdown(report))
+    plot(report, out / figure)
+    print(markdown(report))

@@ -162,15 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
                 configs.setdefault(config, resolve(config, args.model))
         (out / "results.partial.json").write_text(json.dumps({**report, "results": partial}, indent=1))
 
-    suite = acc.SUITES[args.suite]
-    base_llm = dict(model=model_dir, dtype="bfloat16", enforce_eager=True)
-    report["accuracy"] = {"suite": args.suite, "suite_cells": dict(suite),
-                          **acc.run_suite(model_dir, suite, configs, base_llm, 0.8, on_result=on_result)}
+    acc.sweep(report, model_dir, args.suite, configs, on_result=on_result)
     report["configs"] = configs
-    (out / "results.json").write_text(json.dumps(report, indent=1))
-    (out / "results.md").write_text(markdown(report))
-    plot(report, out / "kvzap_sweep.png")
-    print(markdown(report))
+    acc.write_report(out, report, markdown, plot, "kvzap_sweep.png")
     return report
 
 
