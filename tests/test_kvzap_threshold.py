@@ -18,9 +18,10 @@ from vllm_kvcompress.eviction.threshold import ThresholdSchedule, prompt_survivo
 LAYERS, HEADS, Q_HEADS, DIM, BLOCK, PAGE, RING, BLOCKS = 2, 2, 4, 8, 32, 8, 16, 12
 
 
-def _settings(threshold=0.0):
-    return KVCompressConfig.from_dict({"method": "kvzap", "kvzap_predictor": "unused", "kvzap_threshold": threshold,
-                                       "kvzap_window": RING, "page_tokens": PAGE})
+def _settings(threshold=0.0, **budget):
+    mode = budget or {"kvzap_threshold": threshold}
+    return KVCompressConfig.from_dict({"method": "kvzap", "kvzap_predictor": "unused", "kvzap_window": RING,
+                                       "page_tokens": PAGE, **mode})
 
 
 def test_schedule_counts_pages_of_ring_survivors_and_spare():
@@ -42,33 +43,12 @@ def test_prompt_survivors_and_ring_order():
     assert ring_order(7, 4).tolist() == [4, 5, 6, 3]  # ring row j holds the position p with p % 4 == j
 
 
-def _reference(q, k, v, scores, threshold, prompt, pos, scale):
-    """Attention of the query at ``pos`` over positions ``0..pos`` under the rule."""
-    outs = []
-    for layer in range(LAYERS):
-        mask = visible(scores[layer].T, threshold, RING, prompt, pos)  # [H, pos + 1]
-        kk, vv = k[layer, : pos + 1].transpose(0, 1), v[layer, : pos + 1].transpose(0, 1)  # [H, n, D]
-        qq = q[layer, pos].view(HEADS, Q_HEADS // HEADS, DIM)
-        logits = (qq @ kk.transpose(1, 2)) * scale
-        logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
-        outs.append((torch.softmax(logits, -1) @ vv).reshape(Q_HEADS, DIM))
-    return torch.stack(outs)
-
-
-@pytest.mark.parametrize("threshold", [-0.3, 0.4])
-def test_threshold_mode_matches_the_masked_reference(threshold):
-    torch.manual_seed(0)
-    prompt, steps = 40, 30
-    total = prompt + steps
-    q = torch.randn(LAYERS, total, Q_HEADS, DIM)
-    k = torch.randn(LAYERS, total, HEADS, DIM)
-    v = torch.randn(LAYERS, total, HEADS, DIM)
-    scores = torch.randn(LAYERS, total, HEADS)
-    scale = DIM ** -0.5
+def _drive(settings, schedule, q, k, v, scores, prompt, check):
+    """Prefill ``prompt`` tokens in one step, then decode one token per step; ``check(out,
+    first position, computed)`` after every step."""
+    total = q.shape[1]
     buffer = torch.zeros(LAYERS, BLOCKS, HEADS, BLOCK, 2 * DIM)
     geometry = PoolGeometry(LAYERS, BLOCKS, HEADS, BLOCK, PAGE)
-    settings = _settings(threshold)
-    schedule = EvictionPolicy(settings, BLOCK, (LAYERS, Q_HEADS, HEADS)).schedule_for(prompt, None)
     runners = [stream_attention.StreamRunner(settings, layer, LAYERS) for layer in range(LAYERS)]
     step_plan.score_store = torch.zeros(LAYERS * BLOCKS * HEADS * BLOCK)
     step_plan.rows, step_plan.req_ids = [schedule], ["r"]
@@ -84,20 +64,73 @@ def test_threshold_mode_matches_the_masked_reference(threshold):
             for layer in range(LAYERS):
                 step_plan.kvzap_scores[layer] = scores[layer, span]
                 runners[layer].forward(q[layer, span], k[layer, span], v[layer, span], buffer[layer], meta, out[layer],
-                                       scale)
-            for i in range(new):
-                want = _reference(q, k, v, scores, threshold, prompt, computed + i, scale)
-                torch.testing.assert_close(out[:, i], want, atol=1e-5, rtol=1e-5)
+                                       DIM ** -0.5)
+            check(out, computed, computed + new)
             computed += new
-            kept = step_plan.kept["r"]
-            leaving = scores[:, : computed - RING]  # [L, n, H]: decided for good
-            want_kept = (leaving >= threshold).sum(1)
-            assert torch.equal(kept, want_kept)
-            assert schedule.pages_next == schedule.pages_for(want_kept.flatten().tolist())
-        assert 0 < int(kept.sum()) < LAYERS * HEADS * (total - RING)  # some evicted, some kept
     finally:
         step_plan.rows, step_plan.req_ids = None, []
         step_plan.score_store = None
         step_plan.kept.clear()
         step_plan.stream_tables.clear()
         step_plan.kvzap_scores.clear()
+
+
+def _masked_attention(q, k, v, pos, mask):
+    """Per layer, the query at ``pos`` over positions ``0..pos`` where ``mask[L, H, pos + 1]``."""
+    outs = []
+    for layer in range(LAYERS):
+        kk, vv = k[layer, : pos + 1].transpose(0, 1), v[layer, : pos + 1].transpose(0, 1)
+        logits = (q[layer, pos].view(HEADS, Q_HEADS // HEADS, DIM) @ kk.transpose(1, 2)) * DIM ** -0.5
+        logits = logits.masked_fill(~mask[layer][:, None, :], float("-inf"))
+        outs.append((torch.softmax(logits, -1) @ vv).reshape(Q_HEADS, DIM))
+    return torch.stack(outs)
+
+
+def test_topk_mode_keeps_each_streams_best_predicted_tokens():
+    torch.manual_seed(1)
+    prompt, budget, total = 40, 12, 46
+    q, k, v = torch.randn(LAYERS, total, Q_HEADS, DIM), torch.randn(LAYERS, total, HEADS, DIM), \
+        torch.randn(LAYERS, total, HEADS, DIM)
+    scores = torch.randn(LAYERS, total, HEADS)
+    settings = _settings(max_kv_tokens=budget)
+    schedule = EvictionPolicy(settings, BLOCK, (LAYERS, Q_HEADS, HEADS)).schedule_for(prompt, None)
+    assert schedule.budgets == (budget,) * (LAYERS * HEADS)
+    top = scores[:, :prompt].topk(budget, dim=1).indices  # [L, budget, H]
+    kept = torch.zeros(LAYERS, HEADS, total, dtype=torch.bool)
+    for layer in range(LAYERS):
+        for head in range(HEADS):
+            kept[layer, head, top[layer, :, head]] = True
+    kept[:, :, prompt:] = True  # decode tokens are appended
+
+    def check(out, first, computed):
+        for i in range(computed - first):
+            pos = first + i
+            mask = torch.ones(LAYERS, HEADS, pos + 1, dtype=torch.bool) if pos < prompt else kept[:, :, : pos + 1]
+            torch.testing.assert_close(out[:, i], _masked_attention(q, k, v, pos, mask), atol=1e-5, rtol=1e-5)
+
+    _drive(settings, schedule, q, k, v, scores, prompt, check)
+
+
+@pytest.mark.parametrize("threshold", [-0.3, 0.4])
+def test_threshold_mode_matches_the_masked_reference(threshold):
+    torch.manual_seed(0)
+    prompt, total = 40, 70
+    q, k, v = torch.randn(LAYERS, total, Q_HEADS, DIM), torch.randn(LAYERS, total, HEADS, DIM), \
+        torch.randn(LAYERS, total, HEADS, DIM)
+    scores = torch.randn(LAYERS, total, HEADS)
+    settings = _settings(threshold)
+    schedule = EvictionPolicy(settings, BLOCK, (LAYERS, Q_HEADS, HEADS)).schedule_for(prompt, None)
+
+    def check(out, first, computed):
+        for i in range(computed - first):
+            pos = first + i
+            mask = torch.stack([visible(scores[layer].T, threshold, RING, prompt, pos) for layer in range(LAYERS)])
+            torch.testing.assert_close(out[:, i], _masked_attention(q, k, v, pos, mask), atol=1e-5, rtol=1e-5)
+        kept = step_plan.kept["r"]
+        want_kept = (scores[:, : computed - RING] >= threshold).sum(1)  # left the window: decided for good
+        assert torch.equal(kept, want_kept)
+        assert schedule.pages_next == schedule.pages_for(want_kept.flatten().tolist())
+        check.last = int(kept.sum())
+
+    _drive(settings, schedule, q, k, v, scores, prompt, check)
+    assert 0 < check.last < LAYERS * HEADS * (total - RING)  # some evicted, some kept
