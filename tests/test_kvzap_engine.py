@@ -2,7 +2,8 @@
 
 * the predictor sees the same attention inputs as in transformers: the survivors the
   worker reports at every step are those of the predictor run offline on the HF model's
-  hidden states, and the blocks the scheduler holds follow them;
+  hidden states, and the blocks the scheduler holds follow them; preemption and
+  recompute make the same decisions;
 * with a threshold nothing falls under, the ring + survivors layout attends like the
   full cache (method none);
 * top-k mode holds exactly the pages of its per-stream budgets."""
@@ -22,32 +23,43 @@ POOL_BLOCK = 30 * 3 * BLOCK * 256 * 2  # SmolLM2-135M: bytes of one block over a
 PREDICTORS = Path(__file__).parents[1] / "vllm_kvcompress" / "artefacts" / "kvzap" / "smollm2-135m"
 
 
-def _llm(model_dir, method="kvzap", blocks=32, **settings):
-    return dict(model=model_dir, dtype="float32", max_model_len=2048, enforce_eager=True,
+def _llm(model_dir, method="kvzap", blocks=32, chunk=None, **settings):
+    chunking = {} if chunk is None else {"max_num_batched_tokens": chunk}
+    return dict(model=model_dir, dtype="float32", max_model_len=min(2048, blocks * BLOCK), enforce_eager=True,
                 kv_cache_memory_bytes=(blocks + 1) * POOL_BLOCK, attention_backend="kvcompress",
-                additional_config={"kvcompress": {"method": method, **settings}})
+                additional_config={"kvcompress": {"method": method, **settings}}, **chunking)
 
 
 @pytest.fixture(scope="module")
-def prompt(smollm2_dir):
+def documents(smollm2_dir):
     from transformers import AutoTokenizer
 
     from vllm_kvcompress.prompts import long_document_ids
 
-    return long_document_ids(AutoTokenizer.from_pretrained(smollm2_dir), 600)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    return lambda n, count: [long_document_ids(tokenizer, n, offset=900 * i) for i in range(count)]
 
 
-def _gap(a, b) -> float:
-    return max(abs(x - y) for x, y in zip(a["outputs"][0]["token_logprobs"], b["outputs"][0]["token_logprobs"],
+@pytest.fixture(scope="module")
+def prompt(documents):
+    return documents(600, 1)[0]
+
+
+def _gap(a, b, i=0) -> float:
+    return max(abs(x - y) for x, y in zip(a["outputs"][i]["token_logprobs"], b["outputs"][i]["token_logprobs"],
                                           strict=True))
 
 
-def test_kvzap_survivors_match_transformers_and_blocks_follow_them(smollm2_dir, prompt):
+def test_kvzap_survivors_match_transformers_blocks_follow_them_and_preemption_repeats_them(smollm2_dir, documents):
+    """Two 300-token prompts, 150 tokens each. Then the same continuations forced through a
+    5-block pool with 256-token steps: a request is preempted after its prompt was packed
+    and recomputes (prompt, packing, then its output one token per step)."""
     threshold = -4.0
     predictor = str(PREDICTORS / "kvzap-linear.safetensors")
-    trace = run_traced(_llm(smollm2_dir, kvzap_predictor=predictor, kvzap_threshold=threshold), [prompt],
-                       max_tokens=48)
-    ids = prompt + trace["outputs"][0]["token_ids"]
+    settings = dict(kvzap_predictor=predictor, kvzap_threshold=threshold)
+    prompts = documents(300, 2)
+    trace = run_traced(_llm(smollm2_dir, **settings), prompts, max_tokens=150)
+    ids = prompts[0] + trace["outputs"][0]["token_ids"]
 
     from vllm_kvcompress.eviction.kvzap import load_any_predictors
     from vllm_kvcompress.kvzap_hooks import offline_scores
@@ -57,21 +69,30 @@ def test_kvzap_survivors_match_transformers_and_blocks_follow_them(smollm2_dir, 
     scores = offline_scores(model, load_any_predictors(predictor, 30, 576, 3), ids)  # [L, T, H]
     passing = (scores >= threshold).cumsum(dim=1)  # survivors among the first n tokens, per stream
     steps = [s for s in trace["steps"] if "0" in s["pages_next"]]
-    mismatched = 0
+    diffs = []
     for step in steps:
         computed = step["computed"]["0"]
         kept = passing[:, computed - RING - 1].flatten()  # tokens before the window: decided
-        want = sum(cdiv(RING + int(k) + 1, PAGE_ROWS) for k in kept)
-        mismatched += want != step["pages_next"]["0"]
-        assert abs(want - step["pages_next"]["0"]) <= 1, (computed, want, step["pages_next"]["0"])
+        diffs.append(step["pages_next"]["0"] - sum(cdiv(RING + int(k) + 1, PAGE_ROWS) for k in kept))
+    mismatched = sum(d != 0 for d in diffs)
+    # fp32 noise between a whole-sequence forward and per-step decoding in a batch can move a
+    # score across the threshold late in the continuation: a page or two at a few steps.
+    assert all(abs(d) <= 2 for d in diffs), diffs
     held = [(s["blocks"]["0"], prev["pages_next"]["0"]) for prev, s in zip(steps, steps[1:])]
     assert all(blocks == cdiv(pages, PAGES_PER_BLOCK) for blocks, pages in held), held
-    native, packed = cdiv(len(prompt), BLOCK), held[0][0]
-    kept_fraction = float((scores[:, : len(prompt) - RING] >= threshold).float().mean())
+
+    forced = [o["token_ids"] for o in trace["outputs"]]
+    small = run_traced(_llm(smollm2_dir, blocks=5, chunk=256, **settings), prompts, forced=forced)
+    gap = max(_gap(trace, small, i) for i in range(2))
+    native, packed = cdiv(len(prompts[0]), BLOCK), held[0][0]
+    kept_fraction = float((scores[:, : len(prompts[0]) - RING] >= threshold).float().mean())
     print(f"KVzap-Linear tau={threshold}: {kept_fraction:.2f} of the prompt's tokens before the window kept "
           f"(transformers' hidden states); reported pages = offline pages at {len(steps) - mismatched}/{len(steps)} "
-          f"steps; blocks {native} -> {packed}")
-    assert mismatched <= 2 and packed < native and len(steps) >= 47
+          f"steps (differences {sorted(set(diffs))}); "
+          f"blocks {native} -> {packed} -> {steps[-1]['blocks']['0']}; 5-block pool: preemptions "
+          f"{small['preemptions']}, largest logprob gap {gap:.2e}")
+    assert mismatched <= len(steps) // 20 and packed < native and len(steps) >= 148
+    assert sum(small["preemptions"].values()) > 0 and sum(trace["preemptions"].values()) == 0 and gap < 1e-3
 
 
 def test_kvzap_keeping_everything_is_full_attention_and_topk_holds_its_budget(smollm2_dir, prompt):
