@@ -43,7 +43,7 @@ def markdown(report: dict) -> str:
              "| method | " + " | ".join(f"{b} tokens/head" for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     base = mean_accuracy(results[BASELINE], kept)
-    lines.append(f"| bf16 full cache | " + " | ".join(f"{base:.2f}" for _ in budgets) + " |")
+    lines.append("| bf16 full cache | " + " | ".join(f"{base:.2f}" for _ in budgets) + " |")
     for method in methods:
         row = []
         for b in budgets:

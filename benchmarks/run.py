@@ -132,7 +132,7 @@ def markdown(report: dict) -> str:
         "",
         f"- command: `{report['command']}`",
         f"- model: {report['model']}; hardware: {report['hardware']}; vLLM {report['vllm']}",
-        f"- configs: " + "; ".join(f"`{n}` = `{json.dumps(k)}`" for n, k in report["configs"].items()),
+        "- configs: " + "; ".join(f"`{n}` = `{json.dumps(k)}`" for n, k in report["configs"].items()),
         "",
     ]
     if report.get("capacity"):

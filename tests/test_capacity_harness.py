@@ -1,7 +1,7 @@
 import argparse
 import pytest
 
-from benchmarks.capacity import main, parse_config
+from benchmarks.capacity import parse_config
 from vllm_kvcompress.harness.capacity import peak_overlap
 
 
