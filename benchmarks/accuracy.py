@@ -114,12 +114,8 @@ def run_suite(model_dir: str, suite: dict, configs: dict[str, dict], base_llm: d
            "kv_cache_memory_bytes": int(suite["pool_gib"] * (1 << 30))}
     results, kept = {}, None
     bar = tqdm(total=len(configs), desc="accuracy configs", unit="config", file=sys.stderr)
-    index = 0
-    while index < len(configs):  # on_result may add configs (e.g. at a measured compression)
-        name = list(configs)[index]
-        index += 1
-        bar.total = len(configs)
-        bar.update()
+    while len(results) < len(configs):  # on_result may add configs (e.g. at a measured compression)
+        name = list(configs)[len(results)]
         chosen = samples if kept is None else [s for s in samples if cell_name(s) in kept]
         try:
             results[name] = run_config(name, {**llm, **configs[name]}, chosen)
@@ -127,12 +123,14 @@ def run_suite(model_dir: str, suite: dict, configs: dict[str, dict], base_llm: d
             results[name] = {"error": failure_reason(str(exc))}
             if kept is None:
                 raise
-            continue
-        if kept is None:
-            kept = {cell for cell, c in results[name]["cells"].items()
-                    if "perplexity" in c or c["score"] >= min_baseline}
-        if on_result is not None:
-            on_result(name, results[name])
+        else:
+            if kept is None:
+                kept = {cell for cell, c in results[name]["cells"].items()
+                        if "perplexity" in c or c["score"] >= min_baseline}
+            if on_result is not None:
+                on_result(name, results[name])
+        bar.total = len(configs)
+        bar.update()
     bar.close()
     first = next(iter(configs))
     baseline = results[first]

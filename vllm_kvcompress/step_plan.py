@@ -4,7 +4,12 @@ metadata builder in the same process: the compression schedule of each batch row
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from vllm_kvcompress.eviction.schedule import CompressionSchedule
+
+if TYPE_CHECKING:
+    import torch
 
 rows: list[CompressionSchedule | None] | None = None
 req_ids: list[str] = []
