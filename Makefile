@@ -41,13 +41,13 @@ model: setup
 
 test: setup model
 	$(PY) -m pytest -m "not engine" -q
-	$(PY) -m pytest -m engine -q -rP
+	$(PY) -m pytest -m engine -q -rP --durations=30
 
 test-unit: setup
 	$(PY) -m pytest -m "not engine" -q
 
 test-engine: setup model
-	$(PY) -m pytest -m engine -q -rP
+	$(PY) -m pytest -m engine -q -rP --durations=30
 
 demo: setup model
 	$(PY) -m vllm_kvcompress.demo
