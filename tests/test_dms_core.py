@@ -4,7 +4,7 @@ delayed-eviction mask, and the training objective's parts."""
 import torch
 
 from vllm_kvcompress.eviction.dms import (DMSAdapter, compression_loss, eviction_flags, gumbel_sigmoid,
-                                          neuron_logits, soft_mask_bias, target_ratio, visible,
+                                          log_keep_bias, neuron_logits, shift_to_keys, target_ratio, visible,
                                           without_decision_channel)
 
 
@@ -47,7 +47,8 @@ def test_training_pieces():
     assert set(alpha.detach().flatten().tolist()) <= {0.0, 1.0} and alpha[0, 0] == 0 and alpha[0, 1] == 1
     alpha.sum().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0  # straight-through gradient
-    bias = soft_mask_bias(torch.tensor([[0.5, 0.0, 0.0, 0.0]]), window=1)[0]
+    assert shift_to_keys(torch.tensor([[1.0, 2.0, 3.0]])).tolist() == [[2.0, 3.0, 0.0]]
+    bias = log_keep_bias(torch.tensor([[0.0, -9.0, -9.0, -9.0]]), window=1)[0]  # key 0: alpha = 0.5
     assert bias[1, 0] == 0 and torch.isclose(bias[2, 0], torch.log(torch.tensor(0.5))) and bias[0, 1] == float("-inf")
     assert target_ratio(0) == 1.0 and target_ratio(300) == 4.0 and target_ratio(10_000) == 8.0
     assert compression_loss(torch.full((4,), 0.25), 2.0).item() == 0.25

@@ -69,25 +69,40 @@ def visible(marked: torch.Tensor, window: int) -> torch.Tensor:
     return causal[None] & (recent[None] | ~marked[:, None, :])
 
 
-def gumbel_sigmoid(logits: torch.Tensor, tau: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
+def gumbel_sigmoid(logits: torch.Tensor, tau: float = 0.1, generator: torch.Generator | None = None,
+                   noisy: torch.Tensor | None = None) -> torch.Tensor:
     """Training decisions: ``hard`` 0/1 in the forward pass, the soft
     ``sigmoid((z + g) / tau)`` gradient in the backward pass (straight-through); ``g`` is
-    logistic noise (the difference of two Gumbel(0, 1))."""
-    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-6, 1 - 1e-6)
-    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    logistic noise (the difference of two Gumbel(0, 1)). ``noisy`` reuses
+    :func:`noisy_logits` already drawn (the same noise as the attention bias)."""
+    soft = torch.sigmoid(noisy_logits(logits, tau, generator) if noisy is None else noisy)
     hard = (soft > 0.5).to(soft.dtype)
     return hard + soft - soft.detach()
 
 
-def soft_mask_bias(alpha: torch.Tensor, window: int) -> torch.Tensor:
-    """Additive attention bias ``[H, T, T]`` for training: ``log(1 - alpha_j)`` where
-    ``query - key > window`` (0 inside the window; -inf above the diagonal).
-    ``alpha[H, T]`` are the (shifted) decisions of the keys."""
-    length = alpha.shape[1]
-    i = torch.arange(length, device=alpha.device)[:, None]
-    j = torch.arange(length, device=alpha.device)[None, :]
-    evictable = ((i - j) > window)[None]
-    bias = torch.where(evictable, torch.log1p(-alpha.clamp(max=1 - 1e-6))[:, None, :], torch.zeros((), device=alpha.device))
+def noisy_logits(logits: torch.Tensor, tau: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(z + g) / tau`` with logistic noise ``g``."""
+    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-6, 1 - 1e-6)
+    return (logits + torch.log(u) - torch.log1p(-u)) / tau
+
+
+def shift_to_keys(decisions: torch.Tensor) -> torch.Tensor:
+    """``[..., T]`` decisions made at each position -> the decision of each *key* (made
+    one position later); the last key's is not made yet (0)."""
+    out = torch.zeros_like(decisions)
+    out[..., :-1] = decisions[..., 1:]
+    return out
+
+
+def log_keep_bias(noisy: torch.Tensor, window: int) -> torch.Tensor:
+    """Training attention bias ``[H, T, T]`` from the keys' noisy logits ``[H, T]`` (already
+    shifted): ``log(1 - alpha_j) = logsigmoid(-noisy_j)`` where ``query - key > window``,
+    0 inside the window, -inf above the diagonal. Smooth in the logits (no clamp)."""
+    length = noisy.shape[1]
+    i = torch.arange(length, device=noisy.device)[:, None]
+    j = torch.arange(length, device=noisy.device)[None, :]
+    bias = torch.where(((i - j) > window)[None], torch.nn.functional.logsigmoid(-noisy)[:, None, :],
+                       torch.zeros((), device=noisy.device, dtype=noisy.dtype))
     return bias.masked_fill((j > i)[None], float("-inf"))
 
 
