@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-ratio", type=float, default=8.0)
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="torch device for model and adapters (e.g. cuda)")
+    parser.add_argument("--texts", default=None,
+                        help="JSON list of token-id lists to train on (default: Paul Graham essays, tokenised here)")
     args = parser.parse_args(argv)
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
@@ -141,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     from vllm_kvcompress.models import load_eager
 
     tokenizer, model = load_eager(args.model, args.threads)
+    model.to(args.device)
     retrofit = DMSRetrofit(model, args.window)
+    retrofit.adapters.to(args.device)
     params = list(retrofit.adapters.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95))
     out = Path(args.out)
@@ -157,10 +162,13 @@ def main(argv: list[str] | None = None) -> None:
                                              for i in range(len(params))},
                                    "param_groups": optimizer.state_dict()["param_groups"]})
         start, log = state["step"], state["log"]
-    texts = _texts(tokenizer, args.seq, args.steps, seed=0)
+    if args.texts:
+        texts = [ids[:args.seq] for ids in json.loads(Path(args.texts).read_text())]
+    else:
+        texts = _texts(tokenizer, args.seq, args.steps, seed=0)
     bar = tqdm(range(start, args.steps), desc="DMS retrofit", unit="step", initial=start, total=args.steps)
     for step in bar:
-        ids = torch.tensor([texts[step % len(texts)]])
+        ids = torch.tensor([texts[step % len(texts)]], device=args.device)
         total, kl, per_head, ratio = retrofit.losses(ids, step, args.steps_per_ratio, args.max_ratio)
         optimizer.zero_grad()
         total.backward()

@@ -82,7 +82,8 @@ def gumbel_sigmoid(logits: torch.Tensor, tau: float = 0.1, generator: torch.Gene
 
 def noisy_logits(logits: torch.Tensor, tau: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
     """``(z + g) / tau`` with logistic noise ``g``."""
-    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-6, 1 - 1e-6)
+    # Drawn where the generator lives (CPU by default) so a seed gives the same noise on any device.
+    u = torch.rand(logits.shape, generator=generator).to(logits.device).clamp(1e-6, 1 - 1e-6)
     return (logits + torch.log(u) - torch.log1p(-u)) / tau
 
 
