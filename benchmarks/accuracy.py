@@ -97,7 +97,7 @@ def run_config(name: str, llm: dict, samples: list[dict]) -> dict:
     return result
 
 
-KVZAP_FINISHED = re.compile(r"kvcompress kvzap finished \S+: tokens=(\d+) kept_fraction=([\d.]+)")
+KVZAP_FINISHED = re.compile(r"kvcompress (?:kvzap|dms) finished \S+: tokens=(\d+) kept_fraction=([\d.]+)")
 
 
 def kvzap_kept_fractions(log: str) -> list[float]:

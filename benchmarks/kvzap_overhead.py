@@ -5,7 +5,7 @@
 Each configuration runs in its own interpreter with the engine core and the worker in
 that process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one rank), so the step loop is timed
 directly and the predictor hooks' own time is read from the worker
-(``step_plan.kvzap_seconds``). Decode steps only (every request generating), after a
+(``step_plan.predictor_seconds``). Decode steps only (every request generating), after a
 warm-up. Same machine, same prompts, one run: the ratios are the result.
 """
 
@@ -37,11 +37,11 @@ def run(spec: dict) -> dict:
     while engine.has_unfinished_requests():
         decoding = all(r.num_computed_tokens >= r.num_prompt_tokens for r in scheduler.running) and \
             len(scheduler.running) == len(spec["prompts"]) and not scheduler.waiting
-        before, started = step_plan.kvzap_seconds, time.perf_counter()
+        before, started = step_plan.predictor_seconds, time.perf_counter()
         engine.step()
         if decoding:
             decode_steps.append(time.perf_counter() - started)
-            predictor_s.append(step_plan.kvzap_seconds - before)
+            predictor_s.append(step_plan.predictor_seconds - before)
     warm = spec["warmup"]
     return {"step_s": decode_steps[warm:], "predictor_s": predictor_s[warm:]}
 

@@ -47,9 +47,10 @@ def decode_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tenso
 
 
 def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor,
-                      page: int, scale: float) -> torch.Tensor:
+                      page: int, scale: float, visible: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of one request's ``q_len`` new queries ``[q_len, Hq, D]``; each
-    stream's last ``q_len`` rows are those tokens (``pages[Hkv, P]``, ``lengths[Hkv]``)."""
+    stream's last ``q_len`` rows are those tokens (``pages[Hkv, P]``, ``lengths[Hkv]``).
+    ``visible[Hkv, q_len, max(lengths)]`` restricts it further (DMS's mask)."""
     q_len, num_q_heads, head_dim = query.shape
     num_kv_heads = pages.shape[0]
     group = num_q_heads // num_kv_heads
@@ -57,7 +58,7 @@ def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tens
     rows = gather(pool, pages, page, max_len)  # [Hkv, L, 2D]
     k, v = rows[None, ..., :head_dim], rows[None, ..., head_dim:]
     q = query.transpose(0, 1)[None].to(k.dtype)  # [1, Hq, q_len, D]
-    if bool((lengths == max_len).all()):  # every stream equally long (a prompt before compression)
+    if visible is None and bool((lengths == max_len).all()):  # equally long streams (a prompt before compression)
         if q_len == max_len:
             out = _sdpa(q, k, v, None, scale, causal=True)
         else:
@@ -66,6 +67,8 @@ def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tens
     else:
         q_pos = lengths[:, None] - q_len + torch.arange(q_len, device=lengths.device)  # [Hkv, q_len]
         mask = torch.arange(max_len, device=lengths.device)[None, None, :] <= q_pos[:, :, None]  # [Hkv, q_len, L]
+        if visible is not None:
+            mask = mask & visible
         out = _sdpa(q, k, v, mask.repeat_interleave(group, 0)[None], scale)
     return out[0].transpose(0, 1)
 

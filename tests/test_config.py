@@ -14,9 +14,20 @@ def test_unknown_method_names_allowed_values():
         KVCompressConfig.from_dict({"method": "bogus"})
 
 
-def test_planned_method_is_refused_not_ignored():
-    with pytest.raises(KVCompressConfigError, match=r"'dms' is not available in this release.*allowed: none"):
+def test_dms_needs_adapters_takes_no_budget_and_checks_its_window():
+    with pytest.raises(KVCompressConfigError, match=r"dms_adapters is required for method 'dms'"):
         KVCompressConfig.from_dict({"method": "dms"})
+    with pytest.raises(KVCompressConfigError, match=r"method 'dms' takes no budget"):
+        KVCompressConfig.from_dict({"method": "dms", "dms_adapters": "a.safetensors", "compression_ratio": 0.5})
+    with pytest.raises(KVCompressConfigError, match=r"dms_window must be a positive multiple of .*page_tokens=16, got 100"):
+        KVCompressConfig.from_dict({"method": "dms", "dms_adapters": "a.safetensors", "dms_window": 100})
+    with pytest.raises(KVCompressConfigError, match=r"dms_adapters applies to method 'dms' only \(method is 'kvzap'\)"):
+        KVCompressConfig.from_dict({"method": "kvzap", "kvzap_threshold": -4, "kvzap_predictor": "p",
+                                    "dms_adapters": "a.safetensors"})
+    with pytest.raises(KVCompressConfigError, match=r"recent_tokens does not apply to 'dms'.*dms_window"):
+        KVCompressConfig.from_dict({"method": "dms", "dms_adapters": "a.safetensors", "recent_tokens": 8})
+    config = KVCompressConfig.from_dict({"method": "dms", "dms_adapters": "a.safetensors", "dms_window": 256})
+    assert config.dms_window == 256 and config.page_tokens == 16
 
 
 def test_eviction_needs_a_budget_and_checks_its_options():

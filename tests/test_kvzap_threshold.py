@@ -62,7 +62,7 @@ def _drive(settings, schedule, q, k, v, scores, prompt, check):
             meta = stream_attention.build(m, 1, geometry)
             out = torch.zeros(LAYERS, new, Q_HEADS, DIM)
             for layer in range(LAYERS):
-                step_plan.kvzap_scores[layer] = scores[layer, span]
+                step_plan.token_scores[layer] = scores[layer, span]
                 runners[layer].forward(q[layer, span], k[layer, span], v[layer, span], buffer[layer], meta, out[layer],
                                        DIM ** -0.5)
             check(out, computed, computed + new)
@@ -72,7 +72,7 @@ def _drive(settings, schedule, q, k, v, scores, prompt, check):
         step_plan.score_store = None
         step_plan.kept.clear()
         step_plan.stream_tables.clear()
-        step_plan.kvzap_scores.clear()
+        step_plan.token_scores.clear()
 
 
 def _masked_attention(q, k, v, pos, mask):

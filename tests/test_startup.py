@@ -31,7 +31,7 @@ def test_valid_config_is_normalised(smollm2_dir):
                                                       "eviction_mode": "compact", "head_scores": None,
                                                       "headkv_beta": 1.2, "window_tokens": 8, "pool_kernel": 7,
                                                       "page_tokens": 16, "kvzap_predictor": None,
-                                                      "kvzap_threshold": None, "kvzap_window": 128,
+                                                      "kvzap_threshold": None, "kvzap_window": 128, "dms_adapters": None, "dms_window": None,
                                                       "codebooks": None, "value_bits": 16, "current_tokens": "coded"}
 
 
@@ -234,4 +234,4 @@ def test_kvzap_with_tensor_parallelism_is_refused(smollm2_dir, monkeypatch):
     monkeypatch.setattr(vllm_config.parallel_config, "tensor_parallel_size", 2)
     settings = KVCompressConfig.from_dict({"method": "kvzap", "kvzap_predictor": "x", "kvzap_threshold": -4.0})
     with pytest.raises(KVCompressConfigError, match="'kvzap' does not support tensor parallelism"):
-        startup.check_kvzap(vllm_config, settings)
+        startup.check_learned_eviction(vllm_config, settings)

@@ -14,15 +14,12 @@ from typing import Any
 
 CONFIG_KEY = "kvcompress"
 
-# Methods that run in this release, and those still being built (refused with a
-# clear message rather than silently falling back to no compression).
-AVAILABLE_METHODS = ("none", "lookat", "knorm", "snapkv", "headkv", "kvzap")
-PLANNED_METHODS = ("dms",)
+AVAILABLE_METHODS = ("none", "lookat", "knorm", "snapkv", "headkv", "kvzap", "dms")
 EVICTION_METHODS = ("knorm", "snapkv", "headkv", "kvzap", "dms")
 # SnapKV-style selection at the prompt end, decode tokens appended (no decode compaction).
 WINDOW_METHODS = ("snapkv", "headkv")
 # Per-(layer, KV head) streams paged from the shared pool (variable lengths per head).
-STREAM_METHODS = ("headkv", "kvzap")
+STREAM_METHODS = ("headkv", "kvzap", "dms")
 VALUE_BITS = (16, 8, 4)
 CURRENT_TOKENS = ("coded", "exact")
 EVICTION_MODES = ("compact", "mask")
@@ -37,7 +34,7 @@ def _key(name: str) -> str:
 
 
 def _methods_of(name: str) -> str:
-    return {"window_tokens": "snapkv, headkv", "pool_kernel": "snapkv, headkv", "page_tokens": "headkv, kvzap"}.get(
+    return {"window_tokens": "snapkv, headkv", "pool_kernel": "snapkv, headkv", "page_tokens": "headkv, kvzap, dms"}.get(
         name, "headkv")
 
 
@@ -53,7 +50,9 @@ class KVCompressConfig:
         "`lookat` stores keys as PQ codes and scores them with ADC lookup tables; "
         "`knorm` evicts the tokens whose keys have the largest L2 norm; `snapkv` keeps, per KV head, the "
         "tokens the prompt's last window attends to most; `headkv` does the same with a budget per "
-        "(layer, KV head) from head-importance scores (eviction methods need a budget).",
+        "(layer, KV head) from head-importance scores; `kvzap` evicts by a learned predictor's score; `dms` "
+        "by a retrofitted model's own learned decisions, delayed by a window (eviction methods other than "
+        "`kvzap` threshold mode and `dms` need a budget).",
     )
     max_kv_tokens: int | None = _setting(
         None,
@@ -121,6 +120,16 @@ class KVCompressConfig:
         128,
         "KVzap threshold mode: newest tokens never evicted (a multiple of `page_tokens`).",
     )
+    dms_adapters: str | None = _setting(
+        None,
+        "DMS: decision adapters, a safetensors file from `python -m vllm_kvcompress.dms_train` or an official "
+        "Model-Optimizer DMS checkpoint folder (adapter variant). Required for `dms`.",
+    )
+    dms_window: int | None = _setting(
+        None,
+        "DMS: a marked token stays visible for this many more tokens before its rows are freed (default: the "
+        "window the checkpoint was trained with; a multiple of `page_tokens`).",
+    )
     codebooks: str | None = _setting(
         None,
         "LOOKAT: codebook file from `python -m vllm_kvcompress.calibrate` (required for `lookat`; "
@@ -164,11 +173,6 @@ class KVCompressConfig:
             raise KVCompressConfigError(
                 f"{_key('method')} must be a string; allowed: {', '.join(AVAILABLE_METHODS)}"
             )
-        if self.method in PLANNED_METHODS:
-            raise KVCompressConfigError(
-                f"{_key('method')}={self.method!r} is not available in this release yet; "
-                f"allowed: {', '.join(AVAILABLE_METHODS)}"
-            )
         if self.method not in AVAILABLE_METHODS:
             raise KVCompressConfigError(
                 f"{_key('method')}: unknown method {self.method!r}; allowed: {', '.join(AVAILABLE_METHODS)}"
@@ -200,6 +204,7 @@ class KVCompressConfig:
         self._validate_eviction()
         self._validate_window_methods()
         self._validate_kvzap()
+        self._validate_dms()
         has_budget = self.max_kv_tokens is not None or self.compression_ratio is not None
         if has_budget and self.method not in EVICTION_METHODS:
             raise KVCompressConfigError(
@@ -212,7 +217,7 @@ class KVCompressConfig:
             if self.eviction_mode not in EVICTION_MODES:
                 raise KVCompressConfigError(
                     f"{_key('eviction_mode')} must be one of {', '.join(EVICTION_MODES)}, got {self.eviction_mode!r}")
-            if self.max_kv_tokens is None and self.compression_ratio is None and self.method != "kvzap":
+            if self.max_kv_tokens is None and self.compression_ratio is None and self.method not in ("kvzap", "dms"):
                 raise KVCompressConfigError(
                     f"method {self.method!r} needs a budget: set {_key('compression_ratio')} (fraction of tokens "
                     f"removed, 0 <= r < 1) or {_key('max_kv_tokens')} (tokens kept per sequence)"
@@ -229,19 +234,20 @@ class KVCompressConfig:
     def _validate_window_methods(self) -> None:
         defaults = {"head_scores": None, "headkv_beta": 1.2, "window_tokens": 8, "pool_kernel": 7, "page_tokens": 16}
         allowed = {"snapkv": ("window_tokens", "pool_kernel"), "headkv": tuple(defaults),
-                   "kvzap": ("page_tokens",)}.get(self.method, ())
+                   "kvzap": ("page_tokens",), "dms": ("page_tokens",)}.get(self.method, ())
         for name, default in defaults.items():
             if name not in allowed and getattr(self, name) != default:
                 raise KVCompressConfigError(
                     f"{_key(name)} applies to method(s) {_methods_of(name)} "
                     f"only (method is {self.method!r})")
-        if self.method not in (*WINDOW_METHODS, "kvzap"):
+        if self.method not in (*WINDOW_METHODS, "kvzap", "dms"):
             return
         for name in ("sink_tokens", "recent_tokens", "buffer_blocks", "eviction_mode"):
             if getattr(self, name) != {"buffer_blocks": 1, "eviction_mode": "compact"}.get(name, 0):
                 raise KVCompressConfigError(
                     f"{_key(name)} does not apply to {self.method!r}: it keeps its own window "
-                    f"({_key('kvzap_window' if self.method == 'kvzap' else 'window_tokens')}) and compacts per "
+                    f"({_key({'kvzap': 'kvzap_window', 'dms': 'dms_window'}.get(self.method, 'window_tokens'))}) "
+                    "and compacts per "
                     "(layer, KV head) stream")
         for name, minimum in (("window_tokens", 1), ("pool_kernel", 1), ("page_tokens", 1)):
             value = getattr(self, name)
@@ -283,6 +289,26 @@ class KVCompressConfig:
         window = self.kvzap_window
         if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % self.page_tokens:
             raise KVCompressConfigError(f"{_key('kvzap_window')} must be a positive multiple of "
+                                        f"{_key('page_tokens')}={self.page_tokens}, got {window!r}")
+
+    def _validate_dms(self) -> None:
+        if self.method != "dms":
+            for name in ("dms_adapters", "dms_window"):
+                if getattr(self, name) is not None:
+                    raise KVCompressConfigError(f"{_key(name)} applies to method 'dms' only (method is {self.method!r})")
+            return
+        if not isinstance(self.dms_adapters, str) or not self.dms_adapters:
+            raise KVCompressConfigError(
+                f"{_key('dms_adapters')} is required for method 'dms': a file from "
+                "`python -m vllm_kvcompress.dms_train --model MODEL --out DIR` or an official DMS checkpoint folder")
+        if self.max_kv_tokens is not None or self.compression_ratio is not None:
+            raise KVCompressConfigError(
+                f"method 'dms' takes no budget ({_key('compression_ratio')}/{_key('max_kv_tokens')}): the model's "
+                "learned decisions set what is kept; pick a checkpoint trained for the ratio you want")
+        window = self.dms_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1
+                                   or window % self.page_tokens):
+            raise KVCompressConfigError(f"{_key('dms_window')} must be a positive multiple of "
                                         f"{_key('page_tokens')}={self.page_tokens}, got {window!r}")
 
     def _validate_lookat(self) -> None:

@@ -25,23 +25,25 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvcompress.eviction.dms import (DMSAdapter, compression_loss, gumbel_sigmoid, log_keep_bias, noisy_logits,
-                                          shift_to_keys, target_ratio)
+from vllm_kvcompress.eviction.dms import (DMSAdapter, compression_loss, eviction_flags, gumbel_sigmoid, log_keep_bias,
+                                          noisy_logits, shift_to_keys, target_ratio, visible)
+from vllm_kvcompress.eviction.dms_checkpoint import FORMAT
 
-FORMAT = "kvcompress-dms/1"
 ATTENTION = "kvcompress_dms"
 
 
 class DMSRetrofit:
     """Adapters + hooks on a transformers decoder-only model (Llama/Qwen2 layout)."""
 
-    def __init__(self, model, window: int, tau: float = 0.1, seed: int = 0):
+    def __init__(self, model, window: int, tau: float = 0.1, seed: int = 0, hard: bool = False):
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
         from transformers.models.llama.modeling_llama import eager_attention_forward
 
         config = model.config
         self.model, self.window, self.tau = model, window, tau
+        self.hard = hard  # inference: z > 0 evicts, no noise (the reference the engine is tested against)
+        self.marked: dict[int, torch.Tensor] = {}
         self.kv_heads = config.num_key_value_heads
         self.group = config.num_attention_heads // self.kv_heads
         self.adapters = torch.nn.ModuleList(
@@ -74,6 +76,12 @@ class DMSRetrofit:
             if x.shape[0] != 1:
                 raise ValueError("DMS retrofit trains on one sequence per step")
             z = self.adapters[index](x[0]).T  # [H_kv, T]
+            if self.hard:
+                self.marked[index] = eviction_flags(z)
+                hidden = ~visible(self.marked[index], self.window)
+                bias = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill(hidden, float("-inf"))
+                self.bias[index] = bias.repeat_interleave(self.group, 0)[None]
+                return
             noisy = shift_to_keys(noisy_logits(z, self.tau, self.generator))
             self.alphas[index] = gumbel_sigmoid(z, noisy=noisy)
             bias = log_keep_bias(noisy, self.window).repeat_interleave(self.group, 0)  # [Hq, T, T]

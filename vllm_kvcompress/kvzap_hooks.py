@@ -4,7 +4,7 @@ after the input norm), scored by that layer's predictor as the layer runs.
 A forward pre-hook on every ``<prefix>.layers.<i>.self_attn`` module (Llama, Qwen2 and
 relatives call it as ``self_attn(positions=..., hidden_states=...)``) runs the predictor
 on the whole step's tokens at once (one matmul, or two for the MLP) and leaves the
-``[tokens, KV heads]`` scores in :data:`vllm_kvcompress.step_plan.kvzap_scores` for the
+``[tokens, KV heads]`` scores in :data:`vllm_kvcompress.step_plan.token_scores` for the
 same layer's attention, which runs right after. No model code is forked; the hooks exist
 only when method ``kvzap`` is configured. Python hooks cannot run inside a compiled
 graph, so kvzap needs eager mode (checked at start-up).
@@ -27,8 +27,8 @@ def _score(predictor: torch.nn.Module, layer: int):
         started = time.perf_counter()
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
         with torch.no_grad():
-            step_plan.kvzap_scores[layer] = predictor(hidden.to(torch.float32))
-        step_plan.kvzap_seconds += time.perf_counter() - started  # the overhead benchmark reads it
+            step_plan.token_scores[layer] = predictor(hidden.to(torch.float32))
+        step_plan.predictor_seconds += time.perf_counter() - started  # the overhead benchmark reads it
 
     return hook
 
@@ -60,8 +60,8 @@ def offline_scores(model: torch.nn.Module, predictors: list[torch.nn.Module], id
     handles = install(model, predictors)
     try:
         model(torch.tensor([ids]), use_cache=False)
-        return torch.stack([step_plan.kvzap_scores[i].reshape(len(ids), -1) for i in range(len(predictors))])
+        return torch.stack([step_plan.token_scores[i].reshape(len(ids), -1) for i in range(len(predictors))])
     finally:
         for handle in handles:
             handle.remove()
-        step_plan.kvzap_scores.clear()
+        step_plan.token_scores.clear()

@@ -156,26 +156,34 @@ def check_headkv(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
         raise KVCompressConfigError(f"additional_config.{CONFIG_KEY}.head_scores: {exc}") from None
 
 
-def check_kvzap(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
-    """Predictors for this very model, eager mode (the predictor is a forward pre-hook),
-    one rank, and a page size that divides the block."""
-    if config.method != "kvzap" or vllm_config.model_config is None:
+def check_learned_eviction(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
+    """KVzap and DMS: weights for this very model, eager mode (they run as forward
+    pre-hooks, which a compiled graph would skip), one rank, and a page size that divides
+    the block."""
+    if config.method not in ("kvzap", "dms") or vllm_config.model_config is None:
         return
+    from vllm_kvcompress.eviction.dms_checkpoint import DMSCheckpointError, load_decisions
     from vllm_kvcompress.eviction.kvzap import PredictorFileError, load_any_predictors
     from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
 
+    method = config.method
     if vllm_config.parallel_config.tensor_parallel_size > 1:
-        raise KVCompressConfigError("kvcompress method 'kvzap' does not support tensor parallelism yet "
-                                    "(its predictors and per-head survivors cover every KV head on one rank)")
+        raise KVCompressConfigError(f"kvcompress method {method!r} does not support tensor parallelism yet "
+                                    "(its weights and per-head survivors cover every KV head on one rank)")
     if not vllm_config.model_config.enforce_eager:
-        raise KVCompressConfigError("kvcompress method 'kvzap' needs eager mode (its predictor runs as a forward "
-                                    "pre-hook on each attention layer, which a compiled graph would skip): add "
+        raise KVCompressConfigError(f"kvcompress method {method!r} needs eager mode (its scores come from forward "
+                                    "pre-hooks on the decoder layers, which a compiled graph would skip): add "
                                     "--enforce-eager (enforce_eager=True)")
     hf = vllm_config.model_config.hf_text_config
+    shape = (hf.num_hidden_layers, hf.hidden_size, hf.num_key_value_heads)
     try:
-        load_any_predictors(config.kvzap_predictor, hf.num_hidden_layers, hf.hidden_size, hf.num_key_value_heads)
-    except PredictorFileError as exc:
-        raise KVCompressConfigError(f"additional_config.{CONFIG_KEY}.kvzap_predictor: {exc}") from None
+        if method == "kvzap":
+            load_any_predictors(config.kvzap_predictor, *shape)
+        else:
+            load_decisions(config.dms_adapters, *shape)
+    except (PredictorFileError, DMSCheckpointError) as exc:
+        key = "kvzap_predictor" if method == "kvzap" else "dms_adapters"
+        raise KVCompressConfigError(f"additional_config.{CONFIG_KEY}.{key}: {exc}") from None
     EvictionPolicy(config, vllm_config.cache_config.block_size, model_shape(vllm_config))
 
 
@@ -201,7 +209,7 @@ def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
     check_engine_options(vllm_config)
     check_lookat(vllm_config, config)
     check_headkv(vllm_config, config)
-    check_kvzap(vllm_config, config)
+    check_learned_eviction(vllm_config, config)
     wire_eviction(vllm_config, config)
     if isinstance(additional, dict):
         additional[CONFIG_KEY] = config.as_dict()

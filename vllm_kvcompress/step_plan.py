@@ -21,9 +21,9 @@ stream_tables: dict[str, tuple] = {}
 # one score per pool row (moved with the rows), and in threshold mode the survivors
 # [layers, KV heads] of each packed request and the pages each needs for its next step
 # (collected for the scheduler after the step).
-kvzap_scores: dict[int, "torch.Tensor"] = {}
+token_scores: dict[int, "torch.Tensor"] = {}
 score_store: "torch.Tensor | None" = None
 kept: dict[str, "torch.Tensor"] = {}
 pages_reports: dict[str, int] = {}
-kvzap_seconds = 0.0  # time spent in the predictors (the hooks), for the overhead benchmark
+predictor_seconds = 0.0  # time spent in the predictors (the hooks), for the overhead benchmark
 num_blocks: int | None = None  # blocks in the KV pool (set when the runner allocates it)

@@ -51,6 +51,7 @@ class StreamSpan:
     token_end: int
     pages: torch.Tensor  # [L, H, P]
     lengths: torch.Tensor  # [L, H] rows after this step's writes
+    dms_window: int | None = None  # DMS: attend under the delayed-eviction mask (a prompt in vLLM's layout)
 
 
 @dataclass
@@ -69,6 +70,10 @@ class StreamMetadata:
     victim_src: torch.Tensor | None = None  # [L, V, H]
     victim_dst: torch.Tensor | None = None  # [L, V, H]
     victim_kept: torch.Tensor | None = None  # [L, V, H] survivors per stream (updated in the step)
+    # DMS (shift by one): the score computed with token ``decision_token_index[i]`` is the
+    # decision of the token before it, stored at ``decision_rows[:, i]``.
+    decision_token_index: torch.Tensor | None = None  # [T']
+    decision_rows: torch.Tensor | None = None  # [L, T', H]
 
 
 def _native_pages(geometry: PoolGeometry, blocks: torch.Tensor, length: int) -> torch.Tensor:
@@ -109,6 +114,7 @@ def build(m, num_reqs: int, geometry: PoolGeometry) -> StreamMetadata | None:
     table_rows = m.block_table_tensor[:num_reqs].cpu()
     writes, decode_rows, decode_pages, decode_lengths, prefills, compressions = [], [], [], [], [], []
     victims: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    decision_tokens, decision_rows = [], []
     for r in range(num_reqs):
         q_len, after = starts[r + 1] - starts[r], seq_lens[r]
         if q_len == 0:
@@ -142,12 +148,18 @@ def build(m, num_reqs: int, geometry: PoolGeometry) -> StreamMetadata | None:
             positions = lengths[:, :, None] - q_len + torch.arange(q_len)  # [L, H, q]
         rows_lh = ref.page_rows(pages, geometry.page).gather(2, positions)
         writes.append(rows_lh.permute(0, 2, 1))  # [L, q, H]
-        if q_len == 1:
+        delayed = isinstance(schedule, ThresholdSchedule) and schedule.delayed
+        native_dms = delayed and not schedule.packed(after - q_len)
+        if delayed:
+            tokens, rows_prev = _previous_rows(schedule, pages, geometry.page, after, q_len, native_dms)
+            decision_tokens.append(starts[r] + tokens)
+            decision_rows.append(rows_prev)
+        if q_len == 1 and not native_dms:
             decode_rows.append(starts[r])
             decode_pages.append(pages)
             decode_lengths.append(lengths)
         else:
-            prefills.append(StreamSpan(starts[r], starts[r + 1], pages, lengths))
+            prefills.append(StreamSpan(starts[r], starts[r + 1], pages, lengths, schedule.ring if native_dms else None))
     if decode_pages:
         decode_pages_t = torch.stack(_pad_pages(decode_pages), dim=1)
         decode_lengths_t = torch.stack(decode_lengths, dim=1)
@@ -160,6 +172,8 @@ def build(m, num_reqs: int, geometry: PoolGeometry) -> StreamMetadata | None:
                              victim_src=torch.stack([v[1] for v in victims], dim=1),
                              victim_dst=torch.stack([v[2] for v in victims], dim=1),
                              victim_kept=torch.stack([v[3] for v in victims], dim=1).clone())
+    if decision_tokens:
+        victim_fields.update(decision_token_index=torch.cat(decision_tokens), decision_rows=torch.cat(decision_rows, 1))
     return StreamMetadata(
         **victim_fields,
         num_actual_tokens=m.num_actual_tokens,
@@ -174,6 +188,28 @@ def build(m, num_reqs: int, geometry: PoolGeometry) -> StreamMetadata | None:
     )
 
 
+def _previous_rows(schedule: ThresholdSchedule, pages: torch.Tensor, page: int, after: int, q_len: int,
+                   native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """DMS: (offsets in the step of the request's tokens that carry a decision, the rows of
+    the tokens those decisions are about ``[L, n, H]``): every new token but one at
+    position 0 decides the token before it (in vLLM's layout, or in the ring)."""
+    first = after - q_len
+    previous = torch.arange(max(first - 1, 0), after - 1)  # positions decided this step
+    tokens = torch.arange(q_len - len(previous), q_len)
+    physical = previous if native else previous % schedule.ring
+    rows = ref.page_rows(pages, page)[..., physical]  # [L, H, n]
+    return tokens, rows.permute(0, 2, 1)
+
+
+def dms_visible(scores: torch.Tensor, lengths: torch.Tensor, q_len: int, window: int,
+                threshold: float = 0.0) -> torch.Tensor:
+    """Prompt queries' DMS mask ``[H, q_len, L]`` (causality is the kernel's): key ``j`` is
+    visible to query ``i`` while ``i - j <= window`` or when it is not marked."""
+    q_pos = lengths[:, None] - q_len + torch.arange(q_len)  # [H, q]
+    recent = (q_pos[:, :, None] - torch.arange(scores.shape[-1])) <= window
+    return recent | (scores >= threshold)[:, None, :]
+
+
 def pool_rows(kv_cache: torch.Tensor, layer: int, num_layers: int) -> torch.Tensor:
     """Every layer's cache as one ``[rows, 2D]`` array (vLLM allocates one backing buffer;
     layer-outermost, each layer's ``[blocks, heads, block_size, 2D]`` view contiguous)."""
@@ -186,13 +222,17 @@ def pool_rows(kv_cache: torch.Tensor, layer: int, num_layers: int) -> torch.Tens
     return torch.as_strided(kv_cache, (num_layers * per_layer // width, width), (width, 1), 0)
 
 
+UNDECIDED = 3.0e38  # the newest token's DMS keep score until the next token decides (kept meanwhile)
+
+
 class StreamRunner:
     """One per attention layer (HeadKV, KVzap)."""
 
     def __init__(self, settings, layer: int, num_layers: int):
-        self.predicted = settings.method == "kvzap"  # scores from the hidden states, kept per row
+        self.predicted = settings.method in ("kvzap", "dms")  # scores from the hidden states, kept per row
+        self.delayed = settings.method == "dms"  # shift by one: scores arrive with the next token
         self.scorer = None if self.predicted else scorer_for(settings)
-        self.threshold = settings.kvzap_threshold
+        self.threshold = 0.0 if self.delayed else settings.kvzap_threshold
         self.layer, self.num_layers = layer, num_layers
 
     def forward(self, query, key, value, kv_cache, meta: StreamMetadata, out, scale: float) -> None:
@@ -205,7 +245,13 @@ class StreamRunner:
             scores[dst] = scores[src]
         ref.write_rows(pool, meta.write_rows[layer], key, value)
         if self.predicted:
-            scores[meta.write_rows[layer]] = step_plan.kvzap_scores.pop(layer)[: meta.num_actual_tokens]
+            step_scores = step_plan.token_scores.pop(layer)[: meta.num_actual_tokens]
+            if self.delayed:
+                scores[meta.write_rows[layer]] = UNDECIDED
+                if meta.decision_rows is not None:
+                    scores[meta.decision_rows[layer]] = step_scores[meta.decision_token_index]
+            else:
+                scores[meta.write_rows[layer]] = step_scores
         if meta.decode_token_index.numel():
             idx = meta.decode_token_index
             result = ref.decode_attention(query[idx], pool, meta.decode_pages[layer], meta.decode_lengths[layer],
@@ -213,7 +259,13 @@ class StreamRunner:
             out[idx] = result.to(out.dtype)
         for span in meta.prefills:
             rows = slice(span.token_start, span.token_end)
-            result = ref.prefill_attention(query[rows], pool, span.pages[layer], span.lengths[layer], page, scale)
+            visible = None
+            if span.dms_window is not None:
+                key_rows = ref.page_rows(span.pages[layer], page)[:, : int(span.lengths[layer].max())]
+                visible = dms_visible(scores[key_rows], span.lengths[layer], span.token_end - span.token_start,
+                                      span.dms_window, self.threshold)
+            result = ref.prefill_attention(query[rows], pool, span.pages[layer], span.lengths[layer], page, scale,
+                                           visible)
             out[rows] = result.to(out.dtype)
         if meta.victim_src is not None:  # after the attention: the leaving token was still seen
             meta.victim_kept[layer] += (scores[meta.victim_dst[layer]] >= self.threshold).long()

@@ -70,14 +70,14 @@ class EvictionRunnerMixin:
         return result
 
     def _kvc_report_finished(self, req_id: str) -> None:
-        """KVzap threshold mode: what a finished request really kept (benchmarks parse this line)."""
+        """KVzap threshold mode and DMS: what a finished request really kept (benchmarks parse this line)."""
         kept, schedule, state = step_plan.kept.get(req_id), self.kvc_schedules.get(req_id), self.requests.get(req_id)
         if kept is None or schedule is None or state is None:
             return
         tokens, streams = state.num_computed_tokens, kept.numel()
         rows = streams * schedule.ring + int(kept.sum())
-        logger.info("kvcompress kvzap finished %s: tokens=%d kept_fraction=%.4f pages=%d native_pages=%d", req_id,
-                    tokens, rows / (streams * tokens), schedule.pages_next, streams * cdiv(tokens, schedule.page))
+        logger.info("kvcompress %s finished %s: tokens=%d kept_fraction=%.4f pages=%d native_pages=%d",
+                    self.kvc_settings.method, req_id, tokens, rows / (streams * tokens), schedule.pages_next, streams * cdiv(tokens, schedule.page))
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
@@ -89,11 +89,20 @@ class EvictionRunnerMixin:
             predictors = load_any_predictors(self.kvc_settings.kvzap_predictor, hf.num_hidden_layers, hf.hidden_size,
                                              hf.num_key_value_heads)
             kvzap_hooks.install(self.model, [p.to(self.device) for p in predictors])
+        if self.kvc_settings.method == "dms":
+            from vllm_kvcompress import dms_hooks
+            from vllm_kvcompress.eviction.dms_checkpoint import load_decisions
+
+            hf = self.vllm_config.model_config.hf_text_config
+            decisions = load_decisions(self.kvc_settings.dms_adapters, hf.num_hidden_layers, hf.hidden_size,
+                                       hf.num_key_value_heads, getattr(hf, "rms_norm_eps", 1e-6))
+            decisions.adapters = [a.to(self.device) for a in decisions.adapters]
+            dms_hooks.install(self.model, decisions)
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
         step_plan.num_blocks = kv_cache_config.num_blocks
-        if self.kvc_settings.method == "kvzap":  # one predicted score per pool row (K and V of one token and head)
+        if self.kvc_settings.method in ("kvzap", "dms"):  # one score per pool row (K and V of one token and head)
             spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
             layers = self.vllm_config.model_config.hf_text_config.num_hidden_layers
             rows = layers * kv_cache_config.num_blocks * spec.num_kv_heads * spec.block_size
@@ -105,11 +114,11 @@ class EvictionRunnerMixin:
             return super().execute_model(*args, **kwargs)
         finally:
             step_plan.rows = None
-            step_plan.kvzap_scores.clear()
+            step_plan.token_scores.clear()
 
     def sample_tokens(self, *args, **kwargs):
         output = super().sample_tokens(*args, **kwargs)
-        if step_plan.pages_reports:  # kvzap threshold mode: the pages each request needs next (for the scheduler)
+        if step_plan.pages_reports:  # threshold rule (kvzap, dms): the pages each request needs next, for the scheduler
             output.kvc_pages_next = step_plan.pages_reports
             step_plan.pages_reports = {}
         return output

@@ -25,15 +25,17 @@ ALPHA_OFFSET = 5.0
 class DMSAdapter(torch.nn.Module):
     """One layer's decision head: residual stream ``[T, hidden]`` -> logits ``[T, H_kv]``."""
 
-    def __init__(self, hidden: int, num_kv_heads: int, eps: float = 1e-6):
+    def __init__(self, hidden: int, num_kv_heads: int, eps: float = 1e-6, scale: float = ALPHA_SCALE,
+                 offset: float = ALPHA_OFFSET):
         super().__init__()
         self.norm = torch.nn.RMSNorm(hidden, eps=eps)
         self.proj = torch.nn.Linear(hidden, num_kv_heads)
+        self.scale, self.offset = scale, offset
         torch.nn.init.zeros_(self.proj.weight)
         torch.nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ALPHA_SCALE * self.proj(self.norm(x)) - ALPHA_OFFSET
+        return self.scale * self.proj(self.norm(x)) - self.offset
 
 
 def neuron_logits(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

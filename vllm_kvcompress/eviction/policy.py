@@ -47,6 +47,23 @@ def model_shape(vllm_config) -> tuple[int, int, int]:
     return hf.num_hidden_layers, hf.num_attention_heads, getattr(hf, "num_key_value_heads", hf.num_attention_heads)
 
 
+def dms_window(config: KVCompressConfig) -> int:
+    """The configured DMS window, else the checkpoint's; whole pages either way."""
+    from vllm_kvcompress.eviction.dms_checkpoint import DMSCheckpointError, checkpoint_window
+
+    if config.dms_window is not None:
+        return config.dms_window
+    try:
+        window = checkpoint_window(config.dms_adapters)
+    except DMSCheckpointError as exc:
+        raise KVCompressConfigError(f"additional_config.{CONFIG_KEY}.dms_adapters: {exc}") from None
+    if window % config.page_tokens:
+        raise KVCompressConfigError(
+            f"{config.dms_adapters} was trained with window {window}, not a multiple of additional_config."
+            f"{CONFIG_KEY}.page_tokens={config.page_tokens}; set page_tokens to a divisor of it")
+    return window
+
+
 class EvictionPolicy:
     """``model_shape`` = (layers, query heads, KV heads), needed by ``headkv`` and ``kvzap``."""
 
@@ -66,6 +83,8 @@ class EvictionPolicy:
             self.streams = model_shape[0] * model_shape[2]
         if config.method == "kvzap":
             self.stream_scores = [1.0] * self.streams  # top-k mode: the same budget for every stream
+        if config.method == "dms":
+            self.dms_window = dms_window(config)
         if config.method == "headkv":
             if config.head_scores == "uniform":
                 scores = HeadScores.uniform(*model_shape)
@@ -100,6 +119,10 @@ class EvictionPolicy:
     def schedule_for(self, prompt_len: int, extra_args: dict | None) -> CompressionSchedule | None:
         overrides = validate_overrides(self.config, extra_args)
         c = self.config
+        if c.method == "dms":  # KVzap's threshold rule on keep score -z, threshold 0, decisions one token late
+            return ThresholdSchedule(compress_at=max(prompt_len, self.dms_window), ring=self.dms_window,
+                                     streams=self.streams, page=c.page_tokens, block_size=self.block_size,
+                                     threshold=0.0, delayed=True)
         if c.method == "kvzap" and c.kvzap_threshold is not None:
             return ThresholdSchedule(compress_at=max(prompt_len, c.kvzap_window), ring=c.kvzap_window,
                                      streams=self.streams, page=c.page_tokens, block_size=self.block_size,

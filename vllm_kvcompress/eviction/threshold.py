@@ -44,6 +44,9 @@ class ThresholdSchedule:
     page: int  # rows per stream page
     block_size: int  # rows per vLLM block (of every stream)
     threshold: float
+    # DMS: each token's score arrives with the *next* token (shift by one), and prompt
+    # queries already attend under the rule (KVzap's prompt attends to everything).
+    delayed: bool = False
     pages_next: int | None = None  # stream pages the next step needs (the worker's report)
 
     def __post_init__(self):

@@ -1,0 +1,90 @@
+"""DMS inside vLLM on the real test model (the shipped SmolLM2 adapters, fp32):
+
+* the engine's logprobs are transformers' under the DMS mask with the same decisions
+  (hard ``z > 0``, shift by one, window 128) over chunked prefill and decode: the
+  decoder-layer hooks read the right residual stream and the prompt attends under the
+  mask before it is packed;
+* the survivors the worker reports are the tokens transformers' decisions keep, and the
+  blocks the scheduler holds follow them (preemption and recompute of the threshold
+  layout are tested with KVzap, which shares it: ``test_kvzap_engine.py``)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_kvcompress.eviction.streams import cdiv
+from vllm_kvcompress.tools.step_trace import run_traced
+
+pytestmark = pytest.mark.engine
+
+BLOCK, PAGE_ROWS, PAGES_PER_BLOCK = 128, 16, 30 * 3 * 128 // 16
+POOL_BLOCK = 30 * 3 * BLOCK * 256 * 2  # SmolLM2-135M: bytes of one block over all layers, fp32 K+V
+ADAPTERS = Path(os.environ.get("KVCOMPRESS_TEST_DMS", Path(__file__).parents[1] / "vllm_kvcompress" / "artefacts"
+                               / "dms" / "smollm2-135m" / "dms-cr8.safetensors"))
+
+
+def _llm(model_dir, blocks=32, chunk=256):  # 256-token chunks: the prompt's DMS mask spans a chunk boundary
+    return dict(model=model_dir, dtype="float32", max_model_len=min(2048, blocks * BLOCK), enforce_eager=True,
+                kv_cache_memory_bytes=(blocks + 1) * POOL_BLOCK, attention_backend="kvcompress",
+                max_num_batched_tokens=chunk,
+                additional_config={"kvcompress": {"method": "dms", "dms_adapters": str(ADAPTERS)}})
+
+
+def _reference(model_dir, sequences):
+    """Transformers' logprobs of each sequence under the DMS mask, and its decisions."""
+    from vllm_kvcompress.dms_train import DMSRetrofit
+    from vllm_kvcompress.eviction.dms_checkpoint import load_decisions
+    from vllm_kvcompress.models import load_eager
+
+    _, model = load_eager(model_dir)
+    decisions = load_decisions(str(ADAPTERS), 30, 576, 3)
+    retrofit = DMSRetrofit(model, decisions.window, hard=True)
+    retrofit.adapters = torch.nn.ModuleList(decisions.adapters)
+    retrofit.active = True
+    out = []
+    for ids in sequences:
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+        marked = torch.stack([retrofit.marked[i] for i in range(30)])  # [L, H, T]
+        out.append((logprobs, marked))
+    return out, decisions.window
+
+
+def test_dms_engine_is_transformers_under_the_dms_mask(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from vllm_kvcompress.prompts import long_document_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = [long_document_ids(tokenizer, 400, offset=900 * i) for i in range(2)]
+    trace = run_traced(_llm(smollm2_dir), prompts, max_tokens=100)
+    outputs = [o["token_ids"] for o in trace["outputs"]]
+    reference, window = _reference(smollm2_dir, [p + o for p, o in zip(prompts, outputs)])
+
+    gaps, page_diffs = [], []
+    for i, (prompt, out) in enumerate(zip(prompts, trace["outputs"])):
+        logprobs, marked = reference[i]
+        ids = torch.tensor(prompt + out["token_ids"])
+        ref = logprobs[len(prompt) - 1:-1].gather(1, ids[len(prompt):, None])[:, 0]
+        gaps.append(float((ref - torch.tensor(out["token_logprobs"], dtype=torch.float64)).abs().max()))
+        kept = (~marked).cumsum(-1)  # [L, H, T]: unmarked among the first n tokens
+        for step in trace["steps"]:
+            if str(i) in step["pages_next"]:
+                computed = step["computed"][str(i)]
+                want = sum(cdiv(window + int(k) + 1, PAGE_ROWS) for k in kept[..., computed - window - 1].flatten())
+                page_diffs.append(step["pages_next"][str(i)] - want)
+    steps = [s for s in trace["steps"] if "0" in s["pages_next"]]
+    held = [(s["blocks"]["0"], prev["pages_next"]["0"]) for prev, s in zip(steps, steps[1:])]
+    marked_fraction = float(reference[0][1][..., : len(prompts[0]) - window].float().mean())
+
+    native, packed = cdiv(len(prompts[0]), BLOCK), held[0][0]
+    print(f"DMS ({ADAPTERS.name}, window {window}): {marked_fraction:.2f} of the prompt's tokens before the window "
+          f"marked; logprob gap vs transformers under the DMS mask {max(gaps):.2e}; reported pages = transformers' "
+          f"decisions at {sum(d == 0 for d in page_diffs)}/{len(page_diffs)} steps (differences "
+          f"{sorted(set(page_diffs))}); blocks {native} -> {packed} -> {steps[-1]['blocks']['0']}")
+    assert max(gaps) < 1e-3 and marked_fraction > 0.3
+    assert all(abs(d) <= 2 for d in page_diffs) and sum(d != 0 for d in page_diffs) <= len(page_diffs) // 20
+    assert all(blocks == cdiv(pages, PAGES_PER_BLOCK) for blocks, pages in held), held
+    assert packed < native and len(steps) >= 99
