@@ -14,6 +14,10 @@ KVzap configs: ``kvzap-{linear|mlp}-t{TAU}`` (threshold mode, e.g. ``kvzap-mlp-t
 ``kvzap-{linear|mlp}-r{RATIO}`` (top-k per KV head at the prompt end), with the model's
 shipped predictors (``vllm_kvcompress/artefacts/kvzap/MODEL/``).
 
+DMS configs: ``dms-cr{N}`` (e.g. ``dms-cr4``): the model's shipped DMS adapters trained to
+compression N (``vllm_kvcompress/artefacts/dms/MODEL/dms-crN.safetensors``); what they
+really remove is measured per request.
+
 Budget configs: ``{knorm|snapkv|headkv}-b{TOKENS}`` (e.g. ``headkv-b128``): ``TOKENS``
 kept per KV head (``max_kv_tokens``; for HeadKV the average over (layer, KV head)
 streams, with the model's shipped R2 head scores), so equal TOKENS = equal total KV.
@@ -33,8 +37,9 @@ LOOKAT_NAME = re.compile(r"lookat-m(\d+)-v(16|8|4)(-exact)?")
 EVICTION_NAME = re.compile(r"(knorm|snapkv|headkv)-r(0?\.\d+)")
 KVZAP_NAME = re.compile(r"kvzap-(linear|mlp)-(?:t(-?\d+(?:\.\d+)?)|r(0?\.\d+))")
 BUDGET_NAME = re.compile(r"(knorm|snapkv|headkv)-b(\d+)")
+DMS_NAME = re.compile(r"dms-cr(\d+)")
 NAMES_HELP = (f"{', '.join(sorted(CONFIGS))}, lookat-m{{M}}-v{{16|8|4}}[-exact], {{knorm|snapkv|headkv}}-r{{RATIO}}, "
-              "{knorm|snapkv|headkv}-b{TOKENS} or kvzap-{linear|mlp}-{t{TAU}|r{RATIO}}")
+              "{knorm|snapkv|headkv}-b{TOKENS}, kvzap-{linear|mlp}-{t{TAU}|r{RATIO}} or dms-cr{N}")
 
 
 def head_scores_file(model: str) -> str:
@@ -57,6 +62,17 @@ def kvzap_predictor_file(model: str, kind: str) -> str:
     return str(path)
 
 
+def dms_adapters_file(model: str, ratio: str) -> str:
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "vllm_kvcompress" / "artefacts" / "dms" / model / f"dms-cr{ratio}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no shipped DMS adapters for {model} at CR {ratio}: run python -m "
+                                f"vllm_kvcompress.dms_train --model {model} --max-ratio {ratio} --out DIR and copy "
+                                f"the last adapters-step*.safetensors to {path}")
+    return str(path)
+
+
 def resolve(name: str, model: str) -> dict | None:
     """LLM kwargs of a named config for ``model``; None if the name is unknown."""
     if name in CONFIGS:
@@ -74,6 +90,10 @@ def resolve(name: str, model: str) -> dict | None:
             settings["kvzap_threshold"] = float(match[2])
         else:
             settings["compression_ratio"] = float(match[3])
+        return {"attention_backend": KVC, "enforce_eager": True, "additional_config": {KVC: settings}}
+    match = DMS_NAME.fullmatch(name)
+    if match is not None:
+        settings = {"method": "dms", "dms_adapters": dms_adapters_file(model, match[1])}
         return {"attention_backend": KVC, "enforce_eager": True, "additional_config": {KVC: settings}}
     match = BUDGET_NAME.fullmatch(name)
     if match is not None:

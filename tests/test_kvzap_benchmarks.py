@@ -5,7 +5,7 @@ import pytest
 
 from benchmarks.accuracy import kvzap_kept_fractions
 from benchmarks.configs import resolve
-from benchmarks.kvzap_accuracy import markdown, removed_fraction, rows
+from benchmarks.measured_sweep import markdown, removed_fraction, rows
 
 
 def test_kvzap_config_names_resolve_to_shipped_predictors():
@@ -47,3 +47,22 @@ def test_sweep_table_pairs_each_threshold_with_its_matched_runs():
     assert row["methods"]["headkv"]["error"] == "boom"
     text = markdown(report)
     assert "| -4 | 0.700 | 3.33x | 1.00 / 20.500 | 0.00 / 33.000 | error: boom |" in text
+
+
+def test_dms_sweep_names_its_checkpoints_and_matches_kvzap_topk():
+    settings = resolve("dms-cr8", "smollm2-135m")
+    assert settings["enforce_eager"] and settings["additional_config"]["kvcompress"]["dms_adapters"].endswith(
+        "smollm2-135m/dms-cr8.safetensors")
+    with pytest.raises(FileNotFoundError, match="no shipped DMS adapters for smollm2-135m at CR 3"):
+        resolve("dms-cr3", "smollm2-135m")
+    results = {"bf16": {"cells": {"niah@2048": {"score": 1.0}}},
+               "dms-cr4": {"cells": {"niah@2048": {"score": 1.0}}, "kept_fractions": [0.25]},
+               "kvzap-linear-r0.75": {"cells": {"niah@2048": {"score": 0.5}}}}
+    report = {"date": "d", "command": "c", "model": "m", "kind": "mlp", "hardware": "h", "vllm": "v",
+              "primary": "dms", "primary_configs": {"4": "dms-cr4"}, "compare": ["kvzap-linear"],
+              "matched": {"dms-cr4": {"kvzap-linear": "kvzap-linear-r0.75"}}, "figure": "sweep.png",
+              "accuracy": {"results": results, "kept_cells": ["niah@2048"], "min_baseline": 0.8}}
+    (row,) = rows(report)
+    assert row["methods"]["dms"]["accuracy"] == 1.0 and row["methods"]["kvzap-linear"]["accuracy"] == 0.5
+    text = markdown(report)
+    assert "| trained CR | removed |" in text and "| 4 | 0.750 | 4.00x | 1.00 / nan | 0.50 / nan |" in text
