@@ -98,8 +98,18 @@ def test_official_per_layer_decisions_use_kv_head_zero(tmp_path):
     assert torch.equal(scores[:, 0], scores[:, 1])
 
 
-@pytest.mark.parametrize("config,message", [({"dms_separate_alpha": False}, "single-neuron DMS"),
-                                            ({"dms_disable_eviction": True}, "dms_disable_eviction is true"),
+def test_official_single_neuron_checkpoint_decides_from_the_query_channel(tmp_path):
+    from vllm_kvcompress.dms_hooks import query_channel_scores
+
+    folder, _ = _official(tmp_path, dms_separate_alpha=False)
+    decisions = load_decisions(str(folder), LAYERS, HIDDEN, KV)
+    assert decisions.single_neuron and decisions.adapters == [] and decisions.window == 32
+    query = torch.randn(5, 4 * 8)  # [T, Hq * D]: 4 query heads of 8 channels, 2 KV heads
+    want = -(50.0 * query.view(5, 4, 8)[:, [0, 2], 7] - 2.0)  # last channel of each group's first head
+    torch.testing.assert_close(query_channel_scores(decisions, query, 4, KV), want)
+
+
+@pytest.mark.parametrize("config,message", [({"dms_disable_eviction": True}, "dms_disable_eviction is true"),
                                             ({"dms_alpha_per": "token"}, "dms_alpha_per='token'; allowed: head, layer"),
                                             ({"hidden_size": 32}, "hidden_size=32, the model has 16")])
 def test_official_checkpoints_that_cannot_be_served_are_refused(tmp_path, config, message):

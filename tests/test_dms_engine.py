@@ -88,3 +88,43 @@ def test_dms_engine_is_transformers_under_the_dms_mask(smollm2_dir):
     assert all(abs(d) <= 2 for d in page_diffs) and sum(d != 0 for d in page_diffs) <= len(page_diffs) // 20
     assert all(blocks == cdiv(pages, PAGES_PER_BLOCK) for blocks, pages in held), held
     assert packed < native and len(steps) >= 99
+
+
+def test_dms_single_neuron_checkpoint_is_transformers_with_the_query_channel(smollm2_dir, tmp_path):
+    """An official single-neuron checkpoint decides from the served model's own query (the
+    last channel of each GQA group's first head, pre-RoPE, then zeroed before and after
+    RoPE). SmolLM2 was not trained for it, which does not matter for the mechanics: the
+    engine must reproduce transformers under the same rule."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from vllm_kvcompress.dms_train import DMSRetrofit
+    from vllm_kvcompress.models import load_eager
+    from vllm_kvcompress.prompts import long_document_ids
+
+    folder = tmp_path / "single-neuron"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 30, "hidden_size": 576, "num_key_value_heads": 3, "dms_separate_alpha": False,
+        "dms_window_size": 128, "dms_alpha_scale": 100.0, "dms_initial_alpha_offset": 5.0}))
+    prompt = long_document_ids(AutoTokenizer.from_pretrained(smollm2_dir), 300)
+    llm = _llm(smollm2_dir)
+    llm["additional_config"]["kvcompress"]["dms_adapters"] = str(folder)
+    trace = run_traced(llm, [prompt], max_tokens=40)
+    out = trace["outputs"][0]
+
+    _, model = load_eager(smollm2_dir)
+    retrofit = DMSRetrofit(model, 128, hard=True, query_channel=(100.0, 5.0))
+    retrofit.active = True
+    ids = torch.tensor(prompt + out["token_ids"])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids[None]).logits[0].double(), dim=-1)
+    ref = logprobs[len(prompt) - 1:-1].gather(1, ids[len(prompt):, None])[:, 0]
+    gap = float((ref - torch.tensor(out["token_logprobs"], dtype=torch.float64)).abs().max())
+    marked = torch.stack([retrofit.marked[i] for i in range(30)])[..., : len(prompt) - 128].float().mean()
+    pages = [s["pages_next"]["0"] for s in trace["steps"] if "0" in s["pages_next"]]
+    print(f"DMS single-neuron (SmolLM2's own query channel, window 128): {float(marked):.2f} of the prompt's tokens "
+          f"before the window marked; logprob gap vs transformers {gap:.2e}; pages {pages[0]} -> {pages[-1]} "
+          f"(native {90 * cdiv(len(prompt) + 40, PAGE_ROWS)})")
+    assert gap < 1e-3 and 0.05 < float(marked) < 0.95 and len(pages) >= 39

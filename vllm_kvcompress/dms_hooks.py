@@ -7,6 +7,14 @@ layers are called as ``layer(positions, hidden_states, residual)``; the stream i
 ``-z`` per ``[token, KV head]`` in :data:`vllm_kvcompress.step_plan.token_scores`: a keep
 score, so "kept iff score >= 0" is DMS's "evicted iff z > 0". Which *row* each score
 belongs to (the previous token's: shift by one) is the attention glue's business.
+
+Single-neuron checkpoints decide from the query instead: ``z = scale * q[..., -1] - offset``
+on the last channel of the first query head of each GQA group, after any q-norm and
+before RoPE, as the official code reads it. A pre-hook on each layer's ``rotary_emb``
+call (vLLM shares one rotary module between layers, so a pre-hook on ``self_attn`` names
+the layer) reads that channel and zeroes it; the attention impl zeroes it again after
+RoPE (:data:`vllm_kvcompress.step_plan.zero_query_channel`), so it never enters ``q . k``.
+
 Python hooks do not run inside a compiled graph, so DMS needs eager mode.
 """
 
@@ -21,6 +29,8 @@ from vllm_kvcompress import step_plan
 from vllm_kvcompress.eviction.dms_checkpoint import DMSDecisions
 
 _DECODER_LAYER = re.compile(r"(^|\.)layers\.(\d+)$")
+_ATTENTION = re.compile(r"(^|\.)layers\.(\d+)\.self_attn$")
+_ROTARY = re.compile(r"(^|\.)layers\.(\d+)\.self_attn\.rotary_emb$")
 
 
 def residual_stream(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -48,8 +58,61 @@ def _hook(decisions: DMSDecisions, layer: int):
     return hook
 
 
-def install(model: torch.nn.Module, decisions: DMSDecisions) -> list:
+def query_channel_scores(decisions: DMSDecisions, query: torch.Tensor, num_q_heads: int,
+                         num_kv_heads: int) -> torch.Tensor:
+    """Single-neuron ``-z`` ``[T, KV heads]`` from the pre-RoPE query ``[T, Hq * D]``."""
+    q = query.view(query.shape[0], num_q_heads, -1)
+    z = decisions.scale * q[:, :: num_q_heads // num_kv_heads, -1].float() - decisions.offset
+    if decisions.per_layer:
+        z = z[:, :1].expand_as(z)
+    return -z
+
+
+def _install_query_channel(model, decisions: DMSDecisions, num_layers: int, num_q_heads: int,
+                           num_kv_heads: int) -> list:
+    current = [None]  # the layer whose attention is running (the rotary module may be shared)
+
+    def enter(layer):
+        def hook(module, args, kwargs):
+            current[0] = layer
+
+        return hook
+
+    def rotary(module, args, kwargs):
+        started = time.perf_counter()
+        names = ("positions", "query", "key")
+        values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        query = values["query"]
+        step_plan.token_scores[current[0]] = query_channel_scores(decisions, query, num_q_heads, num_kv_heads)
+        query = query.clone()
+        query.view(query.shape[0], num_q_heads, -1)[:, :: num_q_heads // num_kv_heads, -1] = 0
+        step_plan.predictor_seconds += time.perf_counter() - started
+        if "query" in kwargs:
+            return args, {**kwargs, "query": query}
+        return (*args[:1], query, *args[2:]), kwargs
+
+    handles, entered, rotaries = [], set(), {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if (match := _ATTENTION.search(name)) is not None:
+            entered.add(int(match.group(2)))
+            handles.append(module.register_forward_pre_hook(enter(int(match.group(2))), with_kwargs=True))
+        elif _ROTARY.search(name) is not None:
+            rotaries[id(module)] = module
+    if entered != set(range(num_layers)) or not rotaries:
+        raise NotImplementedError(
+            f"dms (single-neuron): found attention modules for layers {sorted(entered)} of {num_layers} and "
+            f"{len(rotaries)} rotary modules; the model must have `...layers.<i>.self_attn.rotary_emb` called as "
+            "rotary_emb(positions, query, key) on the pre-RoPE query (Llama/Qwen2/Qwen3 style)")
+    handles += [m.register_forward_pre_hook(rotary, with_kwargs=True) for m in rotaries.values()]
+    step_plan.zero_query_channel = num_q_heads // num_kv_heads
+    return handles
+
+
+def install(model: torch.nn.Module, decisions: DMSDecisions, num_layers: int | None = None,
+            num_q_heads: int | None = None, num_kv_heads: int | None = None) -> list:
     """Hook every decoder layer (all must be found); returns the hook handles."""
+    if decisions.single_neuron:
+        return _install_query_channel(model, decisions, num_layers, num_q_heads, num_kv_heads)
     layers = len(decisions.adapters)
     hooked, handles = set(), []
     for name, module in model.named_modules():

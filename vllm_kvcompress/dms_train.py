@@ -35,7 +35,8 @@ ATTENTION = "kvcompress_dms"
 class DMSRetrofit:
     """Adapters + hooks on a transformers decoder-only model (Llama/Qwen2 layout)."""
 
-    def __init__(self, model, window: int, tau: float = 0.1, seed: int = 0, hard: bool = False):
+    def __init__(self, model, window: int, tau: float = 0.1, seed: int = 0, hard: bool = False,
+                 query_channel: tuple[float, float] | None = None):
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
         from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -53,10 +54,19 @@ class DMSRetrofit:
         self.active = False
         self.bias: dict[int, torch.Tensor] = {}
         self.alphas: dict[int, torch.Tensor] = {}
+        # Single-neuron inference (scale, offset): decisions from the pre-RoPE query's last
+        # channel of each group's first head, which leaves q . k (zeroed before and after RoPE).
+        self.query_channel = query_channel
         for index, layer in enumerate(model.model.layers):
-            layer.register_forward_pre_hook(self._decide(index), with_kwargs=True)
+            if query_channel is None:
+                layer.register_forward_pre_hook(self._decide(index), with_kwargs=True)
+            else:
+                layer.self_attn.q_proj.register_forward_hook(self._decide_from_query(index))
 
         def attention(module, query, key, value, attention_mask, **kwargs):
+            if self.active and self.query_channel is not None:
+                query = query.clone()
+                query[:, :: self.group, :, -1] = 0
             bias = self.bias.get(module.layer_idx) if self.active else None
             if bias is not None:
                 attention_mask = bias if attention_mask is None else attention_mask + bias
@@ -77,15 +87,31 @@ class DMSRetrofit:
                 raise ValueError("DMS retrofit trains on one sequence per step")
             z = self.adapters[index](x[0]).T  # [H_kv, T]
             if self.hard:
-                self.marked[index] = eviction_flags(z)
-                hidden = ~visible(self.marked[index], self.window)
-                bias = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill(hidden, float("-inf"))
-                self.bias[index] = bias.repeat_interleave(self.group, 0)[None]
+                self._hard_bias(index, z, x.dtype)
                 return
             noisy = shift_to_keys(noisy_logits(z, self.tau, self.generator))
             self.alphas[index] = gumbel_sigmoid(z, noisy=noisy)
             bias = log_keep_bias(noisy, self.window).repeat_interleave(self.group, 0)  # [Hq, T, T]
             self.bias[index] = bias[None].to(x.dtype)
+
+        return hook
+
+    def _hard_bias(self, index: int, z: torch.Tensor, dtype: torch.dtype) -> None:
+        self.marked[index] = eviction_flags(z)
+        hidden = ~visible(self.marked[index], self.window)
+        bias = torch.zeros(hidden.shape, dtype=dtype, device=z.device).masked_fill(hidden, float("-inf"))
+        self.bias[index] = bias.repeat_interleave(self.group, 0)[None]
+
+    def _decide_from_query(self, index: int):
+        def hook(module, args, output):
+            if not self.active:
+                return None
+            scale, offset = self.query_channel
+            q = output[0].view(output.shape[1], self.kv_heads * self.group, -1)  # [T, Hq, D]
+            self._hard_bias(index, (scale * q[:, :: self.group, -1].float() - offset).T, output.dtype)
+            output = output.clone()
+            output.view(q.shape)[:, :: self.group, -1] = 0
+            return output
 
         return hook
 

@@ -25,5 +25,8 @@ token_scores: dict[int, "torch.Tensor"] = {}
 score_store: "torch.Tensor | None" = None
 kept: dict[str, "torch.Tensor"] = {}
 pages_reports: dict[str, int] = {}
+# DMS single-neuron checkpoints: zero the decision channel of every GQA group's first
+# query head (this group size) after RoPE too, as the official code does.
+zero_query_channel: int | None = None
 predictor_seconds = 0.0  # time spent in the predictors (the hooks), for the overhead benchmark
 num_blocks: int | None = None  # blocks in the KV pool (set when the runner allocates it)

@@ -238,6 +238,9 @@ class StreamRunner:
     def forward(self, query, key, value, kv_cache, meta: StreamMetadata, out, scale: float) -> None:
         pool = pool_rows(kv_cache, self.layer, self.num_layers)
         layer, page = self.layer, meta.geometry.page
+        if step_plan.zero_query_channel:  # DMS single-neuron: the decision channel stays out of q . k
+            query = query.clone()
+            query[:, :: step_plan.zero_query_channel, -1] = 0
         scores = step_plan.score_store if self.predicted else None
         if meta.victim_src is not None:  # before the new tokens take their ring rows
             src, dst = meta.victim_src[layer], meta.victim_dst[layer]

@@ -97,7 +97,8 @@ class EvictionRunnerMixin:
             decisions = load_decisions(self.kvc_settings.dms_adapters, hf.num_hidden_layers, hf.hidden_size,
                                        hf.num_key_value_heads, getattr(hf, "rms_norm_eps", 1e-6))
             decisions.adapters = [a.to(self.device) for a in decisions.adapters]
-            dms_hooks.install(self.model, decisions)
+            dms_hooks.install(self.model, decisions, hf.num_hidden_layers, hf.num_attention_heads,
+                              hf.num_key_value_heads)
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)

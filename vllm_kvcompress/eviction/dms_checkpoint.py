@@ -3,10 +3,11 @@
 * a file from ``python -m vllm_kvcompress.dms_train`` (safetensors, metadata
   ``format = kvcompress-dms/1``; tensors ``layers.<i>.norm.weight``, ``layers.<i>.proj.{weight,bias}``);
 * an official NVIDIA Model-Optimizer DMS checkpoint folder (``config.json`` with the
-  ``dms_*`` keys; adapter tensors ``model.layers.<i>.self_attn.dms_proj_alpha_norm.weight`` and
-  ``...dms_proj_alpha.weight`` [+ ``.bias``] inside the model's safetensors shards). Only the
-  adapter variant (``dms_separate_alpha: true``) carries separate weights; a single-neuron
-  checkpoint decides from its own query channel and is refused here with that reason.
+  ``dms_*`` keys). The adapter variant (``dms_separate_alpha: true``) has its tensors
+  ``model.layers.<i>.self_attn.dms_proj_alpha_norm.weight`` and ``...dms_proj_alpha.weight``
+  [+ ``.bias``] inside the model's safetensors shards; the single-neuron variant has none:
+  its fine-tuned model decides from the last channel of the first query head of each GQA
+  group, so that folder must be the model being served.
 
 Safetensors and JSON only: nothing is unpickled.
 """
@@ -36,6 +37,9 @@ class DMSDecisions:
     window: int  # the window the checkpoint was trained with
     per_layer: bool  # official ``dms_alpha_per: layer``: KV head 0 decides for every head
     source: str
+    single_neuron: bool = False  # decisions from the query channel (no adapters)
+    scale: float = ALPHA_SCALE
+    offset: float = ALPHA_OFFSET
 
 
 def checkpoint_window(path: str) -> int:
@@ -94,10 +98,6 @@ def _official_config(p: Path) -> dict:
 
 def _load_official(p: Path, num_layers: int, hidden: int, kv_heads: int, eps: float) -> DMSDecisions:
     config = _official_config(p)
-    if not config.get("dms_separate_alpha", False):
-        raise DMSCheckpointError(
-            f"{p}: dms_separate_alpha is false (single-neuron DMS: decisions come from a query channel of the "
-            "fine-tuned model itself, with no adapter weights); this release supports adapter checkpoints only")
     if config.get("dms_disable_eviction", False):
         raise DMSCheckpointError(f"{p}: dms_disable_eviction is true (the checkpoint asks for no eviction); "
                                  "serve it without kvcompress")
@@ -107,9 +107,12 @@ def _load_official(p: Path, num_layers: int, hidden: int, kv_heads: int, eps: fl
     for key, want in (("num_hidden_layers", num_layers), ("hidden_size", hidden), ("num_key_value_heads", kv_heads)):
         if key in config and int(config[key]) != want:
             raise DMSCheckpointError(f"{p}: checkpoint has {key}={config[key]}, the model has {want}")
-    tensors = _official_tensors(p)
     scale = float(config.get("dms_alpha_scale", ALPHA_SCALE))
     offset = float(config.get("dms_initial_alpha_offset", ALPHA_OFFSET))
+    window = int(config.get("dms_window_size", 512))
+    if not config.get("dms_separate_alpha", False):
+        return DMSDecisions([], window, per == "layer", str(p), single_neuron=True, scale=scale, offset=offset)
+    tensors = _official_tensors(p)
     eps = float(config.get("rms_norm_eps", eps))
     adapters = []
     for layer in range(num_layers):
@@ -119,7 +122,7 @@ def _load_official(p: Path, num_layers: int, hidden: int, kv_heads: int, eps: fl
         adapter = DMSAdapter(hidden, kv_heads, eps, scale, offset)
         _load_state(adapter, state, f"{p} layer {layer}")
         adapters.append(adapter.eval())
-    return DMSDecisions(adapters, int(config.get("dms_window_size", 512)), per == "layer", str(p))
+    return DMSDecisions(adapters, window, per == "layer", str(p), scale=scale, offset=offset)
 
 
 def _official_tensors(p: Path) -> dict[int, dict[str, torch.Tensor]]:
