@@ -42,35 +42,30 @@ NAMES_HELP = (f"{', '.join(sorted(CONFIGS))}, lookat-m{{M}}-v{{16|8|4}}[-exact],
               "{knorm|snapkv|headkv}-b{TOKENS}, kvzap-{linear|mlp}-{t{TAU}|r{RATIO}} or dms-cr{N}")
 
 
-def head_scores_file(model: str) -> str:
+def _shipped(relative: str, missing: str) -> str:
+    """Path of an artefact shipped in the package, or an error saying how to make it."""
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "vllm_kvcompress" / "artefacts" / "head_scores" / f"{model}.json"
+    path = Path(__file__).parents[1] / "vllm_kvcompress" / "artefacts" / relative
     if not path.is_file():
-        raise FileNotFoundError(f"no shipped head scores for {model}: run "
-                                f"python -m vllm_kvcompress.head_scores --model {model} --out {path}")
+        raise FileNotFoundError(missing.format(path=path))
     return str(path)
+
+
+def head_scores_file(model: str) -> str:
+    return _shipped(f"head_scores/{model}.json", f"no shipped head scores for {model}: run "
+                    f"python -m vllm_kvcompress.head_scores --model {model} --out {{path}}")
 
 
 def kvzap_predictor_file(model: str, kind: str) -> str:
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "vllm_kvcompress" / "artefacts" / "kvzap" / model / f"kvzap-{kind}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"no shipped KVzap predictors for {model}: run "
-                                f"python -m vllm_kvcompress.kvzap_train --model {model} --out {path.parent}")
-    return str(path)
+    return _shipped(f"kvzap/{model}/kvzap-{kind}.safetensors", f"no shipped KVzap predictors for {model}: run "
+                    f"python -m vllm_kvcompress.kvzap_train --model {model} --out {{path.parent}}")
 
 
 def dms_adapters_file(model: str, ratio: str) -> str:
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "vllm_kvcompress" / "artefacts" / "dms" / model / f"dms-cr{ratio}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"no shipped DMS adapters for {model} at CR {ratio}: run python -m "
-                                f"vllm_kvcompress.dms_train --model {model} --max-ratio {ratio} --out DIR and copy "
-                                f"the last adapters-step*.safetensors to {path}")
-    return str(path)
+    return _shipped(f"dms/{model}/dms-cr{ratio}.safetensors", f"no shipped DMS adapters for {model} at CR {ratio}: "
+                    f"run python -m vllm_kvcompress.dms_train --model {model} --max-ratio {ratio} --out DIR and copy "
+                    "the last adapters-step*.safetensors to {path}")
 
 
 def resolve(name: str, model: str) -> dict | None:

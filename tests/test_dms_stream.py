@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from masked_reference import masked_attention
 
 from vllm_kvcompress import step_plan, stream_attention
 from vllm_kvcompress.config import KVCompressConfig
@@ -25,19 +26,8 @@ def _settings():
                                        "page_tokens": PAGE})
 
 
-def _reference(q, k, v, pos, mask):
-    """Per layer, the query at ``pos`` over positions ``0..pos`` where ``mask[L, H, pos + 1]``."""
-    outs = []
-    for layer in range(LAYERS):
-        kk, vv = k[layer, : pos + 1].transpose(0, 1), v[layer, : pos + 1].transpose(0, 1)
-        logits = (q[layer, pos].view(HEADS, Q_HEADS // HEADS, DIM) @ kk.transpose(1, 2)) * DIM ** -0.5
-        logits = logits.masked_fill(~mask[layer][:, None, :], float("-inf"))
-        outs.append((torch.softmax(logits, -1) @ vv).reshape(Q_HEADS, DIM))
-    return torch.stack(outs)
-
-
 @pytest.mark.parametrize("chunks", [[40], [13, 1, 26], [10]], ids=["one-prefill", "chunked", "short-prompt"])
-def test_prefill_and_decode_match_the_masked_reference(chunks):
+def test_prefill_and_decode_match_the_maskedmasked_attention(chunks):
     torch.manual_seed(0)
     prompt, total = sum(chunks), 70
     q, k, v = torch.randn(LAYERS, total, Q_HEADS, DIM), torch.randn(LAYERS, total, HEADS, DIM), \
@@ -70,7 +60,7 @@ def test_prefill_and_decode_match_the_masked_reference(chunks):
                                        out[layer], DIM ** -0.5)
             for i in range(new):
                 pos = computed + i
-                torch.testing.assert_close(out[:, i], _reference(q, k, v, pos, mask[:, :, pos, : pos + 1]),
+                torch.testing.assert_close(out[:, i], masked_attention(q, k, v, pos, mask[:, :, pos, : pos + 1]),
                                            atol=1e-5, rtol=1e-5)
             computed += new
             if computed >= schedule.compress_at:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from masked_reference import masked_attention
 
 from vllm_kvcompress import step_plan, stream_attention
 from vllm_kvcompress.config import KVCompressConfig
@@ -75,17 +76,6 @@ def _drive(settings, schedule, q, k, v, scores, prompt, check):
         step_plan.token_scores.clear()
 
 
-def _masked_attention(q, k, v, pos, mask):
-    """Per layer, the query at ``pos`` over positions ``0..pos`` where ``mask[L, H, pos + 1]``."""
-    outs = []
-    for layer in range(LAYERS):
-        kk, vv = k[layer, : pos + 1].transpose(0, 1), v[layer, : pos + 1].transpose(0, 1)
-        logits = (q[layer, pos].view(HEADS, Q_HEADS // HEADS, DIM) @ kk.transpose(1, 2)) * DIM ** -0.5
-        logits = logits.masked_fill(~mask[layer][:, None, :], float("-inf"))
-        outs.append((torch.softmax(logits, -1) @ vv).reshape(Q_HEADS, DIM))
-    return torch.stack(outs)
-
-
 def test_topk_mode_keeps_each_streams_best_predicted_tokens():
     torch.manual_seed(1)
     prompt, budget, total = 40, 12, 46
@@ -106,7 +96,7 @@ def test_topk_mode_keeps_each_streams_best_predicted_tokens():
         for i in range(computed - first):
             pos = first + i
             mask = torch.ones(LAYERS, HEADS, pos + 1, dtype=torch.bool) if pos < prompt else kept[:, :, : pos + 1]
-            torch.testing.assert_close(out[:, i], _masked_attention(q, k, v, pos, mask), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[:, i], masked_attention(q, k, v, pos, mask), atol=1e-5, rtol=1e-5)
 
     _drive(settings, schedule, q, k, v, scores, prompt, check)
 
@@ -125,7 +115,7 @@ def test_threshold_mode_matches_the_masked_reference(threshold):
         for i in range(computed - first):
             pos = first + i
             mask = torch.stack([visible(scores[layer].T, threshold, RING, prompt, pos) for layer in range(LAYERS)])
-            torch.testing.assert_close(out[:, i], _masked_attention(q, k, v, pos, mask), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[:, i], masked_attention(q, k, v, pos, mask), atol=1e-5, rtol=1e-5)
         kept = step_plan.kept["r"]
         want_kept = (scores[:, : computed - RING] >= threshold).sum(1)  # left the window: decided for good
         assert torch.equal(kept, want_kept)
