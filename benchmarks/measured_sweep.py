@@ -60,12 +60,12 @@ def rows(report: dict) -> list[dict]:
         removed = removed_fraction(r)
         row = {"threshold": tau, "removed": removed, "methods": {}}
         names = {method: name, **{m: report["matched"].get(name, {}).get(m) for m in report["compare"]}}
-        for method, config in names.items():
+        for label, config in names.items():
             res = results.get(config) if config else None
             if res is None or "error" in res:
-                row["methods"][method] = {"config": config, "error": (res or {}).get("error", "not run")}
+                row["methods"][label] = {"config": config, "error": (res or {}).get("error", "not run")}
                 continue
-            row["methods"][method] = {"config": config, "accuracy": mean_accuracy(res, retrieval),
+            row["methods"][label] = {"config": config, "accuracy": mean_accuracy(res, retrieval),
                                       "perplexity": perplexity(res)}
         out.append(row)
     return out
@@ -141,8 +141,8 @@ def plot(report: dict, path: Path) -> None:
     axes[1].set(xlabel=f"removed fraction ({LABELS[first]}, measured)", ylabel="continuation perplexity")
     for ax in axes:
         ax.legend()
-    fig.suptitle(f"{report['model']}: {LABELS[first]} vs "
-                 f"{' / '.join(LABELS[m] for m in report['compare'])} at equal measured compression")
+    fig.suptitle(f"{report['model']}: {LABELS[first]} vs\n"
+                 f"{' / '.join(LABELS[m] for m in report['compare'])} at equal measured compression", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -57,12 +57,15 @@ def test_dms_sweep_names_its_checkpoints_and_matches_kvzap_topk():
         resolve("dms-cr3", "smollm2-135m")
     results = {"bf16": {"cells": {"niah@2048": {"score": 1.0}}},
                "dms-cr4": {"cells": {"niah@2048": {"score": 1.0}}, "kept_fractions": [0.25]},
-               "kvzap-linear-r0.75": {"cells": {"niah@2048": {"score": 0.5}}}}
+               "kvzap-linear-r0.75": {"cells": {"niah@2048": {"score": 0.5}}},
+               "dms-cr8": {"cells": {"niah@2048": {"score": 0.0}}, "kept_fractions": [0.2]}}
     report = {"date": "d", "command": "c", "model": "m", "kind": "mlp", "hardware": "h", "vllm": "v",
-              "primary": "dms", "primary_configs": {"4": "dms-cr4"}, "compare": ["kvzap-linear"],
-              "matched": {"dms-cr4": {"kvzap-linear": "kvzap-linear-r0.75"}}, "figure": "sweep.png",
+              "primary": "dms", "primary_configs": {"4": "dms-cr4", "8": "dms-cr8"}, "compare": ["kvzap-linear"],
+              "matched": {"dms-cr4": {"kvzap-linear": "kvzap-linear-r0.75"},
+                          "dms-cr8": {"kvzap-linear": "kvzap-linear-r0.80"}}, "figure": "sweep.png",
               "accuracy": {"results": results, "kept_cells": ["niah@2048"], "min_baseline": 0.8}}
-    (row,) = rows(report)
+    row, second = rows(report)
     assert row["methods"]["dms"]["accuracy"] == 1.0 and row["methods"]["kvzap-linear"]["accuracy"] == 0.5
+    assert second["methods"]["dms"]["accuracy"] == 0.0 and second["methods"]["kvzap-linear"]["error"] == "not run"
     text = markdown(report)
     assert "| trained CR | removed |" in text and "| 4 | 0.750 | 4.00x | 1.00 / nan | 0.50 / nan |" in text
