@@ -18,6 +18,10 @@ KVzap scores every new token from its hidden state (a pre-hook on the layer's at
 with them at the prompt end like HeadKV; threshold mode
 (:mod:`vllm_kvcompress.eviction.threshold`) packs the prompt into a ring + survivors and
 then decides one leaving token per stream and step.
+
+DMS uses the threshold layout with the keep score ``-z`` and threshold 0; its decisions
+arrive one token late (each is written onto the previous token's row), and its prompt
+attends under the DMS mask while it is still in vLLM's layout.
 """
 
 from __future__ import annotations
@@ -226,7 +230,7 @@ UNDECIDED = 3.0e38  # the newest token's DMS keep score until the next token dec
 
 
 class StreamRunner:
-    """One per attention layer (HeadKV, KVzap)."""
+    """One per attention layer (HeadKV, KVzap, DMS)."""
 
     def __init__(self, settings, layer: int, num_layers: int):
         self.predicted = settings.method in ("kvzap", "dms")  # scores from the hidden states, kept per row
