@@ -108,11 +108,16 @@ def test_dms_single_neuron_checkpoint_is_transformers_with_the_query_channel(smo
     (folder / "config.json").write_text(json.dumps({
         "num_hidden_layers": 30, "hidden_size": 576, "num_key_value_heads": 3, "dms_separate_alpha": False,
         "dms_window_size": 128, "dms_alpha_scale": 100.0, "dms_initial_alpha_offset": 5.0}))
-    prompt = long_document_ids(AutoTokenizer.from_pretrained(smollm2_dir), 300)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompt, short = long_document_ids(tokenizer, 300), long_document_ids(tokenizer, 200, offset=900)
     llm = _llm(smollm2_dir)
     llm["additional_config"]["kvcompress"]["dms_adapters"] = str(folder)
-    trace = run_traced(llm, [prompt], max_tokens=40)
+    # The second request packs its prompt and finishes in the same step (one token): its
+    # report must not divide by the worker's computed-token count, still 0 then (it once
+    # crashed the engine).
+    trace = run_traced(llm, [prompt, short], max_tokens=40, forced=[None, short[:1]])
     out = trace["outputs"][0]
+    assert len(trace["outputs"][1]["token_ids"]) == 1
 
     _, model = load_eager(smollm2_dir)
     retrofit = DMSRetrofit(model, 128, hard=True, query_channel=(100.0, 5.0))
@@ -128,3 +133,4 @@ def test_dms_single_neuron_checkpoint_is_transformers_with_the_query_channel(smo
           f"before the window marked; logprob gap vs transformers {gap:.2e}; pages {pages[0]} -> {pages[-1]} "
           f"(native {90 * cdiv(len(prompt) + 40, PAGE_ROWS)})")
     assert gap < 1e-3 and 0.05 < float(marked) < 0.95 and len(pages) >= 39
+

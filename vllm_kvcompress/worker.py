@@ -28,6 +28,7 @@ class EvictionRunnerMixin:
         settings = KVCompressConfig.from_additional_config(self.vllm_config.additional_config)
         self.kvc_policy = EvictionPolicy(settings, self.cache_config.block_size, model_shape(self.vllm_config))
         self.kvc_schedules = {}
+        self.kvc_lengths: dict[str, int] = {}  # logical tokens after each request's latest step
         self.kvc_compact = settings.eviction_mode == "compact"
         self.kvc_settings = settings
 
@@ -64,17 +65,23 @@ class EvictionRunnerMixin:
         result = super()._update_states(scheduler_output)
         for req_id in scheduler_output.finished_req_ids:
             self.kvc_schedules.pop(req_id, None)
+            self.kvc_lengths.pop(req_id, None)
             _forget(req_id)
+        for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
+            if (state := self.requests.get(req_id)) is not None:
+                self.kvc_lengths[req_id] = state.num_computed_tokens + scheduled
         step_plan.req_ids = list(self.input_batch.req_ids)
         step_plan.rows = [self.kvc_schedules.get(req_id) for req_id in step_plan.req_ids]
         return result
 
     def _kvc_report_finished(self, req_id: str) -> None:
         """KVzap threshold mode and DMS: what a finished request really kept (benchmarks parse this line)."""
-        kept, schedule, state = step_plan.kept.get(req_id), self.kvc_schedules.get(req_id), self.requests.get(req_id)
-        if kept is None or schedule is None or state is None:
+        kept, schedule, tokens = step_plan.kept.get(req_id), self.kvc_schedules.get(req_id), self.kvc_lengths.get(req_id)
+        # A request can pack its prompt and finish in one step (max_tokens=1): the worker's own
+        # num_computed_tokens is still 0 then, so the length comes from the steps it ran.
+        if kept is None or schedule is None or not tokens:
             return
-        tokens, streams = state.num_computed_tokens, kept.numel()
+        streams = kept.numel()
         rows = streams * schedule.ring + int(kept.sum())
         logger.info("kvcompress %s finished %s: tokens=%d kept_fraction=%.4f pages=%d native_pages=%d",
                     self.kvc_settings.method, req_id, tokens, rows / (streams * tokens), schedule.pages_next, streams * cdiv(tokens, schedule.page))
