@@ -5,17 +5,15 @@ prefill chunk and decode step, the attention of the masked reference
 (:func:`vllm_kvcompress.eviction.dms.visible`: window, shift by one), and hold
 exactly ``window + kept`` rows per (layer, KV head) once the prompt is packed."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
-from masked_reference import masked_attention
+from masked_reference import drive, masked_attention
 
-from vllm_kvcompress import step_plan, stream_attention
+from vllm_kvcompress import step_plan
 from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.eviction.dms import eviction_flags, visible
 from vllm_kvcompress.eviction.policy import EvictionPolicy
-from vllm_kvcompress.eviction.streams import PoolGeometry
 from vllm_kvcompress.eviction.threshold import ThresholdSchedule
 
 LAYERS, HEADS, Q_HEADS, DIM, BLOCK, PAGE, RING, BLOCKS = 2, 2, 4, 8, 32, 8, 16, 12
@@ -27,7 +25,7 @@ def _settings():
 
 
 @pytest.mark.parametrize("chunks", [[40], [13, 1, 26], [10]], ids=["one-prefill", "chunked", "short-prompt"])
-def test_prefill_and_decode_match_the_maskedmasked_attention(chunks):
+def test_prefill_and_decode_match_the_masked_reference(chunks):
     torch.manual_seed(0)
     prompt, total = sum(chunks), 70
     q, k, v = torch.randn(LAYERS, total, Q_HEADS, DIM), torch.randn(LAYERS, total, HEADS, DIM), \
@@ -39,44 +37,26 @@ def test_prefill_and_decode_match_the_maskedmasked_attention(chunks):
     schedule = EvictionPolicy(settings, BLOCK, (LAYERS, Q_HEADS, HEADS)).schedule_for(prompt, None)
     assert isinstance(schedule, ThresholdSchedule) and schedule.delayed and schedule.compress_at == max(prompt, RING)
 
-    buffer = torch.zeros(LAYERS, BLOCKS, HEADS, BLOCK, 2 * DIM)
-    geometry = PoolGeometry(LAYERS, BLOCKS, HEADS, BLOCK, PAGE)
-    runners = [stream_attention.StreamRunner(settings, layer, LAYERS) for layer in range(LAYERS)]
-    step_plan.score_store = torch.zeros(LAYERS * BLOCKS * HEADS * BLOCK)
-    step_plan.rows, step_plan.req_ids = [schedule], ["r"]
-    steps = chunks + [1] * (total - prompt)
-    packed_steps = 0
-    try:
-        computed = 0
-        for new in steps:
-            span = slice(computed, computed + new)
-            m = SimpleNamespace(query_start_loc_cpu=torch.tensor([0, new]), seq_lens=torch.tensor([computed + new]),
-                                block_table_tensor=torch.arange(BLOCKS)[None], num_actual_tokens=new)
-            meta = stream_attention.build(m, 1, geometry)
-            out = torch.zeros(LAYERS, new, Q_HEADS, DIM)
-            for layer in range(LAYERS):
-                step_plan.token_scores[layer] = -z[layer, span]  # the hooks' keep score
-                runners[layer].forward(q[layer, span], k[layer, span], v[layer, span], buffer[layer], meta,
-                                       out[layer], DIM ** -0.5)
-            for i in range(new):
-                pos = computed + i
-                torch.testing.assert_close(out[:, i], masked_attention(q, k, v, pos, mask[:, :, pos, : pos + 1]),
-                                           atol=1e-5, rtol=1e-5)
-            computed += new
-            if computed >= schedule.compress_at:
-                packed_steps += 1
-                kept = step_plan.kept["r"]  # tokens that left the window and were not marked
-                assert torch.equal(kept, (~marked[:, :, : computed - RING]).sum(-1))
-                assert schedule.pages_next == schedule.pages_for(kept.flatten().tolist())
-                held = schedule.stream_rows(0) - 1 + kept  # window + kept rows per stream
-                assert int(held.sum()) <= LAYERS * HEADS * computed
-    finally:
-        step_plan.rows, step_plan.req_ids = None, []
-        step_plan.score_store = None
-        step_plan.kept.clear()
-        step_plan.stream_tables.clear()
-        step_plan.token_scores.clear()
-    assert packed_steps == total - schedule.compress_at + 1
+    held = None
+    packed_steps = []
+
+    def check(out, first, computed):
+        nonlocal held
+        for i in range(computed - first):
+            pos = first + i
+            torch.testing.assert_close(out[:, i], masked_attention(q, k, v, pos, mask[:, :, pos, : pos + 1]),
+                                       atol=1e-5, rtol=1e-5)
+        if computed >= schedule.compress_at:
+            packed_steps.append(computed)
+            kept = step_plan.kept["r"]  # tokens that left the window and were not marked
+            assert torch.equal(kept, (~marked[:, :, : computed - RING]).sum(-1))
+            assert schedule.pages_next == schedule.pages_for(kept.flatten().tolist())
+            held = schedule.stream_rows(0) - 1 + kept  # window + kept rows per stream
+            assert int(held.sum()) <= LAYERS * HEADS * computed
+
+    drive(settings, schedule, q, k, v, -z, chunks + [1] * (total - prompt), check,  # -z: the hooks' keep score
+          BLOCKS, BLOCK, PAGE)
+    assert len(packed_steps) == total - schedule.compress_at + 1
     assert int(held.sum()) < LAYERS * HEADS * total / 1.5  # about half of what left the window is gone
 
 

@@ -4,16 +4,15 @@ give the attention of a masked reference of the rule (window, permanent per-head
 eviction after the step's attention), keep the reference's survivors, and ask for the
 pages they need."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
-from masked_reference import masked_attention
+from masked_reference import drive, masked_attention
 
-from vllm_kvcompress import step_plan, stream_attention
+from vllm_kvcompress import step_plan
 from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.eviction.policy import EvictionPolicy
-from vllm_kvcompress.eviction.streams import PoolGeometry, cdiv
+from vllm_kvcompress.eviction.streams import cdiv
 from vllm_kvcompress.eviction.threshold import ThresholdSchedule, prompt_survivors, ring_order, visible
 
 LAYERS, HEADS, Q_HEADS, DIM, BLOCK, PAGE, RING, BLOCKS = 2, 2, 4, 8, 32, 8, 16, 12
@@ -45,35 +44,9 @@ def test_prompt_survivors_and_ring_order():
 
 
 def _drive(settings, schedule, q, k, v, scores, prompt, check):
-    """Prefill ``prompt`` tokens in one step, then decode one token per step; ``check(out,
-    first position, computed)`` after every step."""
-    total = q.shape[1]
-    buffer = torch.zeros(LAYERS, BLOCKS, HEADS, BLOCK, 2 * DIM)
-    geometry = PoolGeometry(LAYERS, BLOCKS, HEADS, BLOCK, PAGE)
-    runners = [stream_attention.StreamRunner(settings, layer, LAYERS) for layer in range(LAYERS)]
-    step_plan.score_store = torch.zeros(LAYERS * BLOCKS * HEADS * BLOCK)
-    step_plan.rows, step_plan.req_ids = [schedule], ["r"]
-    try:
-        computed = 0
-        while computed < total:
-            new = prompt if computed == 0 else 1
-            span = slice(computed, computed + new)
-            m = SimpleNamespace(query_start_loc_cpu=torch.tensor([0, new]), seq_lens=torch.tensor([computed + new]),
-                                block_table_tensor=torch.arange(BLOCKS)[None], num_actual_tokens=new)
-            meta = stream_attention.build(m, 1, geometry)
-            out = torch.zeros(LAYERS, new, Q_HEADS, DIM)
-            for layer in range(LAYERS):
-                step_plan.token_scores[layer] = scores[layer, span]
-                runners[layer].forward(q[layer, span], k[layer, span], v[layer, span], buffer[layer], meta, out[layer],
-                                       DIM ** -0.5)
-            check(out, computed, computed + new)
-            computed += new
-    finally:
-        step_plan.rows, step_plan.req_ids = None, []
-        step_plan.score_store = None
-        step_plan.kept.clear()
-        step_plan.stream_tables.clear()
-        step_plan.token_scores.clear()
+    """Prefill ``prompt`` tokens in one step, then decode one token per step."""
+    steps = [prompt] + [1] * (q.shape[1] - prompt)
+    drive(settings, schedule, q, k, v, scores, steps, check, BLOCKS, BLOCK, PAGE)
 
 
 def test_topk_mode_keeps_each_streams_best_predicted_tokens():

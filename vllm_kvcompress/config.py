@@ -20,6 +20,8 @@ EVICTION_METHODS = ("knorm", "snapkv", "headkv", "kvzap", "dms")
 WINDOW_METHODS = ("snapkv", "headkv")
 # Per-(layer, KV head) streams paged from the shared pool (variable lengths per head).
 STREAM_METHODS = ("headkv", "kvzap", "dms")
+# Scores from learned weights run as forward hooks, one score stored per pool row.
+PREDICTED_METHODS = ("kvzap", "dms")
 VALUE_BITS = (16, 8, 4)
 CURRENT_TOKENS = ("coded", "exact")
 EVICTION_MODES = ("compact", "mask")
@@ -217,7 +219,7 @@ class KVCompressConfig:
             if self.eviction_mode not in EVICTION_MODES:
                 raise KVCompressConfigError(
                     f"{_key('eviction_mode')} must be one of {', '.join(EVICTION_MODES)}, got {self.eviction_mode!r}")
-            if self.max_kv_tokens is None and self.compression_ratio is None and self.method not in ("kvzap", "dms"):
+            if self.max_kv_tokens is None and self.compression_ratio is None and self.method not in PREDICTED_METHODS:
                 raise KVCompressConfigError(
                     f"method {self.method!r} needs a budget: set {_key('compression_ratio')} (fraction of tokens "
                     f"removed, 0 <= r < 1) or {_key('max_kv_tokens')} (tokens kept per sequence)"
@@ -240,7 +242,7 @@ class KVCompressConfig:
                 raise KVCompressConfigError(
                     f"{_key(name)} applies to method(s) {_methods_of(name)} "
                     f"only (method is {self.method!r})")
-        if self.method not in (*WINDOW_METHODS, "kvzap", "dms"):
+        if self.method not in (*WINDOW_METHODS, *PREDICTED_METHODS):
             return
         for name in ("sink_tokens", "recent_tokens", "buffer_blocks", "eviction_mode"):
             if getattr(self, name) != {"buffer_blocks": 1, "eviction_mode": "compact"}.get(name, 0):
@@ -286,10 +288,7 @@ class KVCompressConfig:
                                       or not math.isfinite(threshold)):
             raise KVCompressConfigError(f"{_key('kvzap_threshold')} must be a finite number (a log-score), "
                                         f"got {threshold!r}")
-        window = self.kvzap_window
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % self.page_tokens:
-            raise KVCompressConfigError(f"{_key('kvzap_window')} must be a positive multiple of "
-                                        f"{_key('page_tokens')}={self.page_tokens}, got {window!r}")
+        self._check_window("kvzap_window")
 
     def _validate_dms(self) -> None:
         if self.method != "dms":
@@ -305,10 +304,13 @@ class KVCompressConfig:
             raise KVCompressConfigError(
                 f"method 'dms' takes no budget ({_key('compression_ratio')}/{_key('max_kv_tokens')}): the model's "
                 "learned decisions set what is kept; pick a checkpoint trained for the ratio you want")
-        window = self.dms_window
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1
-                                   or window % self.page_tokens):
-            raise KVCompressConfigError(f"{_key('dms_window')} must be a positive multiple of "
+        if self.dms_window is not None:
+            self._check_window("dms_window")
+
+    def _check_window(self, name: str) -> None:
+        window = getattr(self, name)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % self.page_tokens:
+            raise KVCompressConfigError(f"{_key(name)} must be a positive multiple of "
                                         f"{_key('page_tokens')}={self.page_tokens}, got {window!r}")
 
     def _validate_lookat(self) -> None:

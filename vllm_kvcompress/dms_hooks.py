@@ -26,6 +26,7 @@ import time
 import torch
 
 from vllm_kvcompress import step_plan
+from vllm_kvcompress.eviction.dms import neuron_logits, without_decision_channel
 from vllm_kvcompress.eviction.dms_checkpoint import DMSDecisions
 
 _DECODER_LAYER = re.compile(r"(^|\.)layers\.(\d+)$")
@@ -42,8 +43,11 @@ def residual_stream(args: tuple, kwargs: dict) -> torch.Tensor:
 
 def keep_scores(decisions: DMSDecisions, layer: int, stream: torch.Tensor) -> torch.Tensor:
     """``-z`` ``[T, KV heads]`` (fp32) of one layer's residual stream ``[T, hidden]``."""
-    z = decisions.adapters[layer](stream.to(torch.float32))
-    if decisions.per_layer:
+    return _keep(decisions, decisions.adapters[layer](stream.to(torch.float32)))
+
+
+def _keep(decisions: DMSDecisions, z: torch.Tensor) -> torch.Tensor:
+    if decisions.per_layer:  # KV head 0 decides for every head
         z = z[:, :1].expand_as(z)
     return -z
 
@@ -62,10 +66,7 @@ def query_channel_scores(decisions: DMSDecisions, query: torch.Tensor, num_q_hea
                          num_kv_heads: int) -> torch.Tensor:
     """Single-neuron ``-z`` ``[T, KV heads]`` from the pre-RoPE query ``[T, Hq * D]``."""
     q = query.view(query.shape[0], num_q_heads, -1)
-    z = decisions.scale * q[:, :: num_q_heads // num_kv_heads, -1].float() - decisions.offset
-    if decisions.per_layer:
-        z = z[:, :1].expand_as(z)
-    return -z
+    return _keep(decisions, neuron_logits(q, num_kv_heads, decisions.scale, decisions.offset))
 
 
 def _install_query_channel(model, decisions: DMSDecisions, num_layers: int, num_q_heads: int,
@@ -84,8 +85,7 @@ def _install_query_channel(model, decisions: DMSDecisions, num_layers: int, num_
         values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
         query = values["query"]
         step_plan.token_scores[current[0]] = query_channel_scores(decisions, query, num_q_heads, num_kv_heads)
-        query = query.clone()
-        query.view(query.shape[0], num_q_heads, -1)[:, :: num_q_heads // num_kv_heads, -1] = 0
+        query = without_decision_channel(query.view(query.shape[0], num_q_heads, -1), num_kv_heads).reshape(query.shape)
         step_plan.predictor_seconds += time.perf_counter() - started
         if "query" in kwargs:
             return args, {**kwargs, "query": query}
@@ -104,7 +104,7 @@ def _install_query_channel(model, decisions: DMSDecisions, num_layers: int, num_
             f"{len(rotaries)} rotary modules; the model must have `...layers.<i>.self_attn.rotary_emb` called as "
             "rotary_emb(positions, query, key) on the pre-RoPE query (Llama/Qwen2/Qwen3 style)")
     handles += [m.register_forward_pre_hook(rotary, with_kwargs=True) for m in rotaries.values()]
-    step_plan.zero_query_channel = num_q_heads // num_kv_heads
+    step_plan.zero_query_channel = True
     return handles
 
 

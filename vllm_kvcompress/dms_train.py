@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from vllm_kvcompress.eviction.dms import (DMSAdapter, compression_loss, eviction_flags, gumbel_sigmoid, log_keep_bias,
-                                          noisy_logits, shift_to_keys, target_ratio, visible)
+                                          neuron_logits, noisy_logits, shift_to_keys, target_ratio, visible,
+                                          without_decision_channel)
 from vllm_kvcompress.eviction.dms_checkpoint import FORMAT
 
 ATTENTION = "kvcompress_dms"
@@ -106,12 +107,9 @@ class DMSRetrofit:
         def hook(module, args, output):
             if not self.active:
                 return None
-            scale, offset = self.query_channel
             q = output[0].view(output.shape[1], self.kv_heads * self.group, -1)  # [T, Hq, D]
-            self._hard_bias(index, (scale * q[:, :: self.group, -1].float() - offset).T, output.dtype)
-            output = output.clone()
-            output.view(q.shape)[:, :: self.group, -1] = 0
-            return output
+            self._hard_bias(index, neuron_logits(q, self.kv_heads, *self.query_channel).T, output.dtype)
+            return without_decision_channel(q, self.kv_heads).view_as(output)
 
         return hook
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vllm_kvcompress import BACKEND_NAME
-from vllm_kvcompress.config import CONFIG_KEY, EVICTION_METHODS, KVCompressConfig, KVCompressConfigError
+from vllm_kvcompress.config import (CONFIG_KEY, EVICTION_METHODS, PREDICTED_METHODS, KVCompressConfig,
+                                    KVCompressConfigError)
 from vllm_kvcompress.version import check_vllm_version
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ def check_learned_eviction(vllm_config: "VllmConfig", config: KVCompressConfig) 
     """KVzap and DMS: weights for this very model, eager mode (they run as forward
     pre-hooks, which a compiled graph would skip), one rank, and a page size that divides
     the block."""
-    if config.method not in ("kvzap", "dms") or vllm_config.model_config is None:
+    if config.method not in PREDICTED_METHODS or vllm_config.model_config is None:
         return
     from vllm_kvcompress.eviction.dms_checkpoint import DMSCheckpointError, load_decisions
     from vllm_kvcompress.eviction.kvzap import PredictorFileError, load_any_predictors

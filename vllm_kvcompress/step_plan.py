@@ -26,7 +26,7 @@ score_store: "torch.Tensor | None" = None
 kept: dict[str, "torch.Tensor"] = {}
 pages_reports: dict[str, int] = {}
 # DMS single-neuron checkpoints: zero the decision channel of every GQA group's first
-# query head (this group size) after RoPE too, as the official code does.
-zero_query_channel: int | None = None
+# query head after RoPE too, as the official code does.
+zero_query_channel = False
 predictor_seconds = 0.0  # time spent in the predictors (the hooks), for the overhead benchmark
 num_blocks: int | None = None  # blocks in the KV pool (set when the runner allocates it)

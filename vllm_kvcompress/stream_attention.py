@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_kvcompress import step_plan
+from vllm_kvcompress.config import PREDICTED_METHODS
+from vllm_kvcompress.eviction.dms import without_decision_channel
 from vllm_kvcompress.eviction.scorers import scorer_for
 from vllm_kvcompress.eviction.selection import keep_indices_per_head
 from vllm_kvcompress.eviction.streams import PoolGeometry, StreamPageTable, StreamSchedule, cdiv
@@ -233,7 +235,7 @@ class StreamRunner:
     """One per attention layer (HeadKV, KVzap, DMS)."""
 
     def __init__(self, settings, layer: int, num_layers: int):
-        self.predicted = settings.method in ("kvzap", "dms")  # scores from the hidden states, kept per row
+        self.predicted = settings.method in PREDICTED_METHODS  # scores from the hidden states, kept per row
         self.delayed = settings.method == "dms"  # shift by one: scores arrive with the next token
         self.scorer = None if self.predicted else scorer_for(settings)
         self.threshold = 0.0 if self.delayed else settings.kvzap_threshold
@@ -243,8 +245,7 @@ class StreamRunner:
         pool = pool_rows(kv_cache, self.layer, self.num_layers)
         layer, page = self.layer, meta.geometry.page
         if step_plan.zero_query_channel:  # DMS single-neuron: the decision channel stays out of q . k
-            query = query.clone()
-            query[:, :: step_plan.zero_query_channel, -1] = 0
+            query = without_decision_channel(query, key.shape[1])
         scores = step_plan.score_store if self.predicted else None
         if meta.victim_src is not None:  # before the new tokens take their ring rows
             src, dst = meta.victim_src[layer], meta.victim_dst[layer]

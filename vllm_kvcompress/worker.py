@@ -17,7 +17,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_kvcompress import step_plan
-from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.config import PREDICTED_METHODS, KVCompressConfig
 from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
 
 logger = init_logger("vllm.kvcompress.worker")
@@ -84,7 +84,8 @@ class EvictionRunnerMixin:
         streams = kept.numel()
         rows = streams * schedule.ring + int(kept.sum())
         logger.info("kvcompress %s finished %s: tokens=%d kept_fraction=%.4f pages=%d native_pages=%d",
-                    self.kvc_settings.method, req_id, tokens, rows / (streams * tokens), schedule.pages_next, streams * cdiv(tokens, schedule.page))
+                    self.kvc_settings.method, req_id, tokens, rows / (streams * tokens), schedule.pages_next,
+                    streams * cdiv(tokens, schedule.page))
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
@@ -110,7 +111,7 @@ class EvictionRunnerMixin:
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
         step_plan.num_blocks = kv_cache_config.num_blocks
-        if self.kvc_settings.method in ("kvzap", "dms"):  # one score per pool row (K and V of one token and head)
+        if self.kvc_settings.method in PREDICTED_METHODS:  # one score per pool row (K and V of one token and head)
             spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
             layers = self.vllm_config.model_config.hf_text_config.num_hidden_layers
             rows = layers * kv_cache_config.num_blocks * spec.num_kv_heads * spec.block_size

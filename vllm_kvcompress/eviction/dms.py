@@ -38,10 +38,11 @@ class DMSAdapter(torch.nn.Module):
         return self.scale * self.proj(self.norm(x)) - self.offset
 
 
-def neuron_logits(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+def neuron_logits(query: torch.Tensor, num_kv_heads: int, scale: float = ALPHA_SCALE,
+                  offset: float = ALPHA_OFFSET) -> torch.Tensor:
     """Single-neuron mode: ``query[T, Hq, D]`` -> logits ``[T, H_kv]`` (fp32)."""
     group = query.shape[1] // num_kv_heads
-    return ALPHA_SCALE * query[:, ::group, -1].float() - ALPHA_OFFSET
+    return scale * query[:, ::group, -1].float() - offset
 
 
 def without_decision_channel(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
