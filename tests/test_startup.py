@@ -189,14 +189,13 @@ def test_headkv_scores_checked_at_config_time(smollm2_dir, tmp_path):
     assert not config.cache_config.enable_prefix_caching  # compaction rewrites blocks: no prefix cache
 
 
-def test_headkv_with_tensor_parallelism_is_refused(smollm2_dir, monkeypatch):
+def test_headkv_with_tensor_parallelism_is_accepted(smollm2_dir, monkeypatch):
     from vllm_kvcompress.config import KVCompressConfig
 
     vllm_config = engine_config(smollm2_dir)
-    monkeypatch.setattr(vllm_config.parallel_config, "tensor_parallel_size", 2)
-    settings = KVCompressConfig.from_dict({"method": "headkv", "head_scores": "uniform", "max_kv_tokens": 128})
-    with pytest.raises(KVCompressConfigError, match="'headkv' does not support tensor parallelism"):
-        startup.check_headkv(vllm_config, settings)
+    monkeypatch.setattr(vllm_config.parallel_config, "tensor_parallel_size", 3)
+    startup.check_headkv(vllm_config, KVCompressConfig.from_dict({"method": "headkv", "head_scores": "uniform",
+                                                                  "max_kv_tokens": 128}))
 
 
 def test_kvzap_predictors_and_eager_mode_checked_at_config_time(smollm2_dir, tmp_path):
@@ -227,11 +226,21 @@ def test_kvzap_predictors_and_eager_mode_checked_at_config_time(smollm2_dir, tmp
     assert config.parallel_config.worker_cls.endswith("KVCompressCPUWorker")
 
 
-def test_kvzap_with_tensor_parallelism_is_refused(smollm2_dir, monkeypatch):
+def test_single_neuron_per_layer_dms_with_tensor_parallelism_is_refused(smollm2_dir, monkeypatch):
+    """Every head follows query head 0's channel, which only rank 0 holds: refused, not
+    silently decided from each rank's own first head."""
     from vllm_kvcompress.config import KVCompressConfig
+    from vllm_kvcompress.eviction import dms_checkpoint
 
-    vllm_config = engine_config(smollm2_dir)
-    monkeypatch.setattr(vllm_config.parallel_config, "tensor_parallel_size", 2)
-    settings = KVCompressConfig.from_dict({"method": "kvzap", "kvzap_predictor": "x", "kvzap_threshold": -4.0})
-    with pytest.raises(KVCompressConfigError, match="'kvzap' does not support tensor parallelism"):
+    vllm_config = engine_config(smollm2_dir, enforce_eager=True)
+    monkeypatch.setattr(vllm_config.parallel_config, "tensor_parallel_size", 3)
+    settings = KVCompressConfig.from_dict({"method": "dms", "dms_adapters": "official-folder", "dms_window": 128})
+    decisions = dms_checkpoint.DMSDecisions([], 128, per_layer=True, source="official-folder", single_neuron=True)
+    monkeypatch.setattr(dms_checkpoint, "load_decisions", lambda *args, **kwargs: decisions)
+    with pytest.raises(KVCompressConfigError, match=r"dms_adapters: official-folder decides every head from query "
+                                                    r"head 0's channel .* use tensor_parallel_size=1"):
         startup.check_learned_eviction(vllm_config, settings)
+    decisions.per_layer = False
+    startup.check_learned_eviction(vllm_config, settings)
+
+

@@ -205,7 +205,11 @@ class KVCompressImpl(AttentionImpl[KVCompressMetadata]):
         config = KVCompressConfig.from_additional_config(_worker_config.additional_config)
         model_dtype = _worker_config.model_config.dtype
         if config.method == "lookat":
-            self.format = LookatFormat.from_config(config, _worker_config.model_config.hf_config, head_size, model_dtype)
+            from vllm_kvcompress.parallel import local_kv_heads
+
+            hf = _worker_config.model_config.hf_config
+            heads = local_kv_heads(_worker_config.model_config.get_total_num_kv_heads())
+            self.format = LookatFormat.from_config(config, hf, head_size, model_dtype, heads)
         else:
             self.format = DenseFormat(head_size, model_dtype)
         self.evictor = self.stream_runner = None

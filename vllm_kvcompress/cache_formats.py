@@ -69,8 +69,12 @@ class LookatFormat:
         return lookat_ref.LookatLayout(head_dim=head_dim, m=m, value_bits=config.value_bits, value_dtype=value_dtype)
 
     @classmethod
-    def from_config(cls, config: KVCompressConfig, hf_config, head_dim: int, dtype: torch.dtype) -> "LookatFormat":
+    def from_config(cls, config: KVCompressConfig, hf_config, head_dim: int, dtype: torch.dtype,
+                    heads: list[int] | None = None) -> "LookatFormat":
+        """``heads``: the KV heads this rank holds (tensor parallelism); None = all."""
         codebooks, _, dims = _codebooks(config.codebooks, hf_config)
+        if heads is not None:
+            codebooks = [layer[heads] for layer in codebooks]
         return cls(codebooks, dims, cls.layout_for(config, head_dim, dtype), config.current_tokens == "exact")
 
     def row_bytes(self) -> int:

@@ -49,6 +49,8 @@ def keep_scores(decisions: DMSDecisions, layer: int, stream: torch.Tensor) -> to
 def _keep(decisions: DMSDecisions, z: torch.Tensor) -> torch.Tensor:
     if decisions.per_layer:  # KV head 0 decides for every head
         z = z[:, :1].expand_as(z)
+    if decisions.heads is not None and z.shape[1] != len(decisions.heads):  # tensor parallelism: this rank's heads
+        z = z[:, decisions.heads]
     return -z
 
 

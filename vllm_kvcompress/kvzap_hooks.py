@@ -22,19 +22,22 @@ from vllm_kvcompress import step_plan
 _ATTENTION = re.compile(r"(^|\.)layers\.(\d+)\.self_attn$")
 
 
-def _score(predictor: torch.nn.Module, layer: int):
+def _score(predictor: torch.nn.Module, layer: int, heads: list[int] | None):
     def hook(module, args, kwargs):
         started = time.perf_counter()
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
         with torch.no_grad():
-            step_plan.token_scores[layer] = predictor(hidden.to(torch.float32))
+            scores = predictor(hidden.to(torch.float32))
+            # Tensor parallelism: the hidden states are whole on every rank, the KV heads are not.
+            step_plan.token_scores[layer] = scores if heads is None else scores[:, heads]
         step_plan.predictor_seconds += time.perf_counter() - started  # the overhead benchmark reads it
 
     return hook
 
 
-def install(model: torch.nn.Module, predictors: list[torch.nn.Module]) -> list:
-    """Hook every decoder layer's attention (all must be found); returns the hook handles."""
+def install(model: torch.nn.Module, predictors: list[torch.nn.Module], heads: list[int] | None = None) -> list:
+    """Hook every decoder layer's attention (all must be found); returns the hook handles.
+    ``heads``: the KV heads this rank holds (tensor parallelism), None = all."""
     hooked, handles = set(), []
     for name, module in model.named_modules():
         match = _ATTENTION.search(name)
@@ -44,13 +47,19 @@ def install(model: torch.nn.Module, predictors: list[torch.nn.Module]) -> list:
         if layer >= len(predictors):
             raise NotImplementedError(f"kvzap: model has attention module {name} past the predictors' "
                                       f"{len(predictors)} layers")
-        handles.append(module.register_forward_pre_hook(_score(predictors[layer], layer), with_kwargs=True))
+        handles.append(module.register_forward_pre_hook(_score(predictors[layer], layer, _subset(heads, predictors[layer])),
+                                                  with_kwargs=True))
         hooked.add(layer)
     if hooked != set(range(len(predictors))):
         raise NotImplementedError(
             f"kvzap: found attention inputs for layers {sorted(hooked)} of {len(predictors)}; the model's decoder "
             "layers must be `...layers.<i>.self_attn` modules called with `hidden_states` (Llama/Qwen2 style)")
     return handles
+
+
+def _subset(heads: list[int] | None, predictor: torch.nn.Module) -> list[int] | None:
+    outputs = [m.out_features for m in predictor.modules() if isinstance(m, torch.nn.Linear)][-1]
+    return None if heads is None or heads == list(range(outputs)) else heads
 
 
 @torch.no_grad()

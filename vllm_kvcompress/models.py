@@ -149,6 +149,61 @@ def ensure_model(name: str) -> Path:
     return out
 
 
+# Tensor parallelism splits query and KV heads across ranks, so both counts must divide
+# by the TP size; SmolLM2's 9/3 heads divide by neither 2 nor 4.
+PADDED_MODELS = {"smollm2-135m-gqa4": ("smollm2-135m", 4)}
+
+
+def ensure_padded_model(name: str) -> Path:
+    """SmolLM2 with an extra, inert KV head (and its query group): 12 query / 4 KV heads.
+
+    The new K/V/Q projections and the new ``o_proj`` columns are zero, so the new heads
+    add exactly 0 to every layer's output: the padded model computes what the original
+    does, bit for bit in exact arithmetic, and TP=2 can split it."""
+    base_name, kv_heads = PADDED_MODELS[name]
+    out = model_dir(name)
+    if (out / "DONE").exists():
+        return out
+    base = ensure_model(base_name)
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((base / "config.json").read_text())
+    old_kv, old_q, head_dim = config["num_key_value_heads"], config["num_attention_heads"], config["head_dim"]
+    group = old_q // old_kv
+    extra_kv, extra_q = kv_heads - old_kv, (kv_heads - old_kv) * group
+    tensors = {}
+    for file in sorted(base.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    for key, weight in list(tensors.items()):
+        if key.endswith(("k_proj.weight", "v_proj.weight")):
+            tensors[key] = _pad_rows(weight, extra_kv * head_dim)
+        elif key.endswith("q_proj.weight"):
+            tensors[key] = _pad_rows(weight, extra_q * head_dim)
+        elif key.endswith("o_proj.weight"):
+            tensors[key] = _pad_rows(weight.t(), extra_q * head_dim).t().contiguous()
+    tmp = out.with_name(out.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config.update(num_key_value_heads=kv_heads, num_attention_heads=old_q + extra_q)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    for file in base.iterdir():
+        if file.suffix != ".safetensors" and file.name not in ("config.json", "DONE") and file.is_file():
+            (tmp / file.name).write_bytes(file.read_bytes())
+    (tmp / "DONE").write_text("ok\n")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _pad_rows(weight, rows: int):
+    import torch
+
+    return torch.cat([weight, weight.new_zeros(rows, weight.shape[1])]).contiguous()
+
+
 def load_eager(name_or_dir: str, threads: int | None = None):
     """``(tokenizer, fp32 transformers model with eager attention)`` for offline analysis
     that needs attention weights (head scores, KVzap's oracle); a name from
@@ -158,16 +213,20 @@ def load_eager(name_or_dir: str, threads: int | None = None):
 
     if threads:
         torch.set_num_threads(threads)
-    path = str(ensure_model(name_or_dir)) if name_or_dir in MODELS else name_or_dir
+    path = str(ensure_any(name_or_dir)) if name_or_dir in MODELS or name_or_dir in PADDED_MODELS else name_or_dir
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     return AutoTokenizer.from_pretrained(path), model
 
 
+def ensure_any(name: str) -> Path:
+    return ensure_padded_model(name) if name in PADDED_MODELS else ensure_model(name)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", choices=sorted(MODELS))
+    parser.add_argument("name", choices=sorted([*MODELS, *PADDED_MODELS]))
     args = parser.parse_args(argv)
-    print(ensure_model(args.name))
+    print(ensure_any(args.name))
 
 
 if __name__ == "__main__":

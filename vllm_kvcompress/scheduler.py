@@ -87,7 +87,9 @@ class KVCompressScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         settings = KVCompressConfig.from_additional_config(self.vllm_config.additional_config)
-        self.policy = EvictionPolicy(settings, self.cache_config.block_size, model_shape(self.vllm_config))
+        # Rank 0's view; block counts cover every rank (see EvictionPolicy).
+        self.policy = EvictionPolicy(settings, self.cache_config.block_size, model_shape(self.vllm_config),
+                                     tp_rank=0, tp_size=self.vllm_config.parallel_config.tensor_parallel_size)
         self.schedules: dict[str, CompressionSchedule | None] = {}
         # "mask" mode keeps every row (the reference): blocks are counted as vLLM does.
         managers = self.kv_cache_manager.coordinator.single_type_managers if settings.eviction_mode == "compact" else []

@@ -148,9 +148,6 @@ def check_headkv(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
     from vllm_kvcompress.eviction.headkv import HeadScoresError
     from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
 
-    if vllm_config.parallel_config.tensor_parallel_size > 1:
-        raise KVCompressConfigError("kvcompress method 'headkv' does not support tensor parallelism yet "
-                                    "(its budgets cover every KV head of the model on one rank)")
     try:
         EvictionPolicy(config, vllm_config.cache_config.block_size, model_shape(vllm_config))
     except HeadScoresError as exc:
@@ -159,8 +156,7 @@ def check_headkv(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
 
 def check_learned_eviction(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
     """KVzap and DMS: weights for this very model, eager mode (they run as forward
-    pre-hooks, which a compiled graph would skip), one rank, and a page size that divides
-    the block."""
+    pre-hooks, which a compiled graph would skip), and a page size that divides the block."""
     if config.method not in PREDICTED_METHODS or vllm_config.model_config is None:
         return
     from vllm_kvcompress.eviction.dms_checkpoint import DMSCheckpointError, load_decisions
@@ -168,9 +164,6 @@ def check_learned_eviction(vllm_config: "VllmConfig", config: KVCompressConfig) 
     from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
 
     method = config.method
-    if vllm_config.parallel_config.tensor_parallel_size > 1:
-        raise KVCompressConfigError(f"kvcompress method {method!r} does not support tensor parallelism yet "
-                                    "(its weights and per-head survivors cover every KV head on one rank)")
     if not vllm_config.model_config.enforce_eager:
         raise KVCompressConfigError(f"kvcompress method {method!r} needs eager mode (its scores come from forward "
                                     "pre-hooks on the decoder layers, which a compiled graph would skip): add "
@@ -181,7 +174,12 @@ def check_learned_eviction(vllm_config: "VllmConfig", config: KVCompressConfig) 
         if method == "kvzap":
             load_any_predictors(config.kvzap_predictor, *shape)
         else:
-            load_decisions(config.dms_adapters, *shape)
+            decisions = load_decisions(config.dms_adapters, *shape)
+            if decisions.single_neuron and decisions.per_layer and vllm_config.parallel_config.tensor_parallel_size > 1:
+                raise KVCompressConfigError(
+                    f"additional_config.{CONFIG_KEY}.dms_adapters: {config.dms_adapters} decides every head from "
+                    "query head 0's channel (single-neuron, dms_alpha_per=layer), which only rank 0 holds under "
+                    "tensor parallelism; use tensor_parallel_size=1")
     except (PredictorFileError, DMSCheckpointError) as exc:
         key = "kvzap_predictor" if method == "kvzap" else "dms_adapters"
         raise KVCompressConfigError(f"additional_config.{CONFIG_KEY}.{key}: {exc}") from None

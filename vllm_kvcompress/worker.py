@@ -16,7 +16,7 @@ from vllm.logger import init_logger
 from vllm.utils.math_utils import cdiv
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from vllm_kvcompress import step_plan
+from vllm_kvcompress import parallel, step_plan
 from vllm_kvcompress.config import PREDICTED_METHODS, KVCompressConfig
 from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
 
@@ -26,7 +26,9 @@ logger = init_logger("vllm.kvcompress.worker")
 class EvictionRunnerMixin:
     def _kvc_setup(self) -> None:
         settings = KVCompressConfig.from_additional_config(self.vllm_config.additional_config)
-        self.kvc_policy = EvictionPolicy(settings, self.cache_config.block_size, model_shape(self.vllm_config))
+        self.kvc_rank, self.kvc_tp_size = parallel.rank_and_size()
+        self.kvc_policy = EvictionPolicy(settings, self.cache_config.block_size, model_shape(self.vllm_config),
+                                         self.kvc_rank, self.kvc_tp_size)
         self.kvc_schedules = {}
         self.kvc_lengths: dict[str, int] = {}  # logical tokens after each request's latest step
         self.kvc_compact = settings.eviction_mode == "compact"
@@ -89,24 +91,26 @@ class EvictionRunnerMixin:
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
+        hf = self.vllm_config.model_config.hf_text_config
+        heads = parallel.kv_heads_of_rank(hf.num_key_value_heads, self.kvc_tp_size, self.kvc_rank)
         if self.kvc_settings.method == "kvzap":
             from vllm_kvcompress import kvzap_hooks
             from vllm_kvcompress.eviction.kvzap import load_any_predictors
 
-            hf = self.vllm_config.model_config.hf_text_config
             predictors = load_any_predictors(self.kvc_settings.kvzap_predictor, hf.num_hidden_layers, hf.hidden_size,
                                              hf.num_key_value_heads)
-            kvzap_hooks.install(self.model, [p.to(self.device) for p in predictors])
+            kvzap_hooks.install(self.model, [p.to(self.device) for p in predictors], heads)
         if self.kvc_settings.method == "dms":
             from vllm_kvcompress import dms_hooks
             from vllm_kvcompress.eviction.dms_checkpoint import load_decisions
 
-            hf = self.vllm_config.model_config.hf_text_config
             decisions = load_decisions(self.kvc_settings.dms_adapters, hf.num_hidden_layers, hf.hidden_size,
                                        hf.num_key_value_heads, getattr(hf, "rms_norm_eps", 1e-6))
             decisions.adapters = [a.to(self.device) for a in decisions.adapters]
-            dms_hooks.install(self.model, decisions, hf.num_hidden_layers, hf.num_attention_heads,
-                              hf.num_key_value_heads)
+            decisions.heads = heads
+            # The single-neuron hook sees this rank's query heads only.
+            dms_hooks.install(self.model, decisions, hf.num_hidden_layers,
+                              hf.num_attention_heads // self.kvc_tp_size, len(heads))
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
@@ -127,10 +131,24 @@ class EvictionRunnerMixin:
 
     def sample_tokens(self, *args, **kwargs):
         output = super().sample_tokens(*args, **kwargs)
-        if step_plan.pages_reports:  # threshold rule (kvzap, dms): the pages each request needs next, for the scheduler
+        if self.kvc_tp_size > 1 and self.kvc_settings.method in PREDICTED_METHODS:
+            self._kvc_agree_pages()
+        if step_plan.pages_reports and output is not None:
+            # threshold rule (kvzap, dms): the pages each request needs next, for the scheduler
             output.kvc_pages_next = step_plan.pages_reports
-            step_plan.pages_reports = {}
+        step_plan.pages_reports = {}
         return output
+
+    def _kvc_agree_pages(self) -> None:
+        """Survivors differ per rank (each holds its own heads) but the block list is
+        shared: every rank, and the scheduler (which hears rank 0 only), use the most
+        pages any rank needs. Every rank calls this each step, in batch order."""
+        req_ids = list(self.input_batch.req_ids)
+        agreed = parallel.agree_max([step_plan.pages_reports.get(req_id, -1) for req_id in req_ids])
+        step_plan.pages_reports = {req_id: pages for req_id, pages in zip(req_ids, agreed) if pages >= 0}
+        for req_id, pages in step_plan.pages_reports.items():
+            if (schedule := self.kvc_schedules.get(req_id)) is not None:
+                schedule.pages_next = pages
 
 
 def _forget(req_id: str) -> None:

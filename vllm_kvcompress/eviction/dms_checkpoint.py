@@ -40,6 +40,7 @@ class DMSDecisions:
     single_neuron: bool = False  # decisions from the query channel (no adapters)
     scale: float = ALPHA_SCALE
     offset: float = ALPHA_OFFSET
+    heads: list[int] | None = None  # tensor parallelism: the KV heads this rank keeps scores for
 
 
 def checkpoint_window(path: str) -> int:

@@ -17,6 +17,7 @@ from vllm_kvcompress.eviction.headkv import HeadScores, allocate_budgets, load_h
 from vllm_kvcompress.eviction.schedule import CompressionSchedule
 from vllm_kvcompress.eviction.streams import NEVER, StreamSchedule
 from vllm_kvcompress.eviction.threshold import ThresholdSchedule
+from vllm_kvcompress.parallel import kv_heads_of_rank
 
 REQUEST_KEYS = ("compression_ratio", "max_kv_tokens")
 
@@ -65,9 +66,14 @@ def dms_window(config: KVCompressConfig) -> int:
 
 
 class EvictionPolicy:
-    """``model_shape`` = (layers, query heads, KV heads), needed by ``headkv`` and ``kvzap``."""
+    """``model_shape`` = (layers, query heads, KV heads), needed by the stream methods.
 
-    def __init__(self, config: KVCompressConfig, block_size: int, model_shape: tuple[int, int, int] | None = None):
+    With tensor parallelism (``tp_size`` > 1) budgets are set over the whole model's
+    streams, and a schedule holds ``tp_rank``'s share of them plus every rank's (the
+    scheduler's block counts cover the neediest rank)."""
+
+    def __init__(self, config: KVCompressConfig, block_size: int, model_shape: tuple[int, int, int] | None = None,
+                 tp_rank: int = 0, tp_size: int = 1):
         self.config = config
         self.block_size = block_size
         # SnapKV/HeadKV compress once, at the prompt end (as in the papers): no decode compaction.
@@ -80,9 +86,12 @@ class EvictionPolicy:
                 raise KVCompressConfigError(
                     f"additional_config.{CONFIG_KEY}.page_tokens={config.page_tokens} must divide the KV block "
                     f"size {block_size}")
-            self.streams = model_shape[0] * model_shape[2]
+            self.layers, self.kv_heads = model_shape[0], model_shape[2]
+            self.rank_heads = [kv_heads_of_rank(self.kv_heads, tp_size, rank) for rank in range(tp_size)]
+            self.tp_rank = tp_rank
+            self.streams = self.layers * len(self.rank_heads[tp_rank])  # this rank's streams
         if config.method == "kvzap":
-            self.stream_scores = [1.0] * self.streams  # top-k mode: the same budget for every stream
+            self.stream_scores = [1.0] * (self.layers * self.kv_heads)  # top-k mode: one budget for every stream
         if config.method == "dms":
             self.dms_window = dms_window(config)
         if config.method == "headkv":
@@ -94,10 +103,16 @@ class EvictionPolicy:
 
     @functools.lru_cache(maxsize=256)
     def stream_budgets(self, average: int) -> tuple[int, ...]:
+        """Budgets of the whole model's streams (layer-major)."""
         c = self.config
         if c.method == "kvzap":
-            return (average,) * self.streams
+            return (average,) * len(self.stream_scores)
         return tuple(allocate_budgets(self.stream_scores, average, c.window_tokens, c.headkv_beta, c.page_tokens))
+
+    def rank_budgets(self, budgets: tuple[int, ...], rank: int) -> tuple[int, ...]:
+        """The budgets of the streams rank ``rank`` holds (its KV heads of every layer)."""
+        return tuple(budgets[layer * self.kv_heads + head] for layer in range(self.layers)
+                     for head in self.rank_heads[rank])
 
     def budget(self, prompt_len: int, overrides: dict[str, Any]) -> int | None:
         """Rows kept per (layer, KV head); None = keep everything."""
@@ -135,6 +150,7 @@ class EvictionPolicy:
             budgets = self.stream_budgets(budget)
             if min(budgets) >= prompt_len:
                 return None  # nothing to evict in any stream: stay in vLLM's layout
-            return StreamSchedule(compress_at=prompt_len, budgets=budgets, page=self.config.page_tokens,
-                                  block_size=self.block_size, window=window)
+            ranks = tuple(self.rank_budgets(budgets, rank) for rank in range(len(self.rank_heads)))
+            return StreamSchedule(compress_at=prompt_len, budgets=ranks[self.tp_rank], page=self.config.page_tokens,
+                                  block_size=self.block_size, window=window, rank_budgets=ranks if len(ranks) > 1 else ())
         return CompressionSchedule(compress_at=max(prompt_len, 1), budget=budget, buffer=self.buffer, window=window)

@@ -34,6 +34,9 @@ class StreamSchedule:
     page: int  # rows per stream page
     block_size: int  # rows per vLLM block (of every stream)
     window: int = 0  # the step that compresses must hold the prompt's last `window` tokens
+    # Tensor parallelism: every rank's budgets (its own streams). Ranks share one block
+    # list per request, so it holds as many blocks as the neediest rank uses.
+    rank_budgets: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         if self.block_size % self.page or self.compress_at < 1 or not self.budgets:
@@ -47,28 +50,29 @@ class StreamSchedule:
     def pages_per_block(self) -> int:
         return self.streams * self.block_size // self.page
 
-    def kept(self) -> list[int]:
-        return [min(b, self.compress_at) for b in self.budgets]
+    def kept(self, budgets: tuple[int, ...] | None = None) -> list[int]:
+        return [min(b, self.compress_at) for b in (budgets or self.budgets)]
 
     def packed(self, logical: int) -> bool:
         """Whether the cache is in the packed layout once ``logical`` tokens are computed."""
         return logical >= self.compress_at
 
-    def stream_lengths(self, logical: int) -> list[int]:
+    def stream_lengths(self, logical: int, budgets: tuple[int, ...] | None = None) -> list[int]:
         if not self.packed(logical):
             return [logical] * self.streams
         grown = logical - self.compress_at
-        return [k + grown for k in self.kept()]
+        return [k + grown for k in self.kept(budgets)]
 
-    def pages(self, logical: int) -> int:
-        """Stream pages in use (packed layout)."""
-        return sum(cdiv(n, self.page) for n in self.stream_lengths(logical))
+    def pages(self, logical: int, budgets: tuple[int, ...] | None = None) -> int:
+        """Stream pages in use (packed layout), of this rank or of a rank's ``budgets``."""
+        return sum(cdiv(n, self.page) for n in self.stream_lengths(logical, budgets))
 
     def rows_held(self, logical: int) -> int:
         """vLLM block rows a request holds once ``logical`` tokens are computed and compressed."""
         if not self.packed(logical):
             return logical
-        return cdiv(self.pages(logical), self.pages_per_block) * self.block_size
+        pages = max(self.pages(logical, budgets) for budgets in self.rank_budgets or (self.budgets,))
+        return cdiv(pages, self.pages_per_block) * self.block_size
 
     def rows_during(self, computed: int, total: int) -> int:
         """vLLM block rows a step from ``computed`` to ``total`` tokens needs (steps never
