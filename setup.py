@@ -20,5 +20,9 @@ setup(
         # --no-deps by `make setup`: its declared nemo-evaluator stack is not needed.
         "eval": ["wonderwords", "tenacity", "pyyaml", "tqdm", "matplotlib"],
     },
-    entry_points={"vllm.general_plugins": ["kvcompress = vllm_kvcompress.plugin:register"]},
+    entry_points={
+        "vllm.general_plugins": ["kvcompress = vllm_kvcompress.plugin:register"],
+        # /metrics counters (API server process); a no-op unless kvcompress is selected
+        "vllm.stat_logger_plugins": ["kvcompress = vllm_kvcompress.metrics:KVCompressStatLogger"],
+    },
 )

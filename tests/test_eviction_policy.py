@@ -33,3 +33,26 @@ def test_per_request_overrides():
         policy.schedule_for(1000, {"kvcompress": {"ratio": 0.5}})
     with pytest.raises(KVCompressConfigError, match=r"compression_ratio must be a number with 0 <= r < 1"):
         policy.schedule_for(1000, {"kvcompress": {"compression_ratio": 1.5}})
+
+
+def test_flat_request_keys_for_the_openai_api():
+    """``vllm_xargs`` takes numbers and strings only: ``kvcompress_<key>`` works like the object form."""
+    policy = _policy(compression_ratio=0.5)
+    assert policy.schedule_for(1000, {"kvcompress_max_kv_tokens": 64}).budget == 64
+    assert policy.schedule_for(1000, {"kvcompress_compression_ratio": 0.9}).budget == 100
+
+
+@pytest.mark.parametrize("extra_args,message", [
+    ({"kvcompress_compression_ratio": "abc"}, r"per-request setting kvcompress\.compression_ratio must be a number "
+                                              r"with 0 <= r < 1 \(or null\), got 'abc'"),
+    ({"kvcompress_compression_ratio": 1.5}, r"compression_ratio must be a number with 0 <= r < 1"),
+    ({"kvcompress_max_kv_tokens": -3}, r"per-request setting kvcompress\.max_kv_tokens must be an integer >= 1"),
+    ({"kvcompress_max_kv_tokens": 2.5}, r"max_kv_tokens must be an integer >= 1"),
+    ({"kvcompress_max_kv_tokens": [1, 2]}, r"max_kv_tokens must be an integer >= 1"),
+    ({"kvcompress_budget": 64}, r"unknown setting\(s\) budget; keys from compression_ratio, max_kv_tokens"),
+    ({"kvcompress": "0.5"}, r"must be an object with keys from compression_ratio"),
+    ({"kvcompress_max_kv_tokens": 64, "kvcompress_compression_ratio": 0.5}, r"set at most one of"),
+])
+def test_bad_per_request_settings_name_the_setting(extra_args, message):
+    with pytest.raises(KVCompressConfigError, match=message):
+        _policy(compression_ratio=0.5).schedule_for(1000, extra_args)

@@ -101,10 +101,10 @@ def _validate_request_settings() -> None:
     @functools.wraps(original)
     def _validate_params(self, params, *args, **kwargs):
         result = original(self, params, *args, **kwargs)
-        from vllm_kvcompress.config import CONFIG_KEY
+        from vllm_kvcompress.eviction.policy import has_request_settings
 
         extra_args = getattr(params, "extra_args", None)
-        if isinstance(extra_args, dict) and CONFIG_KEY in extra_args:
+        if has_request_settings(extra_args):
             from vllm_kvcompress.startup import check_request_settings
 
             check_request_settings(self.vllm_config, extra_args)

@@ -26,6 +26,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
 from vllm_kvcompress.eviction.schedule import CompressionSchedule
+from vllm_kvcompress.metrics import EvictionCounters
 
 logger = init_logger("vllm.kvcompress.scheduler")
 
@@ -77,6 +78,7 @@ class EvictingBlockManager(FullAttentionManager):
             freed = blocks[keep:]
             del blocks[keep:]
             self.block_pool.free_blocks(reversed(freed))
+            self.counters.blocks_reclaimed += len(freed)
 
     def pop_blocks_for_free(self, request_id):
         self.computed.pop(request_id, None)
@@ -92,13 +94,17 @@ class KVCompressScheduler(Scheduler):
                                      tp_rank=0, tp_size=self.vllm_config.parallel_config.tensor_parallel_size)
         self.schedules: dict[str, CompressionSchedule | None] = {}
         # "mask" mode keeps every row (the reference): blocks are counted as vLLM does.
-        managers = self.kv_cache_manager.coordinator.single_type_managers if settings.eviction_mode == "compact" else []
-        for manager in managers:
+        groups = self.kv_cache_config.kv_cache_groups
+        tp_size = self.vllm_config.parallel_config.tensor_parallel_size
+        self.counters = EvictionCounters(
+            self.vllm_config, sum(len(g.layer_names) * g.kv_cache_spec.page_size_bytes for g in groups) * tp_size)
+        self.managers = self.kv_cache_manager.coordinator.single_type_managers
+        for manager in self.managers if settings.eviction_mode == "compact" else []:
             if type(manager) is not FullAttentionManager:
                 raise NotImplementedError(
                     f"kvcompress eviction needs full attention in every layer, got {type(manager).__name__}")
             manager.__class__ = EvictingBlockManager
-            manager.schedules, manager.computed = self.schedules, {}
+            manager.schedules, manager.computed, manager.counters = self.schedules, {}, self.counters
         logger.info("kvcompress eviction scheduler: method=%s, budget %s, decode buffer %d tokens",
                     settings.method, settings.max_kv_tokens or f"ratio {settings.compression_ratio}",
                     self.policy.buffer)
@@ -128,6 +134,15 @@ class KVCompressScheduler(Scheduler):
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def _free_request(self, request, *args, **kwargs):
+        self.counters.request_ended(request.num_computed_tokens, self.schedules.get(request.request_id))
         result = super()._free_request(request, *args, **kwargs)
         self.schedules.pop(request.request_id, None)
         return result
+
+    def make_stats(self, *args, **kwargs):
+        stats = super().make_stats(*args, **kwargs)
+        if stats is not None:  # see vllm_kvcompress.metrics for why this dict
+            blocks = self.managers[0].req_to_blocks
+            running = [(r.num_computed_tokens, len(blocks.get(r.request_id, ()))) for r in self.running]
+            stats.num_kv_fetch_reqs_by_stage.update(self.counters.pack(running))
+        return stats

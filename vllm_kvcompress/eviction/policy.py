@@ -22,23 +22,42 @@ from vllm_kvcompress.parallel import kv_heads_of_rank
 REQUEST_KEYS = ("compression_ratio", "max_kv_tokens")
 
 
+# The OpenAI API's ``vllm_xargs`` takes only numbers, strings and lists, so a request can
+# also give ``{"kvcompress_compression_ratio": 0.5}`` instead of ``{"kvcompress": {...}}``.
+FLAT_PREFIX = CONFIG_KEY + "_"
+
+
 def request_overrides(extra_args: dict | None) -> dict[str, Any]:
-    raw = (extra_args or {}).get(CONFIG_KEY) or {}
-    if not isinstance(raw, dict) or set(raw) - set(REQUEST_KEYS):
+    extra = extra_args or {}
+    raw = extra.get(CONFIG_KEY)
+    flat = {key[len(FLAT_PREFIX):]: value for key, value in extra.items() if key.startswith(FLAT_PREFIX)}
+    allowed = f"{', '.join(REQUEST_KEYS)} (or the flat keys {', '.join(FLAT_PREFIX + k for k in REQUEST_KEYS)})"
+    if raw is not None and not isinstance(raw, dict):
         raise KVCompressConfigError(
-            f"SamplingParams.extra_args[{CONFIG_KEY!r}] must be an object with keys from {', '.join(REQUEST_KEYS)}; "
-            f"got {raw!r}"
-        )
-    if len(raw) > 1:
+            f"SamplingParams.extra_args[{CONFIG_KEY!r}] must be an object with keys from {allowed}; got {raw!r}")
+    overrides = {**(raw or {}), **flat}
+    if set(overrides) - set(REQUEST_KEYS):
+        unknown = sorted(set(overrides) - set(REQUEST_KEYS))
+        raise KVCompressConfigError(
+            f"SamplingParams.extra_args[{CONFIG_KEY!r}]: unknown setting(s) {', '.join(unknown)}; keys from {allowed}")
+    if len(overrides) > 1:
         raise KVCompressConfigError(f"SamplingParams.extra_args[{CONFIG_KEY!r}]: set at most one of {', '.join(REQUEST_KEYS)}")
-    return raw
+    return overrides
+
+
+def has_request_settings(extra_args: dict | None) -> bool:
+    return isinstance(extra_args, dict) and any(k == CONFIG_KEY or k.startswith(FLAT_PREFIX) for k in extra_args)
 
 
 def validate_overrides(config: KVCompressConfig, extra_args: dict | None) -> dict[str, Any]:
     """A request's budget overrides, checked as the engine's settings would be."""
     overrides = request_overrides(extra_args)
     if overrides:
-        dataclasses.replace(config, **{"max_kv_tokens": None, "compression_ratio": None, **overrides}).validate()
+        try:
+            dataclasses.replace(config, **{"max_kv_tokens": None, "compression_ratio": None, **overrides}).validate()
+        except KVCompressConfigError as exc:
+            raise KVCompressConfigError(str(exc).replace(f"additional_config.{CONFIG_KEY}.",
+                                                         f"per-request setting {CONFIG_KEY}.")) from None
     return overrides
 
 
