@@ -105,9 +105,17 @@ def _validate_request_settings() -> None:
 
         extra_args = getattr(params, "extra_args", None)
         if has_request_settings(extra_args):
+            from vllm.exceptions import VLLMValidationError
+
+            from vllm_kvcompress.config import KVCompressConfigError
             from vllm_kvcompress.startup import check_request_settings
 
-            check_request_settings(self.vllm_config, extra_args)
+            try:
+                check_request_settings(self.vllm_config, extra_args)
+            except KVCompressConfigError as exc:
+                # vLLM's client-error type: the API answers 400 with this message (a bare
+                # ValueError here becomes an empty 500 from AsyncLLM.generate).
+                raise VLLMValidationError(str(exc), parameter="vllm_xargs") from None
         return result
 
     _validate_params._kvcompress_checked = True

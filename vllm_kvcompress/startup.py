@@ -129,8 +129,12 @@ def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
 
 def check_request_settings(vllm_config: "VllmConfig", extra_args: dict) -> None:
     """``SamplingParams.extra_args["kvcompress"]``: budget overrides of an eviction method."""
+    if not kvcompress_selected(vllm_config):
+        raise KVCompressConfigError(
+            f"SamplingParams.extra_args[{CONFIG_KEY!r}] sets a per-request eviction budget, but this engine does not "
+            "run --attention-backend kvcompress")
     config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
-    if not kvcompress_selected(vllm_config) or config.method not in EVICTION_METHODS:
+    if config.method not in EVICTION_METHODS:
         raise KVCompressConfigError(
             f"SamplingParams.extra_args[{CONFIG_KEY!r}] sets a per-request eviction budget, but the engine runs "
             f"kvcompress method {config.method!r}; start it with an eviction method ({', '.join(EVICTION_METHODS)})"
