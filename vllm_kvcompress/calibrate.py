@@ -79,8 +79,11 @@ def check_codebook_file(path: str, config) -> dict:
     if not Path(path).is_file():
         raise CodebookMismatch(f"codebook file {path} does not exist; make one with "
                                f"`python -m vllm_kvcompress.calibrate --model MODEL --out {path}`")
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
+        raise CodebookMismatch(f"{path}: not a readable safetensors file ({exc})") from None
     if metadata.get("format") != FORMAT:
         raise CodebookMismatch(f"{path}: not a kvcompress codebook file (format {metadata.get('format')!r}, expected {FORMAT!r})")
     expected = model_signature(config)

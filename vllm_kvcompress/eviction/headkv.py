@@ -71,9 +71,9 @@ def load_head_scores(path: str | Path, num_layers: int, num_attention_heads: int
     """Our JSON format or the published ``"layer-head" -> [scores]`` one, checked against the model."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise HeadScoresError(f"head scores {path}: cannot read JSON ({exc})") from exc
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # a binary file is not UTF-8 text
+        raise HeadScoresError(f"head scores {path}: cannot read JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise HeadScoresError(f"head scores {path}: expected a JSON object")
     if raw.get("format") == SCORES_FORMAT:
