@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from padded_artefacts import pad_head_scores, pad_safetensors
+from vllm_kvcompress.tools.padded_artefacts import pad_head_scores, pad_safetensors
 from vllm_kvcompress.tools.generate import run_in_subprocess
 
 pytestmark = pytest.mark.engine

@@ -1,6 +1,7 @@
 """SmolLM2's artefacts for its padded twin (``smollm2-135m-gqa4``: one more, inert KV
-head and its query group), so that TP=2 runs use the shipped predictors, adapters, head
-scores and codebooks. The extra head's entries copy the last real head's."""
+head and its query group, see :func:`vllm_kvcompress.models.ensure_padded_model`), so
+that TP=2 runs use the shipped predictors, adapters, head scores and codebooks. The
+extra head's entries copy the last real head's."""
 
 from __future__ import annotations
 
