@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
-FORCED_IDS_KEY = "kvcompress_forced_ids"
+FORCED_IDS_KEY = "kvc_forced_ids"  # not "kvcompress_*": those are per-request settings
 
 
 class ForcedContinuation(AdapterLogitsProcessor):
