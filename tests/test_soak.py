@@ -7,7 +7,7 @@ import pytest
 
 pytestmark = pytest.mark.engine
 
-SECONDS = 25
+SECONDS = 20
 
 
 def test_short_soak_leaks_nothing_and_shows_the_plugin_metrics(tmp_path, capsys):

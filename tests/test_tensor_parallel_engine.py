@@ -32,7 +32,7 @@ def prompts(padded_dir):
     from vllm_kvcompress.prompts import long_document_ids
 
     tokenizer = AutoTokenizer.from_pretrained(padded_dir)
-    return [long_document_ids(tokenizer, 330, offset=300 * i) for i in range(2)]
+    return [long_document_ids(tokenizer, 300, offset=300 * i) for i in range(2)]
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_tp2_gives_the_tokens_of_tp1(padded_dir, prompts, method, tmp_path, one_
     llm = dict(model=padded_dir, dtype="float32", max_model_len=1024, enforce_eager=True,
                kv_cache_memory_bytes=96 << 20, attention_backend="kvcompress",
                additional_config={"kvcompress": _settings(method, tmp_path)})
-    runs = {tp: run_in_subprocess({**llm, "tensor_parallel_size": tp}, prompts, max_tokens=40,
+    runs = {tp: run_in_subprocess({**llm, "tensor_parallel_size": tp}, prompts, max_tokens=32,
                                    ignore_eos=True) for tp in (1, 2)}
     gap = 0.0
     for one, two in zip(runs[1]["outputs"], runs[2]["outputs"], strict=True):
