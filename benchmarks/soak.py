@@ -34,6 +34,14 @@ def prompts_for(model_dir: str, lengths: tuple[int, ...], control_tokens: int = 
     return prompts, long_document_ids(tokenizer, control_tokens, offset=5000)
 
 
+def takes_budgets(llm_kwargs: dict) -> bool:
+    """Whether the server accepts per-request budgets: an eviction method with a budget
+    (DMS and KVzap's threshold mode decide by score and refuse one)."""
+    settings = llm_kwargs.get("additional_config", {}).get("kvcompress", {})
+    method = settings.get("method")
+    return method in EVICTION_METHODS and method != "dms" and settings.get("kvzap_threshold") is None
+
+
 def run(args, argv: list[str]) -> dict:
     from tqdm import tqdm
 
@@ -53,9 +61,8 @@ def run(args, argv: list[str]) -> dict:
             raise SystemExit(f"unknown config {name!r}; allowed: {NAMES_HELP}")
         with tqdm(desc=f"soak {name}", unit="req", file=sys.stderr) as bar:
             with served(model_dir, common + serve_flags(kwargs), out / f"server-{name}.log") as (base, _):
-                evicts = kwargs.get("additional_config", {}).get("kvcompress", {}).get("method") in EVICTION_METHODS
                 summary = soak(base, model_dir, spec, prompts, control_prompt,
-                               progress=lambda n: bar.update(n - bar.n), per_request_settings=evicts)
+                               progress=lambda n: bar.update(n - bar.n), per_request_settings=takes_budgets(kwargs))
         summary["problems"] = checks(summary)
         results[name] = summary
         print(f"{name}: {summary['served']} served, p50 {summary['latency_p50_s']:.2f} s, "
