@@ -47,6 +47,11 @@ def test_tokens_evicted_per_schedule_kind():
     counters.request_ended(1000, budget)
     counters.request_ended(50, None)  # never compressed
     assert counters.tokens_evicted == 744
+    threshold.pages_next = 41  # 41 * 32 / 4 = 328 rows per head: a fractional mean is possible in general
+    counters.request_ended(901, StreamSchedule(compress_at=100, budgets=(10, 11), page=32, block_size=BLOCK))
+    packed = counters.pack([(901, 3)])
+    # vLLM decodes the dict as dict[str, int]: a float here killed the API server (found by the soak)
+    assert all(type(value) is int for value in packed.values()), packed
 
 
 def test_stat_logger_takes_its_entries_out_of_vllms_dict(monkeypatch):

@@ -53,7 +53,7 @@ class EvictionCounters:
 
     def request_ended(self, logical: int, schedule) -> None:
         if schedule is not None and logical > 0:
-            self.tokens_evicted += max(0, logical - kept_tokens(schedule, logical))
+            self.tokens_evicted += max(0, round(logical - kept_tokens(schedule, logical)))
 
     def pack(self, running: list[tuple[int, int]]) -> dict[str, int]:
         """``running``: (logical tokens, blocks held) of each running request."""
@@ -63,7 +63,9 @@ class EvictionCounters:
             native = sum(-(-t // self.block_size) for t, _ in running)
             values["compression_ratio"] = round(native * self.dense_block_bytes / (held * self.block_bytes) * RATIO_SCALE)
             values["bytes_per_token"] = round(held * self.block_bytes / tokens)
-        return {PREFIX + key: value for key, value in values.items()}
+        # vLLM decodes this dict as dict[str, int]: one float and the API server's output
+        # handler fails, taking the server down.
+        return {PREFIX + key: int(value) for key, value in values.items()}
 
 
 def kept_tokens(schedule, logical: int) -> float:
