@@ -114,10 +114,12 @@ def test_dms_single_neuron_checkpoint_is_transformers_with_the_query_channel(smo
     llm["additional_config"]["kvcompress"]["dms_adapters"] = str(folder)
     # The second request packs its prompt and finishes in the same step (one token): its
     # report must not divide by the worker's computed-token count, still 0 then (it once
-    # crashed the engine).
-    trace = run_traced(llm, [prompt, short], max_tokens=40, forced=[None, short[:1]])
+    # crashed the engine). The third, a 60-token prompt, packs at the window (128 tokens)
+    # during decode: ring + spare row need a second block (it once crashed the engine too).
+    tiny, tiny_next = long_document_ids(tokenizer, 60, offset=1500), long_document_ids(tokenizer, 90, offset=2100)
+    trace = run_traced(llm, [prompt, short, tiny], max_tokens=40, forced=[None, short[:1], tiny_next])
     out = trace["outputs"][0]
-    assert len(trace["outputs"][1]["token_ids"]) == 1
+    assert len(trace["outputs"][1]["token_ids"]) == 1 and len(trace["outputs"][2]["token_ids"]) == 90
 
     _, model = load_eager(smollm2_dir)
     retrofit = DMSRetrofit(model, 128, hard=True, query_channel=(100.0, 5.0))

@@ -97,3 +97,19 @@ def test_threshold_mode_matches_the_masked_reference(threshold):
 
     _drive(settings, schedule, q, k, v, scores, prompt, check)
     assert 0 < check.last < LAYERS * HEADS * (total - RING)  # some evicted, some kept
+
+
+def test_packing_step_has_room_for_the_spare_row():
+    """Regression (found by the DMS soak, an engine crash): a prompt shorter than the window
+    packs ``ring + 1`` rows per stream at ``compress_at = ring``; with ring = block size the
+    native prompt held one block per stream's worth, the packed layout needs a second."""
+    from vllm_kvcompress.eviction.threshold import ThresholdSchedule
+
+    schedule = ThresholdSchedule(compress_at=128, ring=128, streams=90, page=32, block_size=128, threshold=0.0)
+    assert schedule.rows_during(127, 128) == 256  # the packing step: room for 128 + 1 rows per stream
+    assert schedule.rows_during(100, 120) == 120  # before it: native
+    worst = schedule.pages_for([128 - 128] * 90)  # nothing before the window to evict: ring + spare
+    assert worst <= schedule.rows_during(127, 128) // 128 * schedule.pages_per_block
+    longer = ThresholdSchedule(compress_at=300, ring=128, streams=90, page=32, block_size=128, threshold=0.0)
+    assert longer.rows_during(200, 300) == 384  # 300 + 1 rows fit the native 3 blocks
+    assert longer.pages_for([300 - 128] * 90) <= 3 * longer.pages_per_block

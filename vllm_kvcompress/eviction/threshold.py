@@ -82,7 +82,19 @@ class ThresholdSchedule:
         return cdiv(self.pages_next, self.pages_per_block) * self.block_size
 
     def rows_during(self, computed: int, total: int) -> int:
-        return total if computed < self.compress_at else self.rows_held(total)
+        if computed >= self.compress_at:
+            return self.rows_held(total)
+        if total == self.compress_at:  # the packing step: see packing_rows
+            return max(total, self.packing_rows())
+        return total
+
+    def packing_rows(self) -> int:
+        """Block rows the packing step may lay out: every stream keeps at most all
+        ``compress_at`` tokens plus the spare row, in whole pages. This can be one block
+        more than the native prompt held (a prompt shorter than the window always packs
+        ``ring + 1`` rows into a one-``ring`` block); the next step's report frees it."""
+        per_stream = cdiv(self.compress_at + 1, self.page) * self.page
+        return cdiv(per_stream, self.block_size) * self.block_size
 
 
 def prompt_survivors(scores: torch.Tensor, threshold: float, window: int) -> list[torch.Tensor]:
