@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"| {method} | refused: {r['refused']} | | | |")
             continue
         lines.append(f"| {method} | {r['same_tokens']}/{r['prompts']} | {r['max_logprob_gap']:.1e} | "
-                     f"{r["wall_reference_s"]} | {r["wall_candidate_s"]} |")
+                     f"{r['wall_reference_s']} | {r['wall_candidate_s']} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if any(r.get("same_tokens") != r.get("prompts") for r in rows.values() if "refused" not in r):
