@@ -29,10 +29,9 @@ METHODS = ("none", "knorm", "snapkv", "lookat", "lookat-exact", "headkv", "kvzap
 # Why a row may differ for reasons that are not the candidate's (printed under the table).
 NOTES = {
     "lookat": "LOOKAT with `current_tokens: coded` (the default) re-reads every prompt token from its PQ "
-              "codes: a key within rounding of a centroid boundary takes another code, and one such flip "
-              "cascades through the later layers (measured at TP=2: layer 0 equal to the bit on both ranks, "
-              "first flip in layer 8, hundreds by layer 17). Any change of rounding (TP, chunking, dtype) "
-              "does this; `lookat-exact` (prompt attended exactly, decode from the codes) isolates the slicing.",
+              "codes: a key within rounding of a centroid boundary takes another code, and the flip cascades "
+              "through the later layers, so a change of rounding (here TP's split matmuls) changes the tokens. "
+              "`lookat-exact` (prompt attended exactly, decode from the codes) isolates the per-rank slicing.",
 }
 
 
