@@ -80,12 +80,13 @@ def run(spec: dict) -> dict:
 
 
 def run_in_subprocess(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int = 32, timeout: int = 900,
-                      repeat: int = 1, forced: list[list[int]] | None = None, ignore_eos: bool = False) -> dict:
+                      repeat: int = 1, forced: list[list[int]] | None = None, ignore_eos: bool = False,
+                      logprobs: int = 2) -> dict:
     """:func:`run` in a fresh Python process; adds the engine's log (``log``) and the
     wall time of the whole process (``wall_s``)."""
     from vllm_kvcompress.tools.subprocess_run import run_module
 
-    spec = {"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens, "logprobs": 2, "repeat": repeat,
+    spec = {"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens, "logprobs": logprobs, "repeat": repeat,
             "forced": forced, "ignore_eos": ignore_eos}
     return run_module("vllm_kvcompress.tools.generate", spec, timeout)
 
