@@ -107,3 +107,28 @@ def test_offline_batch_file_through_run_batch(smollm2_dir, tmp_path):
     assert sorted(results) == ["q0", "q1", "q2"]
     answers = [results[f"q{i}"]["response"]["body"]["choices"][0]["message"]["content"] for i in range(3)]
     assert "Paris" in answers[0], answers
+
+
+def test_each_hostile_setting_gets_a_400_naming_it_and_the_server_keeps_serving(smollm2_dir, tmp_path):
+    from vllm_kvcompress.harness.soak import HOSTILE, served
+
+    settings = {"kvcompress": {"method": "knorm", "compression_ratio": 0.5}}
+    flags = ["--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 28),
+             "--attention-backend", "kvcompress", "--additional-config", json.dumps(settings)]
+    cases = [*HOSTILE,  # the soak's cases, plus two it does not send
+             ({"kvcompress_max_kv_tokens": 2.5}, "max_kv_tokens must be an integer"),
+             ({"kvcompress_max_kv_tokens": 64, "kvcompress_compression_ratio": 0.5}, "at most one")]
+    with served(smollm2_dir, flags, tmp_path / "server.log") as (base, server):
+        for xargs, words in cases:
+            for path, body in (("completions", {"prompt": "Hello"}),
+                               ("chat/completions", {"messages": [{"role": "user", "content": "Hello"}]})):
+                reply = requests.post(f"{base}/v1/{path}", timeout=60,
+                                      json={"model": smollm2_dir, "max_tokens": 4, "vllm_xargs": xargs, **body})
+                assert reply.status_code == 400, (path, xargs, reply.status_code, reply.text[:300])
+                assert words in reply.text and "kvcompress" in reply.text, (path, xargs, reply.text[:300])
+        # Still serving, and a valid per-request setting is taken.
+        reply = requests.post(f"{base}/v1/completions", timeout=120, json={
+            "model": smollm2_dir, "prompt": "Hello", "max_tokens": 4,
+            "vllm_xargs": {"kvcompress_compression_ratio": 0.25}})
+        assert reply.status_code == 200, reply.text[:300]
+        assert server.poll() is None
