@@ -14,8 +14,8 @@ BLOCK = 128  # vLLM's CPU block size
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
 
 
-def _llm(model_dir, **extra):
-    return dict(model=model_dir, dtype="bfloat16", max_model_len=2048, enforce_eager=True,
+def _llm(model_dir, dtype="bfloat16", **extra):
+    return dict(model=model_dir, dtype=dtype, max_model_len=2048, enforce_eager=True,
                 kv_cache_memory_bytes=POOL, **extra)
 
 
@@ -58,8 +58,7 @@ def test_cached_prefix_gives_the_uncached_output(smollm2_dir, value_bits):
     # fp32: in bf16 the 701-token and the 61-token prefill round differently (vLLM's own
     # attention: logprob gap 0.06 over 24 tokens, measured), and a key on a centroid
     # boundary then takes another code, so bf16 tokens differ for reasons not the cache's.
-    llm = {**_llm(smollm2_dir, enable_prefix_caching=True, **_lookat(codebooks, value_bits=value_bits)),
-           "dtype": "float32"}
+    llm = _llm(smollm2_dir, dtype="float32", enable_prefix_caching=True, **_lookat(codebooks, value_bits=value_bits))
     # Round 1 computes the prompt; round 2 finds its full blocks in the prefix cache.
     first, second = run_in_subprocess(llm, [ids], max_tokens=24, repeat=2)["outputs"]
     gap = max(abs(a - b) for a, b in zip(first["token_logprobs"], second["token_logprobs"], strict=True))
