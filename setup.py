@@ -21,8 +21,8 @@ setup(
         "eval": ["wonderwords", "tenacity", "pyyaml", "tqdm", "matplotlib"],
     },
     entry_points={
-        "vllm.general_plugins": ["kvcompress = vllm_kvcompress.plugin:register"],
+        "vllm.general_plugins": ["kvcompress = vllm_kvcompress.vllm.plugin:register"],
         # /metrics counters (API server process); a no-op unless kvcompress is selected
-        "vllm.stat_logger_plugins": ["kvcompress = vllm_kvcompress.metrics:KVCompressStatLogger"],
+        "vllm.stat_logger_plugins": ["kvcompress = vllm_kvcompress.vllm.metrics:KVCompressStatLogger"],
     },
 )

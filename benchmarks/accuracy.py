@@ -9,14 +9,13 @@ the model's reach.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections import defaultdict
 
 from tqdm import tqdm
 
-from vllm_kvcompress.evaluation.scoring import cell_summary, score
-from vllm_kvcompress.tools.subprocess_run import failure_reason, run_module
+from vllm_kvcompress.harness.scoring import cell_summary, score
+from vllm_kvcompress.harness.subprocess_run import failure_reason, run_module
 
 # niah / passkey: {length: [depths in %]}; ruler: {task: samples} at ruler_length;
 # perplexity: {context length: documents}, each scored on `continuation` forced tokens.
@@ -57,8 +56,8 @@ DEFAULT_SUITE = {"qwen2.5-coder-0.5b": "full", "qwen2.5-coder-1.5b": "small", "s
 def build_samples(model_dir: str, suite: dict) -> list[dict]:
     from transformers import AutoTokenizer
 
-    from vllm_kvcompress.evaluation.ruler import ruler_samples
-    from vllm_kvcompress.evaluation.tasks import niah_samples, passkey_samples, perplexity_samples
+    from vllm_kvcompress.harness.ruler import ruler_samples
+    from vllm_kvcompress.harness.tasks import niah_samples, passkey_samples, perplexity_samples
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = passkey_samples(tokenizer, suite["passkey"]) + niah_samples(tokenizer, suite["niah"])
@@ -91,17 +90,9 @@ def run_config(name: str, llm: dict, samples: list[dict]) -> dict:
         ]
     result = {"cells": cells, "kv_cache_tokens": out["kv_cache_tokens"], "bytes_per_token": out["bytes_per_token"],
               "wall_s": out["wall_s"]}
-    kept = kvzap_kept_fractions(out.get("log", ""))
-    if kept:  # KVzap threshold mode: what the requests really kept (the worker's report)
-        result["kept_fractions"] = kept
+    if out.get("kept_fractions"):  # ring layouts: what the requests really kept (the workers' records)
+        result["kept_fractions"] = out["kept_fractions"]
     return result
-
-
-KVZAP_FINISHED = re.compile(r"kvcompress (?:kvzap|dms) finished \S+: tokens=(\d+) kept_fraction=([\d.]+)")
-
-
-def kvzap_kept_fractions(log: str) -> list[float]:
-    return [float(m[2]) for m in KVZAP_FINISHED.finditer(log)]
 
 
 def run_suite(model_dir: str, suite: dict, configs: dict[str, dict], base_llm: dict, min_baseline: float,

@@ -27,8 +27,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from benchmarks.configs import CONFIGS
-from vllm_kvcompress.models import MODELS, ensure_model
-from vllm_kvcompress.tools.subprocess_run import failure_reason, run_module
+from vllm_kvcompress.offline.models import MODELS, ensure_model
+from vllm_kvcompress.harness.subprocess_run import failure_reason, run_module
 
 FULL = dict(pool_mib=128, requests=8, prompt_tokens=512, output_tokens=64, conc_prompt=200, conc_output=56)
 QUICK = dict(pool_mib=64, requests=2, prompt_tokens=256, output_tokens=16, conc_prompt=100, conc_output=20)

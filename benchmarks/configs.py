@@ -4,7 +4,7 @@ it changes. Ad-hoc ones come from the command line as NAME=JSON.
 LOOKAT configs are named by pattern, ``lookat-m{M}-v{BITS}[-exact]`` (e.g.
 ``lookat-m8-v4``): M codes per key, values in BITS (16/8/4), ``-exact`` for
 ``current_tokens=exact``. Their codebooks are calibrated for the benchmarked model on
-first use (``vllm_kvcompress.calibrate.ensure_codebooks``).
+first use (``vllm_kvcompress.offline.calibrate.ensure_codebooks``).
 
 Eviction configs: ``{knorm|snapkv|headkv}-r{RATIO}`` (e.g. ``knorm-r0.5``): eviction
 removing RATIO of each prompt's tokens (``compression_ratio``; knorm also compacts
@@ -54,17 +54,17 @@ def _shipped(relative: str, missing: str) -> str:
 
 def head_scores_file(model: str) -> str:
     return _shipped(f"head_scores/{model}.json", f"no shipped head scores for {model}: run "
-                    f"python -m vllm_kvcompress.head_scores --model {model} --out {{path}}")
+                    f"python -m vllm_kvcompress.offline.head_scores --model {model} --out {{path}}")
 
 
 def kvzap_predictor_file(model: str, kind: str) -> str:
     return _shipped(f"kvzap/{model}/kvzap-{kind}.safetensors", f"no shipped KVzap predictors for {model}: run "
-                    f"python -m vllm_kvcompress.kvzap_train --model {model} --out {{path.parent}}")
+                    f"python -m vllm_kvcompress.offline.kvzap_train --model {model} --out {{path.parent}}")
 
 
 def dms_adapters_file(model: str, ratio: str) -> str:
     return _shipped(f"dms/{model}/dms-cr{ratio}.safetensors", f"no shipped DMS adapters for {model} at CR {ratio}: "
-                    f"run python -m vllm_kvcompress.dms_train --model {model} --max-ratio {ratio} --out DIR and copy "
+                    f"run python -m vllm_kvcompress.offline.dms_train --model {model} --max-ratio {ratio} --out DIR and copy "
                     "the last adapters-step*.safetensors to {path}")
 
 
@@ -99,7 +99,7 @@ def resolve(name: str, model: str) -> dict | None:
     match = LOOKAT_NAME.fullmatch(name)
     if match is None:
         return None
-    from vllm_kvcompress.calibrate import ensure_codebooks
+    from vllm_kvcompress.offline.calibrate import ensure_codebooks
 
     settings = {"method": "lookat", "codebooks": str(ensure_codebooks(model, int(match[1]))),
                 "value_bits": int(match[2]), "current_tokens": "exact" if match[3] else "coded"}

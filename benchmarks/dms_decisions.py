@@ -25,8 +25,8 @@ from benchmarks.capacity import environment
 
 
 def measure(model, files: list[str], texts: list[list[int]]) -> dict:
-    from vllm_kvcompress.dms_train import DMSRetrofit
-    from vllm_kvcompress.eviction.dms_checkpoint import load_decisions
+    from vllm_kvcompress.offline.dms_train import DMSRetrofit
+    from vllm_kvcompress.methods.dms.checkpoint import load_decisions
 
     config = model.config
     shape = (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads)
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    from vllm_kvcompress.dms_train import _texts
-    from vllm_kvcompress.models import load_eager
+    from vllm_kvcompress.offline.dms_train import _texts
+    from vllm_kvcompress.offline.models import load_eager
 
     tokenizer, model = load_eager(args.model, args.threads)
     texts = _texts(tokenizer, args.seq, args.texts, seed=12345)  # the trainer uses seed 0

@@ -13,13 +13,13 @@ What is measured, per layer and context length, for each key format:
 * One forward at the longest length: a shorter length L uses the first L tokens'
   keys/values and the queries at positions L-64 .. L-1 (attention is causal, so these
   are what a forward over the first L tokens computes).
-* Metrics are those of :func:`vllm_kvcompress.capture.compare` (output cosine,
+* Metrics are those of :func:`vllm_kvcompress.offline.capture.compare` (output cosine,
   attention KL, logit Spearman, top-32 overlap) over the last ``--last`` (64) queries
   of each length, all query heads; Spearman and top-k over the keys every one of those
   queries sees. Per layer: the mean over (head, query); reported: the mean over layers
   and the worst layer.
-* PQ codebooks (K = 256 per subspace, :func:`vllm_kvcompress.pq.fit_codebooks`, seed
-  ``--seed`` + layer as ``vllm_kvcompress.calibrate``) are fitted on ``--calib-tokens``
+* PQ codebooks (K = 256 per subspace, :func:`vllm_kvcompress.offline.pq.fit_codebooks`, seed
+  ``--seed`` + layer as ``vllm_kvcompress.offline.calibrate``) are fitted on ``--calib-tokens``
   tokens of Python standard-library docstrings (the calibrate command's text); the
   evaluation text is different: the Paul Graham essays that ship with RULER.
 
@@ -27,7 +27,7 @@ Key formats, at their bytes per token per KV head (bf16 keys: ``2 * head_dim``):
 
 * ``pq-m{m}-{grouping}``: m one-byte codes; subspaces of contiguous dims, or
   ``rope_pairs`` (whole RoPE rotation pairs per subspace, see
-  :func:`vllm_kvcompress.pq.subspace_dims`). Codebooks (``Hkv * 256 * head_dim``
+  :func:`vllm_kvcompress.offline.pq.subspace_dims`). Codebooks (``Hkv * 256 * head_dim``
   floats per layer) are shared by all tokens and not counted.
 * ``int{8,4,2}``: per-token, per-head asymmetric integers (min/max over the head's
   dims), with an fp16 scale and fp16 minimum (4 bytes); dequantized to fp32 before the
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvcompress.pq import assign, fit_codebooks, subspace_dims
+from vllm_kvcompress.offline.pq import assign, fit_codebooks, subspace_dims
 
 RECORDER_IMPL = "kvcompress_fidelity_sweep"
 METRICS = ("output_cosine", "attention_kl", "logit_spearman", "topk_overlap")
@@ -149,7 +149,7 @@ def pq_keys(keys: torch.Tensor, codebooks: torch.Tensor, dims: torch.Tensor | No
 # ---------------------------------------------------------------- metrics
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """:func:`vllm_kvcompress.fidelity._ranks` (ties get their average rank), sorting fp32
+    """:func:`vllm_kvcompress.offline.fidelity._ranks` (ties get their average rank), sorting fp32
     values directly (the same order as after its fp64 cast) with an unstable sort (tied
     values share one average rank, so their order does not matter): faster."""
     sorted_x, order = x.sort(dim=-1)
@@ -171,7 +171,7 @@ def _centered(r: torch.Tensor) -> torch.Tensor:
 
 class Reference:
     """The exact attention of one layer at one length, kept to score many key formats
-    against (:func:`vllm_kvcompress.capture.compare`'s metrics, reference parts once).
+    against (:func:`vllm_kvcompress.offline.capture.compare`'s metrics, reference parts once).
 
     ``q[H, n, D]``: the queries at positions ``T-n .. T-1``; ``k, v[Hkv, T, D]``."""
 
@@ -273,7 +273,7 @@ def query_positions(lengths: list[int], last: int) -> tuple[torch.Tensor, dict[i
 
 def evaluation_ids(tokenizer, tokens: int) -> list[int]:
     """The first ``tokens`` tokens of the Paul Graham essays (RULER's copy)."""
-    from vllm_kvcompress.evaluation.text import essay_sentences
+    from vllm_kvcompress.offline.corpus import essay_sentences
 
     sentences, chars = essay_sentences(), 8 * tokens
     while True:
@@ -398,8 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
-    from vllm_kvcompress.models import MODELS, ensure_model
-    from vllm_kvcompress.prompts import stdlib_text
+    from vllm_kvcompress.offline.models import MODELS, ensure_model
+    from vllm_kvcompress.offline.prompts import stdlib_text
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help=f"one of {sorted(MODELS)} or a model folder")
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--groupings", default="contiguous,rope_pairs")
     parser.add_argument("--pq-calib", default="plain", help="comma-separated: plain (calibration keys at the text's "
                         "positions), rope-aug (--rope-aug-copies copies of each moved to random positions below "
-                        "--rope-aug-max-position, vllm_kvcompress.rope.spread_positions)")
+                        "--rope-aug-max-position, vllm_kvcompress.offline.rope.spread_positions)")
     parser.add_argument("--rope-aug-max-position", type=int, default=None, help="default: the longest length")
     parser.add_argument("--rope-aug-copies", type=int, default=2)
     parser.add_argument("--int-bits", default="8,4,2", help="per-token integer keys")
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
     calib_ids = tokenizer(stdlib_text(), add_special_tokens=False)["input_ids"][: args.calib_tokens]
     calibration = {i: e["k"] for i, e in capture(model, calib_ids, None).items()}
     if any(f.calib == "rope-aug" for f in formats):
-        from vllm_kvcompress.rope import check_default_rope, spread_positions
+        from vllm_kvcompress.offline.rope import check_default_rope, spread_positions
 
         theta = check_default_rope(config)
     calib_s = time.time() - t
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
         "query_sampling": f"the last {args.last} query positions of each length, all {config.num_attention_heads} query heads; "
                           f"one forward over {lengths[-1]} tokens, shorter lengths are its prefixes",
         "evaluation_text": f"Paul Graham essays (RULER), first {lengths[-1]} tokens",
-        "calibration": {"text": "Python stdlib docstrings (vllm_kvcompress.calibrate)", "tokens": len(calib_ids),
+        "calibration": {"text": "Python stdlib docstrings (vllm_kvcompress.offline.calibrate)", "tokens": len(calib_ids),
                         "K": 256, "iters": args.iters, "seed": args.seed,
                         "rope_aug": f"-ropeaug formats: {args.rope_aug_copies} copies of the {len(calib_ids)} calibration "
                                     f"keys, each key moved (exact RoPE rotation) to a uniformly random position in "

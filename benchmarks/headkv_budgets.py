@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks import accuracy as acc
 from benchmarks.capacity import environment
 from benchmarks.configs import BASELINE, CONFIGS, resolve
-from vllm_kvcompress.models import MODELS, ensure_model
+from vllm_kvcompress.offline.models import MODELS, ensure_model
 
 METHOD_LABELS = {"headkv": "HeadKV (R2 scores)", "snapkv": "uniform per head (SnapKV-style)", "knorm": "L2 norm"}
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from vllm_kvcompress.kernels import dense_triton, lookat_ref, lookat_triton, paged_dense_ref
+from vllm_kvcompress.kernels import dense_triton, lookat_ref, lookat_triton, paged_dense_ref, triton_common
 
 MODELS = {  # attention shapes of the served models
     "qwen2.5-0.5b": {"hq": 14, "hkv": 2, "d": 64},
@@ -168,7 +168,7 @@ def lookat_bytes(batch, ctx, hkv, hq, d, layout, cfg) -> int:
         table = hkv * 256 * d * 2
     else:
         elt = torch.empty((), dtype=cfg["lut_dtype"]).element_size()
-        table = 2 * batch * hkv * layout.m * 256 * lookat_triton._next_pow2(hq // hkv) * elt
+        table = 2 * batch * hkv * layout.m * 256 * triton_common._next_pow2(hq // hkv) * elt
     return batch * ctx * hkv * layout.row_bytes + blocks * 4 + table + batch * hq * d * (2 + 4)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
-from vllm_kvcompress.eviction.headkv import allocate_budgets, load_head_scores
+from vllm_kvcompress.methods.headkv import allocate_budgets, load_head_scores
 from vllm_kvcompress.kernels import dense_triton, stream_attention_ref, stream_attention_triton
 
 MODELS = {"qwen2.5-1.5b": (28, 12, 2, 128), "llama-3-8b": (32, 32, 8, 128)}

@@ -5,7 +5,7 @@
 Each configuration runs in its own interpreter with the engine core and the worker in
 that process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one rank), so the step loop is timed
 directly and the predictor hooks' own time is read from the worker
-(``step_plan.predictor_seconds``). Decode steps only (every request generating), after a
+(``WorkerState.predictor_seconds``, through ``collective_rpc``). Decode steps only (every request generating), after a
 warm-up. Same machine, same prompts, one run: the ratios are the result.
 """
 
@@ -22,12 +22,19 @@ from pathlib import Path
 PREDICTORS = Path(__file__).parents[1] / "vllm_kvcompress" / "artefacts" / "kvzap"
 
 
+def _predictor_seconds(worker) -> float:
+    state = getattr(worker.model_runner, "kvc", None)
+    return 0.0 if state is None else state.predictor_seconds
+
+
 def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
-    from vllm_kvcompress import step_plan
-
     llm = LLM(**spec["llm"])
+
+    def predictor_seconds() -> float:
+        return sum(llm.collective_rpc(_predictor_seconds))
+
     engine = llm.llm_engine
     params = SamplingParams(max_tokens=spec["tokens"], ignore_eos=True, temperature=0.0)
     for i, ids in enumerate(spec["prompts"]):
@@ -37,11 +44,11 @@ def run(spec: dict) -> dict:
     while engine.has_unfinished_requests():
         decoding = all(r.num_computed_tokens >= r.num_prompt_tokens for r in scheduler.running) and \
             len(scheduler.running) == len(spec["prompts"]) and not scheduler.waiting
-        before, started = step_plan.predictor_seconds, time.perf_counter()
+        before, started = predictor_seconds(), time.perf_counter()
         engine.step()
         if decoding:
             decode_steps.append(time.perf_counter() - started)
-            predictor_s.append(step_plan.predictor_seconds - before)
+            predictor_s.append(predictor_seconds() - before)
     warm = spec["warmup"]
     return {"step_s": decode_steps[warm:], "predictor_s": predictor_s[warm:]}
 
@@ -68,9 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     from benchmarks.capacity import environment
-    from vllm_kvcompress.models import ensure_model
-    from vllm_kvcompress.prompts import long_document_ids
-    from vllm_kvcompress.tools.subprocess_run import run_module
+    from vllm_kvcompress.offline.models import ensure_model
+    from vllm_kvcompress.offline.prompts import long_document_ids
+    from vllm_kvcompress.harness.subprocess_run import run_module
 
     model_dir = str(ensure_model(args.model))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1].endswith(".json"):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from vllm_kvcompress.tools.subprocess_run import tool_main
+        from vllm_kvcompress.harness.subprocess_run import tool_main
 
         tool_main(run)
     else:

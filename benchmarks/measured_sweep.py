@@ -7,7 +7,7 @@ checkpoints) vs fixed-ratio methods at the compression they really reached.
 
 Their compression depends on the text: each setting's run logs, per finished request,
 the fraction of (layer, KV head) rows it kept (the worker's own count, window included;
-``kvzap_kept_fractions``). Its mean removed fraction R, rounded to 0.01, then sets
+``kept_fractions``, from the workers' records). Its mean removed fraction R, rounded to 0.01, then sets
 ``compression_ratio`` = R for the compared methods (``knorm-rR``, ``headkv-rR``,
 ``kvzap-linear-rR`` = KVzap top-k), which run in the same sweep: equal measured memory.
 Cells: the harness's retrieval tasks (NIAH, passkey, RULER multi-key) and continuation
@@ -27,7 +27,7 @@ from benchmarks import accuracy as acc
 from benchmarks.capacity import environment
 from benchmarks.configs import BASELINE, CONFIGS, resolve
 from benchmarks.headkv_budgets import mean_accuracy
-from vllm_kvcompress.models import MODELS, ensure_model
+from vllm_kvcompress.offline.models import MODELS, ensure_model
 
 LABELS = {"kvzap": "KVzap (threshold)", "dms": "DMS (learned)", "knorm": "L2 norm", "snapkv": "SnapKV",
           "headkv": "HeadKV (R2 scores)", "kvzap-linear": "KVzap-Linear (top-k)", "kvzap-mlp": "KVzap-MLP (top-k)"}

@@ -22,7 +22,7 @@ from benchmarks import accuracy as acc
 from benchmarks import capacity as cap
 from benchmarks.configs import BASELINE, CONFIGS, NAMES_HELP, evicted_fraction, resolve
 from benchmarks.plots import write_plots
-from vllm_kvcompress.models import MODELS, ensure_model
+from vllm_kvcompress.offline.models import MODELS, ensure_model
 
 SUITE_NAMES = ("accuracy", "capacity")
 

@@ -20,14 +20,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks.configs import BASELINE, NAMES_HELP, resolve
-from vllm_kvcompress.config import EVICTION_METHODS
+from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.harness.soak import SoakSpec, checks, serve_flags, served, soak
 
 
 def prompts_for(model_dir: str, lengths: tuple[int, ...], control_tokens: int = 700):
     from transformers import AutoTokenizer
 
-    from vllm_kvcompress.prompts import long_document_ids
+    from vllm_kvcompress.offline.prompts import long_document_ids
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = {n: long_document_ids(tokenizer, n, offset=97 * i) for i, n in enumerate(lengths)}
@@ -37,15 +37,14 @@ def prompts_for(model_dir: str, lengths: tuple[int, ...], control_tokens: int = 
 def takes_budgets(llm_kwargs: dict) -> bool:
     """Whether the server accepts per-request budgets: an eviction method with a budget
     (DMS and KVzap's threshold mode decide by score and refuse one)."""
-    settings = llm_kwargs.get("additional_config", {}).get("kvcompress", {})
-    method = settings.get("method")
-    return method in EVICTION_METHODS and method != "dms" and settings.get("kvzap_threshold") is None
+    config = KVCompressConfig.from_dict(llm_kwargs.get("additional_config", {}).get("kvcompress", {}))
+    return config.takes_request_budget
 
 
 def run(args, argv: list[str]) -> dict:
     from tqdm import tqdm
 
-    from vllm_kvcompress.models import ensure_model
+    from vllm_kvcompress.offline.models import ensure_model
 
     model_dir = str(ensure_model(args.model))
     spec = SoakSpec(duration_s=args.duration, concurrency=args.concurrency, seed=args.seed)

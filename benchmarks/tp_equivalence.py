@@ -9,7 +9,7 @@ torch.compile of the model, the attention an opaque op) with the eager one, at T
 methods that need eager mode (kvzap, dms) are reported as refused.
 
 ``smollm2-135m-gqa4`` is SmolLM2 with one inert KV head added (its 9/3 heads do not split
-over 2 ranks; see ``vllm_kvcompress.models.ensure_padded_model``), run with SmolLM2's
+over 2 ranks; see ``vllm_kvcompress.offline.models.ensure_padded_model``), run with SmolLM2's
 artefacts padded to match. Qwen2.5-Coder-0.5B (14 query / 2 KV heads) splits as is and
 uses its shipped artefacts. Each engine binds one core per rank
 (``VLLM_CPU_OMP_THREADS_BIND``). Writes ``results.json`` and ``report.md``.
@@ -36,8 +36,8 @@ NOTES = {
 
 
 def settings_for(method: str, model: str, work: Path) -> dict:
-    from vllm_kvcompress.calibrate import ensure_codebooks
-    from vllm_kvcompress.tools.padded_artefacts import pad_head_scores, pad_safetensors
+    from vllm_kvcompress.offline.calibrate import ensure_codebooks
+    from vllm_kvcompress.harness.padded_artefacts import pad_head_scores, pad_safetensors
 
     padded = model == "smollm2-135m-gqa4"
     base = "smollm2-135m" if padded else model
@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from vllm_kvcompress.models import ensure_any
-    from vllm_kvcompress.prompts import long_document_ids
-    from vllm_kvcompress.tools.generate import run_in_subprocess
+    from vllm_kvcompress.offline.models import ensure_any
+    from vllm_kvcompress.offline.prompts import long_document_ids
+    from vllm_kvcompress.harness.generate import run_in_subprocess
 
     model_dir = str(ensure_any(args.model))
     out = Path(args.out)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             runs = [run_in_subprocess({**llm, **variant}, prompts, max_tokens=args.max_tokens, ignore_eos=True)
                     for variant in ({}, candidate)]
         except RuntimeError as exc:  # a refused combination (e.g. kvzap compiled) is a result, not a crash
-            from vllm_kvcompress.tools.subprocess_run import failure_reason
+            from vllm_kvcompress.harness.subprocess_run import failure_reason
 
             rows[method] = {"refused": failure_reason(str(exc))}
             print(f"{method}: refused: {rows[method]['refused']}", file=sys.stderr)

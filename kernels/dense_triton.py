@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvcompress.kernels.lookat_triton import LOG2E, _mma, _program_span, _next_pow2, _store_partial, launch_split, partition
+from vllm_kvcompress.kernels.triton_common import (LOG2E, _mma, _next_pow2, _program_span, _store_partial,
+                                                   launch_split, partition)
 
 
 @triton.jit

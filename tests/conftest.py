@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """The real test model (SmolLM2-135M-Instruct, bf16 safetensors), built offline from PyPI."""
-    from vllm_kvcompress.models import ensure_model
+    from vllm_kvcompress.offline.models import ensure_model
 
     return str(ensure_model("smollm2-135m"))
 

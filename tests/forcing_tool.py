@@ -24,6 +24,6 @@ def run(spec: dict) -> dict:
 
 
 if __name__ == "__main__":
-    from vllm_kvcompress.tools.subprocess_run import tool_main
+    from vllm_kvcompress.harness.subprocess_run import tool_main
 
     tool_main(run)

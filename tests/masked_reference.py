@@ -18,39 +18,42 @@ def masked_attention(q, k, v, pos, mask):
     return torch.stack(outs)
 
 
-def drive(settings, schedule, q, k, v, scores, steps, check, blocks: int, block: int, page: int):
-    """Run one request through the stream plan + runners over a small pool, ``steps`` new
-    tokens at a time (``scores[L, T, H]`` are what the hooks would give each token), and
-    call ``check(out[L, new, Hq, D], first position, computed)`` after every step."""
+def drive(settings, schedule, q, k, v, scores, steps, check, blocks: int, block: int, page: int, state=None):
+    """Run one request ``"r"`` through the stream plan + runners over a small pool, ``steps``
+    new tokens at a time (``scores[L, T, H]`` are what the hooks would give each token), and
+    call ``check(out[L, new, Hq, D], first position, computed)`` after every step. The
+    worker's state (``state``, a WorkerState) is handled as the runner does: one step plan
+    per step, the pages reports handed to the schedule after it."""
     from types import SimpleNamespace
 
-    from vllm_kvcompress import step_plan, stream_attention
     from vllm_kvcompress.eviction.streams import PoolGeometry
+    from vllm_kvcompress.vllm import stream_layout
+    from vllm_kvcompress.vllm.state import RequestCache, WorkerState
 
     layers, _, q_heads, dim = q.shape
     heads = k.shape[2]
     buffer = torch.zeros(layers, blocks, heads, block, 2 * dim)
     geometry = PoolGeometry(layers, blocks, heads, block, page)
-    runners = [stream_attention.StreamRunner(settings, layer, layers) for layer in range(layers)]
-    step_plan.score_store = torch.zeros(layers * blocks * heads * block)
-    step_plan.rows, step_plan.req_ids = [schedule], ["r"]
-    try:
-        computed = 0
-        for new in steps:
-            span = slice(computed, computed + new)
-            m = SimpleNamespace(query_start_loc_cpu=torch.tensor([0, new]), seq_lens=torch.tensor([computed + new]),
-                                block_table_tensor=torch.arange(blocks)[None], num_actual_tokens=new)
-            meta = stream_attention.build(m, 1, geometry)
-            out = torch.zeros(layers, new, q_heads, dim)
-            for layer in range(layers):
-                step_plan.token_scores[layer] = scores[layer, span]
-                runners[layer].forward(q[layer, span], k[layer, span], v[layer, span], buffer[layer], meta, out[layer],
-                                       dim ** -0.5)
-            check(out, computed, computed + new)
-            computed += new
-    finally:
-        step_plan.rows, step_plan.req_ids = None, []
-        step_plan.score_store = None
-        step_plan.kept.clear()
-        step_plan.stream_tables.clear()
-        step_plan.token_scores.clear()
+    method = settings.build()
+    runners = [stream_layout.StreamRunner(method, layer, layers) for layer in range(layers)]
+    state = WorkerState() if state is None else state
+    state.pool.num_blocks = blocks
+    state.pool.row_scores = torch.zeros(layers * blocks * heads * block)
+    state.requests["r"] = RequestCache(schedule)
+    computed = 0
+    for new in steps:
+        span = slice(computed, computed + new)
+        step = state.begin_step(["r"])
+        m = SimpleNamespace(query_start_loc_cpu=torch.tensor([0, new]), seq_lens=torch.tensor([computed + new]),
+                            block_table_tensor=torch.arange(blocks)[None], num_actual_tokens=new)
+        meta = stream_layout.build(m, 1, geometry, step, state.pool)
+        out = torch.zeros(layers, new, q_heads, dim)
+        for layer in range(layers):
+            state.record_scores(layer, scores[layer, span], 0.0)
+            runners[layer].forward(q[layer, span], k[layer, span], v[layer, span], buffer[layer], meta, out[layer],
+                                   dim ** -0.5)
+        for req_id, pages in step.pages_reports.items():
+            state.requests[req_id].schedule.pages_next = pages
+        state.end_step()
+        check(out, computed, computed + new)
+        computed += new

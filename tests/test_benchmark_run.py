@@ -16,7 +16,7 @@ def test_baseline_first_and_one_line_configs():
 
 
 def test_lookat_configs_by_name(monkeypatch):
-    import vllm_kvcompress.calibrate as calibrate
+    import vllm_kvcompress.offline.calibrate as calibrate
 
     made = []
     monkeypatch.setattr(calibrate, "ensure_codebooks", lambda model, m: made.append((model, m)) or f"/cb/{model}-m{m}")

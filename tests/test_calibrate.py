@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vllm_kvcompress.calibrate import CodebookMismatch, load_codebooks, main
+from vllm_kvcompress.methods.lookat.codebooks import CodebookMismatch, load_codebooks
+from vllm_kvcompress.offline.calibrate import main
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_bad_k_is_refused(capsys):
 def test_rope_pairs_grouping_is_stored_and_used(smollm2_dir, tmp_path):
     from transformers import AutoConfig
 
-    from vllm_kvcompress.pq import subspace_dims
+    from vllm_kvcompress.offline.pq import subspace_dims
 
     out = tmp_path / "pairs.safetensors"
     main(["--model", smollm2_dir, "--out", str(out), "--m", "8", "--k", "16", "--tokens", "256", "--iters", "3",
@@ -67,5 +68,5 @@ def test_rope_pairs_grouping_is_stored_and_used(smollm2_dir, tmp_path):
 def test_missing_file_names_the_command(smollm2_dir, tmp_path):
     from transformers import AutoConfig
 
-    with pytest.raises(CodebookMismatch, match="does not exist; make one with `python -m vllm_kvcompress.calibrate"):
+    with pytest.raises(CodebookMismatch, match="does not exist; make one with `python -m vllm_kvcompress.offline.calibrate"):
         load_codebooks(str(tmp_path / "nope.safetensors"), AutoConfig.from_pretrained(smollm2_dir))

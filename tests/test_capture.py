@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vllm_kvcompress.capture import capture_qkv, compare, fp8_roundtrip
+from vllm_kvcompress.offline.capture import capture_qkv, compare, fp8_roundtrip
 
 
 @pytest.fixture(scope="module")

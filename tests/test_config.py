@@ -5,7 +5,7 @@ from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError, refe
 
 def test_defaults_are_pass_through():
     config = KVCompressConfig.from_additional_config({})
-    assert config.method == "none" and config.max_kv_tokens is None
+    assert config.method == "none" and "max_kv_tokens" not in config.as_dict()
     assert KVCompressConfig.from_additional_config({"kvcompress": {"method": "none"}}) == config
 
 
@@ -27,14 +27,14 @@ def test_dms_needs_adapters_takes_no_budget_and_checks_its_window():
     with pytest.raises(KVCompressConfigError, match=r"recent_tokens does not apply to 'dms'.*dms_window"):
         KVCompressConfig.from_dict({"method": "dms", "dms_adapters": "a.safetensors", "recent_tokens": 8})
     config = KVCompressConfig.from_dict({"method": "dms", "dms_adapters": "a.safetensors", "dms_window": 256})
-    assert config.dms_window == 256 and config.page_tokens == 16
+    assert config.settings.dms_window == 256 and config.settings.page_tokens == 16
 
 
 def test_eviction_needs_a_budget_and_checks_its_options():
     with pytest.raises(KVCompressConfigError, match=r"'knorm' needs a budget: set .*compression_ratio"):
         KVCompressConfig.from_dict({"method": "knorm"})
     config = KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5, "sink_tokens": 4})
-    assert config.sink_tokens == 4 and config.buffer_blocks == 1
+    assert config.settings.sink_tokens == 4 and config.settings.buffer_blocks == 1
     with pytest.raises(KVCompressConfigError, match=r"buffer_blocks must be an integer >= 1, got 0"):
         KVCompressConfig.from_dict({"method": "knorm", "max_kv_tokens": 64, "buffer_blocks": 0})
     with pytest.raises(KVCompressConfigError, match=r"recent_tokens applies to eviction methods .* \(method is 'none'\)"):
@@ -91,7 +91,7 @@ def test_lookat_current_tokens():
     with pytest.raises(KVCompressConfigError, match=r"current_tokens must be one of coded, exact, got 'fast'"):
         KVCompressConfig.from_dict({"method": "lookat", "codebooks": "x", "current_tokens": "fast"})
     config = KVCompressConfig.from_dict({"method": "lookat", "codebooks": "x", "value_bits": 4, "current_tokens": "exact"})
-    assert (config.value_bits, config.current_tokens) == (4, "exact")
+    assert (config.settings.value_bits, config.settings.current_tokens) == (4, "exact")
 
 
 def test_lookat_settings_refused_for_other_methods():

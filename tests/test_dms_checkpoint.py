@@ -9,15 +9,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vllm_kvcompress.dms_hooks import keep_scores, residual_stream
-from vllm_kvcompress.eviction.dms_checkpoint import DMSCheckpointError, checkpoint_window, load_decisions
+from vllm_kvcompress.methods.dms.hooks import keep_scores, residual_stream
+from vllm_kvcompress.methods.dms.checkpoint import DMSCheckpointError, checkpoint_window, load_decisions
 
 LAYERS, HIDDEN, KV = 2, 16, 2
 
 
 def _trained_file(tmp_path):
-    from vllm_kvcompress.dms_train import save_adapters
-    from vllm_kvcompress.eviction.dms import DMSAdapter
+    from vllm_kvcompress.offline.dms_train import save_adapters
+    from vllm_kvcompress.methods.dms.decisions import DMSAdapter
 
     torch.manual_seed(0)
     adapters = torch.nn.ModuleList(DMSAdapter(HIDDEN, KV) for _ in range(LAYERS))
@@ -99,7 +99,7 @@ def test_official_per_layer_decisions_use_kv_head_zero(tmp_path):
 
 
 def test_official_single_neuron_checkpoint_decides_from_the_query_channel(tmp_path):
-    from vllm_kvcompress.dms_hooks import query_channel_scores
+    from vllm_kvcompress.methods.dms.hooks import query_channel_scores
 
     folder, _ = _official(tmp_path, dms_separate_alpha=False)
     decisions = load_decisions(str(folder), LAYERS, HIDDEN, KV)

@@ -3,9 +3,10 @@ delayed-eviction mask, and the training objective's parts."""
 
 import torch
 
-from vllm_kvcompress.eviction.dms import (DMSAdapter, compression_loss, eviction_flags, gumbel_sigmoid,
-                                          log_keep_bias, neuron_logits, shift_to_keys, target_ratio, visible,
-                                          without_decision_channel)
+from vllm_kvcompress.methods.dms.decisions import (DMSAdapter, eviction_flags, neuron_logits, visible,
+                                                   without_decision_channel)
+from vllm_kvcompress.offline.dms_objective import (compression_loss, gumbel_sigmoid, log_keep_bias, shift_to_keys,
+                                                   target_ratio)
 
 
 def test_adapter_starts_at_keep_everything():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vllm_kvcompress.eviction.streams import cdiv
-from vllm_kvcompress.tools.step_trace import run_traced
+from vllm_kvcompress.harness.step_trace import run_traced
 
 pytestmark = pytest.mark.engine
 
@@ -34,9 +34,9 @@ def _llm(model_dir, blocks=32, chunk=256):  # 256-token chunks: the prompt's DMS
 
 def _reference(model_dir, sequences):
     """Transformers' logprobs of each sequence under the DMS mask, and its decisions."""
-    from vllm_kvcompress.dms_train import DMSRetrofit
-    from vllm_kvcompress.eviction.dms_checkpoint import load_decisions
-    from vllm_kvcompress.models import load_eager
+    from vllm_kvcompress.offline.dms_train import DMSRetrofit
+    from vllm_kvcompress.methods.dms.checkpoint import load_decisions
+    from vllm_kvcompress.offline.models import load_eager
 
     _, model = load_eager(model_dir)
     decisions = load_decisions(str(ADAPTERS), 30, 576, 3)
@@ -55,7 +55,7 @@ def _reference(model_dir, sequences):
 def test_dms_engine_is_transformers_under_the_dms_mask(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from vllm_kvcompress.prompts import long_document_ids
+    from vllm_kvcompress.offline.prompts import long_document_ids
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     prompts = [long_document_ids(tokenizer, 400, offset=900 * i) for i in range(2)]
@@ -99,9 +99,9 @@ def test_dms_single_neuron_checkpoint_is_transformers_with_the_query_channel(smo
 
     from transformers import AutoTokenizer
 
-    from vllm_kvcompress.dms_train import DMSRetrofit
-    from vllm_kvcompress.models import load_eager
-    from vllm_kvcompress.prompts import long_document_ids
+    from vllm_kvcompress.offline.dms_train import DMSRetrofit
+    from vllm_kvcompress.offline.models import load_eager
+    from vllm_kvcompress.offline.prompts import long_document_ids
 
     folder = tmp_path / "single-neuron"
     folder.mkdir()

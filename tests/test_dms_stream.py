@@ -2,7 +2,7 @@
 (``stream_attention.build`` + ``StreamRunner``) fed the decision logits of each step's
 tokens (as the decoder-layer hooks give them) must give, for every query of every
 prefill chunk and decode step, the attention of the masked reference
-(:func:`vllm_kvcompress.eviction.dms.visible`: window, shift by one), and hold
+(:func:`vllm_kvcompress.methods.dms.decisions.visible`: window, shift by one), and hold
 exactly ``window + kept`` rows per (layer, KV head) once the prompt is packed."""
 
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from masked_reference import drive, masked_attention
 
-from vllm_kvcompress import step_plan
 from vllm_kvcompress.config import KVCompressConfig
-from vllm_kvcompress.eviction.dms import eviction_flags, visible
+from vllm_kvcompress.vllm.state import WorkerState
+from vllm_kvcompress.methods.dms.decisions import eviction_flags, visible
 from vllm_kvcompress.eviction.policy import EvictionPolicy
 from vllm_kvcompress.eviction.threshold import ThresholdSchedule
 
@@ -38,6 +38,7 @@ def test_prefill_and_decode_match_the_masked_reference(chunks):
     assert isinstance(schedule, ThresholdSchedule) and schedule.delayed and schedule.compress_at == max(prompt, RING)
 
     held = None
+    state = WorkerState()
     packed_steps = []
 
     def check(out, first, computed):
@@ -48,14 +49,14 @@ def test_prefill_and_decode_match_the_masked_reference(chunks):
                                        atol=1e-5, rtol=1e-5)
         if computed >= schedule.compress_at:
             packed_steps.append(computed)
-            kept = step_plan.kept["r"]  # tokens that left the window and were not marked
+            kept = state.requests["r"].kept  # tokens that left the window and were not marked
             assert torch.equal(kept, (~marked[:, :, : computed - RING]).sum(-1))
             assert schedule.pages_next == schedule.pages_for(kept.flatten().tolist())
             held = schedule.stream_rows(0) - 1 + kept  # window + kept rows per stream
             assert int(held.sum()) <= LAYERS * HEADS * computed
 
     drive(settings, schedule, q, k, v, -z, chunks + [1] * (total - prompt), check,  # -z: the hooks' keep score
-          BLOCKS, BLOCK, PAGE)
+          BLOCKS, BLOCK, PAGE, state)
     assert len(packed_steps) == total - schedule.compress_at + 1
     assert int(held.sum()) < LAYERS * HEADS * total / 1.5  # about half of what left the window is gone
 

@@ -17,7 +17,7 @@ def tiny_llama():
 
 
 def test_teacher_pass_is_the_plain_model_and_adapters_start_at_keep(tiny_llama):
-    from vllm_kvcompress.dms_train import DMSRetrofit
+    from vllm_kvcompress.offline.dms_train import DMSRetrofit
 
     ids = torch.randint(0, 64, (1, 40))
     with torch.no_grad():
@@ -32,7 +32,7 @@ def test_teacher_pass_is_the_plain_model_and_adapters_start_at_keep(tiny_llama):
 
 
 def test_compression_loss_raises_the_achieved_ratio(tiny_llama):
-    from vllm_kvcompress.dms_train import DMSRetrofit
+    from vllm_kvcompress.offline.dms_train import DMSRetrofit
 
     retrofit = DMSRetrofit(tiny_llama, window=4)
     optimizer = torch.optim.AdamW(retrofit.adapters.parameters(), lr=1e-2)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from vllm_kvcompress.tools.generate import run_in_subprocess as generate
-from vllm_kvcompress.equivalence import first_divergences
+from vllm_kvcompress.harness.generate import run_in_subprocess as generate
+from vllm_kvcompress.harness.equivalence import first_divergences
 
 pytestmark = pytest.mark.engine
 
@@ -22,7 +22,7 @@ SCENARIOS = {
 def prompts(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from vllm_kvcompress.prompts import mixed_prompts
+    from vllm_kvcompress.offline.prompts import mixed_prompts
 
     ids = mixed_prompts(AutoTokenizer.from_pretrained(smollm2_dir))
     assert len(ids) >= 8 and sum(len(p) >= 2048 for p in ids) >= 2

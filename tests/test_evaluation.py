@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from vllm_kvcompress.evaluation.scoring import cell_summary, score
-from vllm_kvcompress.evaluation.text import essay_sentences, split_sentences, take_tokens
+from vllm_kvcompress.harness.scoring import cell_summary, score
+from vllm_kvcompress.offline.corpus import essay_sentences, split_sentences, take_tokens
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_take_tokens_stays_within_budget(tokenizer):
 
 @pytest.mark.parametrize("builder", ["passkey", "niah"])
 def test_needle_samples_fit_and_place_the_needle(tokenizer, builder):
-    from vllm_kvcompress.evaluation import tasks
+    from vllm_kvcompress.harness import tasks
 
     make = {"passkey": tasks.passkey_samples, "niah": tasks.niah_samples}[builder]
     samples = make(tokenizer, {1024: [10, 90], 2048: [50]})
@@ -48,7 +48,7 @@ def test_needle_samples_fit_and_place_the_needle(tokenizer, builder):
 
 
 def test_perplexity_samples_split_real_text(tokenizer):
-    from vllm_kvcompress.evaluation.tasks import perplexity_samples
+    from vllm_kvcompress.harness.tasks import perplexity_samples
 
     (sample,) = perplexity_samples(tokenizer, {300: 1}, continuation=20)
     assert len(sample.prompt_ids) == 300 and len(sample.forced_ids) == 20 and sample.metric == "perplexity"
@@ -57,7 +57,7 @@ def test_perplexity_samples_split_real_text(tokenizer):
 
 
 def test_ruler_generators_run_with_the_regex_splitter(tokenizer, smollm2_dir):
-    from vllm_kvcompress.evaluation.ruler import ANSWER_MARKER, ruler_samples
+    from vllm_kvcompress.harness.ruler import ANSWER_MARKER, ruler_samples
 
     samples = ruler_samples(tokenizer, smollm2_dir, {"vt": 1, "niah_multikey_1": 1}, 1024)
     assert [s.task for s in samples] == ["ruler/vt", "ruler/niah_multikey_1"]

@@ -6,7 +6,7 @@ import torch
 
 from triton_env import DEV, import_kernels, interpreter  # noqa: F401
 from vllm_kvcompress.eviction.schedule import CompressionSchedule
-from vllm_kvcompress.eviction.scorers import KnormScorer
+from vllm_kvcompress.methods.knorm import KnormScorer
 from vllm_kvcompress.eviction.selection import keep_indices
 
 compaction_ref, compaction_triton = import_kernels("compaction_ref", "compaction_triton")

@@ -4,8 +4,8 @@ prefill, preemption + recompute and prefix caching keep the same decisions."""
 
 import pytest
 
-from vllm_kvcompress.tools.generate import run_in_subprocess
-from vllm_kvcompress.tools.step_trace import run_traced
+from vllm_kvcompress.harness.generate import run_in_subprocess
+from vllm_kvcompress.harness.step_trace import run_traced
 
 pytestmark = pytest.mark.engine
 
@@ -29,7 +29,7 @@ def _knorm(**settings):
 def documents(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from vllm_kvcompress.prompts import long_document_ids
+    from vllm_kvcompress.offline.prompts import long_document_ids
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     return lambda n, count: [long_document_ids(tokenizer, n, offset=300 * i) for i in range(count)]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vllm_kvcompress import fidelity
+from vllm_kvcompress.offline import fidelity
 
 
 def test_identical_inputs_are_perfect():

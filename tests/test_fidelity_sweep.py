@@ -8,10 +8,10 @@ import torch
 
 from benchmarks.fidelity_sweep import (Reference, int_channel_keys, int_keys, key_formats, pq_keys, query_positions, summarize,
                                        write_markdown, write_plot)
-from vllm_kvcompress.capture import compare
+from vllm_kvcompress.offline.capture import compare
 from vllm_kvcompress.kernels.lookat_ref import permute, rebuilt_keys
 from vllm_kvcompress.kernels.pq_ref import encode
-from vllm_kvcompress.pq import subspace_dims
+from vllm_kvcompress.offline.pq import subspace_dims
 
 
 def _gen(seed):

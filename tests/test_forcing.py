@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from vllm_kvcompress.tools.subprocess_run import run_module
+from vllm_kvcompress.harness.subprocess_run import run_module
 
 pytestmark = pytest.mark.engine
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.engine
 def test_forced_logprobs_equal_prompt_logprobs(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from vllm_kvcompress.evaluation.tasks import perplexity_samples
+    from vllm_kvcompress.harness.tasks import perplexity_samples
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     sample = perplexity_samples(tokenizer, {300: 1}, continuation=24)[0]

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from vllm_kvcompress.eviction.headkv import HeadScoresError, allocate_budgets, load_head_scores
-from vllm_kvcompress.eviction.scorers import SnapKVScorer
+from vllm_kvcompress.methods.headkv import HeadScoresError, allocate_budgets, load_head_scores
+from vllm_kvcompress.methods.snapkv import SnapKVScorer
 from vllm_kvcompress.eviction.selection import keep_indices, keep_indices_per_head
 from vllm_kvcompress.eviction.streams import PoolGeometry, StreamPageTable, StreamSchedule, cdiv
 from vllm_kvcompress.kernels import stream_attention_ref as ref

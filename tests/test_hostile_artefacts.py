@@ -32,7 +32,7 @@ def _engine_config(model_dir, settings):
 
 def _real_file(kind: str, tmp_path) -> Path:
     if kind == "codebooks":
-        from vllm_kvcompress.calibrate import ensure_codebooks
+        from vllm_kvcompress.offline.calibrate import ensure_codebooks
 
         return Path(ensure_codebooks("smollm2-135m", 8, k=16, tokens=512, iters=3))
     return {"head_scores": ARTEFACTS / "head_scores" / "smollm2-135m.json",

@@ -1,9 +1,8 @@
-"""KVzap benchmark plumbing without an engine: config names, the worker's per-request
-report as the sweep parses it, and the matched-compression table."""
+"""KVzap benchmark plumbing without an engine: config names, the workers' per-request
+kept fractions as the sweep reads them, and the matched-compression table."""
 
 import pytest
 
-from benchmarks.accuracy import kvzap_kept_fractions
 from benchmarks.configs import resolve
 from benchmarks.measured_sweep import markdown, removed_fraction, rows
 
@@ -20,10 +19,8 @@ def test_kvzap_config_names_resolve_to_shipped_predictors():
         resolve("kvzap-mlp-t-4", "qwen2.5-coder-1.5b")
 
 
-def test_kept_fractions_parsed_from_the_worker_log():
-    log = ("INFO 11-24 [worker.py:60] kvcompress kvzap finished 3-ab12: tokens=4100 kept_fraction=0.4012 pages=9 "
-           "native_pages=10\nnoise\nkvcompress kvzap finished 4: tokens=20 kept_fraction=1.0000 pages=1 native_pages=1")
-    assert kvzap_kept_fractions(log) == [0.4012, 1.0]
+def test_removed_fraction_from_the_workers_kept_fractions():
+    """The kept fractions come from the workers' records (``harness.generate.kept_records``)."""
     assert removed_fraction({"kept_fractions": [0.4, 0.2]}) == pytest.approx(0.7)
     assert removed_fraction({}) is None
 

@@ -5,8 +5,7 @@ import math
 
 import torch
 
-from vllm_kvcompress.eviction.kvzap import (fit_mlp, fit_ridge, head_output_norms, kvzip_plus_targets,
-                                            quality)
+from vllm_kvcompress.offline.kvzap_fit import fit_mlp, fit_ridge, head_output_norms, kvzip_plus_targets, quality
 
 
 def test_oracle_matches_its_definition():
@@ -60,8 +59,8 @@ def test_predictor_files_round_trip_and_mismatches_are_refused(tmp_path):
 
     import pytest
 
-    from vllm_kvcompress.eviction.kvzap import LinearPredictor, MLPPredictor, PredictorFileError, load_predictors
-    from vllm_kvcompress.kvzap_train import save_predictors
+    from vllm_kvcompress.methods.kvzap.predictors import LinearPredictor, MLPPredictor, PredictorFileError, load_predictors
+    from vllm_kvcompress.offline.kvzap_train import save_predictors
 
     config = types.SimpleNamespace(num_hidden_layers=2, hidden_size=16, num_key_value_heads=3)
     for kind, make in (("linear", lambda: LinearPredictor(16, 3)), ("mlp", lambda: MLPPredictor(16, 3))):
@@ -83,7 +82,7 @@ def test_predictor_files_round_trip_and_mismatches_are_refused(tmp_path):
 def test_repeat_prompt_locates_both_copies(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from vllm_kvcompress.kvzap_train import repeat_prompt
+    from vllm_kvcompress.offline.kvzap_train import repeat_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     text = "The quick brown fox jumps over the lazy dog. It was a bright cold day in April."
@@ -98,7 +97,7 @@ def test_published_layout_loads(tmp_path):
     import pytest
     from safetensors.torch import save_file
 
-    from vllm_kvcompress.eviction.kvzap import PredictorFileError, load_published_predictors
+    from vllm_kvcompress.methods.kvzap.predictors import PredictorFileError, load_published_predictors
 
     torch.manual_seed(3)
     mlp = {f"layers.{i}.{j}.{p}": torch.randn(*((8, 16) if j == 0 else (3, 8)) if p == "weight" else ((8,) if j == 0 else (3,)))

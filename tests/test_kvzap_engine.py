@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from vllm_kvcompress.eviction.streams import cdiv
-from vllm_kvcompress.tools.step_trace import run_traced
+from vllm_kvcompress.harness.step_trace import run_traced
 
 pytestmark = pytest.mark.engine
 
@@ -36,7 +36,7 @@ def _llm(model_dir, method="kvzap", blocks=32, chunk=None, **settings):
 def documents(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from vllm_kvcompress.prompts import long_document_ids
+    from vllm_kvcompress.offline.prompts import long_document_ids
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     return lambda n, count: [long_document_ids(tokenizer, n, offset=900 * i) for i in range(count)]
@@ -63,9 +63,9 @@ def test_kvzap_survivors_match_transformers_blocks_follow_them_and_preemption_re
     trace = run_traced(_llm(smollm2_dir, **settings), prompts, max_tokens=150)
     ids = prompts[0] + trace["outputs"][0]["token_ids"]
 
-    from vllm_kvcompress.eviction.kvzap import load_any_predictors
-    from vllm_kvcompress.kvzap_hooks import offline_scores
-    from vllm_kvcompress.models import load_eager
+    from vllm_kvcompress.methods.kvzap.predictors import load_any_predictors
+    from vllm_kvcompress.methods.kvzap.hooks import offline_scores
+    from vllm_kvcompress.offline.models import load_eager
 
     _, model = load_eager(smollm2_dir)
     scores = offline_scores(model, load_any_predictors(predictor, 30, 576, 3), ids)  # [L, T, H]
@@ -105,7 +105,7 @@ def test_kvzap_keeping_everything_is_full_attention(smollm2_dir, prompt):
     pages = [s["pages_next"]["0"] for s in keep_all["steps"] if "0" in s["pages_next"]]
     assert pages[0] == 90 * cdiv(len(prompt) + 1, PAGE_ROWS)  # ring + (prompt - ring) survivors + spare, per stream
 
-    from vllm_kvcompress.models import load_eager
+    from vllm_kvcompress.offline.models import load_eager
 
     _, model = load_eager(smollm2_dir)
     out = keep_all["outputs"][0]

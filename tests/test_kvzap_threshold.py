@@ -9,8 +9,8 @@ import pytest
 import torch
 from masked_reference import drive, masked_attention
 
-from vllm_kvcompress import step_plan
 from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.vllm.state import WorkerState
 from vllm_kvcompress.eviction.policy import EvictionPolicy
 from vllm_kvcompress.eviction.streams import cdiv
 from vllm_kvcompress.eviction.threshold import ThresholdSchedule, prompt_survivors, ring_order, visible
@@ -43,10 +43,10 @@ def test_prompt_survivors_and_ring_order():
     assert ring_order(7, 4).tolist() == [4, 5, 6, 3]  # ring row j holds the position p with p % 4 == j
 
 
-def _drive(settings, schedule, q, k, v, scores, prompt, check):
+def _drive(settings, schedule, q, k, v, scores, prompt, check, state=None):
     """Prefill ``prompt`` tokens in one step, then decode one token per step."""
     steps = [prompt] + [1] * (q.shape[1] - prompt)
-    drive(settings, schedule, q, k, v, scores, steps, check, BLOCKS, BLOCK, PAGE)
+    drive(settings, schedule, q, k, v, scores, steps, check, BLOCKS, BLOCK, PAGE, state)
 
 
 def test_topk_mode_keeps_each_streams_best_predicted_tokens():
@@ -83,19 +83,20 @@ def test_threshold_mode_matches_the_masked_reference(threshold):
     scores = torch.randn(LAYERS, total, HEADS)
     settings = _settings(threshold)
     schedule = EvictionPolicy(settings, BLOCK, (LAYERS, Q_HEADS, HEADS)).schedule_for(prompt, None)
+    state = WorkerState()
 
     def check(out, first, computed):
         for i in range(computed - first):
             pos = first + i
             mask = torch.stack([visible(scores[layer].T, threshold, RING, prompt, pos) for layer in range(LAYERS)])
             torch.testing.assert_close(out[:, i], masked_attention(q, k, v, pos, mask), atol=1e-5, rtol=1e-5)
-        kept = step_plan.kept["r"]
+        kept = state.requests["r"].kept
         want_kept = (scores[:, : computed - RING] >= threshold).sum(1)  # left the window: decided for good
         assert torch.equal(kept, want_kept)
         assert schedule.pages_next == schedule.pages_for(want_kept.flatten().tolist())
         check.last = int(kept.sum())
 
-    _drive(settings, schedule, q, k, v, scores, prompt, check)
+    _drive(settings, schedule, q, k, v, scores, prompt, check, state)
     assert 0 < check.last < LAYERS * HEADS * (total - RING)  # some evicted, some kept
 
 

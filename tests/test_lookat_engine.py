@@ -3,9 +3,9 @@ byte arithmetic says, and a cached prefix gives the same output as an uncached o
 
 import pytest
 
-from vllm_kvcompress.calibrate import ensure_codebooks
+from vllm_kvcompress.offline.calibrate import ensure_codebooks
 from vllm_kvcompress.kernels.lookat_ref import LookatLayout
-from vllm_kvcompress.tools.generate import run_in_subprocess
+from vllm_kvcompress.harness.generate import run_in_subprocess
 
 pytestmark = pytest.mark.engine
 
@@ -50,7 +50,7 @@ def test_pool_holds_more_tokens_as_the_bytes_say(smollm2_dir):
 def test_cached_prefix_gives_the_uncached_output(smollm2_dir, value_bits):
     from transformers import AutoTokenizer
 
-    from vllm_kvcompress.prompts import long_document_ids
+    from vllm_kvcompress.offline.prompts import long_document_ids
 
     # Equality needs deterministic encoding, not good codebooks: a small, fast calibration.
     codebooks = ensure_codebooks("smollm2-135m", 16, tokens=1024, iters=5)

@@ -8,7 +8,7 @@ import pytest
 from vllm_kvcompress.eviction.schedule import CompressionSchedule
 from vllm_kvcompress.eviction.streams import StreamSchedule
 from vllm_kvcompress.eviction.threshold import ThresholdSchedule
-from vllm_kvcompress.metrics import PREFIX, RATIO_SCALE, EvictionCounters, kept_tokens
+from vllm_kvcompress.vllm.metrics import PREFIX, RATIO_SCALE, EvictionCounters, kept_tokens
 
 BLOCK = 128
 DENSE = 2 * 30 * 3 * 64 * 2  # SmolLM2 bf16 K+V bytes per token
@@ -55,7 +55,7 @@ def test_tokens_evicted_per_schedule_kind():
 
 
 def test_stat_logger_takes_its_entries_out_of_vllms_dict(monkeypatch):
-    from vllm_kvcompress import metrics
+    from vllm_kvcompress.vllm import metrics
 
     logger = metrics.KVCompressStatLogger.__new__(metrics.KVCompressStatLogger)
     gauges = {name: SimpleNamespace(value=None, set=None) for name in metrics.FIELDS[:2]}
@@ -80,7 +80,7 @@ def test_stat_logger_takes_its_entries_out_of_vllms_dict(monkeypatch):
 def test_methods_without_eviction_report_fixed_values(smollm2_dir, settings, fixed):
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_kvcompress.metrics import _fixed_values
+    from vllm_kvcompress.vllm.metrics import _fixed_values
 
     config = EngineArgs(model=smollm2_dir, max_model_len=2048, enforce_eager=True, attention_backend="kvcompress",
                         additional_config={"kvcompress": settings}).create_engine_config()

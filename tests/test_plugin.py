@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from vllm_kvcompress import BACKEND_NAME, BACKEND_PATH
-from vllm_kvcompress.plugin import register
+from vllm_kvcompress.vllm.plugin import register
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +63,7 @@ def test_cpu_platform_routes_only_kvcompress():
 
 
 def test_importing_the_plugin_initialises_no_cuda():
-    code = "import vllm_kvcompress.plugin as p, torch; p.register(); import vllm_kvcompress.backend; print(torch.cuda.is_initialized())"
+    code = "import vllm_kvcompress.vllm.plugin as p, torch; p.register(); import vllm_kvcompress.vllm.backend; print(torch.cuda.is_initialized())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"

@@ -6,7 +6,7 @@ import torch
 
 from vllm_kvcompress.kernels.lookat_ref import permute
 from vllm_kvcompress.kernels.pq_ref import decode, encode
-from vllm_kvcompress.pq import assign, fit_codebooks, kmeans, subspace_dims
+from vllm_kvcompress.offline.pq import assign, fit_codebooks, kmeans, subspace_dims
 
 
 def _gen(seed):

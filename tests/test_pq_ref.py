@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vllm_kvcompress.kernels.pq_ref import adc_logits, adc_tables, decode, encode
-from vllm_kvcompress.pq import fit_codebooks, kmeans
+from vllm_kvcompress.offline.pq import fit_codebooks, kmeans
 
 
 def _codebooks(hkv=2, m=4, k=16, sub=8, seed=0):

@@ -10,7 +10,7 @@ def tokenizer(smollm2_dir):
 
 @pytest.mark.parametrize("target", [300, 2048, 2100, 2600, 4000])
 def test_long_prompts_have_the_asked_length(tokenizer, target):
-    from vllm_kvcompress.prompts import long_document_ids
+    from vllm_kvcompress.offline.prompts import long_document_ids
 
     ids = long_document_ids(tokenizer, target)
     assert target <= len(ids) <= target + 8
@@ -18,7 +18,7 @@ def test_long_prompts_have_the_asked_length(tokenizer, target):
 
 
 def test_mixed_prompts_are_deterministic_and_mixed(tokenizer):
-    from vllm_kvcompress.prompts import mixed_prompts
+    from vllm_kvcompress.offline.prompts import mixed_prompts
 
     first, second = mixed_prompts(tokenizer), mixed_prompts(tokenizer)
     assert first == second

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vllm_kvcompress import rope
+from vllm_kvcompress.offline import rope
 
 
 def _reference_rope(x, position, theta):

@@ -6,10 +6,10 @@ import psutil
 import pytest
 import torch
 
-from vllm_kvcompress import startup, version
+from vllm_kvcompress.vllm import startup, version
 from vllm_kvcompress.config import KVCompressConfigError
-from vllm_kvcompress.plugin import register
-from vllm_kvcompress.startup import UnsupportedModelError, check_model
+from vllm_kvcompress.vllm.plugin import register
+from vllm_kvcompress.vllm.startup import UnsupportedModelError, check_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,13 +26,13 @@ def engine_config(model_dir, **kwargs):
 def test_valid_config_is_normalised(smollm2_dir):
     config = engine_config(smollm2_dir, attention_backend="kvcompress")
     assert config.attention_config.backend.name == "KVCOMPRESS"
-    assert config.additional_config["kvcompress"] == {"method": "none", "max_kv_tokens": None, "compression_ratio": None,
-                                                      "sink_tokens": 0, "recent_tokens": 0, "buffer_blocks": 1,
-                                                      "eviction_mode": "compact", "head_scores": None,
-                                                      "headkv_beta": 1.2, "window_tokens": 8, "pool_kernel": 7,
-                                                      "page_tokens": 16, "kvzap_predictor": None,
-                                                      "kvzap_threshold": None, "kvzap_window": 128, "dms_adapters": None, "dms_window": None,
-                                                      "codebooks": None, "value_bits": 16, "current_tokens": "coded"}
+    # The method's own settings, every default filled in (method none has none).
+    assert config.additional_config["kvcompress"] == {"method": "none"}
+    knorm = engine_config(smollm2_dir, attention_backend="kvcompress",
+                          additional_config={"kvcompress": {"method": "knorm", "compression_ratio": 0.5}})
+    assert knorm.additional_config["kvcompress"] == {"method": "knorm", "max_kv_tokens": None, "compression_ratio": 0.5,
+                                                     "sink_tokens": 0, "recent_tokens": 0, "buffer_blocks": 1,
+                                                     "eviction_mode": "compact"}
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def test_bad_settings_rejected_at_config_time(smollm2_dir, settings, message):
 def test_lookat_codebooks_checked_at_config_time(smollm2_dir, tmp_path):
     from safetensors.torch import save_file
 
-    from vllm_kvcompress.calibrate import FORMAT
+    from vllm_kvcompress.methods.lookat.codebooks import FORMAT
 
     lookat = {"method": "lookat", "codebooks": str(tmp_path / "missing.safetensors")}
     with pytest.raises(KVCompressConfigError, match=r"kvcompress\.codebooks: codebook file .* does not exist"):
@@ -139,8 +139,8 @@ def _knorm(**settings):
 def test_eviction_wires_scheduler_and_worker_and_turns_prefix_caching_off(smollm2_dir):
     config = engine_config(smollm2_dir, attention_backend="kvcompress", additional_config=_knorm(),
                            enable_prefix_caching=True)
-    assert config.scheduler_config.scheduler_cls == "vllm_kvcompress.scheduler.KVCompressScheduler"
-    assert config.parallel_config.worker_cls == "vllm_kvcompress.worker.KVCompressCPUWorker"
+    assert config.scheduler_config.scheduler_cls == "vllm_kvcompress.vllm.scheduler.KVCompressScheduler"
+    assert config.parallel_config.worker_cls == "vllm_kvcompress.vllm.worker.KVCompressCPUWorker"
     assert config.cache_config.enable_prefix_caching is False
     plain = engine_config(smollm2_dir, attention_backend="kvcompress", enable_prefix_caching=True)
     assert plain.cache_config.enable_prefix_caching is True and plain.scheduler_config.scheduler_cls is None
@@ -153,8 +153,8 @@ def test_eviction_refuses_a_foreign_scheduler(smollm2_dir):
 
 
 def test_per_request_settings_are_checked_in_the_front_end(smollm2_dir):
-    from vllm_kvcompress.plugin import register
-    from vllm_kvcompress.startup import check_request_settings
+    from vllm_kvcompress.vllm.plugin import register
+    from vllm_kvcompress.vllm.startup import check_request_settings
 
     register()
     from vllm.v1.engine.input_processor import InputProcessor
@@ -194,7 +194,7 @@ def test_headkv_with_tensor_parallelism_is_accepted(smollm2_dir, monkeypatch):
 
     vllm_config = engine_config(smollm2_dir)
     monkeypatch.setattr(vllm_config.parallel_config, "tensor_parallel_size", 3)
-    startup.check_headkv(vllm_config, KVCompressConfig.from_dict({"method": "headkv", "head_scores": "uniform",
+    startup.check_method(vllm_config, KVCompressConfig.from_dict({"method": "headkv", "head_scores": "uniform",
                                                                   "max_kv_tokens": 128}))
 
 
@@ -230,7 +230,7 @@ def test_single_neuron_per_layer_dms_with_tensor_parallelism_is_refused(smollm2_
     """Every head follows query head 0's channel, which only rank 0 holds: refused, not
     silently decided from each rank's own first head."""
     from vllm_kvcompress.config import KVCompressConfig
-    from vllm_kvcompress.eviction import dms_checkpoint
+    from vllm_kvcompress.methods.dms import checkpoint as dms_checkpoint
 
     vllm_config = engine_config(smollm2_dir, enforce_eager=True)
     monkeypatch.setattr(vllm_config.parallel_config, "tensor_parallel_size", 3)
@@ -239,8 +239,8 @@ def test_single_neuron_per_layer_dms_with_tensor_parallelism_is_refused(smollm2_
     monkeypatch.setattr(dms_checkpoint, "load_decisions", lambda *args, **kwargs: decisions)
     with pytest.raises(KVCompressConfigError, match=r"dms_adapters: official-folder decides every head from query "
                                                     r"head 0's channel .* use tensor_parallel_size=1"):
-        startup.check_learned_eviction(vllm_config, settings)
+        startup.check_method(vllm_config, settings)
     decisions.per_layer = False
-    startup.check_learned_eviction(vllm_config, settings)
+    startup.check_method(vllm_config, settings)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.eviction.policy import EvictionPolicy
-from vllm_kvcompress.parallel import kv_heads_of_rank
+from vllm_kvcompress.vllm.parallel import kv_heads_of_rank
 
 SHAPE = (4, 8, 4)  # layers, query heads, KV heads
 BLOCK = 128
@@ -35,12 +35,12 @@ def test_rank_budgets_partition_the_models_streams():
     config = _headkv()
     whole = EvictionPolicy(config, BLOCK, SHAPE)
     ranks = [EvictionPolicy(config, BLOCK, SHAPE, tp_rank=r, tp_size=2) for r in range(2)]
-    budgets = whole.stream_budgets(200)
+    budgets = whole.schedule_for(1000, None).budgets  # one rank: the whole model's streams
     schedules = [policy.schedule_for(1000, None) for policy in ranks]
     for layer in range(SHAPE[0]):  # rank 0 has KV heads 0-1, rank 1 heads 2-3, of every layer
         assert schedules[0].budgets[2 * layer:2 * layer + 2] == budgets[4 * layer:4 * layer + 2]
         assert schedules[1].budgets[2 * layer:2 * layer + 2] == budgets[4 * layer + 2:4 * layer + 4]
-    assert ranks[0].streams == ranks[1].streams == SHAPE[0] * 2
+    assert ranks[0].streams.count == ranks[1].streams.count == SHAPE[0] * 2
 
 
 def test_every_rank_holds_the_blocks_of_the_neediest_rank(tmp_path):
@@ -66,8 +66,8 @@ def test_every_rank_holds_the_blocks_of_the_neediest_rank(tmp_path):
 
 
 def test_kvzap_hook_scores_only_this_ranks_heads():
-    from vllm_kvcompress import kvzap_hooks, step_plan
-    from vllm_kvcompress.eviction.kvzap import LinearPredictor
+    from vllm_kvcompress.methods.kvzap import hooks as kvzap_hooks
+    from vllm_kvcompress.methods.kvzap.predictors import LinearPredictor
 
     torch.manual_seed(0)
     predictor = LinearPredictor(16, 4)
@@ -84,22 +84,23 @@ def test_kvzap_hook_scores_only_this_ranks_heads():
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([Layer()])
     hidden = torch.randn(5, 16)
-    handles = kvzap_hooks.install(model, [predictor], heads=[2, 3])
+    token_scores = {}
+    handles = kvzap_hooks.install(model, [predictor], lambda layer, s, _: token_scores.__setitem__(layer, s),
+                                  heads=[2, 3])
     try:
         model.layers[0].self_attn(hidden_states=hidden)
         with torch.no_grad():
-            torch.testing.assert_close(step_plan.token_scores[0], predictor(hidden)[:, [2, 3]])
+            torch.testing.assert_close(token_scores[0], predictor(hidden)[:, [2, 3]])
     finally:
         for handle in handles:
             handle.remove()
-        step_plan.token_scores.clear()
 
 
 def test_dms_per_layer_decision_reaches_every_rank():
     """``dms_alpha_per: layer``: KV head 0 decides for all heads, also on a rank without it."""
-    from vllm_kvcompress.dms_hooks import keep_scores
-    from vllm_kvcompress.eviction.dms import DMSAdapter
-    from vllm_kvcompress.eviction.dms_checkpoint import DMSDecisions
+    from vllm_kvcompress.methods.dms.hooks import keep_scores
+    from vllm_kvcompress.methods.dms.decisions import DMSAdapter
+    from vllm_kvcompress.methods.dms.checkpoint import DMSDecisions
 
     torch.manual_seed(0)
     adapter = DMSAdapter(16, 4)

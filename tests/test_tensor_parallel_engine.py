@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from vllm_kvcompress.tools.padded_artefacts import pad_head_scores, pad_safetensors
-from vllm_kvcompress.tools.generate import run_in_subprocess
+from vllm_kvcompress.harness.padded_artefacts import pad_head_scores, pad_safetensors
+from vllm_kvcompress.harness.generate import run_in_subprocess
 
 pytestmark = pytest.mark.engine
 
@@ -20,7 +20,7 @@ ARTEFACTS = os.path.join(os.path.dirname(__file__), "..", "vllm_kvcompress", "ar
 
 @pytest.fixture(scope="module")
 def padded_dir():
-    from vllm_kvcompress.models import ensure_padded_model
+    from vllm_kvcompress.offline.models import ensure_padded_model
 
     return str(ensure_padded_model("smollm2-135m-gqa4"))
 
@@ -29,7 +29,7 @@ def padded_dir():
 def prompts(padded_dir):
     from transformers import AutoTokenizer
 
-    from vllm_kvcompress.prompts import long_document_ids
+    from vllm_kvcompress.offline.prompts import long_document_ids
 
     tokenizer = AutoTokenizer.from_pretrained(padded_dir)
     return [long_document_ids(tokenizer, 300, offset=300 * i) for i in range(2)]
@@ -67,8 +67,8 @@ def test_tp2_gives_the_tokens_of_tp1(padded_dir, prompts, method, tmp_path, one_
     assert "KVCompressImpl" in runs[2]["attention_impls"]
     print(f"{method}: TP=2 = TP=1 over {sum(len(o['token_ids']) for o in runs[1]['outputs'])} tokens, "
           f"largest logprob gap {gap:.2e}; wall {runs[1]['wall_s']:.0f} s (TP=1) / {runs[2]['wall_s']:.0f} s (TP=2)")
-    if method == "dms":  # each rank logs its own heads' survivors: eviction really ran on both
-        kept = [float(line.split("kept_fraction=")[1].split()[0]) for line in runs[2]["log"].splitlines()
-                if "kvcompress dms finished" in line]
+    if method == "dms":  # each rank records its own heads' survivors: eviction really ran on both
+        kept = [record["kept_fraction"] for record in runs[2]["kept"]]
+        assert {record["rank"] for record in runs[2]["kept"]} == {0, 1}
         assert len(kept) == 2 * len(prompts) and max(kept) < 0.9
         print(f"dms TP=2: kept fractions per rank and request {kept}")

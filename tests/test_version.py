@@ -1,6 +1,6 @@
 import pytest
 
-from vllm_kvcompress.version import UnsupportedVLLMVersion, check_vllm_version, installed_vllm_version
+from vllm_kvcompress.vllm.version import UnsupportedVLLMVersion, check_vllm_version, installed_vllm_version
 
 
 @pytest.mark.parametrize("version", ["0.32.0", "0.32.4", "0.32.1.dev3+gabc"])

@@ -1,3 +1,3 @@
 """Token eviction, engine-neutral: when to compress (:mod:`schedule`), what to keep
 (:mod:`scorers`, :mod:`selection`). Plain tensors in, plain tensors out; the vLLM glue
-lives in :mod:`vllm_kvcompress.scheduler` and :mod:`vllm_kvcompress.worker`."""
+lives in :mod:`vllm_kvcompress.vllm.scheduler` and :mod:`vllm_kvcompress.vllm.worker`."""

@@ -27,6 +27,68 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def kv_heads_of_rank(num_kv_heads: int, tp_size: int, rank: int) -> list[int]:
+    """The model's KV head indices that TP rank ``rank`` of ``tp_size`` holds: vLLM splits
+    KV heads evenly over the ranks or, with more ranks than KV heads, gives each rank one
+    KV head replicated on ``tp_size / num_kv_heads`` consecutive ranks."""
+    if num_kv_heads >= tp_size:
+        if num_kv_heads % tp_size:
+            raise ValueError(f"{num_kv_heads} KV heads cannot be split over tensor_parallel_size={tp_size}")
+        per_rank = num_kv_heads // tp_size
+        return list(range(rank * per_rank, (rank + 1) * per_rank))
+    if tp_size % num_kv_heads:
+        raise ValueError(f"tensor_parallel_size={tp_size} is not a multiple of the {num_kv_heads} KV heads")
+    return [rank * num_kv_heads // tp_size]
+
+
+class RankStreams:
+    """The (layer, KV head) streams of the served model as one tensor-parallel rank sees
+    them: budgets are set over the whole model's streams (layer-major), a schedule holds
+    this rank's share plus every rank's (ranks share one block list per request, so it
+    holds as many blocks as the neediest rank uses)."""
+
+    def __init__(self, block_size: int, model=None, tp_rank: int = 0, tp_size: int = 1):
+        self.block_size, self.model, self.tp_rank = block_size, model, tp_rank
+        self.rank_heads = [] if model is None else [kv_heads_of_rank(model.num_kv_heads, tp_size, rank)
+                                                    for rank in range(tp_size)]
+        self._budgets: dict = {}
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    @property
+    def count(self) -> int:
+        """This rank's streams."""
+        return self.model.num_layers * len(self.rank_heads[self.tp_rank])
+
+    @property
+    def total(self) -> int:
+        """The whole model's streams."""
+        return self.model.num_layers * self.model.num_kv_heads
+
+    def rank_budgets(self, budgets: tuple[int, ...], rank: int) -> tuple[int, ...]:
+        """The budgets of the streams rank ``rank`` holds (its KV heads of every layer)."""
+        heads = self.model.num_kv_heads
+        return tuple(budgets[layer * heads + head] for layer in range(self.model.num_layers)
+                     for head in self.rank_heads[rank])
+
+    def cached_budgets(self, key, compute) -> tuple[int, ...]:
+        """Whole-model budgets, computed once per key (every request of a budget shares them)."""
+        if key not in self._budgets:
+            self._budgets[key] = tuple(compute())
+        return self._budgets[key]
+
+    def budget_schedule(self, prompt_len: int, budgets: tuple[int, ...], page: int, window: int = 0):
+        """A :class:`StreamSchedule`, or None when no stream has anything to evict (the
+        request then stays in vLLM's layout)."""
+        if min(budgets) >= prompt_len:
+            return None
+        ranks = tuple(self.rank_budgets(budgets, rank) for rank in range(len(self.rank_heads)))
+        return StreamSchedule(compress_at=prompt_len, budgets=ranks[self.tp_rank], page=page,
+                              block_size=self.block_size, window=window, rank_budgets=ranks if len(ranks) > 1 else ())
+
+
 @dataclass(frozen=True)
 class StreamSchedule:
     compress_at: int  # logical length of the (single) compression: the prompt end

@@ -97,6 +97,23 @@ class ThresholdSchedule:
         return cdiv(per_stream, self.block_size) * self.block_size
 
 
+@dataclass(frozen=True)
+class ThresholdRule:
+    """kvpress's ``DMSPress`` rule around a scorer: a token that has left the newest
+    ``window`` tokens is evicted for a KV head when its score is below ``threshold``.
+    ``delayed``: each score arrives with the next token (DMS's shift by one), and prompt
+    queries already attend under the rule."""
+
+    threshold: float
+    window: int
+    delayed: bool = False
+
+    def schedule(self, prompt_len: int, streams: int, page: int, block_size: int) -> "ThresholdSchedule":
+        return ThresholdSchedule(compress_at=max(prompt_len, self.window), ring=self.window, streams=streams,
+                                 page=page, block_size=block_size, threshold=float(self.threshold),
+                                 delayed=self.delayed)
+
+
 def prompt_survivors(scores: torch.Tensor, threshold: float, window: int) -> list[torch.Tensor]:
     """Rows of a ``[H, T]`` prompt (``T >= window``) that survive its packing, per head:
     positions before the window whose score passes, ascending."""

@@ -4,7 +4,8 @@
 
 SPEC: {"llm": {LLM kwargs}, "samples": [Sample.to_dict(), ...]}
 OUT:  {"results": [{"text", "output_tokens", "forced_logprobs"?}, ...] in sample order,
-       "kv_cache_tokens": int, "bytes_per_token": float (measured from the cache tensors)}
+       "kv_cache_tokens": int, "bytes_per_token": float (measured from the cache tensors),
+       "kept_fractions": [kept fraction of each finished request, ring layouts only]}
 
 Samples run cell by cell (one batch per (task, length)), with a progress bar on stderr.
 """
@@ -33,6 +34,7 @@ def run(spec: dict) -> dict:
 
     from vllm_kvcompress.harness.capacity import kv_pool
     from vllm_kvcompress.harness.forcing import ForcedContinuation
+    from vllm_kvcompress.harness.generate import kept_records
 
     samples = spec["samples"]
     llm_kwargs = dict(spec["llm"])
@@ -61,10 +63,12 @@ def run(spec: dict) -> dict:
         bar.update(len(indices))
     bar.close()
     pool = kv_pool(llm)
-    return {"results": results, "kv_cache_tokens": pool["kv_capacity_tokens"], "bytes_per_token": pool["bytes_per_token"]}
+    kept = [r["kept_fraction"] for r in kept_records(llm)]
+    return {"results": results, "kv_cache_tokens": pool["kv_capacity_tokens"], "bytes_per_token": pool["bytes_per_token"],
+            "kept_fractions": kept}
 
 
 if __name__ == "__main__":
-    from vllm_kvcompress.tools.subprocess_run import tool_main
+    from vllm_kvcompress.harness.subprocess_run import tool_main
 
     tool_main(run)

@@ -66,7 +66,7 @@ def run(spec: dict) -> dict:
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    from vllm_kvcompress.prompts import long_document_ids
+    from vllm_kvcompress.offline.prompts import long_document_ids
 
     llm = LLM(**{"disable_log_stats": False, **spec["llm"]})
     pool = kv_pool(llm)
@@ -110,6 +110,6 @@ def run(spec: dict) -> dict:
 
 
 if __name__ == "__main__":
-    from vllm_kvcompress.tools.subprocess_run import tool_main
+    from vllm_kvcompress.harness.subprocess_run import tool_main
 
     tool_main(run)

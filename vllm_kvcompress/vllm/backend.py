@@ -1,0 +1,284 @@
+"""The ``KVCOMPRESS`` attention backend: vLLM's V1 interfaces around the plugin's ops.
+
+Thin glue only. The metadata builder plans each step once (FlashInfer's plan/run
+split): it classifies the batch into decode and prefill rows, and turns vLLM's
+``CommonAttentionMetadata`` plus the worker's step plan into the metadata of one layout:
+
+* :class:`KVCompressMetadata`: vLLM's own block layout (methods ``none`` and ``lookat``,
+  and whole-row eviction, whose physical lengths :mod:`.dense_layout` computes);
+* :class:`~vllm_kvcompress.vllm.stream_layout.StreamMetadata`: per-(layer, KV head)
+  streams (HeadKV, KVzap, DMS; native, packed-budget and ring requests).
+
+The impl dispatches on that type: it writes K/V in the method's row format and runs the
+kernels' ops (:mod:`vllm_kvcompress.kernels.ops`, Triton on CUDA, PyTorch elsewhere).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from vllm_kvcompress import BACKEND_NAME
+from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.methods.base import PagedSettings
+from vllm_kvcompress.vllm.dense_layout import EvictionPlan, Evictor, physical_layout
+from vllm_kvcompress.vllm.stream_layout import StreamMetadata, StreamRunner
+
+# Under the "vllm" logger tree, so records get vLLM's handlers and process prefixes.
+logger = init_logger("vllm.kvcompress.backend")
+
+# The worker's config, remembered when the model's attention layers are built:
+# vLLM asks ``customize_spec`` (a classmethod) for page sizes later, sometimes outside
+# ``set_current_vllm_config``.
+_worker_config: VllmConfig | None = None
+
+
+def _vllm_config() -> VllmConfig:
+    config = get_current_vllm_config_or_none() or _worker_config
+    if config is None:
+        raise RuntimeError("kvcompress: no vLLM config in this process")
+    return config
+
+
+def _settings() -> KVCompressConfig:
+    return KVCompressConfig.from_additional_config(_vllm_config().additional_config)
+
+
+class KVCompressBackend(AttentionBackend):
+    # We write K/V ourselves inside forward(): the page layout is ours, and eviction
+    # writes to physical slots that differ from vLLM's logical slot mapping.
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16, torch.float16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "bfloat16", "float16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type["KVCompressImpl"]:
+        return KVCompressImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["KVCompressMetadataBuilder"]:
+        return KVCompressMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # One page per (block, KV head): [block_size, 2 * head_dim] rows of [key | value].
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        # The real bytes per (token, KV head) row, so vLLM's pool holds that many more
+        # tokens; None: the dense cache, whose size vLLM's own page size states exactly.
+        row_bytes = _settings().build().row_bytes(spec.head_size, spec.dtype)
+        if row_bytes is None:
+            return spec
+        return replace(spec, dtype=torch.uint8, state_content_bytes=row_bytes)
+
+
+@dataclass
+class PrefillSpan:
+    """One request with more than one new token (prompt or prompt chunk)."""
+
+    token_start: int
+    token_end: int
+    kv_len: int
+    blocks: torch.Tensor
+
+
+@dataclass
+class KVCompressMetadata:
+    num_actual_tokens: int
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token (physical when evicting)
+    decode_token_index: torch.Tensor  # [D] token position of each single-token request
+    decode_block_table: torch.Tensor  # [D, max_blocks]
+    decode_kv_lens: torch.Tensor  # [D]
+    prefills: list[PrefillSpan]
+    eviction: EvictionPlan | None = None  # whole-row eviction: this step's compactions and masks
+
+
+def classify(m: CommonAttentionMetadata) -> tuple[list[int], list[int]]:
+    """(decode rows, prefill rows) of the batch, once per step. The batch keeps vLLM's
+    order (no reordering: the step plan follows ``input_batch``), so rows are sorted here."""
+    starts = m.query_start_loc_cpu[: m.num_reqs + 1].tolist()
+    q_lens = [starts[r + 1] - starts[r] for r in range(m.num_reqs)]
+    return [r for r, q in enumerate(q_lens) if q == 1], [r for r, q in enumerate(q_lens) if q > 1]
+
+
+class KVCompressMetadataBuilder(AttentionMetadataBuilder):
+    """``worker_state``: the eviction runner's :class:`~vllm_kvcompress.vllm.state.WorkerState`,
+    handed over when the runner allocates the KV cache (None without eviction)."""
+
+    worker_state = None
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
+                 device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
+        method = config.spec
+        self.evicts = method.evicts
+        self.compact = not config.build().masks
+        self.paged = isinstance(config.settings, PagedSettings)  # per-(layer, KV head) streams
+        self.page_tokens = getattr(config.settings, "page_tokens", None)
+        self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
+        logger.info("kvcompress attention active: method=%s, %d layers, block_size=%d, page %d bytes",
+                    config.method, len(layer_names), kv_cache_spec.block_size, kv_cache_spec.page_size_bytes)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False):
+        m = common_attn_metadata
+        num_reqs = m.num_reqs
+        state = self.worker_state
+        step = None if state is None else state.step
+        if self.paged and state is not None:
+            from vllm_kvcompress.eviction.streams import PoolGeometry
+            from vllm_kvcompress.vllm import stream_layout
+
+            geometry = PoolGeometry(self.num_layers, state.pool.num_blocks, self.kv_cache_spec.num_kv_heads,
+                                    self.kv_cache_spec.block_size, self.page_tokens)
+            planned = stream_layout.build(m, num_reqs, geometry, step, state.pool)
+            if planned is not None:
+                return planned
+        kv_lens, slots, plan = m.seq_lens[:num_reqs].to("cpu"), m.slot_mapping[: m.num_actual_tokens], None
+        if self.evicts:  # rows are physical: fewer than the logical lengths once compacted
+            physical = physical_layout(m, num_reqs, self.kv_cache_spec.block_size, self.compact, step)
+            if physical is not None:
+                kv_lens, slots, plan = physical
+        block_table = m.block_table_tensor[:num_reqs]
+        starts = m.query_start_loc_cpu
+        decode_rows, prefill_rows = classify(m)
+        prefills = [PrefillSpan(int(starts[r]), int(starts[r + 1]), int(kv_lens[r]), block_table[r])
+                    for r in prefill_rows]
+        rows = torch.tensor(decode_rows, dtype=torch.long)
+        return KVCompressMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            slot_mapping=slots,
+            decode_token_index=starts[rows].to(torch.long),
+            decode_block_table=block_table[rows],
+            decode_kv_lens=kv_lens[rows],
+            prefills=prefills,
+            eviction=plan,
+        )
+
+
+class KVCompressImpl(AttentionImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        **extra,
+    ) -> None:
+        refused = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding window": sliding_window is not None,
+            "logit soft-capping": bool(logits_soft_cap),
+            "attention sinks": sinks is not None,
+            "KV sharing across layers": kv_sharing_target_layer_name is not None,
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+        }
+        unsupported = [name for name, present in refused.items() if present]
+        if unsupported:
+            raise NotImplementedError(f"kvcompress does not support {', '.join(unsupported)} yet")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        global _worker_config
+        _worker_config = _vllm_config()
+        from vllm_kvcompress.vllm.parallel import local_kv_heads
+
+        self.method = KVCompressConfig.from_additional_config(_worker_config.additional_config).build()
+        model = _worker_config.model_config
+        heads = local_kv_heads(model.get_total_num_kv_heads())
+        self.format = self.method.cache_format(model.hf_config, head_size, model.dtype, heads)
+        whole_rows = self.method.evicts and not isinstance(self.method.settings, PagedSettings)
+        self.evictor = Evictor(self.method) if whole_rows else None
+        self.stream_runner: StreamRunner | None = None  # made in forward(), once the layer index is known
+        self.layer_index: int | None = None
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("kvcompress does not support fused output quantization")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        if self.layer_index is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self.layer_index = extract_layer_index(layer.layer_name)
+        n = attn_metadata.num_actual_tokens
+        query = query[:n].view(n, self.num_heads, self.head_size)
+        key = key[:n].view(n, self.num_kv_heads, self.head_size)
+        value = value[:n].view(n, self.num_kv_heads, -1)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        if isinstance(attn_metadata, StreamMetadata):
+            if self.stream_runner is None:
+                self.stream_runner = StreamRunner(self.method, self.layer_index, attn_metadata.geometry.num_layers)
+            self.stream_runner.forward(query, key, value, kv_cache, attn_metadata, out, self.scale)
+        else:
+            self._forward_blocks(query, key, value, kv_cache, attn_metadata, out)
+        return output
+
+    def _forward_blocks(self, query, key, value, kv_cache, meta: KVCompressMetadata, out) -> None:
+        fmt, index = self.format, self.layer_index
+        fmt.write(index, kv_cache, key, value, meta.slot_mapping)
+        evictor, plan = self.evictor, meta.eviction
+        if meta.decode_token_index.numel():
+            idx = meta.decode_token_index
+            visible = None if plan is None else evictor.decode_visible(plan, index, meta.decode_kv_lens,
+                                                                      self.num_kv_heads)
+            result = fmt.decode(index, query[idx], kv_cache, meta.decode_block_table, meta.decode_kv_lens, self.scale,
+                                current=(key[idx], value[idx]), visible=visible)
+            out[idx] = result.to(out.dtype)
+        for i, span in enumerate(meta.prefills):
+            rows = slice(span.token_start, span.token_end)
+            visible = None if plan is None else evictor.prefill_visible(plan, i, index, span.kv_len, self.num_kv_heads)
+            result = fmt.prefill(index, query[rows], kv_cache, span.blocks, span.kv_len, self.scale,
+                                 current=(key[rows], value[rows]), visible=visible)
+            out[rows] = result.to(out.dtype)
+        if plan is not None and plan.compactions:  # after this step's attention: the new tokens were seen
+            evictor.run(index, kv_cache, fmt, plan, query)

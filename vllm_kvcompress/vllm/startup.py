@@ -1,0 +1,171 @@
+"""Start-up checks that run in the front-end process, on the finished ``VllmConfig``,
+before any engine process is spawned: a refused configuration never half-starts."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vllm_kvcompress import BACKEND_NAME
+from vllm_kvcompress.config import CONFIG_KEY, KVCompressConfig, KVCompressConfigError
+from vllm_kvcompress.methods import evicting
+from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape, validate_overrides
+from vllm_kvcompress.vllm.version import check_vllm_version
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "bfloat16", "float16")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def kvcompress_selected(vllm_config: "VllmConfig") -> bool:
+    backend = vllm_config.attention_config.backend
+    per_kind = vllm_config.attention_config.backend_per_kind or {}
+    return any(b is not None and b.name == BACKEND_NAME for b in [backend, *per_kind.values()])
+
+
+def check_model(vllm_config: "VllmConfig") -> None:
+    model = vllm_config.model_config
+    if model is None:
+        return
+    name = model.model
+    if model.use_mla:
+        raise UnsupportedModelError(f"kvcompress: {name} uses MLA (latent KV); only standard multi-head/GQA attention is supported")
+    if model.is_encoder_decoder:
+        raise UnsupportedModelError(f"kvcompress: {name} is an encoder-decoder model; only decoder-only models are supported")
+    if model.runner_type != "generate":
+        raise UnsupportedModelError(f"kvcompress: runner {model.runner_type!r} is not supported; only 'generate' (decoder-only LLMs)")
+    if model.is_attention_free or model.is_hybrid:
+        raise UnsupportedModelError(f"kvcompress: {name} is attention-free or hybrid (SSM/linear attention); not supported")
+    window = model.get_sliding_window()
+    layer_types = getattr(model.hf_text_config, "layer_types", None) or []
+    if window is not None or any("sliding" in str(t) for t in layer_types):
+        raise UnsupportedModelError(
+            f"kvcompress: {name} uses sliding-window attention (window={window}); only full attention is supported"
+        )
+
+
+def check_platform() -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise KVCompressConfigError(
+            f"--attention-backend kvcompress runs on CPU only in this release (platform: "
+            f"{current_platform.device_name}); its CUDA kernels are not available yet"
+        )
+
+
+def check_engine_options(vllm_config: "VllmConfig") -> None:
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        raise KVCompressConfigError(
+            f"--kv-cache-dtype {cache_dtype} cannot be combined with --attention-backend kvcompress; "
+            f"allowed: {', '.join(SUPPORTED_KV_CACHE_DTYPES)} (kvcompress chooses its own cache format)"
+        )
+    if vllm_config.speculative_config is not None:
+        raise KVCompressConfigError("speculative decoding is not supported with --attention-backend kvcompress yet")
+
+
+def check_method(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
+    """The method's artefacts and layout against the served model: a bad file never
+    half-starts an engine. Learned methods also need eager mode (forward pre-hooks,
+    which a compiled graph would skip)."""
+    if vllm_config.model_config is None:
+        return
+    method = config.build()
+    if method.learned and not vllm_config.model_config.enforce_eager:
+        raise KVCompressConfigError(f"kvcompress method {config.method!r} needs eager mode (its scores come from "
+                                    "forward pre-hooks on the decoder layers, which a compiled graph would skip): add "
+                                    "--enforce-eager (enforce_eager=True)")
+    tp_size = vllm_config.parallel_config.tensor_parallel_size
+    method.check_model(model_shape(vllm_config), vllm_config.model_config.hf_config, vllm_config.cache_config.block_size, tp_size)
+    if method.evicts:  # the schedule's own checks (page size against the block size)
+        EvictionPolicy(config, vllm_config.cache_config.block_size, model_shape(vllm_config))
+
+
+SCHEDULER_CLS = "vllm_kvcompress.vllm.scheduler.KVCompressScheduler"
+WORKER_CLS = "vllm_kvcompress.vllm.worker.KVCompressCPUWorker"
+PLATFORM_WORKER_CLS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker")
+
+
+def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
+    """Eviction needs the plugin's scheduler and worker (physical block accounting);
+    one flag turns them on. Refuse what they cannot honour instead of ignoring it."""
+    if not config.spec.evicts:
+        return
+    from vllm.logger import init_logger
+
+    logger = init_logger("vllm.kvcompress.startup")
+    scheduler = vllm_config.scheduler_config
+    if scheduler.scheduler_cls not in (None, SCHEDULER_CLS):
+        raise KVCompressConfigError(
+            f"--scheduler-cls {scheduler.scheduler_cls} cannot be combined with kvcompress method {config.method!r}: "
+            "eviction brings its own scheduler (leave --scheduler-cls unset)"
+        )
+    if scheduler.async_scheduling:
+        raise KVCompressConfigError(
+            f"async scheduling cannot be combined with kvcompress method {config.method!r} yet; "
+            "add --no-async-scheduling"
+        )
+    parallel = vllm_config.parallel_config
+    if parallel.worker_cls not in (*PLATFORM_WORKER_CLS, WORKER_CLS):
+        raise KVCompressConfigError(
+            f"--worker-cls {parallel.worker_cls} cannot be combined with kvcompress method {config.method!r}: "
+            "eviction brings its own worker"
+        )
+    if parallel.pipeline_parallel_size > 1:
+        raise KVCompressConfigError("pipeline parallelism cannot be combined with kvcompress eviction yet")
+    scheduler.scheduler_cls = SCHEDULER_CLS
+    parallel.worker_cls = WORKER_CLS
+    if vllm_config.cache_config.enable_prefix_caching:
+        # Compaction rewrites a request's blocks in place: they no longer hold what
+        # their token hashes say, so they must never be offered to another request.
+        vllm_config.cache_config.enable_prefix_caching = False
+        logger.info("kvcompress: prefix caching turned off for method %r (compacted blocks no longer match "
+                    "their token hashes)", config.method)
+
+
+def check_request_settings(vllm_config: "VllmConfig", extra_args: dict) -> None:
+    """``SamplingParams.extra_args["kvcompress"]``: budget overrides of an eviction method."""
+    if not kvcompress_selected(vllm_config):
+        raise KVCompressConfigError(
+            f"SamplingParams.extra_args[{CONFIG_KEY!r}] sets a per-request eviction budget, but this engine does not "
+            "run --attention-backend kvcompress")
+    config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
+    if not config.spec.evicts:
+        raise KVCompressConfigError(
+            f"SamplingParams.extra_args[{CONFIG_KEY!r}] sets a per-request eviction budget, but the engine runs "
+            f"kvcompress method {config.method!r}; start it with an eviction method ({', '.join(evicting())})"
+        )
+    # Settings only: no policy (HeadKV's would re-read its scores file for every request).
+    validate_overrides(config, extra_args)
+
+
+def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
+    """Return the parsed plugin config when kvcompress is selected, else None.
+
+    Also stores the normalised settings back into ``additional_config`` so that every
+    process (scheduler, workers) parses exactly the same values.
+    """
+    additional = vllm_config.additional_config
+    has_settings = isinstance(additional, dict) and CONFIG_KEY in additional
+    if not kvcompress_selected(vllm_config):
+        if has_settings:
+            raise KVCompressConfigError(
+                f"additional_config.{CONFIG_KEY} is set but the attention backend is not kvcompress; "
+                "add --attention-backend kvcompress (or attention_backend='kvcompress')"
+            )
+        return None
+    check_vllm_version()
+    config = KVCompressConfig.from_additional_config(additional)
+    check_platform()
+    check_model(vllm_config)
+    check_engine_options(vllm_config)
+    check_method(vllm_config, config)
+    wire_eviction(vllm_config, config)
+    if isinstance(additional, dict):
+        additional[CONFIG_KEY] = config.as_dict()
+    return config

@@ -1,0 +1,71 @@
+"""The worker's eviction state, one object per lifetime (nano-vllm's ``Context`` idea):
+
+* :class:`PoolState`, per process: the KV pool as the plugin sees it (set when vLLM
+  allocates it);
+* :class:`RequestCache`, per request: what the worker knows of one request's cache
+  (its schedule, logical length, packed page table, survivors), dropped when the
+  request finishes or is recomputed after a preemption;
+* :class:`StepPlan`, per step: the batch's requests in ``input_batch`` order, the learned
+  scores the hooks leave for each layer, and the pages reports the step produces; built
+  by the runner before the forward and dropped after it.
+
+:class:`WorkerState` owns all three; the runner holds it and hands it to the attention
+metadata builders, which put what a step needs into the metadata they return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class PoolState:
+    num_blocks: int = 0
+    row_scores: torch.Tensor | None = None  # learned methods: one keep score per pool row, moved with the rows
+    adjust_query: Callable | None = None  # a learned method's change to the query (DMS single-neuron)
+
+
+@dataclass
+class RequestCache:
+    schedule: Any  # CompressionSchedule | StreamSchedule | ThresholdSchedule | None
+    length: int = 0  # logical tokens after the request's latest step
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # eviction_mode mask: visible rows per layer
+    stream_table: tuple | None = None  # packed streams: (StreamPageTable, global page ids per stream)
+    kept: torch.Tensor | None = None  # ring layout: survivors per stream [layers, KV heads]
+
+
+@dataclass
+class StepPlan:
+    req_ids: list[str]
+    caches: list[RequestCache | None]  # batch order; None: a request without a schedule
+    token_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [tokens, KV heads]
+    pages_reports: dict[str, int] = field(default_factory=dict)  # ring layout: pages each request needs next
+
+    @property
+    def schedules(self) -> list:
+        return [None if c is None else c.schedule for c in self.caches]
+
+
+class WorkerState:
+    def __init__(self):
+        self.pool = PoolState()
+        self.requests: dict[str, RequestCache] = {}
+        self.step: StepPlan | None = None
+        self.finished: list[dict] = []  # ring layouts: what each finished request kept (read by the tools)
+        self.predictor_seconds = 0.0  # time in the learned methods' hooks (the overhead benchmark reads it)
+
+    def begin_step(self, req_ids: list[str]) -> StepPlan:
+        self.step = StepPlan(list(req_ids), [self.requests.get(r) for r in req_ids])
+        return self.step
+
+    def end_step(self) -> None:
+        self.step = None
+
+    def record_scores(self, layer: int, scores: torch.Tensor, seconds: float) -> None:
+        """Where the learned methods' hooks leave each layer's scores (dummy runs have no step)."""
+        self.predictor_seconds += seconds
+        if self.step is not None:
+            self.step.token_scores[layer] = scores

@@ -1,0 +1,336 @@
+"""Attention glue for per-(layer, KV head) budgets (HeadKV): every stream has its own
+page list in one pool shared by all layers (:mod:`vllm_kvcompress.eviction.streams`).
+
+Plan (builder, once per step): for each request, the pages and lengths of its
+``layers x KV heads`` streams, the row every new token is written to in each stream, and
+the compressions that end this step. Native requests (prompt not compressed yet) use
+vLLM's layout, so chunked prefill is vLLM's; packed ones use their
+:class:`~vllm_kvcompress.eviction.streams.StreamPageTable`.
+
+Run (impl, every layer): write, attend, and at a compression score the prompt with the
+last window's queries (SnapKV-style) and keep each stream's budget. The repack into the
+packed layout writes across every layer's pages, so it runs once, after the last
+layer's attention, when no layer still has to read or write this step.
+
+KVzap scores every new token from its hidden state (a pre-hook on the layer's attention,
+:mod:`vllm_kvcompress.methods.kvzap.hooks`) and keeps the scores next to the rows
+(``PoolState.row_scores``, one float per pool row, moved with them). Top-k mode selects
+with them at the prompt end like HeadKV; threshold mode
+(:mod:`vllm_kvcompress.eviction.threshold`) packs the prompt into a ring + survivors and
+then decides one leaving token per stream and step.
+
+DMS uses the threshold layout with the keep score ``-z`` and threshold 0; its decisions
+arrive one token late (each is written onto the previous token's row), and its prompt
+attends under the DMS mask while it is still in vLLM's layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_kvcompress.eviction.selection import keep_indices_per_head
+from vllm_kvcompress.eviction.streams import PoolGeometry, StreamPageTable, StreamSchedule, cdiv
+from vllm_kvcompress.eviction.threshold import ThresholdSchedule, prompt_survivors, ring_order
+from vllm_kvcompress.kernels import ops
+
+
+@dataclass
+class StreamCompression:
+    req_id: str
+    cache: object  # the request's RequestCache (its packed table and survivors are set here)
+    token_end: int  # end of the request's tokens in this step (its window's queries end here)
+    pages: torch.Tensor  # [L, H, P] native pages
+    length: int
+    schedule: StreamSchedule
+    blocks: list[int]
+    kept_rows: list[list[torch.Tensor]] = field(default_factory=list)  # [layer][head] source row ids
+
+
+@dataclass
+class StreamSpan:
+    token_start: int
+    token_end: int
+    pages: torch.Tensor  # [L, H, P]
+    lengths: torch.Tensor  # [L, H] rows after this step's writes
+    dms_window: int | None = None  # DMS: attend under the delayed-eviction mask (a prompt in vLLM's layout)
+
+
+@dataclass
+class StreamMetadata:
+    num_actual_tokens: int
+    write_rows: torch.Tensor  # [L, T, H] pool row of each new token in each stream
+    decode_token_index: torch.Tensor  # [D]
+    decode_pages: torch.Tensor  # [L, D, H, P]
+    decode_lengths: torch.Tensor  # [L, D, H]
+    prefills: list[StreamSpan]
+    compressions: list[StreamCompression]
+    geometry: PoolGeometry
+    step: object  # the worker's StepPlan (learned scores in, pages reports out)
+    pool: object  # the worker's PoolState (row scores)
+    # KVzap threshold mode, packed decode rows V: the token leaving each stream's window
+    # is copied from its ring row to the spare row, then kept where its score passes.
+    victim_caches: list = field(default_factory=list)
+    victim_req_ids: list[str] = field(default_factory=list)
+    victim_src: torch.Tensor | None = None  # [L, V, H]
+    victim_dst: torch.Tensor | None = None  # [L, V, H]
+    victim_kept: torch.Tensor | None = None  # [L, V, H] survivors per stream (updated in the step)
+    # DMS (shift by one): the score computed with token ``decision_token_index[i]`` is the
+    # decision of the token before it, stored at ``decision_rows[:, i]``.
+    decision_token_index: torch.Tensor | None = None  # [T']
+    decision_rows: torch.Tensor | None = None  # [L, T', H]
+
+
+def _native_pages(geometry: PoolGeometry, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """[L, H, cdiv(length, page)] pages of a request still in vLLM's layout."""
+    g = geometry
+    j = torch.arange(cdiv(length, g.page))
+    block = blocks.long()[j // g.subpages]
+    layer = torch.arange(g.num_layers)[:, None, None]
+    head = torch.arange(g.heads)[None, :, None]
+    return ((layer * g.num_blocks + block) * g.heads + head) * g.subpages + j % g.subpages
+
+
+def _slot_pages(geometry: PoolGeometry, slots: list[int], blocks: list[int], schedule: StreamSchedule) -> list[int]:
+    return [geometry.slot_page(blocks, slot, schedule.pages_per_block) for slot in slots]
+
+
+def _packed_pages(geometry: PoolGeometry, table: StreamPageTable, ids: list[list[int]], blocks: list[int],
+                  schedule: StreamSchedule, lengths: list[int]) -> torch.Tensor:
+    table.grow(lengths)
+    for stream, slots in enumerate(table.slots):  # only slots taken since the last step need ids
+        ids[stream].extend(_slot_pages(geometry, slots[len(ids[stream]):], blocks, schedule))
+    width = max(len(x) for x in ids)
+    padded = torch.tensor([x + [x[0]] * (width - len(x)) for x in ids], dtype=torch.long)
+    return padded.view(geometry.num_layers, geometry.heads, width)
+
+
+def _pad_pages(pages: list[torch.Tensor]) -> list[torch.Tensor]:
+    width = max(p.shape[-1] for p in pages)
+    return [torch.cat([p, p[..., :1].expand(*p.shape[:-1], width - p.shape[-1])], dim=-1) for p in pages]
+
+
+def build(m, num_reqs: int, geometry: PoolGeometry, step, pool) -> StreamMetadata | None:
+    if step is None or len(step.req_ids) < num_reqs:
+        return None
+    rows = step.schedules
+    starts = m.query_start_loc_cpu[: num_reqs + 1].tolist()
+    seq_lens = m.seq_lens[:num_reqs].to("cpu").tolist()
+    table_rows = m.block_table_tensor[:num_reqs].cpu()
+    writes, decode_rows, decode_pages, decode_lengths, prefills, compressions = [], [], [], [], [], []
+    victims: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    decision_tokens, decision_rows = [], []
+    for r in range(num_reqs):
+        q_len, after = starts[r + 1] - starts[r], seq_lens[r]
+        if q_len == 0:
+            continue
+        schedule, req_id, cache = rows[r], step.req_ids[r], step.caches[r]
+        needed = cdiv(schedule.rows_during(after - q_len, after) if schedule else after, geometry.block_size)
+        blocks = table_rows[r, :needed]
+        if schedule is None or not schedule.packed(after - q_len):
+            pages = _native_pages(geometry, blocks, after)
+            lengths = torch.full((geometry.num_layers, geometry.heads), after, dtype=torch.long)
+            if schedule is not None and schedule.compacts_at(after):
+                compressions.append(StreamCompression(req_id, cache, starts[r + 1], pages, after, schedule,
+                                                      blocks.tolist()))
+        elif isinstance(schedule, ThresholdSchedule):
+            if q_len != 1:
+                raise RuntimeError(f"kvzap: request {req_id} got {q_len} tokens in one step after its prompt was packed")
+            table, ids = cache.stream_table
+            kept = cache.kept
+            lengths = schedule.ring + kept + 1
+            pages = _packed_pages(geometry, table, ids, blocks.tolist(), schedule, lengths.flatten().tolist())
+            # The new token takes the ring row of the token leaving the window; that one
+            # goes to the spare row first.
+            positions = torch.full((*lengths.shape, 1), (after - 1) % schedule.ring, dtype=torch.long)
+            all_rows = ops.page_rows(pages, geometry.page)
+            victims.append((req_id, all_rows.gather(2, positions)[..., 0],
+                            all_rows.gather(2, (lengths - 1)[..., None])[..., 0], kept, cache))
+        else:
+            table, ids = cache.stream_table
+            lengths = torch.tensor(schedule.stream_lengths(after), dtype=torch.long).view(geometry.num_layers, -1)
+            pages = _packed_pages(geometry, table, ids, blocks.tolist(), schedule, lengths.flatten().tolist())
+        if not victims or victims[-1][0] != req_id:
+            positions = lengths[:, :, None] - q_len + torch.arange(q_len)  # [L, H, q]
+        rows_lh = ops.page_rows(pages, geometry.page).gather(2, positions)
+        writes.append(rows_lh.permute(0, 2, 1))  # [L, q, H]
+        delayed = isinstance(schedule, ThresholdSchedule) and schedule.delayed
+        native_dms = delayed and not schedule.packed(after - q_len)
+        if delayed:
+            tokens, rows_prev = _previous_rows(schedule, pages, geometry.page, after, q_len, native_dms)
+            decision_tokens.append(starts[r] + tokens)
+            decision_rows.append(rows_prev)
+        if q_len == 1 and not native_dms:
+            decode_rows.append(starts[r])
+            decode_pages.append(pages)
+            decode_lengths.append(lengths)
+        else:
+            prefills.append(StreamSpan(starts[r], starts[r + 1], pages, lengths, schedule.ring if native_dms else None))
+    if decode_pages:
+        decode_pages_t = torch.stack(_pad_pages(decode_pages), dim=1)
+        decode_lengths_t = torch.stack(decode_lengths, dim=1)
+    else:
+        decode_pages_t = torch.zeros(geometry.num_layers, 0, geometry.heads, 1, dtype=torch.long)
+        decode_lengths_t = torch.zeros(geometry.num_layers, 0, geometry.heads, dtype=torch.long)
+    victim_fields = {}
+    if victims:
+        victim_fields = dict(victim_req_ids=[v[0] for v in victims], victim_caches=[v[4] for v in victims],
+                             victim_src=torch.stack([v[1] for v in victims], dim=1),
+                             victim_dst=torch.stack([v[2] for v in victims], dim=1),
+                             victim_kept=torch.stack([v[3] for v in victims], dim=1).clone())
+    if decision_tokens:
+        victim_fields.update(decision_token_index=torch.cat(decision_tokens), decision_rows=torch.cat(decision_rows, 1))
+    return StreamMetadata(
+        **victim_fields,
+        num_actual_tokens=m.num_actual_tokens,
+        write_rows=torch.cat(writes, dim=1) if writes else torch.zeros(geometry.num_layers, 0, geometry.heads,
+                                                                        dtype=torch.long),
+        decode_token_index=torch.tensor(decode_rows, dtype=torch.long),
+        decode_pages=decode_pages_t,
+        decode_lengths=decode_lengths_t,
+        prefills=prefills,
+        compressions=compressions,
+        geometry=geometry,
+        step=step,
+        pool=pool,
+    )
+
+
+def _previous_rows(schedule: ThresholdSchedule, pages: torch.Tensor, page: int, after: int, q_len: int,
+                   native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """DMS: (offsets in the step of the request's tokens that carry a decision, the rows of
+    the tokens those decisions are about ``[L, n, H]``): every new token but one at
+    position 0 decides the token before it (in vLLM's layout, or in the ring)."""
+    first = after - q_len
+    previous = torch.arange(max(first - 1, 0), after - 1)  # positions decided this step
+    tokens = torch.arange(q_len - len(previous), q_len)
+    physical = previous if native else previous % schedule.ring
+    rows = ops.page_rows(pages, page)[..., physical]  # [L, H, n]
+    return tokens, rows.permute(0, 2, 1)
+
+
+def dms_visible(scores: torch.Tensor, lengths: torch.Tensor, q_len: int, window: int,
+                threshold: float = 0.0) -> torch.Tensor:
+    """Prompt queries' DMS mask ``[H, q_len, L]`` (causality is the kernel's): key ``j`` is
+    visible to query ``i`` while ``i - j <= window`` or when it is not marked."""
+    q_pos = lengths[:, None] - q_len + torch.arange(q_len)  # [H, q]
+    recent = (q_pos[:, :, None] - torch.arange(scores.shape[-1])) <= window
+    return recent | (scores >= threshold)[:, None, :]
+
+
+def pool_rows(kv_cache: torch.Tensor, layer: int, num_layers: int) -> torch.Tensor:
+    """Every layer's cache as one ``[rows, 2D]`` array (vLLM allocates one backing buffer;
+    layer-outermost, each layer's ``[blocks, heads, block_size, 2D]`` view contiguous)."""
+    per_layer = kv_cache.numel()
+    if not kv_cache.is_contiguous() or kv_cache.storage_offset() != layer * per_layer or \
+            kv_cache.untyped_storage().nbytes() < num_layers * per_layer * kv_cache.element_size():
+        raise NotImplementedError("kvcompress headkv needs vLLM's layer-outermost KV layout in one buffer "
+                                  f"(layer {layer}: offset {kv_cache.storage_offset()}, {per_layer} elements)")
+    width = kv_cache.shape[-1]
+    return torch.as_strided(kv_cache, (num_layers * per_layer // width, width), (width, 1), 0)
+
+
+UNDECIDED = 3.0e38  # the newest token's DMS keep score until the next token decides (kept meanwhile)
+
+
+class StreamRunner:
+    """One per attention layer (HeadKV, KVzap, DMS). Scores come from the method's scorer
+    (keys and window queries) or, for learned methods (no scorer), from the pool's row
+    scores, written from the hooks' step scores; a threshold rule decides survivors."""
+
+    def __init__(self, method, layer: int, num_layers: int):
+        self.scorer = method.scorer()
+        rule = method.rule()
+        self.threshold = None if rule is None else rule.threshold
+        self.delayed = rule is not None and rule.delayed  # shift by one: scores arrive with the next token
+        self.layer, self.num_layers = layer, num_layers
+
+    def forward(self, query, key, value, kv_cache, meta: StreamMetadata, out, scale: float) -> None:
+        pool = pool_rows(kv_cache, self.layer, self.num_layers)
+        layer, page = self.layer, meta.geometry.page
+        if meta.pool.adjust_query is not None:  # DMS single-neuron: the decision channel stays out of q . k
+            query = meta.pool.adjust_query(query)
+        scores = meta.pool.row_scores if self.scorer is None else None
+        if meta.victim_src is not None:  # before the new tokens take their ring rows
+            src, dst = meta.victim_src[layer], meta.victim_dst[layer]
+            pool[dst] = pool[src]
+            scores[dst] = scores[src]
+        ops.stream_write_rows(pool, meta.write_rows[layer], key, value)
+        if self.scorer is None:
+            step_scores = meta.step.token_scores.pop(layer)[: meta.num_actual_tokens]
+            if self.delayed:
+                scores[meta.write_rows[layer]] = UNDECIDED
+                if meta.decision_rows is not None:
+                    scores[meta.decision_rows[layer]] = step_scores[meta.decision_token_index]
+            else:
+                scores[meta.write_rows[layer]] = step_scores
+        if meta.decode_token_index.numel():
+            idx = meta.decode_token_index
+            result = ops.stream_decode(query[idx], pool, meta.decode_pages[layer], meta.decode_lengths[layer], page,
+                                       scale)
+            out[idx] = result.to(out.dtype)
+        for span in meta.prefills:
+            rows = slice(span.token_start, span.token_end)
+            visible = None
+            if span.dms_window is not None:
+                key_rows = ops.page_rows(span.pages[layer], page)[:, : int(span.lengths[layer].max())]
+                visible = dms_visible(scores[key_rows], span.lengths[layer], span.token_end - span.token_start,
+                                      span.dms_window, self.threshold)
+            result = ops.stream_prefill(query[rows], pool, span.pages[layer], span.lengths[layer], page, scale,
+                                        visible)
+            out[rows] = result.to(out.dtype)
+        if meta.victim_src is not None:  # after the attention: the leaving token was still seen
+            meta.victim_kept[layer] += (scores[meta.victim_dst[layer]] >= self.threshold).long()
+        for c in meta.compressions:
+            self._select(pool, query, c, meta.pool.row_scores)
+        if layer == self.num_layers - 1:
+            for c in meta.compressions:
+                _repack(pool, c, meta.geometry, meta.pool.row_scores, meta.step)
+            for v, cache in enumerate(meta.victim_caches):
+                _record_kept(meta.step, meta.victim_req_ids[v], cache, meta.victim_kept[:, v])
+
+    def _select(self, pool, query, c: StreamCompression, row_scores) -> None:
+        rows = ops.page_rows(c.pages[self.layer], c.schedule.page)[:, : c.length]  # [H, T]
+        heads = rows.shape[0]
+        if isinstance(c.schedule, ThresholdSchedule):  # ring (the last tokens), then survivors
+            ring = rows[:, ring_order(c.length, c.schedule.ring)]
+            survivors = prompt_survivors(row_scores[rows], c.schedule.threshold, c.schedule.ring)
+            c.kept_rows.append([torch.cat([ring[h], rows[h, keep]]) for h, keep in enumerate(survivors)])
+            return
+        if self.scorer is None:
+            scores = row_scores[rows]
+        else:
+            head_dim = query.shape[-1]
+            scores = self.scorer.score(pool[rows][..., :head_dim],
+                                       queries=self.scorer.window_queries(query, c.token_end, c.length))
+        budgets = c.schedule.budgets[self.layer * heads:(self.layer + 1) * heads]
+        keep = keep_indices_per_head(scores, list(budgets), 0, self.scorer.window if self.scorer else 0)
+        c.kept_rows.append([rows[h, k] for h, k in enumerate(keep)])
+
+
+def _record_kept(step, req_id: str, cache, kept: torch.Tensor) -> None:
+    """After a ring-layout step: survivors per stream (the request's cache), and the pages
+    its next step needs (the step's report; the runner settles it over the ranks and
+    hands it to the schedule and the scheduler)."""
+    cache.kept = kept.clone()
+    step.pages_reports[req_id] = cache.schedule.pages_for(kept.flatten().tolist())
+
+
+def _repack(pool, c: StreamCompression, geometry: PoolGeometry, row_scores, step) -> None:
+    """Move every stream's kept rows into the packed layout (all layers at once)."""
+    kept = [rows for layer_rows in c.kept_rows for rows in layer_rows]  # stream order (layer-major)
+    threshold = isinstance(c.schedule, ThresholdSchedule)
+    spare = 1 if threshold else 0  # threshold mode: room for the next step's leaving token
+    table = StreamPageTable.packed([len(rows) + spare for rows in kept], c.schedule.page)
+    ids = [_slot_pages(geometry, slots, c.blocks, c.schedule) for slots in table.slots]
+    dest = [ops.page_rows(torch.tensor(stream_ids), c.schedule.page)[: len(rows)] for stream_ids, rows in zip(ids, kept)]
+    source, dest = torch.cat(kept), torch.cat(dest)
+    ops.stream_move_rows(pool, source, dest)
+    if row_scores is not None:
+        row_scores[dest] = row_scores[source].clone()
+    c.cache.stream_table = (table, ids)
+    if threshold:
+        ring = c.schedule.ring
+        _record_kept(step, c.req_id, c.cache,
+                     torch.tensor([len(rows) - ring for rows in kept]).view(geometry.num_layers, -1))
