@@ -13,7 +13,7 @@ from masked_reference import drive, masked_attention
 from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.vllm.state import WorkerState
 from vllm_kvcompress.methods.dms.decisions import eviction_flags, visible
-from vllm_kvcompress.eviction.policy import EvictionPolicy
+from vllm_kvcompress.vllm.policy import EvictionPolicy
 from vllm_kvcompress.eviction.threshold import ThresholdSchedule
 
 LAYERS, HEADS, Q_HEADS, DIM, BLOCK, PAGE, RING, BLOCKS = 2, 2, 4, 8, 32, 8, 16, 12

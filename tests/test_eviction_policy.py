@@ -4,7 +4,7 @@ call the same function)."""
 import pytest
 
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
-from vllm_kvcompress.eviction.policy import EvictionPolicy
+from vllm_kvcompress.vllm.policy import EvictionPolicy
 
 
 def _policy(**settings):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vllm_kvcompress.config import KVCompressConfig
-from vllm_kvcompress.eviction.policy import EvictionPolicy
+from vllm_kvcompress.vllm.policy import EvictionPolicy
 from vllm_kvcompress.eviction.streams import cdiv
 from vllm_kvcompress.harness.generate import run_in_subprocess
 from vllm_kvcompress.harness.step_trace import run_traced

@@ -11,7 +11,7 @@ from masked_reference import drive, masked_attention
 
 from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.vllm.state import WorkerState
-from vllm_kvcompress.eviction.policy import EvictionPolicy
+from vllm_kvcompress.vllm.policy import EvictionPolicy
 from vllm_kvcompress.eviction.streams import cdiv
 from vllm_kvcompress.eviction.threshold import ThresholdSchedule, prompt_survivors, ring_order, visible
 

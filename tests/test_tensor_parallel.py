@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vllm_kvcompress.config import KVCompressConfig
-from vllm_kvcompress.eviction.policy import EvictionPolicy
+from vllm_kvcompress.vllm.policy import EvictionPolicy
 from vllm_kvcompress.vllm.parallel import kv_heads_of_rank
 
 SHAPE = (4, 8, 4)  # layers, query heads, KV heads

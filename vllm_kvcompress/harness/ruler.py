@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from vllm_kvcompress.harness.tasks import Sample, prefixed_chat_ids
+from vllm_kvcompress.harness.tasks import Sample
+from vllm_kvcompress.offline.corpus import prefixed_chat_ids
 from vllm_kvcompress.offline.corpus import ruler_data_dir
 
 ANSWER_MARKER = "<<ANSWER_PREFIX>>"

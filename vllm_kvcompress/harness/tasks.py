@@ -11,8 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
-from vllm_kvcompress.offline.corpus import essay_sentences, take_tokens
-from vllm_kvcompress.offline.prompts import chat_ids
+from vllm_kvcompress.offline.corpus import essay_sentences, needle_keys, needle_prompt, prefixed_chat_ids, take_tokens
 
 
 @dataclass
@@ -32,32 +31,6 @@ class Sample:
 
 
 PASSKEY_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
-
-
-def prefixed_chat_ids(tokenizer, user_text: str, answer_prefix: str) -> list[int]:
-    ids = chat_ids(tokenizer, user_text)
-    if answer_prefix:
-        ids += tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
-    return ids
-
-
-def needle_prompt(tokenizer, *, head: str, tail: str, needle: str, answer_prefix: str,
-                  sentences, start: int, depth: int, budget: int) -> list[int]:
-    """A chat prompt of at most ``budget`` tokens: head, haystack with ``needle`` inserted
-    at ``depth`` percent (on a sentence boundary), tail, then the answer prefix."""
-
-    def build(haystack: list[str]) -> list[int]:
-        at = round(len(haystack) * depth / 100)
-        body = " ".join(haystack[:at] + [needle] + haystack[at:])
-        return prefixed_chat_ids(tokenizer, f"{head}\n{body}\n{tail}", answer_prefix)
-
-    overhead = len(build([]))
-    haystack = take_tokens(tokenizer, sentences, budget - overhead, start=start)
-    ids = build(haystack)
-    while len(ids) > budget and haystack:  # joins can tokenise longer than the parts
-        haystack.pop()
-        ids = build(haystack)
-    return ids
 
 
 def passkey_samples(tokenizer, lengths: dict[int, list[int]], seed: int = 0) -> list[Sample]:
@@ -80,15 +53,9 @@ def passkey_samples(tokenizer, lengths: dict[int, list[int]], seed: int = 0) -> 
     return samples
 
 
-def _needle_keys() -> tuple[list[str], list[str]]:
-    import wonderwords.random_word as words  # the word lists RULER draws its keys from
-
-    return words._get_words_from_text_file("adjectivelist.txt"), words._get_words_from_text_file("nounlist.txt")
-
-
 def niah_samples(tokenizer, lengths: dict[int, list[int]], seed: int = 0) -> list[Sample]:
     """RULER's single needle (word key, 7-digit value) in Paul Graham essays, at fixed depths."""
-    adjectives, nouns = _needle_keys()
+    adjectives, nouns = needle_keys()
     sentences = essay_sentences()
     samples = []
     for length, depths in lengths.items():

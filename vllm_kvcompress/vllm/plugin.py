@@ -101,7 +101,7 @@ def _validate_request_settings() -> None:
     @functools.wraps(original)
     def _validate_params(self, params, *args, **kwargs):
         result = original(self, params, *args, **kwargs)
-        from vllm_kvcompress.eviction.policy import has_request_settings
+        from vllm_kvcompress.vllm.policy import has_request_settings
 
         extra_args = getattr(params, "extra_args", None)
         if has_request_settings(extra_args):

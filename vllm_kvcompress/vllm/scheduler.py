@@ -25,7 +25,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from vllm_kvcompress.config import KVCompressConfig
-from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
+from vllm_kvcompress.vllm.policy import EvictionPolicy, model_shape
 from vllm_kvcompress.eviction.schedule import CompressionSchedule
 from vllm_kvcompress.vllm.metrics import EvictionCounters
 from vllm_kvcompress.vllm.runner_output import KVCompressRunnerOutput

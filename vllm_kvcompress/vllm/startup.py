@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from vllm_kvcompress import BACKEND_NAME
 from vllm_kvcompress.config import CONFIG_KEY, KVCompressConfig, KVCompressConfigError
 from vllm_kvcompress.methods import evicting
-from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape, validate_overrides
+from vllm_kvcompress.vllm.policy import EvictionPolicy, model_shape, validate_overrides
 from vllm_kvcompress.vllm.version import check_vllm_version
 
 if TYPE_CHECKING:

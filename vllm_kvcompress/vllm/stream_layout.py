@@ -1,11 +1,15 @@
-"""Attention glue for per-(layer, KV head) budgets (HeadKV): every stream has its own
-page list in one pool shared by all layers (:mod:`vllm_kvcompress.eviction.streams`).
+"""Attention glue for per-(layer, KV head) streams (HeadKV, KVzap, DMS): every stream has
+its own page list in one pool shared by all layers (:mod:`vllm_kvcompress.eviction.streams`).
 
-Plan (builder, once per step): for each request, the pages and lengths of its
-``layers x KV heads`` streams, the row every new token is written to in each stream, and
-the compressions that end this step. Native requests (prompt not compressed yet) use
-vLLM's layout, so chunked prefill is vLLM's; packed ones use their
-:class:`~vllm_kvcompress.eviction.streams.StreamPageTable`.
+Plan (builder, once per step): each request is in one of three layouts, chosen by its
+schedule's type and its length (:func:`layout_of`), and each layout plans its rows:
+
+* :func:`native_layout`: until the compression point, vLLM's own layout (so chunked
+  prefill is vLLM's); the step that ends on the point carries a compression;
+* :func:`packed_budget_layout`: after a budget compression (:class:`StreamSchedule`),
+  every stream appends to its :class:`~vllm_kvcompress.eviction.streams.StreamPageTable`;
+* :func:`ring_layout`: after a threshold rule packed the prompt (:class:`ThresholdSchedule`),
+  a ring of the newest tokens, the survivors and a spare row.
 
 Run (impl, every layer): write, attend, and at a compression score the prompt with the
 last window's queries (SnapKV-style) and keep each stream's budget. The repack into the
@@ -54,7 +58,7 @@ class StreamSpan:
     token_end: int
     pages: torch.Tensor  # [L, H, P]
     lengths: torch.Tensor  # [L, H] rows after this step's writes
-    dms_window: int | None = None  # DMS: attend under the delayed-eviction mask (a prompt in vLLM's layout)
+    delayed_window: int | None = None  # delayed rule (DMS): attend under its mask (a prompt in vLLM's layout)
 
 
 @dataclass
@@ -111,62 +115,102 @@ def _pad_pages(pages: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat([p, p[..., :1].expand(*p.shape[:-1], width - p.shape[-1])], dim=-1) for p in pages]
 
 
+@dataclass
+class RowPlan:
+    """One request's part of the step in its layout: its pages and lengths after the
+    step's writes, the row each new token takes, and what the step must do after."""
+
+    pages: torch.Tensor  # [L, H, P]
+    lengths: torch.Tensor  # [L, H]
+    positions: torch.Tensor  # [L, H, q] row of each new token in each stream
+    compression: StreamCompression | None = None  # the step ends on the compression point
+    victim: tuple | None = None  # ring: (leaving token's row, spare row) [L, H] each
+
+
+def native_layout(g: PoolGeometry, blocks, after: int, q_len: int, schedule, cache, req_id: str,
+                  token_end: int) -> RowPlan:
+    """Until the compression point: vLLM's own layout (so chunked prefill is vLLM's)."""
+    pages = _native_pages(g, blocks, after)
+    lengths = torch.full((g.num_layers, g.heads), after, dtype=torch.long)
+    compression = None
+    if schedule is not None and schedule.compacts_at(after):
+        compression = StreamCompression(req_id, cache, token_end, pages, after, schedule, blocks.tolist())
+    return RowPlan(pages, lengths, _appended(lengths, q_len), compression)
+
+
+def packed_budget_layout(g: PoolGeometry, blocks, after: int, q_len: int, schedule: StreamSchedule, cache,
+                         req_id: str, token_end: int) -> RowPlan:
+    """After a budget compression (HeadKV, KVzap top-k): every stream appends its tokens."""
+    table, ids = cache.stream_table
+    lengths = torch.tensor(schedule.stream_lengths(after), dtype=torch.long).view(g.num_layers, -1)
+    pages = _packed_pages(g, table, ids, blocks.tolist(), schedule, lengths.flatten().tolist())
+    return RowPlan(pages, lengths, _appended(lengths, q_len))
+
+
+def ring_layout(g: PoolGeometry, blocks, after: int, q_len: int, schedule: ThresholdSchedule, cache, req_id: str,
+                token_end: int) -> RowPlan:
+    """After the packing point of a threshold rule: a ring of the newest tokens, the
+    survivors, and a spare row. The new token takes the ring row of the token leaving the
+    window; that one goes to the spare row first (:class:`StreamRunner`)."""
+    if q_len != 1:
+        raise RuntimeError(f"ring layout: request {req_id} got {q_len} tokens in one step after its prompt was packed")
+    table, ids = cache.stream_table
+    lengths = schedule.ring + cache.kept + 1
+    pages = _packed_pages(g, table, ids, blocks.tolist(), schedule, lengths.flatten().tolist())
+    positions = torch.full((*lengths.shape, 1), (after - 1) % schedule.ring, dtype=torch.long)
+    all_rows = ops.page_rows(pages, g.page)
+    victim = (all_rows.gather(2, positions)[..., 0], all_rows.gather(2, (lengths - 1)[..., None])[..., 0])
+    return RowPlan(pages, lengths, positions, victim=victim)
+
+
+def layout_of(schedule, computed: int):
+    """The layout a request's streams are in before this step, by its schedule's type."""
+    if schedule is None or not schedule.packed(computed):
+        return native_layout
+    if isinstance(schedule, ThresholdSchedule):
+        return ring_layout
+    return packed_budget_layout
+
+
+def _appended(lengths: torch.Tensor, q_len: int) -> torch.Tensor:
+    return lengths[:, :, None] - q_len + torch.arange(q_len)  # [L, H, q]
+
+
 def build(m, num_reqs: int, geometry: PoolGeometry, step, pool) -> StreamMetadata | None:
     if step is None or len(step.req_ids) < num_reqs:
         return None
-    rows = step.schedules
     starts = m.query_start_loc_cpu[: num_reqs + 1].tolist()
     seq_lens = m.seq_lens[:num_reqs].to("cpu").tolist()
     table_rows = m.block_table_tensor[:num_reqs].cpu()
     writes, decode_rows, decode_pages, decode_lengths, prefills, compressions = [], [], [], [], [], []
-    victims: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    victims: list[tuple] = []
     decision_tokens, decision_rows = [], []
     for r in range(num_reqs):
         q_len, after = starts[r + 1] - starts[r], seq_lens[r]
         if q_len == 0:
             continue
-        schedule, req_id, cache = rows[r], step.req_ids[r], step.caches[r]
+        schedule, req_id, cache = step.schedules[r], step.req_ids[r], step.caches[r]
         needed = cdiv(schedule.rows_during(after - q_len, after) if schedule else after, geometry.block_size)
-        blocks = table_rows[r, :needed]
-        if schedule is None or not schedule.packed(after - q_len):
-            pages = _native_pages(geometry, blocks, after)
-            lengths = torch.full((geometry.num_layers, geometry.heads), after, dtype=torch.long)
-            if schedule is not None and schedule.compacts_at(after):
-                compressions.append(StreamCompression(req_id, cache, starts[r + 1], pages, after, schedule,
-                                                      blocks.tolist()))
-        elif isinstance(schedule, ThresholdSchedule):
-            if q_len != 1:
-                raise RuntimeError(f"kvzap: request {req_id} got {q_len} tokens in one step after its prompt was packed")
-            table, ids = cache.stream_table
-            kept = cache.kept
-            lengths = schedule.ring + kept + 1
-            pages = _packed_pages(geometry, table, ids, blocks.tolist(), schedule, lengths.flatten().tolist())
-            # The new token takes the ring row of the token leaving the window; that one
-            # goes to the spare row first.
-            positions = torch.full((*lengths.shape, 1), (after - 1) % schedule.ring, dtype=torch.long)
-            all_rows = ops.page_rows(pages, geometry.page)
-            victims.append((req_id, all_rows.gather(2, positions)[..., 0],
-                            all_rows.gather(2, (lengths - 1)[..., None])[..., 0], kept, cache))
-        else:
-            table, ids = cache.stream_table
-            lengths = torch.tensor(schedule.stream_lengths(after), dtype=torch.long).view(geometry.num_layers, -1)
-            pages = _packed_pages(geometry, table, ids, blocks.tolist(), schedule, lengths.flatten().tolist())
-        if not victims or victims[-1][0] != req_id:
-            positions = lengths[:, :, None] - q_len + torch.arange(q_len)  # [L, H, q]
-        rows_lh = ops.page_rows(pages, geometry.page).gather(2, positions)
-        writes.append(rows_lh.permute(0, 2, 1))  # [L, q, H]
+        layout = layout_of(schedule, after - q_len)
+        row = layout(geometry, table_rows[r, :needed], after, q_len, schedule, cache, req_id, starts[r + 1])
+        if row.compression is not None:
+            compressions.append(row.compression)
+        if row.victim is not None:
+            victims.append((req_id, *row.victim, cache.kept, cache))
+        writes.append(ops.page_rows(row.pages, geometry.page).gather(2, row.positions).permute(0, 2, 1))  # [L, q, H]
         delayed = isinstance(schedule, ThresholdSchedule) and schedule.delayed
-        native_dms = delayed and not schedule.packed(after - q_len)
+        native_delayed = delayed and layout is native_layout
         if delayed:
-            tokens, rows_prev = _previous_rows(schedule, pages, geometry.page, after, q_len, native_dms)
+            tokens, rows_prev = _previous_rows(schedule, row.pages, geometry.page, after, q_len, native_delayed)
             decision_tokens.append(starts[r] + tokens)
             decision_rows.append(rows_prev)
-        if q_len == 1 and not native_dms:
+        if q_len == 1 and not native_delayed:
             decode_rows.append(starts[r])
-            decode_pages.append(pages)
-            decode_lengths.append(lengths)
+            decode_pages.append(row.pages)
+            decode_lengths.append(row.lengths)
         else:
-            prefills.append(StreamSpan(starts[r], starts[r + 1], pages, lengths, schedule.ring if native_dms else None))
+            prefills.append(StreamSpan(starts[r], starts[r + 1], row.pages, row.lengths,
+                                       schedule.ring if native_delayed else None))
     if decode_pages:
         decode_pages_t = torch.stack(_pad_pages(decode_pages), dim=1)
         decode_lengths_t = torch.stack(decode_lengths, dim=1)
@@ -210,7 +254,7 @@ def _previous_rows(schedule: ThresholdSchedule, pages: torch.Tensor, page: int, 
     return tokens, rows.permute(0, 2, 1)
 
 
-def dms_visible(scores: torch.Tensor, lengths: torch.Tensor, q_len: int, window: int,
+def delayed_visible(scores: torch.Tensor, lengths: torch.Tensor, q_len: int, window: int,
                 threshold: float = 0.0) -> torch.Tensor:
     """Prompt queries' DMS mask ``[H, q_len, L]`` (causality is the kernel's): key ``j`` is
     visible to query ``i`` while ``i - j <= window`` or when it is not marked."""
@@ -273,10 +317,10 @@ class StreamRunner:
         for span in meta.prefills:
             rows = slice(span.token_start, span.token_end)
             visible = None
-            if span.dms_window is not None:
+            if span.delayed_window is not None:
                 key_rows = ops.page_rows(span.pages[layer], page)[:, : int(span.lengths[layer].max())]
-                visible = dms_visible(scores[key_rows], span.lengths[layer], span.token_end - span.token_start,
-                                      span.dms_window, self.threshold)
+                visible = delayed_visible(scores[key_rows], span.lengths[layer], span.token_end - span.token_start,
+                                      span.delayed_window, self.threshold)
             result = ops.stream_prefill(query[rows], pool, span.pages[layer], span.lengths[layer], page, scale,
                                         visible)
             out[rows] = result.to(out.dtype)

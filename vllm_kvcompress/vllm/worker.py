@@ -19,7 +19,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_kvcompress.config import KVCompressConfig
-from vllm_kvcompress.eviction.policy import EvictionPolicy, model_shape
+from vllm_kvcompress.vllm.policy import EvictionPolicy, model_shape
 from vllm_kvcompress.vllm import parallel
 from vllm_kvcompress.vllm.runner_output import KVCompressRunnerOutput
 from vllm_kvcompress.vllm.state import RequestCache, WorkerState
