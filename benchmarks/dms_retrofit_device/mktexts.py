@@ -1,4 +1,4 @@
-import json, sys, time, signal
+import json, sys, time
 sys.path.insert(0, '/work/main/.gpu_upload/pkg')
 import transformers
 from vllm_kvcompress.offline.dms_train import _texts

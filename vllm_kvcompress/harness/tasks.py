@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
-from vllm_kvcompress.offline.corpus import essay_sentences, needle_keys, needle_prompt, prefixed_chat_ids, take_tokens
+from vllm_kvcompress.offline.corpus import essay_sentences, needle_keys, needle_prompt, take_tokens
 
 
 @dataclass

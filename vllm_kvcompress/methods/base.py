@@ -93,6 +93,12 @@ class BudgetSettings(Settings):
     def has_budget(self) -> bool:
         return self.max_kv_tokens is not None or self.compression_ratio is not None
 
+    def require_budget(self, method: str) -> None:
+        if not self.has_budget:
+            raise KVCompressConfigError(
+                f"method {method!r} needs a budget: set {key_name('compression_ratio')} (fraction of tokens "
+                f"removed, 0 <= r < 1) or {key_name('max_kv_tokens')} (tokens kept per sequence)")
+
     def validate(self) -> None:
         super().validate()
         self.check_budget(dataclasses.asdict(self))

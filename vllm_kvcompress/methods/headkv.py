@@ -155,10 +155,7 @@ class HeadKVSettings(WindowSettings, PagedSettings):
                 "`python -m vllm_kvcompress.offline.head_scores --model MODEL --out FILE`, a published HeadKV scores "
                 "file, or \"uniform\"")
         check_number("headkv_beta", self.headkv_beta, lambda b: b > 1, "a number > 1")
-        if not self.has_budget:
-            raise KVCompressConfigError(
-                f"method 'headkv' needs a budget: set {key_name('compression_ratio')} (fraction of tokens "
-                f"removed, 0 <= r < 1) or {key_name('max_kv_tokens')} (tokens kept per sequence)")
+        self.require_budget('headkv')
 
 
 class HeadKV(Method):

@@ -10,7 +10,7 @@ import torch
 
 from vllm_kvcompress.eviction.schedule import CompressionSchedule
 from vllm_kvcompress.eviction.scorers import Scorer
-from vllm_kvcompress.methods.base import BudgetSettings, KVCompressConfigError, Method, check_choice, check_int, key_name, setting
+from vllm_kvcompress.methods.base import BudgetSettings, Method, check_choice, check_int, setting
 
 EVICTION_MODES = ("compact", "mask")
 
@@ -32,10 +32,7 @@ class KnormSettings(BudgetSettings):
         for name, minimum in (("sink_tokens", 0), ("recent_tokens", 0), ("buffer_blocks", 1)):
             check_int(name, getattr(self, name), minimum)
         check_choice("eviction_mode", self.eviction_mode, EVICTION_MODES)
-        if not self.has_budget:
-            raise KVCompressConfigError(
-                f"method 'knorm' needs a budget: set {key_name('compression_ratio')} (fraction of tokens "
-                f"removed, 0 <= r < 1) or {key_name('max_kv_tokens')} (tokens kept per sequence)")
+        self.require_budget('knorm')
 
 
 class KnormScorer(Scorer):

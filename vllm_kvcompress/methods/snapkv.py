@@ -32,10 +32,7 @@ class WindowSettings(BudgetSettings):
 class SnapKVSettings(WindowSettings):
     def validate(self) -> None:
         super().validate()
-        if not self.has_budget:
-            raise KVCompressConfigError(
-                f"method 'snapkv' needs a budget: set {key_name('compression_ratio')} (fraction of tokens "
-                f"removed, 0 <= r < 1) or {key_name('max_kv_tokens')} (tokens kept per sequence)")
+        self.require_budget('snapkv')
 
 
 class SnapKVScorer(Scorer):
