@@ -152,7 +152,7 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
         logits = logits.scatter(3, last, exact.unsqueeze(-1) * scale)
         values = values.scatter(2, (kv_lens - 1).view(batch, 1, 1, 1).expand(-1, num_kv_heads, 1, head_dim),
                                 current[1].float().unsqueeze(2))
-    valid = torch.arange(max_len).unsqueeze(0) < kv_lens.unsqueeze(1)
+    valid = torch.arange(max_len, device=logits.device).unsqueeze(0) < kv_lens.to(logits.device).unsqueeze(1)
     logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
     out = torch.matmul(torch.softmax(logits, -1), values)  # [B, Hkv, g, D]
     return out.reshape(batch, num_q_heads, head_dim)
@@ -184,7 +184,7 @@ def prefill_attention(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Te
     if q_len == kv_len:  # whole prompt in one step: no explicit [q_len, kv_len] mask
         out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        q_pos = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
-        mask = (torch.arange(kv_len).unsqueeze(0) <= q_pos)[None, None]
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
+        mask = (torch.arange(kv_len, device=q.device).unsqueeze(0) <= q_pos)[None, None]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[0].transpose(0, 1)

@@ -60,7 +60,11 @@ OPS = frozenset(TRITON_OPS) | {
     "lookat_keys", "stream_write_rows", "stream_move_rows", "stream_prefill", "page_rows",
 }
 
-_kind = "auto"
+# ``KVCOMPRESS_KERNELS=reference`` runs a whole engine on the PyTorch references (the GPU
+# oracle: same engine, same CUDA tensors, other kernels); the processes vLLM spawns inherit it.
+_kind = os.environ.get("KVCOMPRESS_KERNELS", "auto")
+if _kind not in KINDS:
+    raise ValueError(f"KVCOMPRESS_KERNELS must be one of {', '.join(KINDS)}, got {_kind!r}")
 
 
 @contextlib.contextmanager

@@ -75,8 +75,8 @@ def prefill_attention(
     if q_len == kv_len and visible is None:  # whole prompt in one step: plain causal
         out = _attend(q, k[None], v[None], None, scale, causal=True)
     else:  # a chunk after cached context: causal, aligned to the bottom-right
-        q_pos = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
-        mask = (torch.arange(kv_len).unsqueeze(0) <= q_pos)[None, None]
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
+        mask = (torch.arange(kv_len, device=q.device).unsqueeze(0) <= q_pos)[None, None]
         if visible is not None:  # per query head: [1, Hq, q_len, kv_len]
             group = num_q_heads // visible.shape[0]
             mask = mask & visible.repeat_interleave(group, 0)[None, :, None, :]
@@ -105,7 +105,7 @@ def decode_attention(
     k, v = rows[..., :head_dim].float(), rows[..., head_dim:].float()
     q = query.view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim).float()  # GQA groups
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hkv, group, L]
-    valid = torch.arange(max_len).unsqueeze(0) < kv_lens.unsqueeze(1)
+    valid = torch.arange(max_len, device=scores.device).unsqueeze(0) < kv_lens.to(scores.device).unsqueeze(1)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     if visible is not None:
         scores = scores.masked_fill(~visible[:, :, None, :max_len], float("-inf"))

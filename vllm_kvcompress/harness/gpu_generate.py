@@ -1,0 +1,80 @@
+"""Greedy generation on a GPU engine with dummy weights, results as JSON (the GPU oracles).
+
+    python -m vllm_kvcompress.harness.gpu_generate SPEC.json OUT.json
+
+SPEC: {"model_config": {HF config.json}, "llm": {LLM kwargs}, "prompts": [[token ids], ...],
+       "max_tokens": 32, "codebooks_m": null | m (synthetic LOOKAT codebooks for that config)}
+OUT:  {"outputs": [{"token_ids", "token_logprobs"}], "cudagraph_mode", "kernels", "start_s"}
+
+No weights reach the GPU machine: ``load_format="dummy"`` (vLLM's seeded initialisation, the
+same in every process), no tokenizer (token-id prompts). ``KVCOMPRESS_KERNELS`` in the
+environment picks the kernels (``reference`` = the PyTorch ops on the same CUDA tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def synthetic_codebooks(path: Path, config: dict, m: int, seed: int = 0) -> None:
+    """A LOOKAT codebook file for ``config`` with seeded normal centroids (no keys to calibrate on)."""
+    import types
+
+    import torch
+    from safetensors.torch import save_file
+
+    from vllm_kvcompress.methods.lookat.codebooks import FORMAT, model_signature
+
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {f"layer.{i}": torch.randn(config["num_key_value_heads"], m, 256, head_dim // m, generator=generator)
+               for i in range(config["num_hidden_layers"])}
+    metadata = {"format": FORMAT, "m": str(m), "K": "256", "synthetic": "seeded normal centroids",
+                **model_signature(types.SimpleNamespace(**config))}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def model_folder(config: dict, codebooks_m: int | None = None) -> tuple[Path, Path | None]:
+    folder = Path(tempfile.mkdtemp())
+    (folder / "config.json").write_text(json.dumps(config))
+    codebooks = None
+    if codebooks_m:
+        codebooks = folder / f"codebooks-m{codebooks_m}.safetensors"
+        synthetic_codebooks(codebooks, config, codebooks_m)
+    return folder, codebooks
+
+
+def run(spec: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    folder, codebooks = model_folder(spec["model_config"], spec.get("codebooks_m"))
+    kwargs = dict(spec["llm"])
+    settings = kwargs.get("additional_config", {}).get("kvcompress")
+    if settings is not None and codebooks is not None:
+        settings["codebooks"] = str(codebooks)
+    started = time.perf_counter()
+    llm = LLM(model=str(folder), load_format="dummy", skip_tokenizer_init=True, seed=0, **kwargs)
+    start_s = time.perf_counter() - started
+    params = SamplingParams(max_tokens=spec.get("max_tokens", 32), temperature=0.0, ignore_eos=True, logprobs=0,
+                            detokenize=False)
+    results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]], params, use_tqdm=False)
+    outputs = []
+    for result in results:
+        completion = result.outputs[0]
+        logprobs = [step[tok].logprob for tok, step in zip(completion.token_ids, completion.logprobs or [])]
+        outputs.append({"token_ids": list(completion.token_ids), "token_logprobs": logprobs})
+    config = llm.llm_engine.vllm_config
+    return {"outputs": outputs, "cudagraph_mode": str(config.compilation_config.cudagraph_mode),
+            "kernels": os.environ.get("KVCOMPRESS_KERNELS", "auto"), "start_s": round(start_s, 1),
+            "kv_cache_tokens": int(config.cache_config.num_gpu_blocks or 0) * int(config.cache_config.block_size)}
+
+
+if __name__ == "__main__":
+    from vllm_kvcompress.harness.subprocess_run import tool_main
+
+    tool_main(run)
