@@ -58,8 +58,10 @@ def test_none_gives_flash_attention_tokens(monkeypatch, shape):
     ours = _generate(monkeypatch, shape, attention_backend="kvcompress",
                      additional_config={"kvcompress": {"method": "none"}})
     same, gap = _compare(flash, ours)
-    print(f"{shape}: kvcompress none vs FLASH_ATTN: {same:.1%} same greedy tokens, largest logprob gap {gap:.3g}; "
+    print(f"{shape}: kvcompress none vs FLASH_ATTN: {same:.1%} same greedy tokens ({ours['distinct_tokens']} distinct), "
+          f"largest logprob gap {gap:.3g}; impls {ours['attention_impls']} vs {flash['attention_impls']}, "
           f"cudagraph {ours['cudagraph_mode']}, start {ours['start_s']} s (FA3 {flash['start_s']} s)")
+    assert ours["attention_impls"] == ["KVCompressImpl"] and flash["attention_impls"] != ["KVCompressImpl"]
     assert same == 1.0
 
 
@@ -71,6 +73,8 @@ def test_lookat_triton_path_matches_its_reference_path(monkeypatch, shape):
     reference = _generate(monkeypatch, shape, kernels="reference", codebooks_m=16, attention_backend="kvcompress",
                           additional_config={"kvcompress": dict(settings)})
     same, gap = _compare(reference, triton)
-    print(f"{shape}: LOOKAT m16 int4 values, Triton vs PyTorch ops on the GPU: {same:.1%} same greedy tokens, "
-          f"largest logprob gap {gap:.3g}; pool {triton['kv_cache_tokens']} tokens")
+    print(f"{shape}: LOOKAT m16 int4 values, Triton vs PyTorch ops on the GPU: {same:.1%} same greedy tokens "
+          f"({triton['distinct_tokens']} distinct), largest logprob gap {gap:.3g}; pool {triton['kv_cache_tokens']} "
+          f"tokens; kernels {triton['kernels']} vs {reference['kernels']}")
+    assert triton["attention_impls"] == reference["attention_impls"] == ["KVCompressImpl"]
     assert same >= 0.95

@@ -4,7 +4,8 @@
 
 SPEC: {"model_config": {HF config.json}, "llm": {LLM kwargs}, "prompts": [[token ids], ...],
        "max_tokens": 32, "codebooks_m": null | m (synthetic LOOKAT codebooks for that config)}
-OUT:  {"outputs": [{"token_ids", "token_logprobs"}], "cudagraph_mode", "kernels", "start_s"}
+OUT:  {"outputs": [{"token_ids", "token_logprobs"}], "attention_impls", "cudagraph_mode", "kernels",
+       "start_s", "kv_cache_tokens", "distinct_tokens"}
 
 No weights reach the GPU machine: ``load_format="dummy"`` (vLLM's seeded initialisation, the
 same in every process), no tokenizer (token-id prompts). ``KVCOMPRESS_KERNELS`` in the
@@ -48,6 +49,22 @@ def model_folder(config: dict, codebooks_m: int | None = None) -> tuple[Path, Pa
     return folder, codebooks
 
 
+def attention_impls(worker) -> list[str]:
+    """The attention implementations the worker's model runs (V1 and V2 runners)."""
+    from vllm.model_executor.layers.attention import Attention
+
+    runner = worker.model_runner
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    return sorted({type(m.impl).__name__ for m in model.modules() if isinstance(m, Attention)})
+
+
+def engine_facts(llm) -> dict:
+    config = llm.llm_engine.vllm_config
+    return {"attention_impls": sorted({n for names in llm.collective_rpc(attention_impls) for n in names}),
+            "cudagraph_mode": str(config.compilation_config.cudagraph_mode),
+            "kv_cache_tokens": int(config.cache_config.num_gpu_blocks or 0) * int(config.cache_config.block_size)}
+
+
 def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -68,10 +85,8 @@ def run(spec: dict) -> dict:
         completion = result.outputs[0]
         logprobs = [step[tok].logprob for tok, step in zip(completion.token_ids, completion.logprobs or [])]
         outputs.append({"token_ids": list(completion.token_ids), "token_logprobs": logprobs})
-    config = llm.llm_engine.vllm_config
-    return {"outputs": outputs, "cudagraph_mode": str(config.compilation_config.cudagraph_mode),
-            "kernels": os.environ.get("KVCOMPRESS_KERNELS", "auto"), "start_s": round(start_s, 1),
-            "kv_cache_tokens": int(config.cache_config.num_gpu_blocks or 0) * int(config.cache_config.block_size)}
+    return {"outputs": outputs, "kernels": os.environ.get("KVCOMPRESS_KERNELS", "auto"), "start_s": round(start_s, 1),
+            "distinct_tokens": len({t for o in outputs for t in o["token_ids"]}), **engine_facts(llm)}
 
 
 if __name__ == "__main__":
