@@ -1,3 +1,5 @@
-"""Token eviction, engine-neutral: when to compress (:mod:`schedule`), what to keep
-(:mod:`scorers`, :mod:`selection`). Plain tensors in, plain tensors out; the vLLM glue
-lives in :mod:`vllm_kvcompress.vllm.scheduler` and :mod:`vllm_kvcompress.vllm.worker`."""
+"""Token eviction machinery the eviction methods share, engine-neutral: when to compress
+(:mod:`schedule`, :mod:`streams`, :mod:`threshold`), what to keep (:mod:`scorers`,
+:mod:`selection`). Plain tensors in, plain tensors out; the methods
+(:mod:`vllm_kvcompress.methods`) build on it, the vLLM glue (:mod:`vllm_kvcompress.vllm`)
+runs it."""
