@@ -18,10 +18,12 @@ CPU engine spawns its own processes and keeps global state).
 from __future__ import annotations
 
 
-def _attention_impls(worker) -> list[str]:
+def attention_impls(worker) -> list[str]:
+    """The attention implementations the worker's model runs (V1 and V2 runners)."""
     from vllm.model_executor.layers.attention import Attention
 
-    model = worker.model_runner.model
+    runner = worker.model_runner
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     return sorted({type(m.impl).__name__ for m in model.modules() if isinstance(m, Attention)})
 
 
@@ -88,7 +90,7 @@ def run(spec: dict) -> dict:
     return {
         "outputs": outputs,
         "kv_cache_tokens": int(cache.num_gpu_blocks or 0) * int(cache.block_size),
-        "attention_impls": sorted({name for names in llm.collective_rpc(_attention_impls) for name in names}),
+        "attention_impls": sorted({name for names in llm.collective_rpc(attention_impls) for name in names}),
         "kept": kept_records(llm),
     }
 

@@ -49,16 +49,9 @@ def model_folder(config: dict, codebooks_m: int | None = None) -> tuple[Path, Pa
     return folder, codebooks
 
 
-def attention_impls(worker) -> list[str]:
-    """The attention implementations the worker's model runs (V1 and V2 runners)."""
-    from vllm.model_executor.layers.attention import Attention
-
-    runner = worker.model_runner
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-    return sorted({type(m.impl).__name__ for m in model.modules() if isinstance(m, Attention)})
-
-
 def engine_facts(llm) -> dict:
+    from vllm_kvcompress.harness.generate import attention_impls
+
     config = llm.llm_engine.vllm_config
     return {"attention_impls": sorted({n for names in llm.collective_rpc(attention_impls) for n in names}),
             "cudagraph_mode": str(config.compilation_config.cudagraph_mode),

@@ -24,7 +24,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_kvcompress.methods.base import KVCompressConfigError, Method, PagedSettings, check_number, key_name, setting
+from vllm_kvcompress.methods.base import (KVCompressConfigError, Method, PagedSettings, check_number, check_path,
+                                          key_name, setting)
 from vllm_kvcompress.methods.snapkv import SnapKVScorer, WindowSettings
 
 SCORES_FORMAT = "kvcompress-head-scores/1"
@@ -149,11 +150,9 @@ class HeadKVSettings(WindowSettings, PagedSettings):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.head_scores, str) or not self.head_scores:
-            raise KVCompressConfigError(
-                f"{key_name('head_scores')} is required for method 'headkv': a file from "
-                "`python -m vllm_kvcompress.offline.head_scores --model MODEL --out FILE`, a published HeadKV scores "
-                "file, or \"uniform\"")
+        check_path("head_scores", self.head_scores, "headkv",
+                   "a file from `python -m vllm_kvcompress.offline.head_scores --model MODEL --out FILE`, a published "
+                   "HeadKV scores file, or \"uniform\"")
         check_number("headkv_beta", self.headkv_beta, lambda b: b > 1, "a number > 1")
         self.require_budget('headkv')
 

@@ -182,6 +182,7 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool) -> StreamMetadat
     starts = m.query_start_loc_cpu[: num_reqs + 1].tolist()
     seq_lens = m.seq_lens[:num_reqs].to("cpu").tolist()
     table_rows = m.block_table_tensor[:num_reqs].cpu()
+    schedules = step.schedules
     writes, decode_rows, decode_pages, decode_lengths, prefills, compressions = [], [], [], [], [], []
     victims: list[tuple] = []
     decision_tokens, decision_rows = [], []
@@ -189,7 +190,7 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool) -> StreamMetadat
         q_len, after = starts[r + 1] - starts[r], seq_lens[r]
         if q_len == 0:
             continue
-        schedule, req_id, cache = step.schedules[r], step.req_ids[r], step.caches[r]
+        schedule, req_id, cache = schedules[r], step.req_ids[r], step.caches[r]
         needed = cdiv(schedule.rows_during(after - q_len, after) if schedule else after, geometry.block_size)
         layout = layout_of(schedule, after - q_len)
         row = layout(geometry, table_rows[r, :needed], after, q_len, schedule, cache, req_id, starts[r + 1])

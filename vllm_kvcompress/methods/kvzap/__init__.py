@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from vllm_kvcompress.eviction.threshold import ThresholdRule
 from vllm_kvcompress.methods.base import (BudgetSettings, KVCompressConfigError, LearnedScores, Method, PagedSettings,
-                                          check_path, key_name, setting)
+                                          check_number, check_path, key_name, setting)
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,8 @@ class KVzapSettings(BudgetSettings, PagedSettings):
                 f"method 'kvzap' needs exactly one of {key_name('kvzap_threshold')} (threshold mode, the paper's) or "
                 f"a budget {key_name('compression_ratio')}/{key_name('max_kv_tokens')} (top-k per KV head at the "
                 "prompt end)")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                      or not math.isfinite(threshold)):
-            raise KVCompressConfigError(f"{key_name('kvzap_threshold')} must be a finite number (a log-score), "
-                                        f"got {threshold!r}")
+        if threshold is not None:
+            check_number("kvzap_threshold", threshold, math.isfinite, "a finite number (a log-score)")
         self.check_window("kvzap_window")
 
 
