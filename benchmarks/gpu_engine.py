@@ -1,28 +1,72 @@
 """kvcompress inside vLLM 0.32's CUDA build against vLLM's own KV caches, one machine, one run.
 
     python -m benchmarks.gpu_engine --out results/DATE/h200-engine [--configs vllm-bf16,kvc-none,...]
-        [--workload quick|full]
+        [--workload quick|full] [--gpu-memory-utilization U] [--config-timeout 330] [--deadline-s S]
+        [--cudagraph-mode MODE]
+    python -m benchmarks.gpu_engine --plot results/DATE/h200-engine     # summary.png, no GPU needed
 
 Model: a Llama-3-8B-shaped config (32 layers, 32 query / 8 KV heads, head_dim 128) with dummy
-weights (``load_format="dummy"``, no weights reach the GPU machine), bf16, fixed
-``gpu_memory_utilization``. LOOKAT codebooks are synthetic (seeded normal centroids in the
-codebook file format), since there are no real keys to calibrate on: speed and capacity are
-measured here; accuracy is measured on the CPU path. Each config runs in its own process and
-its row is written as soon as it finishes (``rows.jsonl``), so a sweep can be split over
-several device runs; ``summary.json`` and ``summary.md`` are rewritten from all rows each time.
+weights (``load_format="dummy"``, no weights reach the GPU machine), bf16. LOOKAT codebooks are
+synthetic (seeded normal centroids in the codebook file format), since there are no real keys to
+calibrate on: speed and capacity are measured here, not accuracy; accuracy is measured on the CPU
+path. Each config runs in its own process and its row is written as soon as it finishes
+(``rows.jsonl``), so a sweep can be split over several device runs; ``summary.json``,
+``summary.md`` (and ``summary.png`` when matplotlib is there) are rewritten from all rows of the
+same workload and utilization each time, the newest row per config winning.
 
-Columns: capacity (tokens vLLM's KV pool holds) and its ratio to vllm-bf16; output tokens/s on
-a capacity-bound decode-heavy workload, ratio to vllm-bf16; decode time per output token at
-batch 1 and 32 after a ``context``-token prompt; engine start time.
+Measured per config, each ratio against ``vllm-bf16`` (FLASH_ATTN, bf16 KV):
+- capacity: tokens vLLM's KV pool holds (``capacity_ratio``);
+- decode-heavy throughput: output tokens/s, many requests of a short prompt and a long output,
+  more than bf16's pool holds at once (``throughput_tok_s``, ``throughput_ratio``);
+- long-context throughput: output tokens/s, fewer requests of a long prompt, also more than bf16's
+  pool holds (``long_context_tok_s``, ``long_context_ratio``);
+- TPOT: decode time per output token at batch 1 and 32 after a long prompt: a prefill-only run
+  (``max_tokens=1``) on other prompts of the same length, then a run of ``tokens + 1`` on fresh
+  prompts, the difference divided by ``tokens`` (``tpot_ms_b1``/``_b32``, ``tpot_ratio_*`` =
+  config / bf16, lower is better). Every timed run has its own random prompts, so vLLM's prefix
+  cache never skips a prefill;
+- engine start time, the attention implementation, the configured ``cudagraph_mode`` and the
+  graphs vLLM actually captured (``graph_capture``: its capture lines from the config's log).
+
+Workloads (requests x (prompt + output) tokens). The bf16 pool holds about
+(u * 150e9 - 19.6e9) / 131e3 tokens at ``gpu_memory_utilization`` u on one H200 (131 KB of KV per
+token for this shape; 0.85 -> 824K measured, 0.30 -> ~194K):
+- ``quick``: u = 0.30 (bf16 pool ~194K tokens); decode-heavy 256 x (1024 + 512) = 393K tokens;
+  long-context 16 x (16384 + 256) = 266K tokens; TPOT B=1 at a 32768-token context (128 tokens),
+  B=32 at 4096 (64 tokens, 131K tokens: fits bf16's pool); max_model_len 34816.
+- ``full``: u = 0.85; decode-heavy 320 x (2048 + 2048) = 1.31M tokens; long-context
+  64 x (16384 + 1024) = 1.11M tokens; TPOT B=1 at 32768 (128 tokens), B=32 at 16384 (64 tokens):
+  32 x 32K does not fit bf16's pool on one H200 (1.05M > 824K tokens); max_model_len 34816.
+``--gpu-memory-utilization`` overrides the workload's value. ``full`` is one config per device run
+with a larger ``--config-timeout`` (its decode-heavy part alone is 655K output tokens).
+
+Configs: ``vllm-*`` are vLLM's own KV caches (bf16, fp8, int4 per token and head on TRITON_ATTN).
+``kvc-none`` is the plugin with method none as it runs by default on CUDA: it delegates attention
+to vLLM's FLASH_ATTN (``KVCOMPRESS_NONE_CUDA_BACKEND`` removed from its environment).
+``kvc-none-dense`` is the same with ``KVCOMPRESS_NONE_CUDA_BACKEND=plugin``: the plugin's own dense
+paged layout and Triton decode kernel, the baseline the LOOKAT configs share their glue with.
+``lookat-mM-vB``: LOOKAT keys with M subspaces, values in B bits.
+
+Robustness: each config has ``--config-timeout`` seconds (its process group is killed after that;
+the row holds the tail of its log and the stages it finished: ``PARTIAL`` lines). A config not named
+``vllm-*`` that gives no row is run once more with ``cudagraph_mode=PIECEWISE`` (row: ``fallback``,
+``fallback_reason``), unless it only timed out after a timed stage had run (slow, not broken). With
+``--deadline-s`` (seconds from the sweep's start) no config starts with less than 150 s left; the
+skipped ones are printed and listed in summary.json (``skipped``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,21 +76,34 @@ LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidde
             "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16", "hidden_act": "silu",
             "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
 
-# name -> (LLM kwargs, kvcompress settings or None, LOOKAT m)
+NONE_BACKEND_ENV = "KVCOMPRESS_NONE_CUDA_BACKEND"
+
+# name -> llm: LLM kwargs; kvcompress: plugin settings or None (vLLM's own caches); codebooks_m: LOOKAT m
+# (synthetic codebooks); env: set in the config's process (None = removed from it)
 CONFIGS = {
-    "vllm-bf16": ({}, None, None),
-    "vllm-fp8": ({"kv_cache_dtype": "fp8"}, None, None),
-    "vllm-int4_per_token_head": ({"kv_cache_dtype": "int4_per_token_head", "attention_backend": "TRITON_ATTN"},
-                                 None, None),
-    "kvc-none": ({}, {"method": "none"}, None),
-    "lookat-m16-v4": ({}, {"method": "lookat", "value_bits": 4}, 16),
-    "lookat-m32-v16": ({}, {"method": "lookat", "value_bits": 16}, 32),
+    "vllm-bf16": {"llm": {}, "kvcompress": None, "codebooks_m": None, "env": {}},
+    "vllm-fp8": {"llm": {"kv_cache_dtype": "fp8"}, "kvcompress": None, "codebooks_m": None, "env": {}},
+    "vllm-int4_per_token_head": {"llm": {"kv_cache_dtype": "int4_per_token_head", "attention_backend": "TRITON_ATTN"},
+                                 "kvcompress": None, "codebooks_m": None, "env": {}},
+    "kvc-none": {"llm": {}, "kvcompress": {"method": "none"}, "codebooks_m": None, "env": {NONE_BACKEND_ENV: None}},
+    "kvc-none-dense": {"llm": {}, "kvcompress": {"method": "none"}, "codebooks_m": None,
+                       "env": {NONE_BACKEND_ENV: "plugin"}},
+    "lookat-m16-v4": {"llm": {}, "kvcompress": {"method": "lookat", "value_bits": 4}, "codebooks_m": 16, "env": {}},
+    "lookat-m32-v16": {"llm": {}, "kvcompress": {"method": "lookat", "value_bits": 16}, "codebooks_m": 32, "env": {}},
 }
 
-WORKLOADS = {  # decode-heavy: requests x (prompt + output); tpot: prompt tokens, output tokens
-    "quick": {"decode_heavy": (160, 2048, 512), "tpot_context": 4096, "tpot_tokens": 64, "max_model_len": 8192},
-    "full": {"decode_heavy": (320, 2048, 2048), "tpot_context": 32768, "tpot_tokens": 128, "max_model_len": 34816},
+# decode_heavy / long_context: (requests, prompt tokens, output tokens); tpot: (batch, context tokens, output tokens)
+WORKLOADS = {
+    "quick": {"gpu_memory_utilization": 0.30, "max_model_len": 34816, "decode_heavy": (256, 1024, 512),
+              "long_context": (16, 16384, 256), "tpot": ((1, 32768, 128), (32, 4096, 64))},
+    "full": {"gpu_memory_utilization": 0.85, "max_model_len": 34816, "decode_heavy": (320, 2048, 2048),
+             "long_context": (64, 16384, 1024), "tpot": ((1, 32768, 128), (32, 16384, 64))},
 }
+
+BASE = "vllm-bf16"
+MIN_LEFT_S = 150  # --deadline-s: no config starts with less than this left
+# Prompt seeds, one per timed run, so that no run's prompts share a prefix-cache block with another's.
+SEED_WARMUP, SEED_DECODE_HEAVY, SEED_LONG_CONTEXT, SEED_TPOT_PREFILL, SEED_TPOT_TOTAL = 1, 3, 4, 1000, 2000
 
 
 def _prompts(count: int, length: int, seed: int):
@@ -59,29 +116,34 @@ def _prompts(count: int, length: int, seed: int):
 
 
 def _timed(llm, prompts, max_tokens: int) -> tuple[float, int]:
-    import torch
+    """Seconds and output tokens of one ``generate`` (it returns once the engine has sampled every token)."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
-    torch.cuda.synchronize()
     started = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
     return time.perf_counter() - started, sum(len(o.outputs[0].token_ids) for o in outputs)
 
 
-def run_one(name: str, workload: dict, utilization: float) -> dict:
-    """One config in this process: start, capacity, TPOT at B=1 and 32, decode-heavy throughput."""
+def _emit(tag: str, row: dict) -> None:
+    print(f"{tag} " + json.dumps(row), flush=True)
+
+
+def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str | None = None) -> dict:
+    """One config in this process: start, capacity, TPOT per workload batch, decode-heavy and
+    long-context throughput. Prints ``PARTIAL {json}`` after each stage (what a timeout keeps)."""
     from vllm import LLM
 
     from vllm_kvcompress.harness.gpu_generate import engine_facts, model_folder
 
-    kwargs, settings, m = CONFIGS[name]
-    folder, codebooks = model_folder(LLAMA_8B, m)
-    kwargs = dict(kwargs)
-    if settings is not None:
-        settings = dict(settings, **({"codebooks": str(codebooks)} if codebooks else {}))
+    config = CONFIGS[name]
+    folder, codebooks = model_folder(LLAMA_8B, config["codebooks_m"])
+    kwargs = dict(config["llm"])
+    if config["kvcompress"] is not None:
+        settings = dict(config["kvcompress"], **({"codebooks": str(codebooks)} if codebooks else {}))
         kwargs.update(attention_backend="kvcompress", additional_config={"kvcompress": settings})
+    if cudagraph_mode:
+        kwargs["compilation_config"] = {"cudagraph_mode": cudagraph_mode}
     started = time.perf_counter()
     llm = LLM(model=str(folder), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
               max_model_len=workload["max_model_len"], gpu_memory_utilization=utilization, max_num_seqs=512, **kwargs)
@@ -89,75 +151,434 @@ def run_one(name: str, workload: dict, utilization: float) -> dict:
     facts = engine_facts(llm)
     row.update(capacity_tokens=facts["kv_cache_tokens"], cudagraph_mode=facts["cudagraph_mode"],
                attention=",".join(facts["attention_impls"]))
-    _timed(llm, _prompts(2, 256, 1), 8)  # warm-up
-    context, tokens = workload["tpot_context"], workload["tpot_tokens"]
-    for batch in (1, 32):
+    _emit("PARTIAL", row)
+    _timed(llm, _prompts(2, 256, SEED_WARMUP), 8)  # warm-up
+    for batch, context, tokens in workload["tpot"]:
         # Other prompts for each run (same lengths): the prefix cache must not skip the second prefill.
-        prefill_s, _ = _timed(llm, _prompts(batch, context, 10 + batch), 1)
-        total_s, out = _timed(llm, _prompts(batch, context, 20 + batch), tokens + 1)
+        prefill_s, _ = _timed(llm, _prompts(batch, context, SEED_TPOT_PREFILL + batch), 1)
+        total_s, out = _timed(llm, _prompts(batch, context, SEED_TPOT_TOTAL + batch), tokens + 1)
         row[f"tpot_ms_b{batch}"] = round(1000 * (total_s - prefill_s) / tokens, 2)
+        row[f"tpot_detail_b{batch}"] = {"context": context, "tokens": tokens, "prefill_s": round(prefill_s, 3),
+                                        "total_s": round(total_s, 3), "out_tokens": out}
+        _emit("PARTIAL", row)
     count, prompt, output = workload["decode_heavy"]
-    seconds, out = _timed(llm, _prompts(count, prompt, 3), output)
+    seconds, out = _timed(llm, _prompts(count, prompt, SEED_DECODE_HEAVY), output)
     row.update(throughput_tok_s=round(out / seconds, 1), throughput_s=round(seconds, 1))
+    _emit("PARTIAL", row)
+    count, prompt, output = workload["long_context"]
+    seconds, out = _timed(llm, _prompts(count, prompt, SEED_LONG_CONTEXT), output)
+    row.update(long_context_tok_s=round(out / seconds, 1), long_context_s=round(seconds, 1))
+    # Only now: a CUDA context in this (front-end) process before the engine's profiling would cost pool.
+    # The name is a convenience (the sweep asks nvidia-smi first).
+    with contextlib.suppress(Exception):
+        import torch
+
+        row["device"] = torch.cuda.get_device_name(0)
     return row
 
 
+# ---------------------------------------------------------------------------------------------- logs
+
+_CAPTURE = re.compile(r"(Capturing[^:|\r\n]*?CUDA graphs?(?: \([^)]*\))?)[^\r\n]*?(\d+)/(\d+)")
+_CAPTURE_BARE = re.compile(r"(Capturing[^:|\r\n]*?CUDA graphs?(?: \([^)]*\))?)")
+
+
+def graph_capture_lines(log: str, limit: int = 4, width: int = 160) -> list[str]:
+    """vLLM's CUDA-graph lines in a config's log, short and distinct: downgrade warnings
+    ("CUDAGraphMode.X is not supported with ..."), each capture progress bar's last state
+    ("Capturing CUDA graphs (FULL): 35/35") and the last "Graph capturing finished ..."."""
+    warnings, captures, finished = [], {}, None
+    for segment in re.split(r"[\r\n]+", log):
+        if "CUDAGraphMode." in segment and "not supported" in segment:
+            text = segment[segment.index("CUDAGraphMode."):].strip()[:width]
+            if text not in warnings:
+                warnings.append(text)
+        elif "Graph capturing finished" in segment:
+            finished = segment[segment.index("Graph capturing finished"):].strip()[:width]
+        elif "Capturing" in segment and "CUDA graph" in segment:
+            match = _CAPTURE.search(segment)
+            if match:
+                captures[match.group(1)] = f"{match.group(1)}: {match.group(2)}/{match.group(3)}"
+            else:
+                bare = _CAPTURE_BARE.search(segment)
+                if bare:
+                    captures.setdefault(bare.group(1), bare.group(1))
+    lines = warnings[:1] + [c[:width] for c in captures.values()] + ([finished] if finished else []) + warnings[1:]
+    return lines[:limit]
+
+
+def captured_modes(lines: list[str]) -> str:
+    """'FULL+PIECEWISE' from capture lines that reached a nonzero count; '' when none did."""
+    modes = set()
+    for line in lines:
+        match = re.match(r"Capturing[^(]*\(([^)]*)\): (\d+)/\d+", line)
+        if match and int(match.group(2)) > 0:
+            modes.update(m for m in ("FULL", "PIECEWISE") if re.search(rf"\b{m}\b", match.group(1)))
+    return "+".join(sorted(modes))
+
+
+# ------------------------------------------------------------------------------------------ summary
+
+def _ratio(value, base) -> float | None:
+    if not isinstance(value, (int, float)) or not isinstance(base, (int, float)) or base <= 0 or value <= 0:
+        return None
+    return round(value / base, 2)
+
+
+RATIOS = {"capacity_ratio": "capacity_tokens", "throughput_ratio": "throughput_tok_s",
+          "long_context_ratio": "long_context_tok_s", "tpot_ratio_b1": "tpot_ms_b1", "tpot_ratio_b32": "tpot_ms_b32"}
+
+
+def workload_text(workload: dict, utilization: float) -> str:
+    (dn, dp, do), (ln, lp, lo) = workload["decode_heavy"], workload["long_context"]
+    tpot = ", ".join(f"B={b} at {c} ({t} tokens)" for b, c, t in workload["tpot"])
+    return (f"decode-heavy {dn} x ({dp} + {do}), long-context {ln} x ({lp} + {lo}), TPOT {tpot}; "
+            f"gpu_memory_utilization {utilization:g}, max_model_len {workload['max_model_len']}")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value).replace("|", "/").replace("\n", " ")
+
+
+def error_line(row: dict, width: int = 120) -> str:
+    """A table cell for an error row: timed out or not, and the log's last line naming an error."""
+    lines = [line.strip() for line in row.get("error", "").splitlines() if line.strip()]
+    named = [line for line in lines if re.search(r"Error|Exception|error:|Killed|Traceback", line)]
+    text = (named or lines or ["?"])[-1][-width:]
+    if not row.get("timed_out"):
+        return text
+    return "timed out" + (" (partial row)" if row.get("partial") else "") + ": " + text
+
+
 def summarise(rows: list[dict], meta: dict) -> tuple[dict, str]:
-    base = next((r for r in rows if r["config"] == "vllm-bf16" and "error" not in r), None)
+    """summary.json's object and summary.md's text. Rows of another workload or utilization than
+    ``meta``'s are left out; of several rows of one config the newest wins. Ratios against the
+    newest vllm-bf16 row (without error); ``tpot_ratio_*`` = config / bf16 (lower is better)."""
+    workload, utilization = meta["workload"], meta["gpu_memory_utilization"]
+    latest: dict[str, dict] = {}
+    left_out = 0
     for r in rows:
-        if base is not None and "error" not in r:
-            r["capacity_ratio"] = round(r["capacity_tokens"] / base["capacity_tokens"], 2)
-            r["throughput_ratio"] = round(r["throughput_tok_s"] / base["throughput_tok_s"], 2)
+        if r.get("workload", workload) != workload or r.get("gpu_memory_utilization", utilization) != utilization:
+            left_out += 1
+            continue
+        latest[r["config"]] = dict(r)  # the newest row, in the place of the config's first
+    rows = list(latest.values())
+    base = latest.get(BASE)
+    if base is not None and "error" in base:
+        base = None
+    for r in rows:
+        for ratio, field in RATIOS.items():
+            value = _ratio(r.get(field), base.get(field)) if base is not None else None
+            if value is not None:
+                r[ratio] = value
+            else:
+                r.pop(ratio, None)
+        r.setdefault("graph_modes", captured_modes(r.get("graph_capture", [])))
     summary = {**meta, "rows": rows}
-    cols = ["config", "capacity_tokens", "capacity_ratio", "throughput_tok_s", "throughput_ratio", "tpot_ms_b1",
-            "tpot_ms_b32", "start_s", "attention", "cudagraph_mode"]
-    lines = [f"# kvcompress on {meta['device']}, {meta['date']}", "",
-             f"`{meta['command']}`; workload {meta['workload']}: {json.dumps(WORKLOADS[meta['workload']])}.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cols = [("config", "config"), ("capacity_tokens", "capacity tokens"), ("capacity_ratio", "x bf16"),
+            ("throughput_tok_s", "decode-heavy tok/s"), ("throughput_ratio", "x bf16"),
+            ("long_context_tok_s", "long-context tok/s"), ("long_context_ratio", "x bf16"),
+            ("tpot_ms_b1", "TPOT B=1 ms"), ("tpot_ratio_b1", "/ bf16"), ("tpot_ms_b32", "TPOT B=32 ms"),
+            ("tpot_ratio_b32", "/ bf16"), ("start_s", "start s"), ("attention", "attention"),
+            ("cudagraph_mode", "cudagraph_mode (configured)"), ("graph_modes", "graphs captured"),
+            ("fallback", "fallback"), ("error", "error")]
+    lines = [f"# kvcompress in vLLM on {meta['device']}, {meta['date']}", "",
+             f"Model: {meta['model']}. Workload {workload}: {workload_text(WORKLOADS[workload], utilization)}.",
+             f"vLLM {meta.get('vllm', '?')}, commit {meta.get('commit') or '?'}. `{meta['command']}`", "",
+             ("Ratios against vllm-bf16: capacity and tok/s higher is better; TPOT ratio = config / bf16, lower is "
+              "better. 'graphs captured' = modes of vLLM's capture progress bars in the config's log."), "",
+             "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, r.get("error", "")[:80] if c == "capacity_tokens" else ""))
-                                       for c in cols) + " |")
+        cells = [_cell(r.get(c)) for c, _ in cols[:-1]] + [_cell(error_line(r)) if "error" in r else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    graphs = [f"- {r['config']}: " + "; ".join(r["graph_capture"]) for r in rows if r.get("graph_capture")]
+    if graphs:
+        lines += ["", "CUDA-graph lines per config (from its log):", *graphs]
+    if meta.get("skipped"):
+        lines += ["", f"Skipped (deadline): {', '.join(meta['skipped'])}."]
+    if left_out:
+        lines += ["", f"{left_out} row(s) of rows.jsonl of another workload or utilization left out."]
     return summary, "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------------------------- plot
+
+PLOT_BARS = (("capacity", "capacity_ratio"), ("decode-heavy tok/s", "throughput_ratio"),
+             ("long-context tok/s", "long_context_ratio"), ("TPOT speed B=1", "tpot_ms_b1"),
+             ("TPOT speed B=32", "tpot_ms_b32"))
+
+
+def plot_summary(summary: dict, path: Path) -> Path:
+    """Grouped bars per config, every bar a ratio to vllm-bf16 where higher is better (TPOT as
+    bf16 TPOT / config TPOT); rows with an error are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary["rows"] if "error" not in r]
+    base = next((r for r in rows if r["config"] == BASE), None)
+
+    def value(row: dict, field: str) -> float:
+        if field.startswith("tpot_ms"):
+            speed = _ratio(base.get(field), row.get(field)) if base is not None else None
+            return speed if speed is not None else math.nan
+        v = row.get(field)
+        return float(v) if isinstance(v, (int, float)) else math.nan
+
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(rows) + 2), 4.2))
+    width = 0.8 / len(PLOT_BARS)
+    for i, (label, field) in enumerate(PLOT_BARS):
+        xs = [j + (i - (len(PLOT_BARS) - 1) / 2) * width for j in range(len(rows))]
+        ys = [value(r, field) for r in rows]
+        bars = ax.bar(xs, ys, width, label=label)
+        for bar, y in zip(bars, ys):
+            if not math.isnan(y):
+                ax.annotate(f"{y:.2f}", (bar.get_x() + bar.get_width() / 2, y), textcoords="offset points",
+                            xytext=(0, 2), ha="center", fontsize=6)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    labels = [r["config"] + (f"\n({r['fallback']} fallback)" if r.get("fallback") else "") for r in rows]
+    ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("x vllm-bf16 (higher is better)")
+    utilization = summary.get("gpu_memory_utilization")
+    ax.set_title(f"kvcompress in vLLM on {summary.get('device', '?')}: workload {summary.get('workload', '?')}"
+                 + (f", gpu_memory_utilization {utilization:g}" if isinstance(utilization, (int, float)) else "")
+                 + f"\n{summary.get('model', '')}, {summary.get('date', '')}", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- the sweep
+
+def _device_name() -> str:
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], check=False,
+                              capture_output=True, text=True, timeout=30)
+        names = [n.strip() for n in done.stdout.splitlines() if n.strip()]
+        return names[0] if names else "unknown GPU"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown GPU"
+
+
+def _versions() -> dict:
+    facts = {}
+    try:
+        from importlib.metadata import version
+
+        facts["vllm"] = version("vllm")
+    except Exception:  # noqa: BLE001 - vLLM from a bundle on PYTHONPATH may carry no metadata
+        facts["vllm"] = None
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True,
+                              timeout=10, cwd=Path(__file__).resolve().parent)
+        facts["commit"] = done.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        facts["commit"] = None
+    return facts
+
+
+_RUNNING: list[subprocess.Popen] = []  # the config process now running (killed with its group if the sweep is)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """The config's process and the engine processes it started: its own process group (its id = the pid)."""
+    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reap it: a zombie still counts as a member of the group
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
+
+
+def _on_signal(signum, _frame) -> None:
+    for proc in _RUNNING:
+        _kill_group(proc)
+    raise SystemExit(128 + signum)
+
+
+def run_config(name: str, args, utilization: float, timeout_s: float, log: Path,
+               cudagraph_mode: str | None) -> tuple[dict | None, dict | None, str, bool]:
+    """One ``--one`` process: (row or None, last partial row or None, its stderr, timed out)."""
+    command = [sys.executable, "-m", "benchmarks.gpu_engine", "--one", name, "--out", str(args.out),
+               "--workload", args.workload, "--gpu-memory-utilization", str(utilization)]
+    if cudagraph_mode:
+        command += ["--cudagraph-mode", cudagraph_mode]
+    env = os.environ.copy()
+    for key, value in CONFIGS[name]["env"].items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    timed_out = False
+    with tempfile.TemporaryFile("w+") as stdout, log.open("w") as stderr:
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=env, start_new_session=True)
+        _RUNNING.append(proc)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            _kill_group(proc)  # a timed-out config, or engine processes it left behind
+            proc.wait()
+            _RUNNING.remove(proc)
+        stdout.seek(0)
+        out = stdout.read()
+    text = log.read_text(errors="replace")
+    row = partial = None
+    for line in out.splitlines():
+        if line.startswith("ROW "):
+            row = json.loads(line[4:])
+        elif line.startswith("PARTIAL "):
+            partial = json.loads(line[8:])
+    return row, partial, text, timed_out
+
+
+def _error_row(name: str, partial: dict | None, stderr: str, timed_out: bool, timeout_s: float) -> dict:
+    row = dict(partial or {}, config=name)
+    reason = f"timed out after {timeout_s:.0f} s; " if timed_out else ""
+    row["error"] = reason + (stderr[-3000:] if stderr else "no output")
+    if timed_out:
+        row["timed_out"] = True
+    if partial:
+        row["partial"] = True
+    return row
+
+
+def sweep(args, names: list[str]) -> None:
+    started = time.monotonic()
+    out = Path(args.out)
+    workload = WORKLOADS[args.workload]
+    utilization = args.gpu_memory_utilization or workload["gpu_memory_utilization"]
+    meta = {"device": _device_name(), "date": time.strftime("%Y-%m-%d"), "workload": args.workload,
+            "gpu_memory_utilization": utilization, "workload_sizes": workload,
+            "model": "Llama-3-8B shape, dummy weights, bf16", **_versions(),
+            "command": "python -m benchmarks.gpu_engine " + " ".join(args.argv), "skipped": []}
+    rows_file = out / "rows.jsonl"
+
+    def left_s() -> float:
+        return math.inf if args.deadline_s is None else args.deadline_s - (time.monotonic() - started)
+
+    for index, name in enumerate(names):
+        if left_s() < MIN_LEFT_S:
+            meta["skipped"] = names[index:]
+            print(f"[gpu_engine] deadline: {left_s():.0f} s left, skipped {', '.join(meta['skipped'])}",
+                  file=sys.stderr, flush=True)
+            break
+        timeout_s = min(args.config_timeout, left_s() - 20)  # 20 s: kill it and write its row
+        print(f"[gpu_engine] {name} (timeout {timeout_s:.0f} s) ...", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        row, partial, stderr, timed_out = run_config(name, args, utilization, timeout_s, out / f"{name}.log",
+                                                     args.cudagraph_mode)
+        # Slow rather than broken: it timed out after a timed stage ran on the graphs it captured.
+        slow = timed_out and partial is not None and any(k.startswith("tpot_ms") for k in partial)
+        if row is None and not name.startswith("vllm-") and args.cudagraph_mode is None and not slow:
+            reason = ("timed out; " if timed_out else "") + stderr[-600:]
+            if left_s() < MIN_LEFT_S:
+                row = _error_row(name, partial, stderr, timed_out, timeout_s)
+                row["fallback_skipped"] = "PIECEWISE retry not started: deadline"
+            else:
+                retry_timeout_s = min(args.config_timeout, left_s() - 20)
+                print(f"[gpu_engine] {name} gave no row; once more with cudagraph_mode=PIECEWISE "
+                      f"(timeout {retry_timeout_s:.0f} s) ...", file=sys.stderr, flush=True)
+                row, partial, stderr, timed_out = run_config(name, args, utilization, retry_timeout_s,
+                                                             out / f"{name}.piecewise.log", "PIECEWISE")
+                if row is None:
+                    row = _error_row(name, partial, stderr, timed_out, retry_timeout_s)
+                row.update(fallback="PIECEWISE", fallback_reason=reason)
+        elif row is None:
+            row = _error_row(name, partial, stderr, timed_out, timeout_s)
+        row["graph_capture"] = graph_capture_lines(stderr)
+        row["graph_modes"] = captured_modes(row["graph_capture"])
+        row.update(workload=args.workload, gpu_memory_utilization=utilization, wall_s=round(time.monotonic() - t0, 1))
+        env = {k: v for k, v in CONFIGS[name]["env"].items() if v is not None}
+        if env:
+            row["env"] = env
+        if args.cudagraph_mode:
+            row["cudagraph_mode_forced"] = args.cudagraph_mode
+        with rows_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        write_summary(out, meta)
+    if meta["skipped"] or not names:
+        write_summary(out, meta)
+
+
+def write_summary(out: Path, meta: dict) -> None:
+    rows_file = out / "rows.jsonl"
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()] \
+        if rows_file.exists() else []
+    if meta["device"] == "unknown GPU":
+        meta["device"] = next((r["device"] for r in rows if r.get("device")), meta["device"])
+    summary, table = summarise(rows, meta)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(table)
+    print(table, file=sys.stderr, flush=True)
+    try:
+        plot_summary(summary, out / "summary.png")
+    except Exception as error:  # noqa: BLE001 - the plot is optional on the GPU machine
+        print(f"[gpu_engine] no summary.png: {error!r}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="configs: " + ", ".join(CONFIGS) + "\nworkloads:\n" + "\n".join(
+                                         f"  {n}: {workload_text(w, w['gpu_memory_utilization'])}"
+                                         for n, w in WORKLOADS.items()))
+    parser.add_argument("--out", help="results folder (rows.jsonl, summary.json/.md/.png, one log per config)")
+    parser.add_argument("--plot", metavar="DIR", help="only draw DIR/summary.png from DIR/summary.json (no GPU)")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="quick")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="overrides the workload's value (quick 0.30, full 0.85)")
+    parser.add_argument("--config-timeout", type=float, default=330.0,
+                        help="seconds per config process (default 330); a hung config gets an error row")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help=f"seconds from the sweep's start; no config starts with less than {MIN_LEFT_S} s left")
+    parser.add_argument("--cudagraph-mode", default=None,
+                        help="compilation_config cudagraph_mode for every config (default: vLLM's; then a failed "
+                             "non-vllm config is retried once with PIECEWISE)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.plot:
+        folder = Path(args.plot)
+        print(plot_summary(json.loads((folder / "summary.json").read_text()), folder / "summary.png"))
+        return
+    if not args.out:
+        parser.error("--out is required (or --plot DIR)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.one:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(function): a local tool
-        row = run_one(args.one, WORKLOADS[args.workload], args.gpu_memory_utilization)
-        print("ROW " + json.dumps(row), flush=True)
+        workload = WORKLOADS[args.workload]
+        utilization = args.gpu_memory_utilization or workload["gpu_memory_utilization"]
+        row = run_one(args.one, workload, utilization, args.cudagraph_mode)
+        _emit("ROW", row)
         return
-    import torch
-
-    meta = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "workload": args.workload,
-            "model": "Llama-3-8B shape, dummy weights, bf16",
-            "command": "python -m benchmarks.gpu_engine " + " ".join(sys.argv[1:] if argv is None else argv)}
-    rows_file = out / "rows.jsonl"
-    for name in args.configs.split(","):
-        if name not in CONFIGS:
-            raise SystemExit(f"--configs: unknown {name!r}; allowed: {', '.join(CONFIGS)}")
-        print(f"[gpu_engine] {name} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_engine", "--one", name, "--out", str(out),
-                               "--workload", args.workload, "--gpu-memory-utilization", str(args.gpu_memory_utilization)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
-        found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        row = json.loads(found[-1]) if found else {"config": name, "error": (proc.stderr or proc.stdout)[-3000:]}
-        (out / f"{name}.log").write_text(proc.stderr[-200_000:])
-        with rows_file.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
-        summary, table = summarise(rows, meta)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out / "summary.md").write_text(table)
-        print(table, file=sys.stderr, flush=True)
+    names = [n for n in args.configs.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {', '.join(map(repr, unknown))}; allowed: {', '.join(CONFIGS)}")
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _on_signal)
+    sweep(args, names)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vllm_kvcompress.kernels import pq_ref
+from vllm_kvcompress.kernels import paged_dense_ref, pq_ref
 from vllm_kvcompress.kernels.paged_dense_ref import gather_rows
 
 VALUE_BITS = (16, 8, 4)
@@ -119,11 +119,9 @@ def encode_rows(key: torch.Tensor, value: torch.Tensor, codebooks: torch.Tensor,
 
 
 def write_rows(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
-    block_size = cache.shape[2]
-    keep = slots >= 0
-    if not bool(keep.all()):
-        rows, slots = rows[keep], slots[keep]
-    cache[torch.div(slots, block_size, rounding_mode="floor"), :, slots % block_size] = rows
+    """Rows ``[T, Hkv, row_bytes]`` at ``slots``; padding slots (< 0) store nothing, with no
+    host synchronisation (:func:`paged_dense_ref.write_rows`)."""
+    paged_dense_ref.write_rows(cache, rows, slots)
 
 
 def split_rows(rows: torch.Tensor, layout: LookatLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,13 +131,15 @@ def split_rows(rows: torch.Tensor, layout: LookatLayout) -> tuple[torch.Tensor, 
 
 def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor,
                      codebooks: torch.Tensor, dims: torch.Tensor | None, layout: LookatLayout, scale: float,
-                     current: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     current: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     max_kv_len: int | None = None) -> torch.Tensor:
     """One query per request ``[B, Hq, D]`` over ``kv_lens`` coded tokens; ``current``
-    (exact key/value ``[B, Hkv, D]``) replaces each request's last token."""
+    (exact key/value ``[B, Hkv, D]``) replaces each request's last token. ``max_kv_len``:
+    a host bound on ``kv_lens`` (else read back from the device, a synchronisation)."""
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads, m = codebooks.shape[0], layout.m
     group = num_q_heads // num_kv_heads
-    max_len = int(kv_lens.max())
+    max_len = int(kv_lens.max()) if max_kv_len is None else int(max_kv_len)
     codes, values = split_rows(gather_rows(cache, block_table[:batch], max_len), layout)  # [B, Hkv, L, *]
     q = permute(query.float(), dims)
     lut = torch.einsum("bhgms,hmks->bhmkg", pq_ref.split(q.view(batch, num_kv_heads, group, head_dim), m),
@@ -147,10 +147,10 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
     index = codes.long().transpose(2, 3).unsqueeze(-1).expand(-1, -1, -1, -1, group)  # [B, Hkv, m, L, g]
     logits = lut.gather(3, index).sum(2).transpose(2, 3) * scale  # [B, Hkv, g, L]
     if current is not None:
-        last = (kv_lens - 1).view(batch, 1, 1, 1).expand(-1, num_kv_heads, group, 1)
+        last = (kv_lens.long() - 1).clamp_min(0).view(batch, 1, 1, 1).expand(-1, num_kv_heads, group, 1)
         exact = (query.float().view(batch, num_kv_heads, group, head_dim) * current[0].float().unsqueeze(2)).sum(-1)
         logits = logits.scatter(3, last, exact.unsqueeze(-1) * scale)
-        values = values.scatter(2, (kv_lens - 1).view(batch, 1, 1, 1).expand(-1, num_kv_heads, 1, head_dim),
+        values = values.scatter(2, last[..., :1, :].expand(-1, num_kv_heads, 1, head_dim),
                                 current[1].float().unsqueeze(2))
     valid = torch.arange(max_len, device=logits.device).unsqueeze(0) < kv_lens.to(logits.device).unsqueeze(1)
     logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))

@@ -157,11 +157,14 @@ def dense_write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slo
 
 
 def dense_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor,
-                 scale: float, visible: torch.Tensor | None = None) -> torch.Tensor:
+                 scale: float, visible: torch.Tensor | None = None, max_kv_len: int | None = None) -> torch.Tensor:
+    """``max_kv_len``: a host bound on ``kv_lens`` that sizes the launch (no read-back:
+    the call can be captured in a CUDA graph, which replays it for any lengths up to it)."""
     if implementation("dense_decode", query, cache, block_table, kv_lens, visible=visible,
                       fits=_dense_rows_fit(query, cache)) == "triton":
-        return _twin("dense_triton").dense_decode(query, cache, _table(block_table), _lens(kv_lens), scale)
-    return paged_dense_ref.decode_attention(query, cache, block_table, kv_lens, scale, visible)
+        return _twin("dense_triton").dense_decode(query, cache, _table(block_table), _lens(kv_lens), scale,
+                                                  max_kv_len=max_kv_len)
+    return paged_dense_ref.decode_attention(query, cache, block_table, kv_lens, scale, visible, max_kv_len)
 
 
 def dense_prefill(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, kv_len: int, scale: float,
@@ -188,12 +191,16 @@ def lookat_write_rows(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tens
 
 def lookat_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor,
                   codebooks: torch.Tensor, dims: torch.Tensor | None, layout: LookatLayout, scale: float,
-                  current: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  current: tuple[torch.Tensor, torch.Tensor] | None = None, max_kv_len: int | None = None,
+                  codebooks_bf16: torch.Tensor | None = None) -> torch.Tensor:
+    """``max_kv_len``: as :func:`dense_decode`. ``codebooks_bf16``: the same codebooks already
+    in bf16 (what the Triton kernel scores with), so a step does not convert them per layer."""
     if implementation("lookat_decode", query, cache, block_table, kv_lens, codebooks, dims, current=current,
                       fits=_lookat_fits(query, cache, codebooks, layout)) == "triton":
         return _twin("lookat_triton").lookat_decode(query, cache, _table(block_table), _lens(kv_lens), codebooks,
-                                                    layout, scale, dims)
-    return lookat_ref.decode_attention(query, cache, block_table, kv_lens, codebooks, dims, layout, scale, current)
+                                                    layout, scale, dims, max_kv_len=max_kv_len, lut=codebooks_bf16)
+    return lookat_ref.decode_attention(query, cache, block_table, kv_lens, codebooks, dims, layout, scale, current,
+                                       max_kv_len)
 
 
 def lookat_prefill(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, kv_len: int,

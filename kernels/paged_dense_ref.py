@@ -18,18 +18,26 @@ import torch
 import torch.nn.functional as F
 
 
-def write_kv(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store ``key``/``value`` ``[T, H, D]`` at ``slots`` ``[T]``."""
+def write_rows(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store whole cache rows ``[T, H, row]`` at ``slots`` ``[T]``; a slot below 0 (vLLM's
+    padding) stores nothing.
+
+    No host synchronisation, so the write can sit inside a CUDA graph: padding rows are
+    aimed at slot 0 and write back what is already there. Slot 0 lies in vLLM's null
+    block, which never holds a request's token, so no real row of the same call lands there."""
     block_size = cache.shape[2]
-    head_dim = key.shape[-1]
-    keep = slots >= 0
-    if not bool(keep.all()):
-        key, value, slots = key[keep], value[keep], slots[keep]
-    blocks = torch.div(slots, block_size, rounding_mode="floor")
-    offsets = slots % block_size
-    # Advanced indices around a slice put the token dim first: shape [T, H, D].
-    cache[blocks, :, offsets, :head_dim] = key.to(cache.dtype)
-    cache[blocks, :, offsets, head_dim:] = value.to(cache.dtype)
+    valid = slots >= 0
+    safe = torch.where(valid, slots, torch.zeros_like(slots)).long()
+    blocks = torch.div(safe, block_size, rounding_mode="floor")
+    offsets = safe % block_size
+    # Advanced indices around a slice put the token dim first: shape [T, H, row].
+    kept = cache[blocks, :, offsets]
+    cache[blocks, :, offsets] = torch.where(valid.view(-1, 1, 1), rows.to(cache.dtype), kept)
+
+
+def write_kv(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store ``key``/``value`` ``[T, H, D]`` at ``slots`` ``[T]`` (see :func:`write_rows`)."""
+    write_rows(cache, torch.cat([key.to(cache.dtype), value.to(cache.dtype)], -1), slots)
 
 
 def gather_rows(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -92,15 +100,17 @@ def decode_attention(
     kv_lens: torch.Tensor,
     scale: float,
     visible: torch.Tensor | None = None,
+    max_kv_len: int | None = None,
 ) -> torch.Tensor:
     """One query per request ``[B, Hq, D]``; requests padded to the longest and masked.
-    ``visible[B, Hkv, >= max kv_len]`` (optional) hides rows per KV head.
+    ``visible[B, Hkv, >= max kv_len]`` (optional) hides rows per KV head. ``max_kv_len``:
+    a host bound on ``kv_lens`` (else read back from the device, a synchronisation).
 
     Single-token queries use grouped fp32 matmuls rather than SDPA: on CPU, SDPA's
     per-call overhead for a query length of 1 costs ~4x more (measured)."""
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads = cache.shape[1]
-    max_len = int(kv_lens.max())
+    max_len = int(kv_lens.max()) if max_kv_len is None else int(max_kv_len)
     rows = gather_rows(cache, block_table[:batch], max_len)
     k, v = rows[..., :head_dim].float(), rows[..., head_dim:].float()
     q = query.view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim).float()  # GQA groups

@@ -85,7 +85,9 @@ def _combine_kernel(part_ptr, ml_ptr, lens_ptr, out_ptr, num_q_heads, num_splits
     w = tl.exp2(lse - tl.max(lse, axis=0))
     w = tl.where(keep, w, 0.0)
     o = tl.load(part_ptr + (base + s)[:, None] * D + d[None, :], mask=keep[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    total = tl.sum(w, axis=0)
+    # A request with no tokens (vLLM's padding rows in a CUDA graph) gets zeros, not 0 / 0.
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row.to(tl.int64) * D + d, out.to(out_ptr.dtype.element_ty))
 
 

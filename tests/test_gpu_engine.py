@@ -26,14 +26,20 @@ def _prompts(vocab: int, lengths=(300, 41, 777, 129)) -> list[list[int]]:
     return [torch.randint(100, vocab - 1, (n,), generator=generator).tolist() for n in lengths]
 
 
-def _generate(monkeypatch, shape: str, kernels: str = "auto", codebooks_m=None, **llm) -> dict:
+def _generate(monkeypatch, shape: str, kernels: str = "auto", codebooks_m=None, none_backend=None, **llm) -> dict:
     from vllm_kvcompress.harness.subprocess_run import run_module
 
     monkeypatch.setenv("KVCOMPRESS_KERNELS", kernels)
+    if none_backend is None:
+        monkeypatch.delenv("KVCOMPRESS_NONE_CUDA_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("KVCOMPRESS_NONE_CUDA_BACKEND", none_backend)
     config = SHAPES[shape]
+    # Few capture sizes (the batch is at most 4 requests): CUDA graphs, but a short start.
     spec = {"model_config": config, "prompts": _prompts(config["vocab_size"]), "max_tokens": 32,
-            "codebooks_m": codebooks_m,
-            "llm": {"dtype": "bfloat16", "max_model_len": 4096, "gpu_memory_utilization": 0.5, **llm}}
+            "codebooks_m": codebooks_m, "init_std": 0.02,
+            "llm": {"dtype": "bfloat16", "max_model_len": 4096, "gpu_memory_utilization": 0.5, "max_num_seqs": 8,
+                    "compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8]}, **llm}}
     return run_module("vllm_kvcompress.harness.gpu_generate", spec, timeout=900)
 
 
@@ -54,14 +60,21 @@ def _compare(a: dict, b: dict) -> tuple[float, float]:
 
 @pytest.mark.parametrize("shape", ["small", "llama-8b"])
 def test_none_gives_flash_attention_tokens(monkeypatch, shape):
+    """By default method none hands attention to FLASH_ATTN; with KVCOMPRESS_NONE_CUDA_BACKEND=plugin
+    the plugin's own dense layout and Triton decode (CUDA graphs included) give FLASH_ATTN's tokens."""
     flash = _generate(monkeypatch, shape, attention_backend="FLASH_ATTN")
-    ours = _generate(monkeypatch, shape, attention_backend="kvcompress",
+    delegated = _generate(monkeypatch, shape, attention_backend="kvcompress",
+                          additional_config={"kvcompress": {"method": "none"}})
+    ours = _generate(monkeypatch, shape, none_backend="plugin", attention_backend="kvcompress",
                      additional_config={"kvcompress": {"method": "none"}})
     same, gap = _compare(flash, ours)
-    print(f"{shape}: kvcompress none vs FLASH_ATTN: {same:.1%} same greedy tokens ({ours['distinct_tokens']} distinct), "
-          f"largest logprob gap {gap:.3g}; impls {ours['attention_impls']} vs {flash['attention_impls']}, "
-          f"cudagraph {ours['cudagraph_mode']}, start {ours['start_s']} s (FA3 {flash['start_s']} s)")
-    assert ours["attention_impls"] == ["KVCompressImpl"] and flash["attention_impls"] != ["KVCompressImpl"]
+    print(f"{shape}: kvcompress none (plugin layout) vs FLASH_ATTN: {same:.1%} same greedy tokens "
+          f"({ours['distinct_tokens']} distinct), largest logprob gap {gap:.3g}; impls {ours['attention_impls']} vs "
+          f"{flash['attention_impls']}, cudagraph {ours['cudagraph_mode']}, start {ours['start_s']} s "
+          f"(FA3 {flash['start_s']} s); default none runs {delegated['attention_impls']}")
+    assert delegated["attention_impls"] == flash["attention_impls"] != ["KVCompressImpl"]
+    assert delegated["outputs"] == flash["outputs"]
+    assert ours["attention_impls"] == ["KVCompressImpl"]
     assert same == 1.0
 
 

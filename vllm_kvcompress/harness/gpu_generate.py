@@ -3,7 +3,8 @@
     python -m vllm_kvcompress.harness.gpu_generate SPEC.json OUT.json
 
 SPEC: {"model_config": {HF config.json}, "llm": {LLM kwargs}, "prompts": [[token ids], ...],
-       "max_tokens": 32, "codebooks_m": null | m (synthetic LOOKAT codebooks for that config)}
+       "max_tokens": 32, "codebooks_m": null | m (synthetic LOOKAT codebooks for that config),
+       "init_std": null | std (weights re-drawn after start-up: :func:`reinitialise_weights`)}
 OUT:  {"outputs": [{"token_ids", "token_logprobs"}], "attention_impls", "cudagraph_mode", "kernels",
        "start_s", "kv_cache_tokens", "distinct_tokens"}
 
@@ -49,6 +50,29 @@ def model_folder(config: dict, codebooks_m: int | None = None) -> tuple[Path, Pa
     return folder, codebooks
 
 
+def reinitialise_weights(worker, std: float) -> int:
+    """Every matrix ~ N(0, std) and every vector 1, in place, seeded by the parameter's name
+    (the same in every engine on the same GPU). vLLM's dummy weights (uniform +-1e-3) leave
+    attention a negligible share of the logits, too weak for an oracle. In place: captured
+    CUDA graphs read the same addresses. Returns the number of parameters set."""
+    import zlib
+
+    import torch
+
+    runner = worker.model_runner
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    count = 0
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.dim() < 2:
+                param.fill_(1.0)
+            else:
+                generator = torch.Generator(device=param.device).manual_seed(zlib.crc32(name.encode()))
+                param.copy_(torch.randn(param.shape, generator=generator, device=param.device) * std)
+            count += 1
+    return count
+
+
 def engine_facts(llm) -> dict:
     from vllm_kvcompress.harness.generate import attention_impls
 
@@ -70,6 +94,10 @@ def run(spec: dict) -> dict:
     started = time.perf_counter()
     llm = LLM(model=str(folder), load_format="dummy", skip_tokenizer_init=True, seed=0, **kwargs)
     start_s = time.perf_counter() - started
+    if spec.get("init_std"):
+        import functools
+
+        llm.collective_rpc(functools.partial(reinitialise_weights, std=float(spec["init_std"])))
     params = SamplingParams(max_tokens=spec.get("max_tokens", 32), temperature=0.0, ignore_eos=True, logprobs=0,
                             detokenize=False)
     results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]], params, use_tqdm=False)

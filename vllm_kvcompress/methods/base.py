@@ -149,8 +149,12 @@ class DenseFormat:
     def write(self, layer: int, cache, key, value, slots) -> None:
         ops.dense_write(cache, key, value, slots)
 
-    def decode(self, layer: int, query, cache, block_table, kv_lens, scale, current=None, visible=None):
-        return ops.dense_decode(query, cache, block_table, kv_lens, scale, visible)
+    def to(self, device) -> None:
+        """Nothing to move: every row lives in the cache."""
+
+    def decode(self, layer: int, query, cache, block_table, kv_lens, scale, current=None, visible=None,
+               max_kv_len=None):
+        return ops.dense_decode(query, cache, block_table, kv_lens, scale, visible, max_kv_len)
 
     def prefill(self, layer: int, query, cache, blocks, kv_len, scale, current=None, visible=None):
         return ops.dense_prefill(query, cache, blocks, kv_len, scale, visible)
@@ -170,6 +174,9 @@ class Method:
     evicts: ClassVar[bool] = False  # evicts tokens: the plugin's scheduler and worker are wired in
     learned: ClassVar[bool] = False  # scores come from forward hooks (eager mode)
     own_window: ClassVar[str | None] = None  # the key of the window it protects itself
+    # Keeps every token at the model's precision in vLLM's page size: on CUDA, vLLM's own
+    # FlashAttention can serve it unchanged (vllm/startup.py).
+    passthrough: ClassVar[bool] = False
 
     def __init__(self, settings: Settings):
         self.settings = settings

@@ -8,3 +8,4 @@ from vllm_kvcompress.methods.base import Method
 class NoCompression(Method):
     name = "none"
     summary = "stores the full bf16/fp16 cache (pass-through)"
+    passthrough = True

@@ -23,6 +23,7 @@ from vllm.config import VllmConfig, get_current_vllm_config_or_none
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionLayer,
     AttentionMetadataBuilder,
@@ -52,6 +53,14 @@ def _vllm_config() -> VllmConfig:
     if config is None:
         raise RuntimeError("kvcompress: no vLLM config in this process")
     return config
+
+
+def _worker_device() -> torch.device:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _settings() -> KVCompressConfig:
@@ -114,10 +123,11 @@ class PrefillSpan:
 class KVCompressMetadata:
     num_actual_tokens: int
     slot_mapping: torch.Tensor  # [T] cache slot of each new token (physical when evicting)
-    decode_token_index: torch.Tensor  # [D] token position of each single-token request
+    decode_token_index: torch.Tensor | None  # [D] token of each single-token request; None: tokens 0..D-1
     decode_block_table: torch.Tensor  # [D, max_blocks]
     decode_kv_lens: torch.Tensor  # [D]
     prefills: list[PrefillSpan]
+    max_decode_len: int = 0  # host bound on decode_kv_lens: sizes the decode launch (no read-back)
     eviction: EvictionPlan | None = None  # whole-row eviction: this step's compactions and masks
 
 
@@ -129,11 +139,32 @@ def classify(m: CommonAttentionMetadata) -> tuple[list[int], list[int]]:
     return [r for r, q in enumerate(q_lens) if q == 1], [r for r, q in enumerate(q_lens) if q > 1]
 
 
+def host_seq_lens(m: CommonAttentionMetadata) -> torch.Tensor:
+    """Each request's length on the host without a device read-back: vLLM's CPU bound
+    (exact without speculative decoding, which start-up refuses) where the runner gives
+    one (the CUDA runner's lengths live on the GPU), else ``seq_lens`` (the CPU runner's)."""
+    bound = m.seq_lens_cpu_upper_bound
+    if bound is not None:
+        return bound[: m.num_reqs]
+    return m.seq_lens[: m.num_reqs].to("cpu")
+
+
 class KVCompressMetadataBuilder(AttentionMetadataBuilder):
     """``worker_state``: the eviction runner's :class:`~vllm_kvcompress.vllm.state.WorkerState`,
-    handed over when the runner allocates the KV cache (None without eviction)."""
+    handed over when the runner allocates the KV cache (None without eviction).
+
+    CUDA graphs: a batch of single-token decodes (vLLM's FULL decode graphs) reads only
+    vLLM's persistent buffers (block table, lengths, slot mapping) and is sized by
+    ``max_seq_len``, which vLLM sets to ``max_model_len`` when it captures, so one graph
+    per batch size replays for any lengths. Eviction changes lengths and tables between
+    steps outside those buffers: its layouts are not captured (PIECEWISE)."""
 
     worker_state = None
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
+        config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
+        return AttentionCGSupport.NEVER if config.spec.evicts else AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device):
@@ -145,8 +176,9 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
         self.paged = isinstance(config.settings, PagedSettings)  # per-(layer, KV head) streams
         self.page_tokens = getattr(config.settings, "page_tokens", None)
         self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
-        logger.info("kvcompress attention active: method=%s, %d layers, block_size=%d, page %d bytes",
-                    config.method, len(layer_names), kv_cache_spec.block_size, kv_cache_spec.page_size_bytes)
+        logger.info("kvcompress attention active: method=%s, %d layers, block_size=%d, page %d bytes, "
+                    "CUDA graphs for decode: %s", config.method, len(layer_names), kv_cache_spec.block_size,
+                    kv_cache_spec.page_size_bytes, "no (eviction)" if self.evicts else "yes")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False):
@@ -163,7 +195,9 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
             planned = stream_layout.build(m, num_reqs, geometry, step, state.pool)
             if planned is not None:
                 return planned
-        kv_lens, slots, plan = m.seq_lens[:num_reqs].to("cpu"), m.slot_mapping[: m.num_actual_tokens], None
+        if not self.evicts and m.max_query_len == 1:
+            return self._decodes(m)
+        kv_lens, slots, plan = host_seq_lens(m), m.slot_mapping[: m.num_actual_tokens], None
         if self.evicts:  # rows are physical: fewer than the logical lengths once compacted
             physical = physical_layout(m, num_reqs, self.kv_cache_spec.block_size, self.compact, step)
             if physical is not None:
@@ -174,14 +208,30 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
         prefills = [PrefillSpan(int(starts[r]), int(starts[r + 1]), int(kv_lens[r]), block_table[r])
                     for r in prefill_rows]
         rows = torch.tensor(decode_rows, dtype=torch.long)
+        decode_lens = kv_lens[rows]
         return KVCompressMetadata(
             num_actual_tokens=m.num_actual_tokens,
             slot_mapping=slots,
             decode_token_index=starts[rows].to(device=block_table.device, dtype=torch.long),
             decode_block_table=block_table[rows],
-            decode_kv_lens=kv_lens[rows].to(block_table.device),  # the kernels read it on the device
+            decode_kv_lens=decode_lens.to(block_table.device),  # the kernels read it on the device
             prefills=prefills,
+            max_decode_len=int(decode_lens.max()) if decode_rows else 0,
             eviction=plan,
+        )
+
+    def _decodes(self, m: CommonAttentionMetadata) -> KVCompressMetadata:
+        """Every request decodes one token: token ``r`` is request ``r``'s. Views of vLLM's
+        persistent buffers only, so the step can replay from a captured graph (padding rows,
+        if any, have length 0 and slot -1)."""
+        return KVCompressMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            slot_mapping=m.slot_mapping[: m.num_actual_tokens],
+            decode_token_index=None,
+            decode_block_table=m.block_table_tensor[: m.num_reqs],
+            decode_kv_lens=m.seq_lens[: m.num_reqs],
+            prefills=[],
+            max_decode_len=int(m.max_seq_len),
         )
 
 
@@ -225,6 +275,9 @@ class KVCompressImpl(AttentionImpl):
         model = _worker_config.model_config
         heads = local_kv_heads(model.get_total_num_kv_heads())
         self.format = self.method.cache_format(model.hf_config, head_size, model.dtype, heads)
+        # What the format holds moves to the worker's device now, not inside the first
+        # (possibly captured) step.
+        self.format.to(_worker_device())
         whole_rows = self.method.evicts and not isinstance(self.method.settings, PagedSettings)
         self.evictor = Evictor(self.method) if whole_rows else None
         self.stream_runner: StreamRunner | None = None  # made in forward(), once the layer index is known
@@ -267,12 +320,13 @@ class KVCompressImpl(AttentionImpl):
         fmt, index = self.format, self.layer_index
         fmt.write(index, kv_cache, key, value, meta.slot_mapping)
         evictor, plan = self.evictor, meta.eviction
-        if meta.decode_token_index.numel():
-            idx = meta.decode_token_index
+        decodes = meta.decode_block_table.shape[0]
+        if decodes:
+            idx = slice(0, decodes) if meta.decode_token_index is None else meta.decode_token_index
             visible = None if plan is None else evictor.decode_visible(plan, index, meta.decode_kv_lens,
                                                                       self.num_kv_heads)
             result = fmt.decode(index, query[idx], kv_cache, meta.decode_block_table, meta.decode_kv_lens, self.scale,
-                                current=(key[idx], value[idx]), visible=visible)
+                                current=(key[idx], value[idx]), visible=visible, max_kv_len=meta.max_decode_len)
             out[idx] = result.to(out.dtype)
         for i, span in enumerate(meta.prefills):
             rows = slice(span.token_start, span.token_end)

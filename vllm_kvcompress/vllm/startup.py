@@ -104,6 +104,52 @@ def check_method(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
         EvictionPolicy(config, vllm_config.cache_config.block_size, model_shape(vllm_config))
 
 
+# Method none on CUDA: who serves attention. "flash_attn": vLLM's FLASH_ATTN backend on its
+# own layout (nothing to compress, so nothing of ours belongs on the hot path); "plugin":
+# the plugin's dense paged layout and Triton decode (its oracle, and the base of eviction).
+NONE_CUDA_BACKEND_ENV = "KVCOMPRESS_NONE_CUDA_BACKEND"
+NONE_CUDA_BACKENDS = ("flash_attn", "plugin")
+
+
+def delegate_passthrough(vllm_config: "VllmConfig", config: KVCompressConfig) -> bool:
+    """On CUDA, a pass-through method (``none``) hands attention to vLLM's FLASH_ATTN;
+    returns whether it did. The choice is logged; ``KVCOMPRESS_NONE_CUDA_BACKEND=plugin``
+    keeps the plugin's own layout."""
+    import os
+
+    from vllm.platforms import current_platform
+
+    if not config.spec.passthrough or not current_platform.is_cuda():
+        return False
+    choice = os.environ.get(NONE_CUDA_BACKEND_ENV, NONE_CUDA_BACKENDS[0])
+    if choice not in NONE_CUDA_BACKENDS:
+        raise KVCompressConfigError(f"{NONE_CUDA_BACKEND_ENV}={choice!r}: allowed values are "
+                                    f"{', '.join(NONE_CUDA_BACKENDS)}")
+    from vllm.logger import init_logger
+
+    logger = init_logger("vllm.kvcompress.startup")
+    model_dtype = None if vllm_config.model_config is None else vllm_config.model_config.dtype
+    import torch
+
+    if choice == "plugin" or model_dtype not in (torch.bfloat16, torch.float16):
+        logger.info("kvcompress: method %r on CUDA runs the plugin's dense paged layout (%s)", config.method,
+                    f"{NONE_CUDA_BACKEND_ENV}=plugin" if choice == "plugin" else
+                    f"model dtype {model_dtype}: FlashAttention needs bf16/fp16")
+        return False
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    attention = vllm_config.attention_config
+    if attention.backend is not None and attention.backend.name == BACKEND_NAME:
+        attention.backend = AttentionBackendEnum.FLASH_ATTN
+    if attention.backend_per_kind:
+        attention.backend_per_kind = {kind: AttentionBackendEnum.FLASH_ATTN if b is not None and b.name == BACKEND_NAME
+                                      else b for kind, b in attention.backend_per_kind.items()}
+    logger.info("kvcompress: method %r keeps the full cache; on CUDA vLLM's FLASH_ATTN backend serves attention "
+                "unchanged (%s=plugin runs the plugin's own dense layout instead)", config.method,
+                NONE_CUDA_BACKEND_ENV)
+    return True
+
+
 SCHEDULER_CLS = "vllm_kvcompress.vllm.scheduler.KVCompressScheduler"
 WORKER_CLS = "vllm_kvcompress.vllm.worker.KVCompressCPUWorker"
 PLATFORM_WORKER_CLS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker")
@@ -184,6 +230,7 @@ def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
     check_engine_options(vllm_config)
     check_method(vllm_config, config)
     wire_eviction(vllm_config, config)
+    delegate_passthrough(vllm_config, config)
     if isinstance(additional, dict):
         additional[CONFIG_KEY] = config.as_dict()
     return config

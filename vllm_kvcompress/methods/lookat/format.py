@@ -34,6 +34,7 @@ class LookatFormat:
     def __init__(self, codebooks: list[torch.Tensor], dims: torch.Tensor | None, layout: ops.LookatLayout,
                  exact_current: bool):
         self.codebooks, self.dims, self.layout, self.exact_current = codebooks, dims, layout, exact_current
+        self.codebooks_bf16: list[torch.Tensor] | None = None
 
     @staticmethod
     def layout_for(settings, head_dim: int, dtype: torch.dtype) -> ops.LookatLayout:
@@ -50,30 +51,38 @@ class LookatFormat:
             codebooks = [layer[heads] for layer in codebooks]
         return cls(codebooks, dims, cls.layout_for(settings, head_dim, dtype), settings.current_tokens == "exact")
 
-    def _on(self, device: torch.device) -> None:
-        """Codebooks load on the CPU; they follow the cache to its device once."""
+    def to(self, device: torch.device) -> None:
+        """Codebooks load on the CPU; they move to the cache's device once, before any
+        step (a host-to-device copy cannot sit inside a captured CUDA graph). The kernels
+        score with a bf16 copy, made here once rather than per layer and step."""
         if self.codebooks[0].device != device:
             self.codebooks = [c.to(device) for c in self.codebooks]
             self.dims = None if self.dims is None else self.dims.to(device)
+        if self.codebooks_bf16 is None or self.codebooks_bf16[0].device != device:
+            self.codebooks_bf16 = [c.to(torch.bfloat16).contiguous() for c in self.codebooks]
 
     def keys(self, layer: int, cache, blocks, length: int):
         """Keys ``[H, length, D]`` rebuilt from the codes (what attention scores against)."""
-        self._on(cache.device)
+        self.to(cache.device)
         return ops.lookat_keys(cache, blocks, length, self.codebooks[layer], self.dims, self.layout)
 
     def write(self, layer: int, cache, key, value, slots) -> None:
-        self._on(cache.device)
+        self.to(cache.device)
         rows = ops.lookat_encode_rows(key, value, self.codebooks[layer], self.dims, self.layout)
         ops.lookat_write_rows(cache, rows, slots)
 
-    def decode(self, layer: int, query, cache, block_table, kv_lens, scale, current=None, visible=None):
+    def decode(self, layer: int, query, cache, block_table, kv_lens, scale, current=None, visible=None,
+               max_kv_len=None):
         if visible is not None:
             raise NotImplementedError("LOOKAT rows with masked eviction")
-        return ops.lookat_decode(query, cache, block_table, kv_lens, self.codebooks[layer], self.dims,
-                                           self.layout, scale, current if self.exact_current else None)
+        self.to(cache.device)
+        return ops.lookat_decode(query, cache, block_table, kv_lens, self.codebooks[layer], self.dims, self.layout,
+                                 scale, current if self.exact_current else None, max_kv_len,
+                                 self.codebooks_bf16[layer])
 
     def prefill(self, layer: int, query, cache, blocks, kv_len, scale, current=None, visible=None):
         if visible is not None:
             raise NotImplementedError("LOOKAT rows with masked eviction")
+        self.to(cache.device)
         return ops.lookat_prefill(query, cache, blocks, kv_len, self.codebooks[layer], self.dims,
-                                            self.layout, scale, current if self.exact_current else None)
+                                  self.layout, scale, current if self.exact_current else None)
