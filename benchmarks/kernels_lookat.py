@@ -39,6 +39,7 @@ from vllm_kvcompress.kernels import dense_triton, lookat_ref, lookat_triton, pag
 MODELS = {  # attention shapes of the served models
     "qwen2.5-0.5b": {"hq": 14, "hkv": 2, "d": 64},
     "qwen2.5-1.5b": {"hq": 12, "hkv": 2, "d": 128},
+    "llama-3-8b": {"hq": 32, "hkv": 8, "d": 128},
 }
 BATCHES = (1, 4, 16, 64)
 CONTEXTS = (4096, 16384, 32768, 65536)
