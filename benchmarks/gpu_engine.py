@@ -440,6 +440,9 @@ def run_config(name: str, args, utilization: float, timeout_s: float, log: Path,
             _RUNNING.remove(proc)
         stdout.seek(0)
         out = stdout.read()
+    # vLLM logs (the engine's tracebacks included) go to stdout: keep them in the log too.
+    with log.open("a") as f:
+        f.write("\n----- stdout -----\n" + out)
     text = log.read_text(errors="replace")
     row = partial = None
     for line in out.splitlines():

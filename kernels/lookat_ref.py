@@ -34,7 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from vllm_kvcompress.kernels import paged_dense_ref, pq_ref
 from vllm_kvcompress.kernels.paged_dense_ref import gather_rows
@@ -180,11 +179,10 @@ def prefill_attention(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Te
     # In the model's dtype, as the dense path: SDPA accumulates in fp32 either way.
     q = query.transpose(0, 1)[None]
     keys, values = keys[None].to(q.dtype), values[None].to(q.dtype)
-    gqa = num_q_heads != keys.shape[1]
     if q_len == kv_len:  # whole prompt in one step: no explicit [q_len, kv_len] mask
-        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
+        out = paged_dense_ref.attend(q, keys, values, None, scale, causal=True)
     else:
         q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
         mask = (torch.arange(kv_len, device=q.device).unsqueeze(0) <= q_pos)[None, None]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out = paged_dense_ref.attend(q, keys, values, mask, scale)
     return out[0].transpose(0, 1)

@@ -56,14 +56,21 @@ def gather_kv(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> tuple[t
     return rows[..., :head_dim], rows[..., head_dim:]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool = False) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           causal: bool = False) -> torch.Tensor:
     """q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``, mask ``[B|1, 1, Tq, Tk]`` (True = attend).
 
     torch's fused SDPA keeps inputs in their dtype and accumulates in fp32 without
-    materialising the score matrix; GQA is handled natively (no K/V repeat)."""
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    materialising the score matrix; GQA is handled natively (no K/V repeat). Except on
+    CUDA with a mask: no fused CUDA kernel takes both a mask and GQA, and torch's fallback
+    (the math kernel) materialises ``[Hq, Tq, Tk]`` scores (tens of GB for a 16K-token chunk
+    over a 32K context), so there K/V are repeated per query head for the memory-efficient
+    kernel instead."""
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and mask is not None and q.is_cuda:
+        group = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
 def prefill_attention(
@@ -81,7 +88,7 @@ def prefill_attention(
     k, v = gather_kv(cache, blocks, kv_len)
     q = query.transpose(0, 1)[None].to(k.dtype)
     if q_len == kv_len and visible is None:  # whole prompt in one step: plain causal
-        out = _attend(q, k[None], v[None], None, scale, causal=True)
+        out = attend(q, k[None], v[None], None, scale, causal=True)
     else:  # a chunk after cached context: causal, aligned to the bottom-right
         q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
         mask = (torch.arange(kv_len, device=q.device).unsqueeze(0) <= q_pos)[None, None]
@@ -89,7 +96,7 @@ def prefill_attention(
             group = num_q_heads // visible.shape[0]
             mask = mask & visible.repeat_interleave(group, 0)[None, :, None, :]
             k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
-        out = _attend(q, k[None], v[None], mask, scale)
+        out = attend(q, k[None], v[None], mask, scale)
     return out[0].transpose(0, 1)
 
 

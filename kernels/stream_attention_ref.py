@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_kvcompress.kernels import paged_dense_ref
+
 
 def page_rows(pages: torch.Tensor, page: int) -> torch.Tensor:
     """Row ids ``[..., P * page]`` of the pages ``[..., P]``, in order."""
@@ -74,9 +76,7 @@ def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tens
 
 
 def _sdpa(q, k, v, mask, scale, causal=False):
-    # GQA natively (no K/V repeat); CPU's fused kernel, fp32 accumulation.
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                                            enable_gqa=q.shape[1] != k.shape[1])
+    return paged_dense_ref.attend(q, k, v, mask, scale, causal)
 
 
 def move_rows(pool: torch.Tensor, source: torch.Tensor, dest: torch.Tensor) -> None:

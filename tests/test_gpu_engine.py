@@ -73,7 +73,7 @@ def test_none_gives_flash_attention_tokens(monkeypatch, shape):
           f"{flash['attention_impls']}, cudagraph {ours['cudagraph_mode']}, start {ours['start_s']} s "
           f"(FA3 {flash['start_s']} s); default none runs {delegated['attention_impls']}")
     assert delegated["attention_impls"] == flash["attention_impls"] != ["KVCompressImpl"]
-    assert delegated["outputs"] == flash["outputs"]
+    assert [o["token_ids"] for o in delegated["outputs"]] == [o["token_ids"] for o in flash["outputs"]]
     assert ours["attention_impls"] == ["KVCompressImpl"]
     assert same == 1.0
 
