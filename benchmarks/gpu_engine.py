@@ -130,7 +130,7 @@ def _emit(tag: str, row: dict) -> None:
 
 
 def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str | None = None) -> dict:
-    """One config in this process: start, capacity, TPOT per workload batch, decode-heavy and
+    """One config in this process: start, capacity, decode-heavy throughput, TPOT per workload batch and
     long-context throughput. Prints ``PARTIAL {json}`` after each stage (what a timeout keeps)."""
     from vllm import LLM
 
@@ -153,6 +153,10 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
                attention=",".join(facts["attention_impls"]))
     _emit("PARTIAL", row)
     _timed(llm, _prompts(2, 256, SEED_WARMUP), 8)  # warm-up
+    count, prompt, output = workload["decode_heavy"]
+    seconds, out = _timed(llm, _prompts(count, prompt, SEED_DECODE_HEAVY), output)
+    row.update(throughput_tok_s=round(out / seconds, 1), throughput_s=round(seconds, 1))
+    _emit("PARTIAL", row)
     for batch, context, tokens in workload["tpot"]:
         # Other prompts for each run (same lengths): the prefix cache must not skip the second prefill.
         prefill_s, _ = _timed(llm, _prompts(batch, context, SEED_TPOT_PREFILL + batch), 1)
@@ -161,10 +165,6 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
         row[f"tpot_detail_b{batch}"] = {"context": context, "tokens": tokens, "prefill_s": round(prefill_s, 3),
                                         "total_s": round(total_s, 3), "out_tokens": out}
         _emit("PARTIAL", row)
-    count, prompt, output = workload["decode_heavy"]
-    seconds, out = _timed(llm, _prompts(count, prompt, SEED_DECODE_HEAVY), output)
-    row.update(throughput_tok_s=round(out / seconds, 1), throughput_s=round(seconds, 1))
-    _emit("PARTIAL", row)
     count, prompt, output = workload["long_context"]
     seconds, out = _timed(llm, _prompts(count, prompt, SEED_LONG_CONTEXT), output)
     row.update(long_context_tok_s=round(out / seconds, 1), long_context_s=round(seconds, 1))
@@ -316,13 +316,14 @@ PLOT_BARS = (("capacity", "capacity_ratio"), ("decode-heavy tok/s", "throughput_
 
 def plot_summary(summary: dict, path: Path) -> Path:
     """Grouped bars per config, every bar a ratio to vllm-bf16 where higher is better (TPOT as
-    bf16 TPOT / config TPOT); rows with an error are left out."""
+    bf16 TPOT / config TPOT); rows with an error are left out unless they kept partial results
+    (a timed-out config: its finished stages are drawn, the label says so)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summary["rows"] if "error" not in r]
+    rows = [r for r in summary["rows"] if "error" not in r or r.get("partial")]
     base = next((r for r in rows if r["config"] == BASE), None)
 
     def value(row: dict, field: str) -> float:
@@ -343,7 +344,8 @@ def plot_summary(summary: dict, path: Path) -> Path:
                 ax.annotate(f"{y:.2f}", (bar.get_x() + bar.get_width() / 2, y), textcoords="offset points",
                             xytext=(0, 2), ha="center", fontsize=6)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
-    labels = [r["config"] + (f"\n({r['fallback']} fallback)" if r.get("fallback") else "") for r in rows]
+    labels = [r["config"] + (f"\n({r['fallback']} fallback)" if r.get("fallback") else "")
+              + ("\n(partial: timed out)" if r.get("partial") else "") for r in rows]
     ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("x vllm-bf16 (higher is better)")
     utilization = summary.get("gpu_memory_utilization")
