@@ -128,3 +128,25 @@ def test_plan_splits_fills_the_gpu_and_covers_the_context():
         splits, part = lookat_triton.plan_splits(batch, hkv, n, 64, 132)
         assert part % 64 == 0 and splits * part >= n > (splits - 1) * part
         assert batch * hkv * splits >= min(264, batch * hkv * max(1, n // 256))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_padding_rows_of_a_graph_batch_give_zeros_and_real_rows_are_unchanged(splits):
+    """A captured decode batch is padded with requests of length 0 and is sized by a host
+    bound (max_model_len), not by the lengths: padding rows come out 0 (not 0/0) and the
+    real rows equal the reference."""
+    g = torch.Generator().manual_seed(9)
+    D, bs, hkv, group, lens = 32, 16, 2, 3, [37, 0, 70, 0]
+    num_blocks = sum(-(-n // bs) for n in lens) + 3
+    cache = torch.randn(num_blocks, hkv, bs, 2 * D, generator=g).bfloat16()
+    table = _tables(lens, bs, num_blocks, g)
+    table[[1, 3]] = 0  # padding rows point at block 0 (vLLM's null block)
+    kv_lens = torch.tensor(lens, dtype=torch.int32)
+    query = torch.randn(len(lens), hkv * group, D, generator=g).bfloat16()
+    out = dense_triton.dense_decode(query.to(DEV), cache.to(DEV), table.to(DEV), kv_lens.to(DEV), D ** -0.5,
+                                    num_splits=splits, block_n=16, min_part=16, max_kv_len=128).cpu()
+    assert torch.isfinite(out).all() and not out[[1, 3]].any()
+    real = [0, 2]
+    ref = paged_dense_ref.decode_attention(query[real], cache, table[real].long().clamp_max(num_blocks - 1),
+                                           kv_lens[real], D ** -0.5)
+    assert _rel(out[real], ref) < 1e-2

@@ -37,7 +37,8 @@ def make_request(gen, num_blocks_total, length, kv_heads):
 def test_write_then_gather_roundtrip(kv_heads, q_heads):
     gen = torch.Generator().manual_seed(0)
     cache = torch.zeros(32, kv_heads, BLOCK, 2 * HEAD_DIM)
-    blocks, k, v, slots = make_request(gen, 32, 77, kv_heads)
+    blocks, k, v, slots = make_request(gen, 31, 77, kv_heads)
+    blocks, slots = blocks + 1, slots + BLOCK  # block 0 is vLLM's null block: never a request's
     slots_with_padding = torch.cat([slots, torch.tensor([-1, -1])])
     dense.write_kv(cache, torch.cat([k, k[:2]]), torch.cat([v, v[:2]]), slots_with_padding)
     k2, v2 = dense.gather_kv(cache, blocks, 77)
@@ -87,3 +88,17 @@ def test_batched_decode_matches_per_request():
         refs.append(naive_attention(q, k, v, 0.2, length - 1)[0])
     out = dense.decode_attention(torch.cat(queries), cache, table, torch.tensor(lengths), 0.2)
     torch.testing.assert_close(out.double(), torch.stack(refs), atol=1e-5, rtol=1e-5)
+
+
+def test_padding_slots_write_nothing_and_need_no_host_read_back():
+    """Slots -1 (vLLM pads a captured batch with them) store nothing: not at the slot they
+    are aimed at (0, in the null block), nor anywhere else; the write is sync-free (no
+    boolean filtering), so it can sit inside a CUDA graph."""
+    gen = torch.Generator().manual_seed(3)
+    cache = torch.randn(8, 2, BLOCK, 2 * HEAD_DIM, generator=gen)
+    before = cache.clone()
+    key, value = torch.randn(3, 2, HEAD_DIM, generator=gen), torch.randn(3, 2, HEAD_DIM, generator=gen)
+    dense.write_kv(cache, key, value, torch.tensor([-1, 5 * BLOCK + 3, -1]))
+    assert torch.equal(cache[5, :, 3], torch.cat([key[1], value[1]], -1))
+    cache[5, :, 3] = before[5, :, 3]
+    assert torch.equal(cache, before)

@@ -256,3 +256,40 @@ def test_single_neuron_per_layer_dms_with_tensor_parallelism_is_refused(smollm2_
     startup.check_method(vllm_config, settings)
 
 
+
+
+def test_method_none_hands_attention_to_flash_attention_on_cuda(smollm2_dir, monkeypatch):
+    """On CUDA, method none keeps every token at full precision: vLLM's FLASH_ATTN serves it
+    unchanged, unless KVCOMPRESS_NONE_CUDA_BACKEND=plugin; LOOKAT keeps the plugin."""
+    from vllm.platforms import current_platform
+
+    platform = type(current_platform)
+    config = engine_config(smollm2_dir, attention_backend="kvcompress", dtype="bfloat16")
+    none = KVCompressConfig.from_dict({})
+    monkeypatch.delenv(startup.NONE_CUDA_BACKEND_ENV, raising=False)
+    assert not startup.delegate_passthrough(config, none)  # CPU: the plugin's own layout
+    monkeypatch.setattr(platform, "is_cuda", lambda self: True)
+    monkeypatch.setenv(startup.NONE_CUDA_BACKEND_ENV, "plugin")
+    assert not startup.delegate_passthrough(config, none) and config.attention_config.backend.name == "KVCOMPRESS"
+    monkeypatch.setenv(startup.NONE_CUDA_BACKEND_ENV, "triton")
+    with pytest.raises(KVCompressConfigError, match=r"KVCOMPRESS_NONE_CUDA_BACKEND='triton': allowed values are "
+                                                    r"flash_attn, plugin"):
+        startup.delegate_passthrough(config, none)
+    lookat = KVCompressConfig.from_dict({"method": "lookat", "codebooks": "c.safetensors"})
+    assert not startup.delegate_passthrough(config, lookat)
+    monkeypatch.delenv(startup.NONE_CUDA_BACKEND_ENV)
+    assert startup.delegate_passthrough(config, none)
+    assert config.attention_config.backend.name == "FLASH_ATTN"
+
+
+def test_decode_graphs_declared_for_methods_without_eviction():
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from vllm_kvcompress.vllm.backend import KVCompressMetadataBuilder
+
+    def support(settings):
+        config = types.SimpleNamespace(additional_config={"kvcompress": settings})
+        return KVCompressMetadataBuilder.get_cudagraph_support(config, None)
+
+    assert support({"method": "none"}) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    assert support({"method": "knorm", "compression_ratio": 0.5}) == AttentionCGSupport.NEVER
