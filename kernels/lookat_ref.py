@@ -176,13 +176,5 @@ def prefill_attention(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Te
     if current is not None:
         keys[:, kv_len - q_len :] = current[0].transpose(0, 1).float()
         values[:, kv_len - q_len :] = current[1].transpose(0, 1).float()
-    # In the model's dtype, as the dense path: SDPA accumulates in fp32 either way.
-    q = query.transpose(0, 1)[None]
-    keys, values = keys[None].to(q.dtype), values[None].to(q.dtype)
-    if q_len == kv_len:  # whole prompt in one step: no explicit [q_len, kv_len] mask
-        out = paged_dense_ref.attend(q, keys, values, None, scale, causal=True)
-    else:
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
-        mask = (torch.arange(kv_len, device=q.device).unsqueeze(0) <= q_pos)[None, None]
-        out = paged_dense_ref.attend(q, keys, values, mask, scale)
-    return out[0].transpose(0, 1)
+    # In the model's dtype, as the dense path: attention accumulates in fp32 either way.
+    return paged_dense_ref.causal_attend(query, keys.to(query.dtype), values.to(query.dtype), scale)

@@ -14,6 +14,8 @@ prefill, fp32 matmuls for single-token decode).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +75,46 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
+@functools.cache
+def _flash_varlen():
+    """``(flash_attn_varlen_func, fa_version)`` of vLLM's FlashAttention build on this GPU, or
+    None (no vLLM CUDA build here: the CPU path, the kernel tests)."""
+    try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    version = get_flash_attn_version()
+    return None if version is None else (flash_attn_varlen_func, version)
+
+
+def causal_attend(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention aligned to the bottom right: the queries ``[Tq, Hq, D]`` are the last
+    ``Tq`` of the ``Tk`` positions of ``k``/``v`` ``[Hkv, Tk, D]`` (a prompt, or a chunk after
+    cached context). Returns ``[Tq, Hq, D]``.
+
+    On CUDA in 16-bit, vLLM's FlashAttention (varlen; FA3 on Hopper) when its build is
+    importable: the kernel FLASH_ATTN prefills with, GQA and the bottom-right mask native.
+    Elsewhere torch SDPA (:func:`attend`)."""
+    q_len, kv_len = query.shape[0], k.shape[1]
+    flash = _flash_varlen() if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) else None
+    if flash is not None:
+        varlen, version = flash
+        cu_q = torch.tensor([0, q_len], dtype=torch.int32, device=query.device)
+        cu_k = torch.tensor([0, kv_len], dtype=torch.int32, device=query.device)
+        return varlen(query.contiguous(), k.transpose(0, 1).to(query.dtype).contiguous(),
+                      v.transpose(0, 1).to(query.dtype).contiguous(), max_seqlen_q=q_len, cu_seqlens_q=cu_q,
+                      max_seqlen_k=kv_len, cu_seqlens_k=cu_k, softmax_scale=scale, causal=True, fa_version=version)
+    q = query.transpose(0, 1)[None].to(k.dtype)
+    if q_len == kv_len:  # whole prompt in one step: no explicit [q_len, kv_len] mask
+        out = attend(q, k[None], v[None], None, scale, causal=True)
+    else:
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
+        mask = (torch.arange(kv_len, device=q.device).unsqueeze(0) <= q_pos)[None, None]
+        out = attend(q, k[None], v[None], mask, scale)
+    return out[0].transpose(0, 1)
+
+
 def prefill_attention(
     query: torch.Tensor,
     cache: torch.Tensor,
@@ -86,18 +128,16 @@ def prefill_attention(
     (optional) hides cached rows per KV head (eviction's masked reference mode)."""
     q_len, num_q_heads = query.shape[0], query.shape[1]
     k, v = gather_kv(cache, blocks, kv_len)
+    if visible is None:
+        return causal_attend(query.to(k.dtype), k, v, scale)
+    # Masked eviction: causal (bottom-right) and the rows each KV head still sees.
     q = query.transpose(0, 1)[None].to(k.dtype)
-    if q_len == kv_len and visible is None:  # whole prompt in one step: plain causal
-        out = attend(q, k[None], v[None], None, scale, causal=True)
-    else:  # a chunk after cached context: causal, aligned to the bottom-right
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
-        mask = (torch.arange(kv_len, device=q.device).unsqueeze(0) <= q_pos)[None, None]
-        if visible is not None:  # per query head: [1, Hq, q_len, kv_len]
-            group = num_q_heads // visible.shape[0]
-            mask = mask & visible.repeat_interleave(group, 0)[None, :, None, :]
-            k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
-        out = attend(q, k[None], v[None], mask, scale)
-    return out[0].transpose(0, 1)
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
+    mask = (torch.arange(kv_len, device=q.device).unsqueeze(0) <= q_pos)[None, None]
+    group = num_q_heads // visible.shape[0]  # per query head: [1, Hq, q_len, kv_len]
+    mask = mask & visible.repeat_interleave(group, 0)[None, :, None, :]
+    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    return attend(q, k[None], v[None], mask, scale)[0].transpose(0, 1)
 
 
 def decode_attention(
