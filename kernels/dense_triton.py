@@ -18,10 +18,10 @@ from vllm_kvcompress.kernels.triton_common import (LOG2E, _mma, _next_pow2, _pro
 
 @triton.jit
 def _dense_decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, stride_qb, stride_qh, stride_bt, num_kv_heads, qk_scale,
-                         out_ptr, ml_ptr, num_q_heads, num_splits, part_len,
+                         out_ptr, ml_ptr, num_q_heads, num_splits,
                          G: tl.constexpr, GD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                          BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
-    b, h, split, kv_len, start, end = _program_span(lens_ptr, num_kv_heads, part_len)
+    b, h, split, kv_len, start, step = _program_span(lens_ptr, num_kv_heads, num_splits, BLOCK_N)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -33,9 +33,9 @@ def _dense_decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, stride_qb, stride_q
     m_i = tl.full([GD], float("-inf"), tl.float32)
     l_i = tl.zeros([GD], tl.float32)
     acc = tl.zeros([GD, D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(start, kv_len, step):
         pos = n0 + offs_n
-        valid = pos < end
+        valid = pos < kv_len
         page = tl.load(bt_ptr + b * stride_bt + pos // BS, mask=valid, other=0).to(tl.int64)
         row = ((page * num_kv_heads + h) * BS + pos % BS) * (2 * D)
         k = tl.load(cache_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
@@ -71,10 +71,10 @@ def dense_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     group = num_q_heads // num_kv_heads
     max_len = int(kv_lens.max()) if max_kv_len is None else int(max_kv_len)
     block_n = cfg["block_n"] or (128 if head_dim <= 64 else 64)
-    num_splits, part_len = partition(batch, num_kv_heads, max_len, block_n, query.device, cfg, num_splits)
+    num_splits = partition(batch, num_kv_heads, max_len, block_n, query.device, cfg, num_splits)
     query = query if query.stride(-1) == 1 else query.contiguous()
     args = (query, cache, block_table, kv_lens, query.stride(0), query.stride(1), block_table.stride(0),
             num_kv_heads, float(scale * LOG2E))
     consts = dict(G=group, GD=max(16, _next_pow2(group)), D=head_dim, BS=block_size, BLOCK_N=block_n)
-    return launch_split(_dense_decode_kernel, batch * num_kv_heads, args, consts, query, kv_lens, num_splits,
-                        part_len, out_dtype, cfg["num_warps"], cfg["num_stages"])
+    return launch_split(_dense_decode_kernel, batch * num_kv_heads, args, consts, query, num_splits, out_dtype,
+                        cfg["num_warps"], cfg["num_stages"])

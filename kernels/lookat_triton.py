@@ -166,7 +166,7 @@ def _accumulate_values(pt, acc, acc_odd, x, sc, lo, VALUE_BITS: tl.constexpr, IN
 def _lookat_decode_kernel(
         lut_ptr, cache_ptr, cache_i8_ptr, cache_16_ptr, cache_f16_ptr, bt_ptr, lens_ptr, stride_bt, num_kv_heads,
         q_ptr, stride_qb, stride_qh, qk_scale,
-        out_ptr, ml_ptr, num_q_heads, num_splits, part_len,
+        out_ptr, ml_ptr, num_q_heads, num_splits,
         G: tl.constexpr, GL: tl.constexpr, GD: tl.constexpr, PAD_LOG: tl.constexpr,
         M: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
         ROW_BYTES: tl.constexpr, ALIGN: tl.constexpr, BS: tl.constexpr, VALUE_BITS: tl.constexpr,
@@ -177,7 +177,7 @@ def _lookat_decode_kernel(
     cores. Rows are prefetched one tile ahead (block-table entries two): the table / codebook
     gathers must stay plain L1-cached loads, so Triton's own pipelining (``num_stages > 1``,
     which copies them with ``cp.async.cg``, past L1) is left off."""
-    b, h, split, kv_len, start, end = _program_span(lens_ptr, num_kv_heads, part_len)
+    b, h, split, kv_len, start, step = _program_span(lens_ptr, num_kv_heads, num_splits, BLOCK_N)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_i = tl.arange(0, M)
@@ -205,19 +205,19 @@ def _lookat_decode_kernel(
         acc_odd = tl.zeros([GD, 1], tl.float32)  # unused
 
     pos = start + offs_n
-    page = _load_page(bt_ptr, b, stride_bt, pos, pos < end, BS)
-    codes, x, sc, lo = _load_rows(pos, pos < end, page, h, num_kv_heads, cache_ptr, cache_i8_ptr, cache_16_ptr,
+    page = _load_page(bt_ptr, b, stride_bt, pos, pos < kv_len, BS)
+    codes, x, sc, lo = _load_rows(pos, pos < kv_len, page, h, num_kv_heads, cache_ptr, cache_i8_ptr, cache_16_ptr,
                                   cache_f16_ptr, M, D, ROW_BYTES, ALIGN, BS, VALUE_BITS)
-    page_next = _load_page(bt_ptr, b, stride_bt, pos + BLOCK_N, pos + BLOCK_N < end, BS)
-    for n0 in range(start, end, BLOCK_N):
-        # prefetch: block-table entries of tile + 2, rows of tile + 1 (masked off past the end)
-        pos2 = n0 + 2 * BLOCK_N + offs_n
-        page_after = _load_page(bt_ptr, b, stride_bt, pos2, pos2 < end, BS)
-        pos1 = n0 + BLOCK_N + offs_n
-        codes1, x1, sc1, lo1 = _load_rows(pos1, pos1 < end, page_next, h, num_kv_heads, cache_ptr, cache_i8_ptr,
+    page_next = _load_page(bt_ptr, b, stride_bt, pos + step, pos + step < kv_len, BS)
+    for n0 in range(start, kv_len, step):
+        # prefetch: block-table entries of this split's tile + 2, rows of tile + 1 (masked off past the end)
+        pos2 = n0 + 2 * step + offs_n
+        page_after = _load_page(bt_ptr, b, stride_bt, pos2, pos2 < kv_len, BS)
+        pos1 = n0 + step + offs_n
+        codes1, x1, sc1, lo1 = _load_rows(pos1, pos1 < kv_len, page_next, h, num_kv_heads, cache_ptr, cache_i8_ptr,
                                           cache_16_ptr, cache_f16_ptr, M, D, ROW_BYTES, ALIGN, BS, VALUE_BITS)
 
-        valid = (n0 + offs_n) < end
+        valid = (n0 + offs_n) < kv_len
         idx = offs + (codes.to(tl.int32) * VEC)[:, :, None]  # [N, M, VEC]: one vector per (token, subspace)
         idx = tl.max_contiguous(tl.multiple_of(idx, [1, 1, VEC]), [1, 1, VEC])
         t = tl.load(base + idx, cache_modifier=".ca")
@@ -287,7 +287,7 @@ def lookat_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.T
         lut = build_lut(query, codebooks, scale * LOG2E, cfg["lut_dtype"])
     max_len = int(kv_lens.max()) if max_kv_len is None else int(max_kv_len)
     block_n = cfg["block_n"]
-    num_splits, part_len = partition(batch, num_kv_heads, max_len, block_n, query.device, cfg, num_splits)
+    num_splits = partition(batch, num_kv_heads, max_len, block_n, query.device, cfg, num_splits)
     value_16 = layout.value_dtype if layout.value_bits == 16 else torch.float16
     args = (lut, cache, cache.view(torch.int8), cache.view(value_16), cache.view(torch.float16),
             block_table, kv_lens, block_table.stride(0), num_kv_heads,
@@ -295,8 +295,8 @@ def lookat_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.T
     consts = dict(G=group, GL=gl, GD=gd, PAD_LOG=pad_log, M=m, K=num_codes, D=head_dim,
                   ROW_BYTES=layout.row_bytes, ALIGN=layout.row_bytes & -layout.row_bytes, BS=cache.shape[2],
                   VALUE_BITS=layout.value_bits, SCORE=score, BLOCK_N=block_n)
-    return launch_split(_lookat_decode_kernel, batch * num_kv_heads, args, consts, query, kv_lens, num_splits,
-                        part_len, out_dtype, cfg["num_warps"], cfg["num_stages"])
+    return launch_split(_lookat_decode_kernel, batch * num_kv_heads, args, consts, query, num_splits, out_dtype,
+                        cfg["num_warps"], cfg["num_stages"])
 
 
 def tuned(head_dim: int, m: int, value_bits: int, batch: int, score: str = "rebuilt") -> dict:

@@ -1,7 +1,13 @@
 """Triton pieces shared by the paged decode kernels (:mod:`lookat_triton`, :mod:`dense_triton`):
-one program per (request, KV head, context partition) with the GQA group as the rows of
+one program per (request, KV head, context split) with the GQA group as the rows of
 ``tl.dot``, the store of a program's partial result, and the flash-decoding plan and
-combine of the partitions (:func:`partition`, :func:`launch_split`).
+combine of the splits (:func:`partition`, :func:`launch_split`).
+
+Splits interleave tiles: split ``s`` of ``S`` takes tiles ``s, s + S, s + 2S, ...`` of
+``BLOCK_N`` tokens up to the request's length. So the number of splits can be planned from
+the batch and the SM count alone, never from the lengths, and still divide any context
+evenly: a CUDA graph captured for ``max_model_len`` keeps every program busy at any length
+(contiguous ranges sized for ``max_model_len`` left most programs idle on short contexts).
 """
 
 from __future__ import annotations
@@ -24,16 +30,15 @@ def _next_pow2(x: int) -> int:
 
 
 @triton.jit
-def _program_span(lens_ptr, num_kv_heads, part_len):
-    """This program's request, KV head, context partition and its token range."""
+def _program_span(lens_ptr, num_kv_heads, num_splits, BLOCK_N: tl.constexpr):
+    """This program's request, KV head, split, the request's length, the split's first token
+    and the stride between its tiles (tiles interleave across splits)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // num_kv_heads
     h = bh % num_kv_heads
     kv_len = tl.load(lens_ptr + b)
-    start = split * part_len
-    end = tl.minimum(start + part_len, kv_len)
-    return b, h, split, kv_len, start, end
+    return b, h, split, kv_len, split * BLOCK_N, num_splits * BLOCK_N
 
 
 @triton.jit
@@ -71,17 +76,15 @@ def _store_partial(acc, acc_odd, m_i, l_i, out_ptr, ml_ptr, b, h, split, num_q_h
 
 
 @triton.jit
-def _combine_kernel(part_ptr, ml_ptr, lens_ptr, out_ptr, num_q_heads, num_splits, part_len,
-                    SP: tl.constexpr, D: tl.constexpr):
-    """out[b, h] = sum_s 2^(lse_s - lse) o_s over the partitions that hold tokens."""
+def _combine_kernel(part_ptr, ml_ptr, out_ptr, num_splits, SP: tl.constexpr, D: tl.constexpr):
+    """out[b, h] = sum_s 2^(lse_s - lse) o_s over the splits that held tokens (a split with
+    none stored lse = -inf)."""
     row = tl.program_id(0)  # b * Hq + h
-    b = row // num_q_heads
-    n_valid = tl.cdiv(tl.load(lens_ptr + b), part_len)
     s = tl.arange(0, SP)
     d = tl.arange(0, D)
-    keep = s < n_valid
     base = row.to(tl.int64) * num_splits
-    lse = tl.load(ml_ptr + base + s, mask=keep, other=float("-inf"))
+    lse = tl.load(ml_ptr + base + s, mask=s < num_splits, other=float("-inf"))
+    keep = lse > float("-inf")
     w = tl.exp2(lse - tl.max(lse, axis=0))
     w = tl.where(keep, w, 0.0)
     o = tl.load(part_ptr + (base + s)[:, None] * D + d[None, :], mask=keep[:, None], other=0.0)
@@ -97,47 +100,44 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def partition(batch, num_kv_heads, max_len, block_n, device, cfg, num_splits=None):
-    """``(num_splits, part_len)``: planned from the SM count, or ``num_splits`` forced."""
+def partition(batch, num_kv_heads, max_len, block_n, device, cfg, num_splits=None) -> int:
+    """The number of splits: planned from the SM count (:func:`plan_splits`), or forced."""
     if num_splits is None:
         return plan_splits(batch, num_kv_heads, max_len, block_n, num_sms(device), cfg["programs_per_sm"],
                            cfg["min_part"])
-    part_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
-    return triton.cdiv(max_len, part_len), part_len
+    return max(1, min(int(num_splits), triton.cdiv(max_len, block_n)))
 
 
 def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sms: int,
-                programs_per_sm: float = 2.0, min_part: int = 256) -> tuple[int, int]:
-    """``(num_splits, part_len)``: enough programs to fill the GPU, each at least
-    ``min_part`` tokens (a multiple of ``block_n``)."""
+                programs_per_sm: float = 2.0, min_part: int = 256) -> int:
+    """Splits per (request, KV head): enough programs to fill the GPU, but no more than give
+    each split ``min_part`` tokens of a ``max_len``-token context. ``max_len`` is only a
+    bound (a graph's ``max_model_len``): tiles interleave, so shorter contexts are divided
+    evenly too."""
     want = max(1, math.ceil(programs_per_sm * sms / (batch * num_kv_heads)))
-    splits = max(1, min(want, max_len // max(min_part, block_n)))
-    part = triton.cdiv(triton.cdiv(max_len, splits), block_n) * block_n
-    return triton.cdiv(max_len, part), part
+    return max(1, min(want, max_len // max(min_part, block_n)))
 
 
-def combine(partial: torch.Tensor, lse: torch.Tensor, kv_lens: torch.Tensor, part_len: int,
-            out: torch.Tensor) -> torch.Tensor:
+def combine(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     batch, num_q_heads, num_splits, head_dim = partial.shape
-    _combine_kernel[(batch * num_q_heads,)](partial, lse, kv_lens, out, num_q_heads, num_splits, part_len,
-                                            SP=_next_pow2(num_splits), D=head_dim, num_warps=4)
+    _combine_kernel[(batch * num_q_heads,)](partial, lse, out, num_splits, SP=_next_pow2(num_splits), D=head_dim,
+                                            num_warps=4)
     return out
 
 
-def launch_split(kernel, grid_bh: int, args: tuple, consts: dict, query: torch.Tensor, kv_lens: torch.Tensor,
-                 num_splits: int, part_len: int, out_dtype: torch.dtype, num_warps: int,
-                 num_stages: int | None) -> torch.Tensor:
+def launch_split(kernel, grid_bh: int, args: tuple, consts: dict, query: torch.Tensor, num_splits: int,
+                 out_dtype: torch.dtype, num_warps: int, num_stages: int | None) -> torch.Tensor:
     """Run ``kernel`` over ``(grid_bh, num_splits)`` programs; combine when split."""
     batch, num_q_heads, head_dim = query.shape
     out = torch.empty(batch, num_q_heads, head_dim, dtype=out_dtype, device=query.device)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     if num_splits == 1:
-        kernel[(grid_bh, 1)](*args, out, out, num_q_heads, 1, part_len, **consts, SPLIT=False, INTERP=INTERPRET,
+        kernel[(grid_bh, 1)](*args, out, out, num_q_heads, 1, **consts, SPLIT=False, INTERP=INTERPRET,
                              num_warps=num_warps, **extra)
         return out
     partial = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=query.device)
-    kernel[(grid_bh, num_splits)](*args, partial, lse, num_q_heads, num_splits, part_len, **consts, SPLIT=True,
+    kernel[(grid_bh, num_splits)](*args, partial, lse, num_q_heads, num_splits, **consts, SPLIT=True,
                                   INTERP=INTERPRET,
                                   num_warps=num_warps, **extra)
-    return combine(partial, lse, kv_lens, part_len, out)
+    return combine(partial, lse, out)
