@@ -106,6 +106,10 @@ def test_cuda_needs_ampere_and_refuses_eviction_for_now(smollm2_dir, monkeypatch
     monkeypatch.setattr(platform, "get_device_capability", classmethod(lambda cls, device_id=0: DeviceCapability(9, 0)))
     startup.check_platform(KVCompressConfig.from_dict({}))
     startup.check_platform(KVCompressConfig.from_dict({"method": "lookat", "codebooks": "c.safetensors"}))
+    with pytest.raises(KVCompressConfigError, match=r"method 'lookat' on CUDA: additional_config\.kvcompress\.current_tokens: 'exact' "
+                                                    r"has no GPU decode kernel yet; on CUDA use 'coded'"):
+        startup.check_platform(KVCompressConfig.from_dict({"method": "lookat", "codebooks": "c.safetensors",
+                                                            "current_tokens": "exact"}))
     with pytest.raises(KVCompressConfigError, match=r"method 'knorm' runs on the CPU engine only .* method none or lookat"):
         startup.check_platform(KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5}))
     monkeypatch.setattr(platform, "is_cuda", lambda self: False)

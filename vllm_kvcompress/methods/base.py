@@ -200,6 +200,10 @@ class Method:
     def check_model(self, shape: ModelShape, hf_config, block_size: int, tp_size: int) -> None:
         """Artefacts and layout against the served model; raises KVCompressConfigError."""
 
+    def cuda_refusal(self) -> str | None:
+        """Why these settings cannot run on CUDA (None: they can)."""
+        return None
+
     # -- cache layout -------------------------------------------------------------------
     def row_bytes(self, head_dim: int, dtype) -> int | None:
         """Bytes of one (token, KV head) row; None = vLLM's own dense page."""

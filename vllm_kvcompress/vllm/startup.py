@@ -69,6 +69,9 @@ def check_platform(config: KVCompressConfig) -> None:
             f"--attention-backend kvcompress needs an NVIDIA GPU of compute capability >= "
             f"{'.'.join(map(str, MIN_CUDA_CAPABILITY))} (Ampere or newer); this one has "
             f"{'unknown' if have is None else '.'.join(map(str, have))}")
+    refusal = config.build().cuda_refusal()
+    if refusal:
+        raise KVCompressConfigError(f"kvcompress method {config.method!r} on CUDA: {refusal}")
     if config.spec.evicts:
         raise KVCompressConfigError(
             f"kvcompress method {config.method!r} runs on the CPU engine only in this release: eviction on CUDA "

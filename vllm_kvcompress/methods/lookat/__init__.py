@@ -36,6 +36,15 @@ class Lookat(Method):
     Settings = LookatSettings
     summary = "stores keys as PQ codes and scores them with ADC lookup tables"
 
+    def cuda_refusal(self) -> str | None:
+        if self.settings.current_tokens == "exact":
+            # The Triton decode reads every token from the coded rows; the PyTorch op that
+            # swaps in the exact current tokens gathers a batch's whole context per layer,
+            # which a CUDA graph sized for max_model_len cannot afford.
+            return (f"{key_name('current_tokens')}: 'exact' has no GPU decode kernel yet; on CUDA use 'coded' "
+                    "(the default)")
+        return None
+
     def check_model(self, shape, hf_config, block_size, tp_size) -> None:
         """A codebook file for this very model, whose m fits the cache layout."""
         from vllm_kvcompress.methods.lookat.codebooks import CodebookMismatch, check_codebook_file
