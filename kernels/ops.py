@@ -169,7 +169,7 @@ def dense_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
 
 def dense_prefill(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, kv_len: int, scale: float,
                   visible: torch.Tensor | None = None) -> torch.Tensor:
-    # No Triton prefill: the reference is torch SDPA (flash / memory-efficient on CUDA).
+    # No Triton prefill: vLLM's FlashAttention on CUDA where importable, torch SDPA elsewhere (causal_attend).
     return paged_dense_ref.prefill_attention(query, cache, blocks, kv_len, scale, visible)
 
 
@@ -206,7 +206,7 @@ def lookat_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.T
 def lookat_prefill(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, kv_len: int,
                    codebooks: torch.Tensor, dims: torch.Tensor | None, layout: LookatLayout, scale: float,
                    current: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    # No Triton prefill: keys are rebuilt once per chunk and attended with torch SDPA.
+    # No Triton prefill: keys are rebuilt once per chunk and attended as dense ones (causal_attend).
     return lookat_ref.prefill_attention(query, cache, blocks, kv_len, codebooks, dims, layout, scale, current)
 
 

@@ -88,6 +88,12 @@ def _flash_varlen():
     return None if version is None else (flash_attn_varlen_func, version)
 
 
+def bottom_right_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """``[1, 1, q_len, kv_len]``, True = attend: query ``i`` sits at position ``kv_len - q_len + i``."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
+    return (torch.arange(kv_len, device=device).unsqueeze(0) <= q_pos)[None, None]
+
+
 def causal_attend(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention aligned to the bottom right: the queries ``[Tq, Hq, D]`` are the last
     ``Tq`` of the ``Tk`` positions of ``k``/``v`` ``[Hkv, Tk, D]`` (a prompt, or a chunk after
@@ -109,9 +115,7 @@ def causal_attend(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     if q_len == kv_len:  # whole prompt in one step: no explicit [q_len, kv_len] mask
         out = attend(q, k[None], v[None], None, scale, causal=True)
     else:
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
-        mask = (torch.arange(kv_len, device=q.device).unsqueeze(0) <= q_pos)[None, None]
-        out = attend(q, k[None], v[None], mask, scale)
+        out = attend(q, k[None], v[None], bottom_right_mask(q_len, kv_len, q.device), scale)
     return out[0].transpose(0, 1)
 
 
@@ -132,10 +136,8 @@ def prefill_attention(
         return causal_attend(query.to(k.dtype), k, v, scale)
     # Masked eviction: causal (bottom-right) and the rows each KV head still sees.
     q = query.transpose(0, 1)[None].to(k.dtype)
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
-    mask = (torch.arange(kv_len, device=q.device).unsqueeze(0) <= q_pos)[None, None]
     group = num_q_heads // visible.shape[0]  # per query head: [1, Hq, q_len, kv_len]
-    mask = mask & visible.repeat_interleave(group, 0)[None, :, None, :]
+    mask = bottom_right_mask(q_len, kv_len, q.device) & visible.repeat_interleave(group, 0)[None, :, None, :]
     k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
     return attend(q, k[None], v[None], mask, scale)[0].transpose(0, 1)
 

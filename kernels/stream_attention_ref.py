@@ -62,21 +62,17 @@ def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tens
     q = query.transpose(0, 1)[None].to(k.dtype)  # [1, Hq, q_len, D]
     if visible is None and bool((lengths == max_len).all()):  # equally long streams (a prompt before compression)
         if q_len == max_len:
-            out = _sdpa(q, k, v, None, scale, causal=True)
+            out = paged_dense_ref.attend(q, k, v, None, scale, causal=True)
         else:
-            q_pos = torch.arange(max_len - q_len, max_len, device=lengths.device)
-            out = _sdpa(q, k, v, (torch.arange(max_len, device=lengths.device) <= q_pos[:, None])[None, None], scale)
+            out = paged_dense_ref.attend(q, k, v, paged_dense_ref.bottom_right_mask(q_len, max_len, lengths.device),
+                                         scale)
     else:
         q_pos = lengths[:, None] - q_len + torch.arange(q_len, device=lengths.device)  # [Hkv, q_len]
         mask = torch.arange(max_len, device=lengths.device)[None, None, :] <= q_pos[:, :, None]  # [Hkv, q_len, L]
         if visible is not None:
             mask = mask & visible
-        out = _sdpa(q, k, v, mask.repeat_interleave(group, 0)[None], scale)
+        out = paged_dense_ref.attend(q, k, v, mask.repeat_interleave(group, 0)[None], scale)
     return out[0].transpose(0, 1)
-
-
-def _sdpa(q, k, v, mask, scale, causal=False):
-    return paged_dense_ref.attend(q, k, v, mask, scale, causal)
 
 
 def move_rows(pool: torch.Tensor, source: torch.Tensor, dest: torch.Tensor) -> None:

@@ -18,13 +18,17 @@ CPU engine spawns its own processes and keeps global state).
 from __future__ import annotations
 
 
+def worker_model(worker):
+    """The model a vLLM worker runs (V1 and V2 runners)."""
+    runner = worker.model_runner
+    return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+
 def attention_impls(worker) -> list[str]:
-    """The attention implementations the worker's model runs (V1 and V2 runners)."""
+    """The attention implementations the worker's model runs."""
     from vllm.model_executor.layers.attention import Attention
 
-    runner = worker.model_runner
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-    return sorted({type(m.impl).__name__ for m in model.modules() if isinstance(m, Attention)})
+    return sorted({type(m.impl).__name__ for m in worker_model(worker).modules() if isinstance(m, Attention)})
 
 
 def _kept_records(worker) -> list[dict]:

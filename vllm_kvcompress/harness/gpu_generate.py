@@ -59,8 +59,9 @@ def reinitialise_weights(worker, std: float) -> int:
 
     import torch
 
-    runner = worker.model_runner
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    from vllm_kvcompress.harness.generate import worker_model
+
+    model = worker_model(worker)
     count = 0
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):

@@ -120,7 +120,10 @@ def delegate_passthrough(vllm_config: "VllmConfig", config: KVCompressConfig) ->
     keeps the plugin's own layout."""
     import os
 
+    import torch
+    from vllm.logger import init_logger
     from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     if not config.spec.passthrough or not current_platform.is_cuda():
         return False
@@ -128,19 +131,13 @@ def delegate_passthrough(vllm_config: "VllmConfig", config: KVCompressConfig) ->
     if choice not in NONE_CUDA_BACKENDS:
         raise KVCompressConfigError(f"{NONE_CUDA_BACKEND_ENV}={choice!r}: allowed values are "
                                     f"{', '.join(NONE_CUDA_BACKENDS)}")
-    from vllm.logger import init_logger
-
     logger = init_logger("vllm.kvcompress.startup")
     model_dtype = None if vllm_config.model_config is None else vllm_config.model_config.dtype
-    import torch
-
     if choice == "plugin" or model_dtype not in (torch.bfloat16, torch.float16):
         logger.info("kvcompress: method %r on CUDA runs the plugin's dense paged layout (%s)", config.method,
                     f"{NONE_CUDA_BACKEND_ENV}=plugin" if choice == "plugin" else
                     f"model dtype {model_dtype}: FlashAttention needs bf16/fp16")
         return False
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
     attention = vllm_config.attention_config
     if attention.backend is not None and attention.backend.name == BACKEND_NAME:
         attention.backend = AttentionBackendEnum.FLASH_ATTN
