@@ -26,7 +26,9 @@ Measured per config, each ratio against ``vllm-bf16`` (FLASH_ATTN, bf16 KV):
   config / bf16, lower is better). Every timed run has its own random prompts, so vLLM's prefix
   cache never skips a prefill;
 - engine start time, the attention implementation, the configured ``cudagraph_mode`` and the
-  graphs vLLM actually captured (``graph_capture``: its capture lines from the config's log).
+  graphs vLLM actually captured (``graph_capture``: its capture lines from the config's log),
+  and the kernels Triton compiled after start-up (``jit_while_serving``: vLLM's JIT monitor
+  in the log; each compile is a latency spike inside a timed stage).
 
 Workloads (requests x (prompt + output) tokens). The bf16 pool holds about
 (u * 150e9 - 19.6e9) / 131e3 tokens at ``gpu_memory_utilization`` u on one H200 (131 KB of KV per
@@ -207,6 +209,15 @@ def graph_capture_lines(log: str, limit: int = 4, width: int = 160) -> list[str]
     return lines[:limit]
 
 
+_JIT = re.compile(r"Triton kernel JIT compilation during inference: (\w+)")
+
+
+def jit_while_serving(log: str) -> list[str]:
+    """Kernels that vLLM's JIT monitor saw Triton compile after start-up (each a latency spike
+    inside a timed stage), in order, once each."""
+    return list(dict.fromkeys(_JIT.findall(log)))
+
+
 def captured_modes(lines: list[str]) -> str:
     """'FULL+PIECEWISE' from capture lines that reached a nonzero count; '' when none did."""
     modes = set()
@@ -243,6 +254,8 @@ def _cell(value) -> str:
         return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.1f}"
     if isinstance(value, int):
         return f"{value:,}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
     return str(value).replace("|", "/").replace("\n", " ")
 
 
@@ -253,7 +266,13 @@ def error_line(row: dict, width: int = 120) -> str:
     text = (named or lines or ["?"])[-1][-width:]
     if not row.get("timed_out"):
         return text
-    return "timed out" + (" (partial row)" if row.get("partial") else "") + ": " + text
+    # A timeout's log tail names no cause worth a cell (the last warning before the kill): the
+    # stages it did not reach say more.
+    head = re.match(r"timed out after \d+ s", row.get("error", ""))
+    stages = {"throughput_tok_s": "decode-heavy", "tpot_ms_b1": "TPOT B=1", "tpot_ms_b32": "TPOT B=32",
+              "long_context_tok_s": "long-context"}
+    missing = [stage for field, stage in stages.items() if field not in row]
+    return (head.group(0) if head else "timed out") + ("; not reached: " + ", ".join(missing) if missing else "")
 
 
 def summarise(rows: list[dict], meta: dict) -> tuple[dict, str]:
@@ -287,7 +306,7 @@ def summarise(rows: list[dict], meta: dict) -> tuple[dict, str]:
             ("tpot_ms_b1", "TPOT B=1 ms"), ("tpot_ratio_b1", "/ bf16"), ("tpot_ms_b32", "TPOT B=32 ms"),
             ("tpot_ratio_b32", "/ bf16"), ("start_s", "start s"), ("attention", "attention"),
             ("cudagraph_mode", "cudagraph_mode (configured)"), ("graph_modes", "graphs captured"),
-            ("fallback", "fallback"), ("error", "error")]
+            ("jit_while_serving", "compiled while serving"), ("fallback", "fallback"), ("error", "error")]
     lines = [f"# kvcompress in vLLM on {meta['device']}, {meta['date']}", "",
              f"Model: {meta['model']}. Workload {workload}: {workload_text(WORKLOADS[workload], utilization)}.",
              f"vLLM {meta.get('vllm', '?')}, commit {meta.get('commit') or '?'}. `{meta['command']}`", "",
@@ -511,6 +530,7 @@ def sweep(args, names: list[str]) -> None:
             row = _error_row(name, partial, stderr, timed_out, timeout_s)
         row["graph_capture"] = graph_capture_lines(stderr)
         row["graph_modes"] = captured_modes(row["graph_capture"])
+        row["jit_while_serving"] = jit_while_serving(stderr)
         row.update(workload=args.workload, gpu_memory_utilization=utilization, wall_s=round(time.monotonic() - t0, 1))
         env = {k: v for k, v in CONFIGS[name]["env"].items() if v is not None}
         if env:

@@ -16,7 +16,9 @@ from vllm_kvcompress.kernels.triton_common import (LOG2E, _mma, _next_pow2, _pro
                                                    launch_split, partition)
 
 
-@triton.jit
+# num_splits varies with the batch: specialising on it (== 1, % 16) would compile
+# mid-serving, outside the warm-up and the captured graphs.
+@triton.jit(do_not_specialize=["num_splits"])
 def _dense_decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, stride_qb, stride_qh, stride_bt, num_kv_heads, qk_scale,
                          out_ptr, ml_ptr, num_q_heads, num_splits,
                          G: tl.constexpr, GD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,

@@ -162,7 +162,9 @@ def _accumulate_values(pt, acc, acc_odd, x, sc, lo, VALUE_BITS: tl.constexpr, IN
     return acc, acc_odd
 
 
-@triton.jit
+# num_splits varies with the batch: specialising on it (== 1, % 16) would compile
+# mid-serving, outside the warm-up and the captured graphs.
+@triton.jit(do_not_specialize=["num_splits"])
 def _lookat_decode_kernel(
         lut_ptr, cache_ptr, cache_i8_ptr, cache_16_ptr, cache_f16_ptr, bt_ptr, lens_ptr, stride_bt, num_kv_heads,
         q_ptr, stride_qb, stride_qh, qk_scale,

@@ -75,7 +75,7 @@ def _store_partial(acc, acc_odd, m_i, l_i, out_ptr, ml_ptr, b, h, split, num_q_h
                  mask=keep[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_kernel(part_ptr, ml_ptr, out_ptr, num_splits, SP: tl.constexpr, D: tl.constexpr):
     """out[b, h] = sum_s 2^(lse_s - lse) o_s over the splits that held tokens (a split with
     none stored lse = -inf)."""
@@ -113,9 +113,16 @@ def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sms: 
     """Splits per (request, KV head): enough programs to fill the GPU, but no more than give
     each split ``min_part`` tokens of a ``max_len``-token context. ``max_len`` is only a
     bound (a graph's ``max_model_len``): tiles interleave, so shorter contexts are divided
-    evenly too."""
-    want = max(1, math.ceil(programs_per_sm * sms / (batch * num_kv_heads)))
-    return max(1, min(want, max_len // max(min_part, block_n)))
+    evenly too. Always a power of two: the few values vLLM's graph capture meets (batch
+    sizes 1..512 at ``max_model_len``) are every value a later eager batch can ask for, so
+    no kernel (the combine's ``SP`` block) is compiled mid-serving."""
+    want = _pow2_at_least(math.ceil(programs_per_sm * sms / (batch * num_kv_heads)))
+    cap = max(1, max_len // max(min_part, block_n))
+    return min(want, 1 << (cap.bit_length() - 1))
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def combine(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -129,7 +129,27 @@ def test_plan_splits_fills_the_gpu_without_splits_shorter_than_min_part():
         assert 1 <= splits <= max(1, n // 256)
         assert batch * hkv * splits >= min(264, batch * hkv * max(1, n // 256))
     # A graph's bound (max_model_len) does not shrink the split count for a batch.
-    assert lookat_triton.plan_splits(32, 8, 34816, 128, 132, 8.0) == 5
+    assert lookat_triton.plan_splits(32, 8, 34816, 128, 132, 8.0) == 8
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 8])
+@pytest.mark.parametrize("programs_per_sm,block_n", [(8.0, 128), (2.0, 64)])
+def test_split_counts_of_eager_batches_are_ones_graph_capture_already_compiled(num_kv_heads, programs_per_sm,
+                                                                                 block_n):
+    """vLLM captures decode graphs for 51 batch sizes at max_model_len; a later eager (mixed)
+    batch plans from its own decode count and host lengths. Split counts are powers of two,
+    so every count an eager batch can ask for was met at capture: no Triton compile (the
+    combine's block size SP, the SPLIT variant) while serving. The H200 run before this
+    compiled _lookat_decode_kernel and _combine_kernel mid-benchmark (vLLM's JIT monitor)."""
+    capture_sizes = [1, 2, 4, *range(8, 256, 8), *range(256, 513, 16)]
+    for max_model_len in (8192, 34816, 131072):
+        captured = {lookat_triton.plan_splits(b, num_kv_heads, max_model_len, block_n, 132, programs_per_sm)
+                    for b in capture_sizes}
+        eager = {lookat_triton.plan_splits(b, num_kv_heads, length, block_n, 132, programs_per_sm)
+                 for b in range(1, 513) for length in (1, 200, 300, 700, 1500, 3000, 5000, 9000, 20000,
+                                                       40000, 70000, 131072) if length <= max_model_len}
+        assert all(s & (s - 1) == 0 for s in eager)
+        assert eager <= captured, (max_model_len, sorted(eager - captured))
 
 
 @pytest.mark.parametrize("splits", [1, 3])

@@ -5,7 +5,7 @@
 SPEC: {"model_config": {HF config.json}, "llm": {LLM kwargs}, "prompts": [[token ids], ...],
        "max_tokens": 32, "codebooks_m": null | m (synthetic LOOKAT codebooks for that config),
        "init_std": null | std (weights re-drawn after start-up: :func:`reinitialise_weights`)}
-OUT:  {"outputs": [{"token_ids", "token_logprobs"}], "attention_impls", "cudagraph_mode", "kernels",
+OUT:  {"outputs": [{"token_ids", "token_logprobs", "top_logprobs"}], "attention_impls", "cudagraph_mode", "kernels",
        "start_s", "kv_cache_tokens", "distinct_tokens"}
 
 No weights reach the GPU machine: ``load_format="dummy"`` (vLLM's seeded initialisation, the
@@ -83,6 +83,32 @@ def engine_facts(llm) -> dict:
             "kv_cache_tokens": int(config.cache_config.num_gpu_blocks or 0) * int(config.cache_config.block_size)}
 
 
+def compare_greedy(reference: dict, candidate: dict, tie_nats: float) -> dict:
+    """Two engines' greedy outputs (:func:`run`) on the same prompts, prompt by prompt up to
+    the first divergence (after it the contexts differ):
+
+    - ``same``: share of all positions equal before a divergence;
+    - ``gap``: the largest logprob difference of the chosen token over those positions;
+    - ``ties`` / ``splits``: divergences where the reference's logprobs of its token and of the
+      candidate's are within ``tie_nats`` (a near tie that numerical noise may flip), and the
+      others, each ``(prompt, position, margin)``; a candidate token outside the reference's
+      top 5 counts with the top-5 floor as its logprob (a lower bound on the margin)."""
+    same = total = 0
+    gap = 0.0
+    ties, splits = [], []
+    for index, (ref, cand) in enumerate(zip(reference["outputs"], candidate["outputs"], strict=True)):
+        total += len(ref["token_ids"])
+        for pos, (tr, tc) in enumerate(zip(ref["token_ids"], cand["token_ids"])):
+            if tr != tc:
+                top = ref["top_logprobs"][pos]
+                margin = top[str(tr)] - top.get(str(tc), min(top.values()))
+                (ties if margin <= tie_nats else splits).append((index, pos, round(margin, 4)))
+                break
+            same += 1
+            gap = max(gap, abs(ref["token_logprobs"][pos] - cand["token_logprobs"][pos]))
+    return {"same": same / max(total, 1), "gap": gap, "ties": ties, "splits": splits}
+
+
 def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -99,14 +125,18 @@ def run(spec: dict) -> dict:
         import functools
 
         llm.collective_rpc(functools.partial(reinitialise_weights, std=float(spec["init_std"])))
-    params = SamplingParams(max_tokens=spec.get("max_tokens", 32), temperature=0.0, ignore_eos=True, logprobs=0,
+    # The top 5 per step: a divergence between two engines can then be told a near tie (the
+    # two tokens' logprobs within noise) from a real difference.
+    params = SamplingParams(max_tokens=spec.get("max_tokens", 32), temperature=0.0, ignore_eos=True, logprobs=5,
                             detokenize=False)
     results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]], params, use_tqdm=False)
     outputs = []
     for result in results:
         completion = result.outputs[0]
-        logprobs = [step[tok].logprob for tok, step in zip(completion.token_ids, completion.logprobs or [])]
-        outputs.append({"token_ids": list(completion.token_ids), "token_logprobs": logprobs})
+        steps = completion.logprobs or []
+        logprobs = [step[tok].logprob for tok, step in zip(completion.token_ids, steps)]
+        top = [{str(t): entry.logprob for t, entry in step.items()} for step in steps]
+        outputs.append({"token_ids": list(completion.token_ids), "token_logprobs": logprobs, "top_logprobs": top})
     return {"outputs": outputs, "kernels": os.environ.get("KVCOMPRESS_KERNELS", "auto"), "start_s": round(start_s, 1),
             "distinct_tokens": len({t for o in outputs for t in o["token_ids"]}), **engine_facts(llm)}
 
