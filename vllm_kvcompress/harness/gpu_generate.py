@@ -83,29 +83,30 @@ def engine_facts(llm) -> dict:
             "kv_cache_tokens": int(config.cache_config.num_gpu_blocks or 0) * int(config.cache_config.block_size)}
 
 
-def compare_greedy(reference: dict, candidate: dict, tie_nats: float) -> dict:
+def compare_greedy(reference: dict, candidate: dict) -> dict:
     """Two engines' greedy outputs (:func:`run`) on the same prompts, prompt by prompt up to
     the first divergence (after it the contexts differ):
 
     - ``same``: share of all positions equal before a divergence;
     - ``gap``: the largest logprob difference of the chosen token over those positions;
-    - ``ties`` / ``splits``: divergences where the reference's logprobs of its token and of the
-      candidate's are within ``tie_nats`` (a near tie that numerical noise may flip), and the
-      others, each ``(prompt, position, margin)``; a candidate token outside the reference's
-      top 5 counts with the top-5 floor as its logprob (a lower bound on the margin)."""
+    - ``ties`` / ``splits``: the divergences that are near ties by
+      :class:`~vllm_kvcompress.harness.equivalence.Divergence` (each run prefers its own
+      token and the gap between the two moved by at most ``NEAR_TIE_NATS``), and the others,
+      each ``(prompt, step, gap moved)``."""
+    from vllm_kvcompress.harness.equivalence import first_divergences
+
+    divergences = first_divergences(reference["outputs"], candidate["outputs"])
+    stops = {d.prompt: d.step for d in divergences}
     same = total = 0
     gap = 0.0
-    ties, splits = [], []
     for index, (ref, cand) in enumerate(zip(reference["outputs"], candidate["outputs"], strict=True)):
         total += len(ref["token_ids"])
-        for pos, (tr, tc) in enumerate(zip(ref["token_ids"], cand["token_ids"])):
-            if tr != tc:
-                top = ref["top_logprobs"][pos]
-                margin = top[str(tr)] - top.get(str(tc), min(top.values()))
-                (ties if margin <= tie_nats else splits).append((index, pos, round(margin, 4)))
-                break
-            same += 1
+        agreed = stops.get(index, len(ref["token_ids"]))
+        same += agreed
+        for pos in range(agreed):
             gap = max(gap, abs(ref["token_logprobs"][pos] - cand["token_logprobs"][pos]))
+    ties = [(d.prompt, d.step, d.gap_shift) for d in divergences if d.is_near_tie]
+    splits = [(d.prompt, d.step, d.gap_shift) for d in divergences if not d.is_near_tie]
     return {"same": same / max(total, 1), "gap": gap, "ties": ties, "splits": splits}
 
 
@@ -135,7 +136,7 @@ def run(spec: dict) -> dict:
         completion = result.outputs[0]
         steps = completion.logprobs or []
         logprobs = [step[tok].logprob for tok, step in zip(completion.token_ids, steps)]
-        top = [{str(t): entry.logprob for t, entry in step.items()} for step in steps]
+        top = [[[t, entry.logprob] for t, entry in step.items()] for step in steps]  # harness.generate's form
         outputs.append({"token_ids": list(completion.token_ids), "token_logprobs": logprobs, "top_logprobs": top})
     return {"outputs": outputs, "kernels": os.environ.get("KVCOMPRESS_KERNELS", "auto"), "start_s": round(start_s, 1),
             "distinct_tokens": len({t for o in outputs for t in o["token_ids"]}), **engine_facts(llm)}
