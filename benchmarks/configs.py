@@ -14,6 +14,10 @@ KVzap configs: ``kvzap-{linear|mlp}-t{TAU}`` (threshold mode, e.g. ``kvzap-mlp-t
 ``kvzap-{linear|mlp}-r{RATIO}`` (top-k per KV head at the prompt end), with the model's
 shipped predictors (``vllm_kvcompress/artefacts/kvzap/MODEL/``).
 
+KVQuant configs: ``kvquant-k{8|4}-v{16|8|4}`` (e.g. ``kvquant-k4-v8``): keys as pre-RoPE
+per-channel integers of 8 or 4 bits with the model's shipped ranges
+(``vllm_kvcompress/artefacts/key_ranges/MODEL.safetensors``), values in 16/8/4 bits.
+
 DMS configs: ``dms-cr{N}`` (e.g. ``dms-cr4``): the model's shipped DMS adapters trained to
 compression N (``vllm_kvcompress/artefacts/dms/MODEL/dms-crN.safetensors``); what they
 really remove is measured per request.
@@ -38,8 +42,9 @@ EVICTION_NAME = re.compile(r"(knorm|snapkv|headkv)-r(0?\.\d+)")
 KVZAP_NAME = re.compile(r"kvzap-(linear|mlp)-(?:t(-?\d+(?:\.\d+)?)|r(0?\.\d+))")
 BUDGET_NAME = re.compile(r"(knorm|snapkv|headkv)-b(\d+)")
 DMS_NAME = re.compile(r"dms-cr(\d+)")
+KVQUANT_NAME = re.compile(r"kvquant-k(8|4)-v(16|8|4)")
 NAMES_HELP = (f"{', '.join(sorted(CONFIGS))}, lookat-m{{M}}-v{{16|8|4}}[-exact], {{knorm|snapkv|headkv}}-r{{RATIO}}, "
-              "{knorm|snapkv|headkv}-b{TOKENS}, kvzap-{linear|mlp}-{t{TAU}|r{RATIO}} or dms-cr{N}")
+              "{knorm|snapkv|headkv}-b{TOKENS}, kvzap-{linear|mlp}-{t{TAU}|r{RATIO}}, dms-cr{N} or kvquant-k{8|4}-v{16|8|4}")
 
 
 def _shipped(relative: str, missing: str) -> str:
@@ -90,6 +95,13 @@ def resolve(name: str, model: str) -> dict | None:
     if match is not None:
         settings = {"method": "dms", "dms_adapters": dms_adapters_file(model, match[1])}
         return {"attention_backend": KVC, "enforce_eager": True, "additional_config": {KVC: settings}}
+    match = KVQUANT_NAME.fullmatch(name)
+    if match is not None:
+        from vllm_kvcompress.offline.key_ranges import ensure_key_ranges
+
+        settings = {"method": "kvquant", "key_ranges": str(ensure_key_ranges(model)), "key_bits": int(match[1]),
+                    "value_bits": int(match[2])}
+        return {"attention_backend": KVC, "additional_config": {KVC: settings}}
     match = BUDGET_NAME.fullmatch(name)
     if match is not None:
         settings = {"method": match[1], "max_kv_tokens": int(match[2])}

@@ -37,6 +37,11 @@ Key formats, at their bytes per token per KV head (bf16 keys: ``2 * head_dim``):
   token), dequantized. Per-token ranges suffer from the large constant offsets some
   key dims carry (k_proj bias; ~145 in Qwen2.5-0.5B layer 0), per-channel ones do not.
 * ``fp8-e4m3``: vLLM's ``--kv-cache-dtype fp8`` with scale 1 (``head_dim`` bytes).
+* ``int{8,4}-prerope``: KVQuant-style static per-channel integers on the keys *before*
+  RoPE (each key turned back by its position), with one (minimum, maximum) per (layer, KV
+  head, channel) taken from the calibration keys, then RoPE applied again: no per-token or
+  per-group scale (``head_dim * bits / 8`` bytes), and no dependence on position, since RoPE
+  is what spreads a channel's range over its rotation pair.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ HIGHER_IS_BETTER = {"output_cosine": True, "attention_kl": False, "logit_spearma
 @dataclass(frozen=True)
 class KeyFormat:
     name: str
-    kind: str  # "pq" | "int" | "fp8"
+    kind: str  # "pq" | "int" | "fp8" | "prerope"
     bytes_per_token: float  # per KV head
     m: int = 0
     grouping: str = ""  # pq: contiguous | rope_pairs; int: token | channel
@@ -75,7 +80,8 @@ class KeyFormat:
 
 def key_formats(head_dim: int, ms: list[int] | None = None, groupings: tuple[str, ...] = ("contiguous", "rope_pairs"),
                 int_bits: tuple[int, ...] = (8, 4, 2), channel_bits: tuple[int, ...] = (4, 2), channel_group: int = 32,
-                fp8: bool = True, pq_calibs: tuple[str, ...] = ("plain",)) -> list[KeyFormat]:
+                fp8: bool = True, pq_calibs: tuple[str, ...] = ("plain",),
+                prerope_bits: tuple[int, ...] = ()) -> list[KeyFormat]:
     """Formats in the sweep, fewest bytes first. Default m: 2, 4, ... up to head_dim / 2."""
     if ms is None:
         ms = [2 ** i for i in range(1, int(math.log2(head_dim)))]
@@ -92,6 +98,8 @@ def key_formats(head_dim: int, ms: list[int] | None = None, groupings: tuple[str
                           grouping="channel", bits=b, group=channel_group) for b in channel_bits]
     if fp8:
         formats.append(KeyFormat("fp8-e4m3", "fp8", float(head_dim)))
+    formats += [KeyFormat(f"int{b}-prerope", "prerope", head_dim * b / 8, grouping="channel", bits=b)
+                for b in prerope_bits]
     return sorted(formats, key=lambda f: (f.bytes_per_token, f.name))
 
 
@@ -121,6 +129,24 @@ def int_channel_keys(keys: torch.Tensor, bits: int, group: int = 32) -> torch.Te
     if full < x.shape[1]:
         parts.append(_asymmetric(x[:, full:], bits, -2))
     return torch.cat(parts, 1)
+
+
+def prerope_static_keys(keys: torch.Tensor, calibration: torch.Tensor, bits: int, theta: float) -> torch.Tensor:
+    """``keys [Hkv, T, D]`` (post-RoPE, key t at position t) through ``bits``-bit integers
+    per channel of the pre-RoPE keys, the range per (KV head, channel) being the min/max of
+    ``calibration`` (post-RoPE keys at their own positions, likewise turned back), then
+    RoPE again; fp32."""
+    from vllm_kvcompress.offline.rope import rotate
+
+    def unrotated(x):
+        return rotate(x.float(), -torch.arange(x.shape[1]), theta)
+
+    reference = unrotated(calibration)
+    low, high = reference.amin(1, keepdim=True), reference.amax(1, keepdim=True)
+    levels = 2 ** bits - 1
+    scale = torch.where(high > low, (high - low) / levels, torch.ones_like(high))
+    codes = torch.round((unrotated(keys) - low) / scale).clamp_(0, levels)
+    return rotate(codes * scale + low, torch.arange(keys.shape[1]), theta)
 
 
 def fp8_keys(keys: torch.Tensor) -> torch.Tensor:
@@ -309,7 +335,10 @@ def write_markdown(result: dict, path: Path) -> None:
         + (result["calibration"].get("rope_aug", "") + ". " if any(f.get("calib") == "rope-aug" for f in result["formats"]) else "")
         + "intN: per-token asymmetric, fp16 scale + min (4 bytes), dequantized before the dot product. "
         "intN-chG: per-channel asymmetric over groups of G tokens (KIVI-style; fp16 scale + min per group and dim, "
-        "4 * head_dim / G bytes per token), dequantized. fp8: e4m3, scale 1.",
+        "4 * head_dim / G bytes per token), dequantized. fp8: e4m3, scale 1."
+        + (" intN-prerope: static per-channel integers on the pre-RoPE keys, range per (layer, KV head, channel) "
+           "from the calibration keys, RoPE re-applied (no scales stored per token)."
+           if any(f["kind"] == "prerope" for f in result["formats"]) else ""),
         "",
         "## Output cosine (mean over layers, worst layer)",
         "",
@@ -354,6 +383,7 @@ def write_plot(result: dict, path: Path) -> None:
                 ("pq", "contiguous", "rope-aug", (0, (5, 1, 1, 1)), "P", "PQ ropeaug (contiguous)"),
                 ("pq", "rope_pairs", "rope-aug", (0, (1, 1)), "X", "PQ ropeaug (rope_pairs)"),
                 ("int", "token", "", ":", "^", "INT8/4/2 per token"),
+                ("prerope", "channel", "", (0, (3, 1)), "*", "INT8/4 pre-RoPE static per channel"),
                 ("int", "channel", "", "-.", "v", "INT4/2 per channel (KIVI)"),
                 ("fp8", "", "", "none", "D", "fp8 e4m3")]
     lengths = [str(n) for n in result["lengths"]]
@@ -417,6 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-fp8", action="store_true")
     parser.add_argument("--channel-bits", default="4,2", help="per-channel (KIVI-style) integer keys")
     parser.add_argument("--channel-group", type=int, default=32, help="tokens per per-channel scale")
+    parser.add_argument("--prerope-bits", default="", help="static per-channel pre-RoPE integer keys, e.g. 8,4")
     parser.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
     parser.add_argument("--last", type=int, default=64, help="queries scored per length (the last ones)")
     parser.add_argument("--top-k", type=int, default=32)
@@ -442,7 +473,8 @@ def main(argv: list[str] | None = None) -> dict:
     formats = key_formats(head_dim, ms, tuple(args.groupings.split(",")) if args.groupings else (),
                           tuple(int(b) for b in args.int_bits.split(",") if b),
                           tuple(int(b) for b in args.channel_bits.split(",") if b), args.channel_group,
-                          not args.no_fp8, tuple(args.pq_calib.split(",")))
+                          not args.no_fp8, tuple(args.pq_calib.split(",")),
+                          tuple(int(b) for b in args.prerope_bits.split(",") if b))
     aug_max = args.rope_aug_max_position or lengths[-1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -451,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.time()
     calib_ids = tokenizer(stdlib_text(), add_special_tokens=False)["input_ids"][: args.calib_tokens]
     calibration = {i: e["k"] for i, e in capture(model, calib_ids, None).items()}
-    if any(f.calib == "rope-aug" for f in formats):
+    if any(f.calib == "rope-aug" or f.kind == "prerope" for f in formats):
         from vllm_kvcompress.offline.rope import check_default_rope, spread_positions
 
         theta = check_default_rope(config)
@@ -484,6 +516,8 @@ def main(argv: list[str] | None = None) -> dict:
                 dims = subspace_dims(head_dim, fmt.m, fmt.grouping)
                 codebooks = fit_codebooks(calib_keys[fmt.calib], m=fmt.m, iters=args.iters, seed=args.seed + layer, dims=dims)
                 keys = pq_keys(entry["k"], codebooks, dims)
+            elif fmt.kind == "prerope":
+                keys = prerope_static_keys(entry["k"], calibration[layer], fmt.bits, theta)
             elif fmt.kind == "int" and fmt.grouping == "channel":
                 keys = int_channel_keys(entry["k"], fmt.bits, fmt.group)
             elif fmt.kind == "int":

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 
 import torch
 
-from vllm_kvcompress.kernels import compaction_ref, lookat_ref, paged_dense_ref, stream_attention_ref
+from vllm_kvcompress.kernels import compaction_ref, kvquant_ref, lookat_ref, paged_dense_ref, stream_attention_ref
 from vllm_kvcompress.kernels.lookat_ref import LookatLayout
 
 __all__ = [
@@ -215,6 +215,34 @@ def lookat_keys(cache: torch.Tensor, blocks: torch.Tensor, length: int, codebook
     """Keys ``[Hkv, length, D]`` of one request, rebuilt from its codes."""
     codes, _ = lookat_ref.split_rows(lookat_ref.gather_rows(cache, blocks[None], length)[0], layout)
     return lookat_ref.rebuilt_keys(codes, codebooks, dims)
+
+
+# ----------------------------------------------------------------- KVQuant-style keys
+# PyTorch only: no Triton twin yet, and the method is refused on CUDA (Method.cuda_refusal).
+
+
+def kvquant_encode_rows(key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, ranges: torch.Tensor,
+                        key_bits: int, theta: float, layout: LookatLayout) -> torch.Tensor:
+    return kvquant_ref.encode_rows(key, value, positions, ranges, key_bits, theta, layout)
+
+
+def kvquant_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor,
+                   ranges: torch.Tensor, key_bits: int, theta: float, layout: LookatLayout, scale: float,
+                   max_kv_len: int | None = None) -> torch.Tensor:
+    return kvquant_ref.decode_attention(query, cache, block_table, kv_lens, ranges, key_bits, theta, layout, scale,
+                                        max_kv_len)
+
+
+def kvquant_prefill(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, kv_len: int,
+                    ranges: torch.Tensor, key_bits: int, theta: float, layout: LookatLayout,
+                    scale: float) -> torch.Tensor:
+    return kvquant_ref.prefill_attention(query, cache, blocks, kv_len, ranges, key_bits, theta, layout, scale)
+
+
+def kvquant_keys(cache: torch.Tensor, blocks: torch.Tensor, length: int, ranges: torch.Tensor, key_bits: int,
+                 theta: float, layout: LookatLayout) -> torch.Tensor:
+    """Keys ``[Hkv, length, D]`` of one request, at their positions."""
+    return kvquant_ref.read_rows(cache, blocks, length, ranges, key_bits, theta, layout)[0]
 
 
 # ----------------------------------------------------------------- compaction

@@ -95,5 +95,5 @@ def test_lookat_current_tokens():
 
 
 def test_lookat_settings_refused_for_other_methods():
-    with pytest.raises(KVCompressConfigError, match=r"value_bits applies to method 'lookat' only"):
+    with pytest.raises(KVCompressConfigError, match=r"value_bits applies to method\(s\) lookat, kvquant only"):
         KVCompressConfig.from_dict({"method": "none", "value_bits": 8})

@@ -123,7 +123,11 @@ def reference_table() -> str:
             f"| `method` | `'none'` | all | {METHOD_DOC} |"]
     for key, owners in _keys().items():
         f = owners[0][1]
-        rows.append(f"| `{key}` | `{f.default!r}` | {', '.join(name for name, _ in owners)} | {f.metadata['doc']} |")
+        defaults = {repr(field.default) for _, field in owners}
+        default = f"`{f.default!r}`" if len(defaults) == 1 else ", ".join(
+            f"`{field.default!r}` ({name})" for name, field in owners)
+        docs = list(dict.fromkeys(field.metadata["doc"] for _, field in owners))
+        rows.append(f"| `{key}` | {default} | {', '.join(name for name, _ in owners)} | {' '.join(docs)} |")
     return "\n".join(rows)
 
 

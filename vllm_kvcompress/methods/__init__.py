@@ -8,6 +8,7 @@ from vllm_kvcompress.methods.base import Method
 from vllm_kvcompress.methods.dms import DMS
 from vllm_kvcompress.methods.headkv import HeadKV
 from vllm_kvcompress.methods.knorm import Knorm
+from vllm_kvcompress.methods.kvquant import KVQuant
 from vllm_kvcompress.methods.kvzap import KVzap
 from vllm_kvcompress.methods.lookat import Lookat
 from vllm_kvcompress.methods.none import NoCompression
@@ -16,6 +17,7 @@ from vllm_kvcompress.methods.snapkv import SnapKV
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     NoCompression,
     Lookat,
+    KVQuant,
     Knorm,
     SnapKV,
     HeadKV,

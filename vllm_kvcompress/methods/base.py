@@ -146,7 +146,7 @@ class DenseFormat:
     def __init__(self, head_dim: int, dtype):
         self.head_dim, self.dtype = head_dim, dtype
 
-    def write(self, layer: int, cache, key, value, slots) -> None:
+    def write(self, layer: int, cache, key, value, slots, positions=None) -> None:
         ops.dense_write(cache, key, value, slots)
 
     def to(self, device) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_kvcompress.kernels.rope_ref import rotate  # noqa: F401  (this module's callers use rope.rotate)
 from vllm_kvcompress.methods.lookat.codebooks import rope_theta
 
 
@@ -31,16 +32,6 @@ def check_default_rope(config) -> float:
     if theta <= 0:
         raise UnsupportedRope("the model config has no rope_theta; calibrate with --positions 0")
     return theta
-
-
-def rotate(keys: torch.Tensor, delta: torch.Tensor, theta: float) -> torch.Tensor:
-    """Turn keys ``[..., T, D]`` (fp32 result) by ``delta[T]`` positions."""
-    head_dim = keys.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angle = delta.double().unsqueeze(-1) * inv_freq  # [T, D/2]
-    cos, sin = angle.cos().float(), angle.sin().float()
-    x1, x2 = keys[..., : head_dim // 2].float(), keys[..., head_dim // 2 :].float()
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
 def spread_positions(keys: torch.Tensor, theta: float, max_position: int, copies: int,

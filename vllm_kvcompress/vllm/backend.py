@@ -129,6 +129,7 @@ class KVCompressMetadata:
     prefills: list[PrefillSpan]
     max_decode_len: int = 0  # host bound on decode_kv_lens: sizes the decode launch (no read-back)
     eviction: EvictionPlan | None = None  # whole-row eviction: this step's compactions and masks
+    positions: torch.Tensor | None = None  # [T] logical (RoPE) position of each new token
 
 
 def classify(m: CommonAttentionMetadata) -> tuple[list[int], list[int]]:
@@ -147,6 +148,15 @@ def host_seq_lens(m: CommonAttentionMetadata) -> torch.Tensor:
     if bound is not None:
         return bound[: m.num_reqs]
     return m.seq_lens[: m.num_reqs].to("cpu")
+
+
+def token_positions(m: CommonAttentionMetadata, seq_lens: torch.Tensor) -> torch.Tensor:
+    """The logical position of each of the step's tokens: a request's new tokens are the last
+    of its ``seq_lens`` (host lengths)."""
+    starts = m.query_start_loc_cpu[: m.num_reqs + 1].long()
+    q_lens = starts[1:] - starts[:-1]
+    offsets = torch.arange(m.num_actual_tokens) - torch.repeat_interleave(starts[:-1], q_lens, output_size=m.num_actual_tokens)
+    return torch.repeat_interleave(seq_lens.long() - q_lens, q_lens, output_size=m.num_actual_tokens) + offsets
 
 
 class KVCompressMetadataBuilder(AttentionMetadataBuilder):
@@ -198,6 +208,7 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
         if not self.evicts and m.max_query_len == 1:
             return self._decodes(m)
         kv_lens, slots, plan = host_seq_lens(m), m.slot_mapping[: m.num_actual_tokens], None
+        positions = token_positions(m, kv_lens)
         if self.evicts:  # rows are physical: fewer than the logical lengths once compacted
             physical = physical_layout(m, num_reqs, self.kv_cache_spec.block_size, self.compact, step)
             if physical is not None:
@@ -218,6 +229,7 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
             prefills=prefills,
             max_decode_len=int(decode_lens.max()) if decode_rows else 0,
             eviction=plan,
+            positions=positions.to(block_table.device),
         )
 
     def _decodes(self, m: CommonAttentionMetadata) -> KVCompressMetadata:
@@ -232,6 +244,7 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
             decode_kv_lens=m.seq_lens[: m.num_reqs],
             prefills=[],
             max_decode_len=int(m.max_seq_len),
+            positions=m.seq_lens[: m.num_reqs] - 1,  # padding rows: -1, with slot -1 (nothing stored)
         )
 
 
@@ -318,7 +331,7 @@ class KVCompressImpl(AttentionImpl):
 
     def _forward_blocks(self, query, key, value, kv_cache, meta: KVCompressMetadata, out) -> None:
         fmt, index = self.format, self.layer_index
-        fmt.write(index, kv_cache, key, value, meta.slot_mapping)
+        fmt.write(index, kv_cache, key, value, meta.slot_mapping, positions=meta.positions)
         evictor, plan = self.evictor, meta.eviction
         decodes = meta.decode_block_table.shape[0]
         if decodes:

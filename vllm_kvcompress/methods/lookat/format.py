@@ -66,7 +66,7 @@ class LookatFormat:
         self.to(cache.device)
         return ops.lookat_keys(cache, blocks, length, self.codebooks[layer], self.dims, self.layout)
 
-    def write(self, layer: int, cache, key, value, slots) -> None:
+    def write(self, layer: int, cache, key, value, slots, positions=None) -> None:
         self.to(cache.device)
         rows = ops.lookat_encode_rows(key, value, self.codebooks[layer], self.dims, self.layout)
         ops.lookat_write_rows(cache, rows, slots)

@@ -1,0 +1,118 @@
+"""Method kvquant: pre-RoPE static per-channel integer keys (kernels/kvquant_ref.py) and its
+settings and start-up checks (methods/kvquant.py)."""
+
+import pytest
+import torch
+
+from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
+from vllm_kvcompress.kernels import kvquant_ref, paged_dense_ref
+from vllm_kvcompress.kernels.rope_ref import rotate
+
+THETA = 10000.0
+
+
+def _keys(g, heads=2, tokens=300, dim=16, start=0):
+    offsets = torch.linspace(-6, 6, dim)
+    return rotate(torch.randn(heads, tokens, dim, generator=g) + offsets, torch.arange(start, start + tokens), THETA)
+
+
+def _ranges(g, heads=2, dim=16):
+    pre = rotate(_keys(g, heads, 4000, dim) * 1.05, -torch.arange(4000), THETA)
+    return torch.stack([pre.amin(1), pre.amax(1)], 1)
+
+
+@pytest.mark.parametrize("bits,tolerance", [(8, 0.003), (4, 0.05)])
+def test_keys_round_trip_at_any_position(bits, tolerance):
+    g = torch.Generator().manual_seed(0)
+    ranges = _ranges(g)
+    for start in (0, 50_000):  # far past anything calibrated: the error does not grow
+        keys = _keys(g, start=start)  # [Hkv, T, D]
+        positions = torch.arange(start, start + keys.shape[1])
+        codes = kvquant_ref.quantize_keys(keys.transpose(0, 1), positions, ranges, bits, THETA)
+        assert codes.dtype == torch.uint8 and codes.shape == (keys.shape[1], 2, 16 * bits // 8)
+        back = kvquant_ref.dequantize_keys(codes.transpose(0, 1), positions, ranges, bits, THETA)
+        error = ((back - keys).norm(dim=-1) / keys.norm(dim=-1)).mean()
+        assert error < tolerance
+
+
+def test_row_layout_bytes():
+    assert kvquant_ref.layout(64, 8, 8, torch.bfloat16).row_bytes == 64 + 64 + 2
+    assert kvquant_ref.layout(64, 4, 4, torch.bfloat16).row_bytes == 32 + 32 + 4
+    assert kvquant_ref.layout(128, 4, 16, torch.bfloat16).row_bytes == 64 + 256
+    with pytest.raises(ValueError, match=r"key_bits must be one of \(8, 4\), got 2"):
+        kvquant_ref.layout(64, 2, 8, torch.bfloat16)
+
+
+def _paged(g, lens, bits, value_bits=8, bs=16, heads=2, dim=16):
+    rows = kvquant_ref.layout(dim, bits, value_bits, torch.bfloat16)
+    ranges = _ranges(g, heads, dim)
+    num_blocks = sum(-(-n // bs) for n in lens) + 2
+    cache = torch.zeros(num_blocks, heads, bs, rows.row_bytes, dtype=torch.uint8)
+    order = torch.randperm(num_blocks - 1, generator=g) + 1
+    tables, used, dense = [], 0, []
+    for n in lens:
+        nb = -(-n // bs)
+        blocks = order[used: used + nb]
+        used += nb
+        tables.append(torch.nn.functional.pad(blocks, (0, 8 - nb)))
+        keys, values = _keys(g, heads, n, dim).transpose(0, 1), torch.randn(n, heads, dim, generator=g)
+        slots = blocks.repeat_interleave(bs)[:n] * bs + torch.arange(n) % bs
+        paged_dense_ref.write_rows(cache, kvquant_ref.encode_rows(keys, values, torch.arange(n), ranges, bits, THETA,
+                                                                 rows), slots)
+        dense.append((keys, values))
+    return cache, torch.stack(tables), ranges, rows, dense
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_and_prefill_attend_the_stored_keys(bits):
+    """Decode (a batch) and prefill (one request, causal) equal plain attention over the keys
+    and values read back from the rows; decode is the prefill's last query."""
+    g = torch.Generator().manual_seed(1)
+    lens = [37, 70]
+    cache, table, ranges, rows, dense = _paged(g, lens, bits)
+    kv_lens = torch.tensor(lens)
+    query = torch.randn(2, 6, 16, generator=g)  # 3 query heads per KV head
+    out = kvquant_ref.decode_attention(query, cache, table, kv_lens, ranges, bits, THETA, rows, 0.25)
+    for b, n in enumerate(lens):
+        keys, values = kvquant_ref.read_rows(cache, table[b], n, ranges, bits, THETA, rows)
+        expected = torch.softmax(torch.einsum("hgd,hld->hgl", query[b].view(2, 3, 16), keys) * 0.25, -1) @ values
+        assert torch.allclose(out[b], expected.reshape(6, 16), atol=1e-5)
+        # and the stored keys are the written ones, up to the integer step
+        assert ((keys - dense[b][0].transpose(0, 1)).norm() / keys.norm()) < (0.01 if bits == 8 else 0.08)
+    prefill_query = torch.randn(5, 6, 16, generator=g)
+    prefill_query[-1] = query[1]
+    last = kvquant_ref.prefill_attention(prefill_query, cache, table[1], lens[1], ranges, bits, THETA, rows, 0.25)[-1]
+    assert torch.allclose(last, out[1], atol=1e-4)
+
+
+def test_settings_and_refusals(tmp_path):
+    config = KVCompressConfig.from_dict({"method": "kvquant", "key_ranges": "r.safetensors"})
+    assert (config.settings.key_bits, config.settings.value_bits) == (8, 8)
+    with pytest.raises(KVCompressConfigError, match=r"kvcompress\.key_ranges is required for method 'kvquant'"):
+        KVCompressConfig.from_dict({"method": "kvquant"})
+    with pytest.raises(KVCompressConfigError, match=r"key_bits must be one of 8, 4, got 2"):
+        KVCompressConfig.from_dict({"method": "kvquant", "key_ranges": "r", "key_bits": 2})
+    with pytest.raises(KVCompressConfigError, match=r"budget|keeps every token"):
+        KVCompressConfig.from_dict({"method": "kvquant", "key_ranges": "r", "compression_ratio": 0.5})
+    method = config.build()
+    assert "no GPU kernels" in method.cuda_refusal()
+
+
+def test_start_up_checks_the_range_file_and_the_rope(tmp_path):
+    from types import SimpleNamespace
+
+    from vllm_kvcompress.methods.kvquant import KVQuant, KVQuantSettings
+    from vllm_kvcompress.offline.key_ranges import ensure_key_ranges
+
+    shipped = str(ensure_key_ranges("smollm2-135m"))
+    smol = SimpleNamespace(architectures=["LlamaForCausalLM"], num_hidden_layers=30, num_attention_heads=9,
+                           num_key_value_heads=3, hidden_size=576, rope_theta=100000.0)
+    KVQuant(KVQuantSettings(key_ranges=shipped)).check_model(None, smol, 16, 1)
+    other = SimpleNamespace(**{**vars(smol), "num_hidden_layers": 24})
+    with pytest.raises(KVCompressConfigError, match="made for another model.*num_layers: file has 30, model has 24"):
+        KVQuant(KVQuantSettings(key_ranges=shipped)).check_model(None, other, 16, 1)
+    scaled = SimpleNamespace(**{**vars(smol), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(KVCompressConfigError, match="needs plain RoPE.*llama3"):
+        KVQuant(KVQuantSettings(key_ranges=shipped)).check_model(None, scaled, 16, 1)
+    with pytest.raises(KVCompressConfigError, match="does not exist"):
+        KVQuant(KVQuantSettings(key_ranges=str(tmp_path / "no.safetensors"))).check_model(None, smol, 16, 1)
