@@ -177,6 +177,9 @@ class Method:
     # Keeps every token at the model's precision in vLLM's page size: on CUDA, vLLM's own
     # FlashAttention can serve it unchanged (vllm/startup.py).
     passthrough: ClassVar[bool] = False
+    # Its cache format needs each new token's RoPE position at write (the step metadata
+    # computes them only then: a host op and a copy per step that other methods skip).
+    needs_positions: ClassVar[bool] = False
 
     def __init__(self, settings: Settings):
         self.settings = settings

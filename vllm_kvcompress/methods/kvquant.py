@@ -108,6 +108,7 @@ class KVQuantFormat:
 class KVQuant(Method):
     name = "kvquant"
     Settings = KVQuantSettings
+    needs_positions = True
     summary = ("stores keys as static per-channel 8/4-bit integers taken before RoPE (KVQuant-style, calibrated "
                "ranges) and values at 16/8/4 bits")
 

@@ -182,6 +182,7 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
         config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
         method = config.spec
         self.evicts = method.evicts
+        self.positions = method.needs_positions
         self.compact = not config.build().masks
         self.paged = isinstance(config.settings, PagedSettings)  # per-(layer, KV head) streams
         self.page_tokens = getattr(config.settings, "page_tokens", None)
@@ -208,7 +209,7 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
         if not self.evicts and m.max_query_len == 1:
             return self._decodes(m)
         kv_lens, slots, plan = host_seq_lens(m), m.slot_mapping[: m.num_actual_tokens], None
-        positions = token_positions(m, kv_lens)
+        positions = token_positions(m, kv_lens) if self.positions else None
         if self.evicts:  # rows are physical: fewer than the logical lengths once compacted
             physical = physical_layout(m, num_reqs, self.kv_cache_spec.block_size, self.compact, step)
             if physical is not None:
@@ -229,7 +230,7 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
             prefills=prefills,
             max_decode_len=int(decode_lens.max()) if decode_rows else 0,
             eviction=plan,
-            positions=positions.to(block_table.device),
+            positions=None if positions is None else positions.to(block_table.device),
         )
 
     def _decodes(self, m: CommonAttentionMetadata) -> KVCompressMetadata:
@@ -244,7 +245,8 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
             decode_kv_lens=m.seq_lens[: m.num_reqs],
             prefills=[],
             max_decode_len=int(m.max_seq_len),
-            positions=m.seq_lens[: m.num_reqs] - 1,  # padding rows: -1, with slot -1 (nothing stored)
+            # padding rows: -1, with slot -1 (nothing stored)
+            positions=m.seq_lens[: m.num_reqs] - 1 if self.positions else None,
         )
 
 
