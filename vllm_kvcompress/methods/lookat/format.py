@@ -9,6 +9,9 @@ import torch
 from vllm_kvcompress.kernels import ops
 
 _LOADED: dict[str, tuple] = {}
+# Every layer's attention impl builds a format over all layers' codebooks: one copy per
+# (file, KV heads, device) in the process, not one per layer (32 MiB x 32 layers at 8B, m=16).
+_SHARED: dict[tuple, tuple] = {}
 
 
 def _codebooks(path: str, hf_config) -> tuple:
@@ -29,11 +32,16 @@ def codebook_metadata(path: str) -> dict:
 
 class LookatFormat:
     """Keys as ``m`` PQ codes (``lookat_ref`` layout). ``exact_current``: the step's own
-    tokens are attended with their exact keys/values instead of being read back."""
+    tokens are attended with their exact keys/values instead of being read back.
+    ``share_key``: codebooks already rounded, shared by every layer's format in the process."""
 
     def __init__(self, codebooks: list[torch.Tensor], dims: torch.Tensor | None, layout: ops.LookatLayout,
-                 exact_current: bool):
-        self.codebooks, self.dims, self.layout, self.exact_current = codebooks, dims, layout, exact_current
+                 exact_current: bool, share_key: tuple | None = None):
+        # Centroids hold bf16 values on every device and path: the Triton kernel rebuilds keys
+        # on tensor cores in bf16, and the PyTorch ops must score the same centroids for the
+        # GPU oracle (Triton against PyTorch) to test the kernel rather than a rounding.
+        self.codebooks = codebooks if share_key else [c.to(torch.bfloat16).float() for c in codebooks]
+        self.dims, self.layout, self.exact_current, self.share_key = dims, layout, exact_current, share_key
         self.codebooks_bf16: list[torch.Tensor] | None = None
 
     @staticmethod
@@ -46,20 +54,35 @@ class LookatFormat:
     def from_settings(cls, settings, hf_config, head_dim: int, dtype: torch.dtype,
                       heads: list[int] | None = None) -> "LookatFormat":
         """``heads``: the KV heads this rank holds (tensor parallelism); None = all."""
-        codebooks, _, dims = _codebooks(settings.codebooks, hf_config)
-        if heads is not None:
-            codebooks = [layer[heads] for layer in codebooks]
-        return cls(codebooks, dims, cls.layout_for(settings, head_dim, dtype), settings.current_tokens == "exact")
+        key = (settings.codebooks, None if heads is None else tuple(heads))
+        if key not in _SHARED:
+            codebooks, _, dims = _codebooks(settings.codebooks, hf_config)
+            if heads is not None:
+                codebooks = [layer[heads] for layer in codebooks]
+            _SHARED[key] = ([c.to(torch.bfloat16).float() for c in codebooks], dims)
+        codebooks, dims = _SHARED[key]
+        return cls(codebooks, dims, cls.layout_for(settings, head_dim, dtype), settings.current_tokens == "exact",
+                   share_key=key)
 
     def to(self, device: torch.device) -> None:
         """Codebooks load on the CPU; they move to the cache's device once, before any
         step (a host-to-device copy cannot sit inside a captured CUDA graph). The kernels
         score with a bf16 copy, made here once rather than per layer and step."""
-        if self.codebooks[0].device != device:
-            self.codebooks = [c.to(device) for c in self.codebooks]
-            self.dims = None if self.dims is None else self.dims.to(device)
-        if self.codebooks_bf16 is None or self.codebooks_bf16[0].device != device:
-            self.codebooks_bf16 = [c.to(torch.bfloat16).contiguous() for c in self.codebooks]
+        if self.codebooks_bf16 is not None and self.codebooks_bf16[0].device == device:
+            return
+
+        def moved():
+            codebooks = [c.to(device) for c in self.codebooks]
+            dims = None if self.dims is None else self.dims.to(device)
+            return codebooks, dims, [c.to(torch.bfloat16).contiguous() for c in codebooks]
+
+        if self.share_key is None:
+            self.codebooks, self.dims, self.codebooks_bf16 = moved()
+            return
+        key = (*self.share_key, str(torch.device(device)))
+        if key not in _SHARED:
+            _SHARED[key] = moved()
+        self.codebooks, self.dims, self.codebooks_bf16 = _SHARED[key]
 
     def keys(self, layer: int, cache, blocks, length: int):
         """Keys ``[H, length, D]`` rebuilt from the codes (what attention scores against)."""
