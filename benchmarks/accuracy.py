@@ -33,6 +33,13 @@ SUITES = {
         ruler_length=4096, ruler={"niah_multikey_1": 1, "vt": 1, "cwe": 1, "qa_1": 1, "qa_2": 1},
         perplexity={4096: 1}, continuation=128, pool_gib=2,
     ),
+    # The accuracy frontier (issue 24): RULER-4K subset (NIAH single and multi-key, variable
+    # tracking, QA), passkey at 1K and 3K, teacher-forced perplexity at 4K.
+    "frontier": dict(
+        niah={4096: [10, 50, 90]}, passkey={1024: [25, 75], 3072: [25, 75]},
+        ruler_length=4096, ruler={"niah_multikey_1": 2, "vt": 2, "qa_1": 2},
+        perplexity={4096: 1}, continuation=128, pool_gib=2,
+    ),
     # HeadKV budget sweep: retrieval only, up to 4K (many configs on a 2-core CPU).
     "retrieval": dict(
         niah={2048: [25, 75], 4096: [25, 75]}, passkey={4096: [50]},

@@ -22,6 +22,10 @@ DMS configs: ``dms-cr{N}`` (e.g. ``dms-cr4``): the model's shipped DMS adapters 
 compression N (``vllm_kvcompress/artefacts/dms/MODEL/dms-crN.safetensors``); what they
 really remove is measured per request.
 
+Compositions: ``FORMAT+EVICTION`` of two such names, a row format (``kvquant-…`` or
+``lookat-…``) and a whole-row eviction (``knorm-…``/``snapkv-…``), e.g.
+``kvquant-k8-v8+snapkv-r0.8``: method ``kvquant+snapkv`` with both configs' settings.
+
 Budget configs: ``{knorm|snapkv|headkv}-b{TOKENS}`` (e.g. ``headkv-b128``): ``TOKENS``
 kept per KV head (``max_kv_tokens``; for HeadKV the average over (layer, KV head)
 streams, with the model's shipped R2 head scores), so equal TOKENS = equal total KV.
@@ -44,7 +48,8 @@ BUDGET_NAME = re.compile(r"(knorm|snapkv|headkv)-b(\d+)")
 DMS_NAME = re.compile(r"dms-cr(\d+)")
 KVQUANT_NAME = re.compile(r"kvquant-k(8|4)-v(16|8|4)")
 NAMES_HELP = (f"{', '.join(sorted(CONFIGS))}, lookat-m{{M}}-v{{16|8|4}}[-exact], {{knorm|snapkv|headkv}}-r{{RATIO}}, "
-              "{knorm|snapkv|headkv}-b{TOKENS}, kvzap-{linear|mlp}-{t{TAU}|r{RATIO}}, dms-cr{N} or kvquant-k{8|4}-v{16|8|4}")
+              "{knorm|snapkv|headkv}-b{TOKENS}, kvzap-{linear|mlp}-{t{TAU}|r{RATIO}}, dms-cr{N}, kvquant-k{8|4}-v{16|8|4}, "
+              "or FORMAT+EVICTION (e.g. kvquant-k8-v8+snapkv-r0.8)")
 
 
 def _shipped(relative: str, missing: str) -> str:
@@ -77,6 +82,8 @@ def resolve(name: str, model: str) -> dict | None:
     """LLM kwargs of a named config for ``model``; None if the name is unknown."""
     if name in CONFIGS:
         return CONFIGS[name]
+    if "+" in name:
+        return _composition(name, model)
     match = EVICTION_NAME.fullmatch(name)
     if match is not None:
         settings = {"method": match[1], "compression_ratio": float(match[2])}
@@ -116,6 +123,18 @@ def resolve(name: str, model: str) -> dict | None:
     settings = {"method": "lookat", "codebooks": str(ensure_codebooks(model, int(match[1]))),
                 "value_bits": int(match[2]), "current_tokens": "exact" if match[3] else "coded"}
     return {"attention_backend": KVC, "additional_config": {KVC: settings}}
+
+
+def _composition(name: str, model: str) -> dict | None:
+    fmt, _, evict = name.partition("+")
+    if not (KVQUANT_NAME.fullmatch(fmt) or LOOKAT_NAME.fullmatch(fmt)) or not (
+            EVICTION_NAME.fullmatch(evict) or BUDGET_NAME.fullmatch(evict)) or evict.startswith("headkv"):
+        return None
+    rows, eviction = resolve(fmt, model), resolve(evict, model)
+    rows_settings, eviction_settings = rows["additional_config"][KVC], eviction["additional_config"][KVC]
+    settings = {**rows_settings, **eviction_settings,
+                "method": f"{rows_settings['method']}+{eviction_settings['method']}"}
+    return {**rows, **eviction, "additional_config": {KVC: settings}}
 
 
 def evicted_fraction(llm_kwargs: dict) -> float:

@@ -9,13 +9,16 @@ one row per (token, KV head)::
     [ key codes: D * bits / 8 bytes | value payload | value params ]
 
 the row layout of :class:`lookat_ref.LookatLayout` with ``m`` = the key bytes (8 bits: one
-byte per channel; 4 bits: channel ``2j`` in the low nibble of byte ``j``).
+byte per channel; 4 bits: channel ``2j`` in the low nibble of byte ``j``), plus, for a cache
+that evicts (``layout(..., positions=True)``), the token's logical position as 4 bytes
+(int32) after the key codes.
 
 Why before RoPE: RoPE turns each channel pair by an angle that grows with position, so a
 channel's range after RoPE is the whole circle of its pair (a large constant k_proj bias
 becomes a large swing); before RoPE each channel keeps a narrow, position-free range, and a
-static range per channel needs no scale stored per token. A row's position is its index in
-the request's rows: this cache keeps every token (no eviction).
+static range per channel needs no scale stored per token. Without eviction a row's position
+is its index in the request's rows; once eviction compacts rows, that index is physical and
+RoPE needs the logical position, so an evicting cache stores it in the row.
 """
 
 from __future__ import annotations
@@ -28,12 +31,29 @@ from vllm_kvcompress.kernels.paged_dense_ref import gather_rows
 from vllm_kvcompress.kernels.rope_ref import rotate
 
 KEY_BITS = (8, 4)
+POSITION_BYTES = 4
 
 
-def layout(head_dim: int, key_bits: int, value_bits: int, value_dtype: torch.dtype) -> LookatLayout:
+def layout(head_dim: int, key_bits: int, value_bits: int, value_dtype: torch.dtype,
+           positions: bool = False) -> LookatLayout:
+    """``positions``: rows carry their logical position (an evicting cache)."""
     if key_bits not in KEY_BITS:
         raise ValueError(f"key_bits must be one of {KEY_BITS}, got {key_bits}")
-    return LookatLayout(head_dim=head_dim, m=head_dim * key_bits // 8, value_bits=value_bits, value_dtype=value_dtype)
+    key_bytes = head_dim * key_bits // 8
+    return LookatLayout(head_dim=head_dim, m=key_bytes + (POSITION_BYTES if positions else 0), value_bits=value_bits,
+                        value_dtype=value_dtype, pq=False)
+
+
+def _key_bytes(rows: LookatLayout, key_bits: int) -> int:
+    return rows.head_dim * key_bits // 8
+
+
+def _positions(data: torch.Tensor, rows: LookatLayout, key_bits: int, length: int) -> torch.Tensor:
+    """Each row's logical position ``[..., L]``: stored after the key codes, or its index."""
+    start = _key_bytes(rows, key_bits)
+    if rows.m == start:
+        return torch.arange(length, device=data.device)
+    return data[..., start : start + POSITION_BYTES].contiguous().view(torch.int32)[..., 0].long()
 
 
 def key_steps(ranges: torch.Tensor, key_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,15 +86,19 @@ def dequantize_keys(codes: torch.Tensor, positions: torch.Tensor, ranges: torch.
 def encode_rows(key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, ranges: torch.Tensor,
                 key_bits: int, theta: float, rows: LookatLayout) -> torch.Tensor:
     """Cache rows ``[T, Hkv, row_bytes]`` for keys/values ``[T, Hkv, D]``."""
-    return torch.cat([quantize_keys(key, positions, ranges, key_bits, theta), quantize_values(value, rows)], -1)
+    parts = [quantize_keys(key, positions, ranges, key_bits, theta)]
+    if rows.m > _key_bytes(rows, key_bits):
+        stored = positions.to(torch.int32).contiguous().view(torch.uint8).view(-1, 1, POSITION_BYTES)
+        parts.append(stored.expand(-1, key.shape[1], -1))
+    return torch.cat([*parts, quantize_values(value, rows)], -1)
 
 
 def read_rows(cache: torch.Tensor, blocks: torch.Tensor, length: int, ranges: torch.Tensor, key_bits: int,
               theta: float, rows: LookatLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """One request's first ``length`` rows: keys and values ``[Hkv, length, D]`` fp32."""
     data = gather_rows(cache, blocks[None], length)[0]
-    positions = torch.arange(length, device=cache.device)
-    keys = dequantize_keys(data[..., : rows.m], positions, ranges, key_bits, theta)
+    positions = _positions(data, rows, key_bits, length)
+    keys = dequantize_keys(data[..., : _key_bytes(rows, key_bits)], positions, ranges, key_bits, theta)
     return keys, dequantize_values(data[..., rows.m :], rows)
 
 
@@ -87,13 +111,13 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
     max_len = int(kv_lens.max()) if max_kv_len is None else int(max_kv_len)
     data = gather_rows(cache, block_table[:batch], max_len)  # [B, Hkv, L, row_bytes]
     num_kv_heads = data.shape[1]
-    positions = torch.arange(max_len, device=cache.device)
-    keys = dequantize_keys(data[..., : rows.m], positions, ranges, key_bits, theta)  # [B, Hkv, L, D]
+    keys = dequantize_keys(data[..., : _key_bytes(rows, key_bits)], _positions(data, rows, key_bits, max_len), ranges,
+                           key_bits, theta)  # [B, Hkv, L, D]
     values = dequantize_values(data[..., rows.m :], rows)
     group = num_q_heads // num_kv_heads
     q = query.float().view(batch, num_kv_heads, group, head_dim)
     logits = torch.einsum("bhgd,bhld->bhgl", q, keys) * scale
-    valid = positions.unsqueeze(0) < kv_lens.to(cache.device).unsqueeze(1)
+    valid = torch.arange(max_len, device=cache.device).unsqueeze(0) < kv_lens.to(cache.device).unsqueeze(1)
     logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
     out = torch.matmul(torch.softmax(logits, -1), values)  # [B, Hkv, g, D]
     return out.reshape(batch, num_q_heads, head_dim)

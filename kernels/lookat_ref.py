@@ -47,11 +47,14 @@ class LookatLayout:
     m: int
     value_bits: int = 16
     value_dtype: torch.dtype = torch.bfloat16  # the 16-bit value format
+    # m counts PQ subspaces (one code byte each); False: m is only the key part's bytes
+    # (kvquant's integer keys, and the position an evicting kvquant row carries).
+    pq: bool = True
 
     def __post_init__(self):
         if self.value_bits not in VALUE_BITS:
             raise ValueError(f"value_bits must be one of {VALUE_BITS}, got {self.value_bits}")
-        if self.head_dim % self.m or self.m % 2:
+        if self.m % 2 or (self.pq and self.head_dim % self.m):
             raise ValueError(f"m={self.m} must be even and divide head_dim {self.head_dim}")
 
     @property

@@ -116,3 +116,74 @@ def test_start_up_checks_the_range_file_and_the_rope(tmp_path):
         KVQuant(KVQuantSettings(key_ranges=shipped)).check_model(None, scaled, 16, 1)
     with pytest.raises(KVCompressConfigError, match="does not exist"):
         KVQuant(KVQuantSettings(key_ranges=str(tmp_path / "no.safetensors"))).check_model(None, smol, 16, 1)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rows_that_carry_positions_survive_compaction(bits):
+    """An evicting cache stores each row's logical position: after compaction moves the kept
+    rows to the front (physical index != position), decode still turns every key to its own
+    position, and equals attention over the kept tokens of the uncompacted cache."""
+    from vllm_kvcompress.kernels import compaction_ref
+
+    g = torch.Generator().manual_seed(2)
+    heads, dim, bs, n = 2, 16, 16, 70
+    rows = kvquant_ref.layout(dim, bits, 8, torch.bfloat16, positions=True)
+    assert rows.row_bytes == kvquant_ref.layout(dim, bits, 8, torch.bfloat16).row_bytes + 4
+    ranges = _ranges(g, heads, dim)
+    keys, values = _keys(g, heads, n, dim).transpose(0, 1), torch.randn(n, heads, dim, generator=g)
+    blocks = torch.tensor([3, 1, 4, 6, 2])
+    cache = torch.zeros(8, heads, bs, rows.row_bytes, dtype=torch.uint8)
+    slots = blocks.repeat_interleave(bs)[:n] * bs + torch.arange(n) % bs
+    paged_dense_ref.write_rows(cache, kvquant_ref.encode_rows(keys, values, torch.arange(n), ranges, bits, THETA, rows),
+                               slots)
+    full_keys, full_values = kvquant_ref.read_rows(cache, blocks, n, ranges, bits, THETA, rows)
+    keep = torch.stack([torch.sort(torch.randperm(n, generator=g)[:29]).values for _ in range(heads)])  # per head
+    compaction_ref.compact(cache, blocks, keep)
+    query = torch.randn(1, 6, dim, generator=g)
+    out = kvquant_ref.decode_attention(query, cache, blocks[None], torch.tensor([29]), ranges, bits, THETA, rows, 0.25)
+    kept_keys = full_keys.gather(1, keep[..., None].expand(-1, -1, dim))
+    kept_values = full_values.gather(1, keep[..., None].expand(-1, -1, dim))
+    expected = torch.softmax(torch.einsum("hgd,hld->hgl", query[0].view(heads, 3, dim), kept_keys) * 0.25, -1) @ kept_values
+    assert torch.allclose(out[0], expected.reshape(6, dim), atol=1e-5)
+    read_keys, _ = kvquant_ref.read_rows(cache, blocks, 29, ranges, bits, THETA, rows)
+    assert torch.allclose(read_keys, kept_keys, atol=1e-5)  # what eviction scores: keys at their positions
+    # rows without positions would have been turned by their new index instead
+    plain = kvquant_ref.layout(dim, bits, 8, torch.bfloat16)
+    assert plain.m == rows.m - 4
+
+
+def test_compositions_take_both_settings_and_refuse_what_cannot_work():
+    config = KVCompressConfig.from_dict({"method": "kvquant+snapkv", "key_ranges": "r", "key_bits": 4,
+                                         "compression_ratio": 0.5, "window_tokens": 16})
+    method = config.build()
+    assert method.evicts and method.needs_positions and method.rows.stores_positions
+    assert (config.settings.key_bits, config.settings.value_bits, config.settings.window_tokens) == (4, 8, 16)
+    assert method.row_bytes(64, torch.bfloat16) == 32 + 4 + 64 + 2
+    assert KVCompressConfig.from_dict({"method": "kvquant", "key_ranges": "r"}).build().row_bytes(64, torch.bfloat16) \
+        == 32 * 2 + 64 + 2
+    lookat = KVCompressConfig.from_dict({"method": "lookat+knorm", "codebooks": "c", "value_bits": 4,
+                                         "max_kv_tokens": 256, "sink_tokens": 4}).build()
+    assert lookat.protected() == (4, 0) and lookat.schedule(1000, 256, _Streams()).budget == 256
+    refusals = {
+        "kvquant+dms": "per-\\(layer, KV head\\) streams",
+        "kvquant+headkv": "per-\\(layer, KV head\\) streams",
+        "knorm+kvquant": "first part must be a row format",
+        "lookat+kvquant": "second part must be an eviction method",
+        "kvquant+knorm+snapkv": "must be FORMAT\\+EVICTION",
+        "zip+knorm": "unknown method 'zip'",
+    }
+    for name, reason in refusals.items():
+        with pytest.raises(KVCompressConfigError, match=reason):
+            KVCompressConfig.from_dict({"method": name, "key_ranges": "r", "compression_ratio": 0.5})
+    with pytest.raises(KVCompressConfigError, match="eviction_mode must be 'compact' with method 'kvquant\\+knorm'"):
+        KVCompressConfig.from_dict({"method": "kvquant+knorm", "key_ranges": "r", "compression_ratio": 0.5,
+                                    "eviction_mode": "mask"})
+    with pytest.raises(KVCompressConfigError, match="codebooks applies to method 'lookat' only"):
+        KVCompressConfig.from_dict({"method": "kvquant+knorm", "key_ranges": "r", "compression_ratio": 0.5,
+                                    "codebooks": "c"})
+    with pytest.raises(KVCompressConfigError, match="key_ranges is required"):
+        KVCompressConfig.from_dict({"method": "kvquant+knorm", "compression_ratio": 0.5})
+
+
+class _Streams:
+    block_size = 16

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_kvcompress.errors import KVCompressConfigError
-from vllm_kvcompress.methods import METHODS, evicting
+from vllm_kvcompress.methods import METHODS, evicting, method_class
 from vllm_kvcompress.methods.base import CONFIG_KEY, BudgetSettings, Method, Settings, key_name
 
 __all__ = ["CONFIG_KEY", "KVCompressConfig", "KVCompressConfigError", "reference_table"]
@@ -44,7 +44,7 @@ class KVCompressConfig:
 
     @property
     def spec(self) -> type[Method]:
-        return METHODS[self.method]
+        return method_class(self.method)
 
     def build(self) -> Method:
         """The method object (one per process and user: it may cache loaded artefacts)."""
@@ -74,11 +74,8 @@ class KVCompressConfig:
         method = raw.get("method", "none")
         if not isinstance(method, str):
             raise KVCompressConfigError(f"{key_name('method')} must be a string; allowed: {', '.join(METHODS)}")
-        if method not in METHODS:
-            raise KVCompressConfigError(
-                f"{key_name('method')}: unknown method {method!r}; allowed: {', '.join(METHODS)}")
+        spec = method_class(method)
         BudgetSettings.check_budget(raw)
-        spec = METHODS[method]
         own = {f.name for f in dataclasses.fields(spec.Settings)}
         for key, value in raw.items():
             if key == "method" or key in own:

@@ -109,6 +109,8 @@ class KVQuant(Method):
     name = "kvquant"
     Settings = KVQuantSettings
     needs_positions = True
+    # Rows carry their logical position (4 bytes): set when an eviction method compacts them.
+    stores_positions = False
     summary = ("stores keys as static per-channel 8/4-bit integers taken before RoPE (KVQuant-style, calibrated "
                "ranges) and values at 16/8/4 bits")
 
@@ -126,7 +128,8 @@ class KVQuant(Method):
 
     def _layout(self, head_dim: int, dtype):
         value_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        return row_layout(head_dim, self.settings.key_bits, self.settings.value_bits, value_dtype)
+        return row_layout(head_dim, self.settings.key_bits, self.settings.value_bits, value_dtype,
+                          positions=self.stores_positions)
 
     def cache_format(self, hf_config, head_dim, dtype, heads):
         from safetensors import safe_open

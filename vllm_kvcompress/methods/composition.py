@@ -1,0 +1,104 @@
+"""Compositions: a compact row format (``lookat`` PQ keys or ``kvquant`` integer keys, each
+with its 16/8/4-bit values) under a whole-row eviction method (``knorm``, ``snapkv``),
+named ``FORMAT+EVICTION``, e.g. ``{"method": "kvquant+snapkv", "compression_ratio": 0.5}``.
+
+The row format makes each (token, KV head) row smaller, so vLLM's page holds more rows;
+the eviction method keeps fewer rows and hands emptied blocks back to vLLM's pool. The
+savings multiply in vLLM's own block accounting. The composition takes the eviction
+method's schedule, scorer and budget, and the format method's row layout and artefact
+checks; the settings of both are accepted, each validated by its owner.
+
+Refused, with the reason: two formats or two eviction methods; the per-(layer, KV head)
+stream methods (``headkv``, ``kvzap``, ``dms``), whose pages hold dense rows; knorm's
+``eviction_mode: mask`` (the formats read rows without a visibility mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from vllm_kvcompress.methods.base import KVCompressConfigError, Method, PagedSettings, key_name
+
+FORMATS = ("lookat", "kvquant")
+ROW_EVICTIONS = ("knorm", "snapkv")
+
+
+def split(name: str) -> tuple[str, str] | None:
+    """``"kvquant+snapkv"`` -> ("kvquant", "snapkv"); None for a single method's name."""
+    if "+" not in name:
+        return None
+    parts = name.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise KVCompressConfigError(f"{key_name('method')}: {name!r} must be FORMAT+EVICTION, e.g. kvquant+snapkv "
+                                    f"(formats: {', '.join(FORMATS)}; eviction: {', '.join(ROW_EVICTIONS)})")
+    return parts[0], parts[1]
+
+
+def compose(methods: dict[str, type[Method]], name: str) -> type[Method]:
+    """The method class of a composition name, or a KVCompressConfigError naming what is allowed."""
+    fmt, evict = split(name)
+    for part in (fmt, evict):
+        if part not in methods:
+            raise KVCompressConfigError(f"{key_name('method')}: unknown method {part!r} in {name!r}; allowed: "
+                                        f"{', '.join(methods)}, or FORMAT+EVICTION with FORMAT in {', '.join(FORMATS)} "
+                                        f"and EVICTION in {', '.join(ROW_EVICTIONS)}")
+    if fmt not in FORMATS:
+        raise KVCompressConfigError(f"{key_name('method')}: {name!r}: the first part must be a row format "
+                                    f"({', '.join(FORMATS)}), got {fmt!r}")
+    if evict in FORMATS or not methods[evict].evicts:
+        raise KVCompressConfigError(f"{key_name('method')}: {name!r}: the second part must be an eviction method "
+                                    f"({', '.join(ROW_EVICTIONS)}), got {evict!r}")
+    if issubclass(methods[evict].Settings, PagedSettings):
+        raise KVCompressConfigError(
+            f"{key_name('method')}: {name!r} is not supported: {evict!r} keeps per-(layer, KV head) streams whose "
+            f"pages hold dense rows, not {fmt!r} rows; compose {fmt!r} with {' or '.join(ROW_EVICTIONS)}")
+    return _composed(methods[fmt], methods[evict])
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(fmt: type[Method], evict: type[Method]) -> type[Method]:
+    name = f"{fmt.name}+{evict.name}"
+
+    def validate(self) -> None:
+        evict.Settings.validate(self)
+        fmt.Settings.validate(self)
+        if getattr(self, "eviction_mode", "compact") != "compact":
+            raise KVCompressConfigError(f"{key_name('eviction_mode')} must be 'compact' with method {name!r}: "
+                                        f"{fmt.name!r} rows are read without a visibility mask")
+
+    settings = dataclasses.make_dataclass(f"{fmt.__name__}{evict.__name__}Settings", [],
+                                          bases=(evict.Settings, fmt.Settings), frozen=True,
+                                          namespace={"validate": validate})
+
+    class Composed(evict):
+        """``evict``'s eviction over ``fmt``'s rows."""
+
+        Settings = settings
+        needs_positions = fmt.needs_positions
+        format_method = fmt
+        eviction_method = evict
+
+        def __init__(self, values):
+            super().__init__(values)
+            self.rows = fmt(values)
+            if hasattr(self.rows, "stores_positions"):
+                self.rows.stores_positions = True  # compaction makes a row's index physical
+
+        def check_model(self, shape, hf_config, block_size, tp_size) -> None:
+            super().check_model(shape, hf_config, block_size, tp_size)
+            self.rows.check_model(shape, hf_config, block_size, tp_size)
+
+        def cuda_refusal(self) -> str | None:
+            return self.rows.cuda_refusal() or super().cuda_refusal()
+
+        def row_bytes(self, head_dim: int, dtype) -> int | None:
+            return self.rows.row_bytes(head_dim, dtype)
+
+        def cache_format(self, hf_config, head_dim, dtype, heads):
+            return self.rows.cache_format(hf_config, head_dim, dtype, heads)
+
+    Composed.name = name
+    Composed.summary = f"{fmt.summary}, and {evict.summary}"
+    Composed.__name__ = Composed.__qualname__ = f"{fmt.__name__}{evict.__name__}"
+    return Composed
