@@ -75,3 +75,16 @@ def test_compacted_kvquant_rows_keep_their_positions(smollm2_dir, documents, evi
           f"before the first difference; {[d.explain() for d in divergences]}")
     assert composed["attention_impls"] == ["KVCompressImpl"]
     assert same >= 4 or all(d.is_near_tie for d in divergences)
+
+
+def test_a_preset_starts_as_its_expansion(smollm2_dir):
+    """``{"preset": "balanced"}`` alone: start-up finds the shipped key ranges of the model and
+    every process runs the expansion (kvquant int8 rows under snapkv): the pool's tokens are
+    the 134-byte rows' (with the position an evicting row carries)."""
+    prompt = [[1, 2, 3, 4]]
+    llm = dict(model=smollm2_dir, dtype="bfloat16", max_model_len=2048, enforce_eager=True,
+               kv_cache_memory_bytes=96 << 20, attention_backend="kvcompress",
+               additional_config={"kvcompress": {"preset": "balanced"}})
+    out = run_in_subprocess(llm, prompt, max_tokens=4)
+    assert out["kv_cache_tokens"] == (96 << 20) // PAGE * BLOCK
+    assert out["attention_impls"] == ["KVCompressImpl"] and len(out["outputs"][0]["token_ids"]) == 4

@@ -65,6 +65,10 @@ class KVCompressConfig:
             raw = {}
         if not isinstance(raw, dict):
             raise KVCompressConfigError(f"additional_config.{CONFIG_KEY} must be a JSON object, got {type(raw).__name__}")
+        if "preset" in raw:
+            raise KVCompressConfigError(
+                f"{key_name('preset')} stands for settings chosen for the served model: it is expanded at start-up "
+                "(vllm_kvcompress.presets.expand), before these settings are parsed")
         keys = _keys()
         known = ["method", *keys]
         unknown = sorted(set(raw) - set(known))
@@ -117,7 +121,9 @@ def _parsed(canonical: str) -> KVCompressConfig:
 def reference_table() -> str:
     """Markdown table of every setting, for the docs."""
     rows = ["| key | default | methods | meaning |", "|---|---|---|---|",
-            f"| `method` | `'none'` | all | {METHOD_DOC} |"]
+            f"| `method` | `'none'` | all | {METHOD_DOC} |",
+            "| `preset` | `None` | all | `safe`, `balanced` or `max`: a measured composition, expanded at start-up for "
+            "the served model and logged (docs/presets.md); only `key_ranges` may be given with it. |"]
     for key, owners in _keys().items():
         f = owners[0][1]
         defaults = {repr(field.default) for _, field in owners}

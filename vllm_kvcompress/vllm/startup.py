@@ -208,6 +208,21 @@ def check_request_settings(vllm_config: "VllmConfig", extra_args: dict) -> None:
     validate_overrides(config, extra_args)
 
 
+def expand_preset(vllm_config: "VllmConfig") -> None:
+    """``{"preset": NAME}`` -> the settings it stands for on this model, written back into
+    ``additional_config`` (every engine process reads the expansion) and logged."""
+    from vllm_kvcompress import presets
+
+    raw = (vllm_config.additional_config or {}).get(CONFIG_KEY)
+    if not isinstance(raw, dict) or "preset" not in raw or vllm_config.model_config is None:
+        return
+    expanded = presets.expand(raw, vllm_config.model_config.hf_config)
+    vllm_config.additional_config[CONFIG_KEY] = expanded
+    from vllm.logger import init_logger
+
+    init_logger("vllm.kvcompress.startup").info("%s", presets.describe(raw["preset"], expanded))
+
+
 def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
     """Return the parsed plugin config when kvcompress is selected, else None.
 
@@ -224,6 +239,7 @@ def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
             )
         return None
     check_vllm_version()
+    expand_preset(vllm_config)
     config = KVCompressConfig.from_additional_config(additional)
     check_platform(config)
     check_model(vllm_config)
