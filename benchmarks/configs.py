@@ -26,6 +26,8 @@ Compositions: ``FORMAT+EVICTION`` of two such names, a row format (``kvquant-…
 ``lookat-…``) and a whole-row eviction (``knorm-…``/``snapkv-…``), e.g.
 ``kvquant-k8-v8+snapkv-r0.8``: method ``kvquant+snapkv`` with both configs' settings.
 
+Presets: ``preset-{safe|balanced|max}`` (``{"preset": NAME}``, expanded at start-up).
+
 Budget configs: ``{knorm|snapkv|headkv}-b{TOKENS}`` (e.g. ``headkv-b128``): ``TOKENS``
 kept per KV head (``max_kv_tokens``; for HeadKV the average over (layer, KV head)
 streams, with the model's shipped R2 head scores), so equal TOKENS = equal total KV.
@@ -49,7 +51,7 @@ DMS_NAME = re.compile(r"dms-cr(\d+)")
 KVQUANT_NAME = re.compile(r"kvquant-k(8|4)-v(16|8|4)")
 NAMES_HELP = (f"{', '.join(sorted(CONFIGS))}, lookat-m{{M}}-v{{16|8|4}}[-exact], {{knorm|snapkv|headkv}}-r{{RATIO}}, "
               "{knorm|snapkv|headkv}-b{TOKENS}, kvzap-{linear|mlp}-{t{TAU}|r{RATIO}}, dms-cr{N}, kvquant-k{8|4}-v{16|8|4}, "
-              "or FORMAT+EVICTION (e.g. kvquant-k8-v8+snapkv-r0.8)")
+              "FORMAT+EVICTION (e.g. kvquant-k8-v8+snapkv-r0.8) or preset-{safe|balanced|max}")
 
 
 def _shipped(relative: str, missing: str) -> str:
@@ -84,6 +86,8 @@ def resolve(name: str, model: str) -> dict | None:
         return CONFIGS[name]
     if "+" in name:
         return _composition(name, model)
+    if name.startswith("preset-"):  # expanded by the engine's own start-up, as for a user
+        return {"attention_backend": KVC, "additional_config": {KVC: {"preset": name[len("preset-"):]}}}
     match = EVICTION_NAME.fullmatch(name)
     if match is not None:
         settings = {"method": match[1], "compression_ratio": float(match[2])}
@@ -140,4 +144,8 @@ def _composition(name: str, model: str) -> dict | None:
 def evicted_fraction(llm_kwargs: dict) -> float:
     """Share of context tokens an eviction config drops (its declared compression_ratio)."""
     settings = (llm_kwargs.get("additional_config") or {}).get(KVC) or {}
+    if "preset" in settings:  # prompts past the preset's min_kv_tokens (all the frontier's 3K and 4K cells)
+        from vllm_kvcompress.presets import PRESETS
+
+        settings = PRESETS[settings["preset"]]
     return float(settings.get("compression_ratio") or 0.0)

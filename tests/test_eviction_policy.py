@@ -56,3 +56,12 @@ def test_flat_request_keys_for_the_openai_api():
 def test_bad_per_request_settings_name_the_setting(extra_args, message):
     with pytest.raises(KVCompressConfigError, match=message):
         _policy(compression_ratio=0.5).schedule_for(1000, extra_args)
+
+
+def test_min_kv_tokens_keeps_short_prompts_whole_and_lets_the_ratio_bind_past_it():
+    policy = _policy(compression_ratio=0.8, min_kv_tokens=512)
+    assert policy.budget(100, {}) == 512 and policy.budget(1000, {}) == 512  # nothing of these is evicted
+    assert policy.budget(4096, {}) == 819  # the ratio: floor(4096 * 0.2)
+    assert policy.budget(4096, {"compression_ratio": 0.9}) == 512  # a request's own ratio, floored too
+    with pytest.raises(KVCompressConfigError, match="min_kv_tokens must be an integer >= 0"):
+        _policy(compression_ratio=0.8, min_kv_tokens=-1)

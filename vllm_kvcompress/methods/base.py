@@ -75,6 +75,10 @@ class BudgetSettings(Settings):
     compression_ratio: float | None = setting(
         None, "Eviction budget: fraction of tokens removed, 0 <= r < 1.")
 
+    min_kv_tokens: int = setting(
+        0, "Eviction: tokens a sequence always keeps, whatever the budget: prompts up to this length are not "
+           "compressed (integer >= 0; with `compression_ratio`, short chat prompts keep every token).")
+
     BUDGET_KEYS: ClassVar[tuple[str, ...]] = ("max_kv_tokens", "compression_ratio")
 
     @staticmethod
@@ -102,6 +106,7 @@ class BudgetSettings(Settings):
     def validate(self) -> None:
         super().validate()
         self.check_budget(dataclasses.asdict(self))
+        check_int("min_kv_tokens", self.min_kv_tokens, 0)
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ class EvictionPolicy:
         ratio, tokens = overrides.get("compression_ratio"), overrides.get("max_kv_tokens")
         if not overrides:
             ratio, tokens = settings.compression_ratio, settings.max_kv_tokens
-        return floor_budget(prompt_len, tokens, ratio, self.method.min_budget())
+        return floor_budget(prompt_len, tokens, ratio, max(self.method.min_budget(), settings.min_kv_tokens))
 
     def schedule_for(self, prompt_len: int, extra_args: dict | None):
         overrides = validate_overrides(self.config, extra_args)
