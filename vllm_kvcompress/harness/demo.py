@@ -3,10 +3,11 @@ kvcompress, printing both generations and each engine's own KV-capacity line.
 
     python -m vllm_kvcompress.harness.demo [--model smollm2-135m] [--max-tokens 48] [--additional-config JSON]
 
-Default kvcompress settings: method ``kvquant`` with 8-bit pre-RoPE keys and int8 values
-(the model's shipped key ranges; about 2x the tokens in the same memory), the configuration
-that kept bf16's answers best on these prompts (``benchmarks.demo_agreement``: LOOKAT with
-16 codes per key, the demo's earlier default, turned every answer into noise on SmolLM2-135M).
+Default kvcompress settings: the ``balanced`` preset (docs/presets.md): rows of 8-bit
+pre-RoPE keys and int8 values (the model's shipped key ranges; 1.9x the tokens in the same
+memory) under SnapKV eviction of 80% of every prompt past 512 tokens. The three chat
+questions keep every token in compact rows; the 2,048-token document is compressed to 512
+tokens at its end, about 7.7x less KV memory than bf16 for it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--additional-config", default=None,
-                        help='default: {"kvcompress": {"method": "kvquant", "key_ranges": <shipped>, "key_bits": 8, '
-                             '"value_bits": 8}}')
+                        help='default: {"kvcompress": {"preset": "balanced"}}')
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -40,8 +40,16 @@ def main(argv: list[str] | None = None) -> None:
         from vllm_kvcompress.offline.key_ranges import ensure_key_ranges
 
         ranges = ensure_key_ranges(args.model)  # shipped for the project's models, else made once (~1 min)
-        args.additional_config = json.dumps({"kvcompress": {"method": "kvquant", "key_ranges": str(ranges),
-                                                            "key_bits": 8, "value_bits": 8}})
+        preset = {"preset": "balanced"}
+        if args.model not in ("smollm2-135m", "qwen2.5-coder-0.5b"):
+            preset["key_ranges"] = str(ranges)
+        args.additional_config = json.dumps({"kvcompress": preset})
+    settings = json.loads(args.additional_config)
+    if "preset" in settings.get("kvcompress", {}):
+        from vllm_kvcompress.presets import expand
+
+        print(f"[demo] kvcompress preset {settings['kvcompress']['preset']!r} on {args.model}: "
+              f"{expand(settings['kvcompress'], _hf_config(model_dir))}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [chat_ids(tokenizer, q) for q in SHORT_QUESTIONS[:3]]
     prompts.append(long_document_ids(tokenizer, 2048))
@@ -70,10 +78,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    same up to token {d.step}, then a rounding tie went the other way ({d.explain()})")
         else:
             print(f"    same up to token {d.step}, then a different answer ({d.explain()})")
-    print("\n=== KV capacity (the engine's own log line)")
+    print("\n=== KV capacity (the engine's own log line; eviction comes on top of it for prompts past "
+          "min_kv_tokens)")
     for label, result in runs.items():
         match = CAPACITY_LINE.search(result["log"])
         print(f"{label:13s}: {match.group(0) if match else 'capacity line not found'}  [impl: {', '.join(result['attention_impls'])}]")
+
+
+def _hf_config(model_dir: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir)
 
 
 if __name__ == "__main__":
