@@ -65,3 +65,10 @@ def test_min_kv_tokens_keeps_short_prompts_whole_and_lets_the_ratio_bind_past_it
     assert policy.budget(4096, {"compression_ratio": 0.9}) == 512  # a request's own ratio, floored too
     with pytest.raises(KVCompressConfigError, match="min_kv_tokens must be an integer >= 0"):
         _policy(compression_ratio=0.8, min_kv_tokens=-1)
+
+
+def test_a_prompt_within_min_kv_tokens_is_left_whole_and_contradictions_are_refused():
+    assert _policy(compression_ratio=0.8, min_kv_tokens=512).schedule_for(512, None) is None
+    assert _policy(compression_ratio=0.8, min_kv_tokens=512).schedule_for(513, None).budget == 512
+    with pytest.raises(KVCompressConfigError, match="min_kv_tokens=512 is above .*max_kv_tokens=64"):
+        _policy(max_kv_tokens=64, min_kv_tokens=512)

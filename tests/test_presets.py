@@ -9,9 +9,11 @@ from vllm_kvcompress import presets
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
 
 SMOLLM2 = SimpleNamespace(architectures=["LlamaForCausalLM"], num_hidden_layers=30, num_attention_heads=9,
-                          num_key_value_heads=3, hidden_size=576, rope_theta=100000.0)
+                          num_key_value_heads=3, hidden_size=576, rope_theta=100000.0,
+                          name_or_path="/root/.cache/vllm_kvcompress/models/smollm2-135m")
 QWEN_05B = SimpleNamespace(architectures=["Qwen2ForCausalLM"], num_hidden_layers=24, num_attention_heads=14,
-                           num_key_value_heads=2, hidden_size=896, rope_theta=1000000.0)
+                           num_key_value_heads=2, hidden_size=896, rope_theta=1000000.0,
+                           name_or_path="/data/qwen2.5-coder-0.5b")
 
 
 @pytest.mark.parametrize("name,at_least", [("safe", 4), ("balanced", 8), ("max", 16)])
@@ -35,6 +37,9 @@ def test_presets_are_refused_where_they_cannot_hold():
     other = SimpleNamespace(**{**vars(SMOLLM2), "num_hidden_layers": 12})
     with pytest.raises(KVCompressConfigError, match="none is shipped for it.*offline.key_ranges"):
         presets.expand({"preset": "balanced"}, other)
+    sibling = SimpleNamespace(**{**vars(QWEN_05B), "name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"})  # same shape
+    with pytest.raises(KVCompressConfigError, match="none is shipped for it"):
+        presets.expand({"preset": "safe"}, sibling)
     assert presets.expand({"preset": "balanced", "key_ranges": "mine.safetensors"}, other)["key_ranges"] == \
         "mine.safetensors"
     with pytest.raises(KVCompressConfigError, match="expanded at start-up"):

@@ -38,16 +38,19 @@ SHIPPED_RANGES = Path(__file__).resolve().parent / "artefacts" / "key_ranges"
 
 
 def shipped_key_ranges(hf_config) -> str | None:
-    """The shipped range file made for this model (same signature), or None."""
+    """The shipped range file made for this checkpoint, or None. Both the name (the
+    folder ``vllm_kvcompress.offline.models`` converts it to) and the shape must match: a
+    fine-tune of the same shape (an Instruct or base sibling) has other key ranges."""
     from safetensors import safe_open
 
     from vllm_kvcompress.methods.lookat.codebooks import model_signature
 
     want = model_signature(hf_config)
+    name = Path(str(getattr(hf_config, "name_or_path", "") or "")).name.lower()
     for path in sorted(SHIPPED_RANGES.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        if all(metadata.get(k) == v for k, v in want.items()):
+        if metadata.get("model") == name and all(metadata.get(k) == v for k, v in want.items()):
             return str(path)
     return None
 
@@ -70,7 +73,8 @@ def expand(raw: dict, hf_config) -> dict:
         arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
         raise KVCompressConfigError(
             f"{key_name('preset')} {name!r} needs the pre-RoPE key ranges of this model ({arch}, "
-            f"{hf_config.num_hidden_layers} layers); none is shipped for it. Make them once with "
+            f"{hf_config.num_hidden_layers} layers, {getattr(hf_config, 'name_or_path', '?')}); none is shipped for it "
+            f"(shipped: {', '.join(p.stem for p in sorted(SHIPPED_RANGES.glob('*.safetensors')))}). Make them once with "
             f"`python -m vllm_kvcompress.offline.key_ranges --model MODEL --out FILE` and pass "
             f"{key_name('key_ranges')}=FILE with the preset")
     return {**PRESETS[name], "key_ranges": ranges}

@@ -107,6 +107,9 @@ class BudgetSettings(Settings):
         super().validate()
         self.check_budget(dataclasses.asdict(self))
         check_int("min_kv_tokens", self.min_kv_tokens, 0)
+        if self.max_kv_tokens is not None and self.min_kv_tokens > self.max_kv_tokens:
+            raise KVCompressConfigError(f"{key_name('min_kv_tokens')}={self.min_kv_tokens} is above "
+                                        f"{key_name('max_kv_tokens')}={self.max_kv_tokens}: the budget would never bind")
 
 
 @dataclass(frozen=True)

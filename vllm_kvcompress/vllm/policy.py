@@ -96,4 +96,6 @@ class EvictionPolicy:
 
     def schedule_for(self, prompt_len: int, extra_args: dict | None):
         overrides = validate_overrides(self.config, extra_args)
+        if prompt_len <= getattr(self.config.settings, "min_kv_tokens", 0):
+            return None  # a short prompt is left whole (HeadKV's per-head budgets would still cut some heads)
         return self.method.schedule(prompt_len, self.budget(prompt_len, overrides), self.streams)

@@ -39,6 +39,9 @@ class KVzapSettings(BudgetSettings, PagedSettings):
                 "prompt end)")
         if threshold is not None:
             check_number("kvzap_threshold", threshold, math.isfinite, "a finite number (a log-score)")
+            if self.min_kv_tokens:
+                raise KVCompressConfigError(f"{key_name('min_kv_tokens')} applies to budgets; with "
+                                            f"{key_name('kvzap_threshold')} the predictor's threshold decides alone")
         self.check_window("kvzap_window")
 
 
