@@ -2,7 +2,7 @@
 imports only itself and the layers below it, so serving never imports the offline tools
 or the harness, and the kernels know nothing of the plugin. The order, bottom first:
 
-    kernels, errors  <  eviction  <  methods  <  config  <  vllm (serving glue)  <  offline  <  harness
+    kernels, errors  <  eviction  <  methods  <  config, presets  <  vllm (serving glue)  <  offline  <  harness
 """
 
 import ast
@@ -23,6 +23,8 @@ def layer_of(module: str) -> int | None:
         return 0
     if parts[1] in LAYERS:
         return LAYERS.index(parts[1])
+    if parts[1] == "presets":  # settings that stand for settings: the config layer
+        return LAYERS.index("config")
     return 0 if len(parts) == 2 and not (ROOT / "vllm_kvcompress" / parts[1]).exists() and \
         not (ROOT / "vllm_kvcompress" / f"{parts[1]}.py").exists() else None
 

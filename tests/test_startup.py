@@ -30,7 +30,7 @@ def test_valid_config_is_normalised(smollm2_dir):
     assert config.additional_config["kvcompress"] == {"method": "none"}
     knorm = engine_config(smollm2_dir, attention_backend="kvcompress",
                           additional_config={"kvcompress": {"method": "knorm", "compression_ratio": 0.5}})
-    assert knorm.additional_config["kvcompress"] == {"method": "knorm", "max_kv_tokens": None, "compression_ratio": 0.5,
+    assert knorm.additional_config["kvcompress"] == {"method": "knorm", "max_kv_tokens": None, "compression_ratio": 0.5, "min_kv_tokens": 0,
                                                      "sink_tokens": 0, "recent_tokens": 0, "buffer_blocks": 1,
                                                      "eviction_mode": "compact"}
 
