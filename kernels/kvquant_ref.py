@@ -39,18 +39,17 @@ def layout(head_dim: int, key_bits: int, value_bits: int, value_dtype: torch.dty
     """``positions``: rows carry their logical position (an evicting cache)."""
     if key_bits not in KEY_BITS:
         raise ValueError(f"key_bits must be one of {KEY_BITS}, got {key_bits}")
-    key_bytes = head_dim * key_bits // 8
-    return LookatLayout(head_dim=head_dim, m=key_bytes + (POSITION_BYTES if positions else 0), value_bits=value_bits,
-                        value_dtype=value_dtype, pq=False)
+    return LookatLayout(head_dim=head_dim, m=_key_bytes(head_dim, key_bits) + (POSITION_BYTES if positions else 0),
+                        value_bits=value_bits, value_dtype=value_dtype, pq=False)
 
 
-def _key_bytes(rows: LookatLayout, key_bits: int) -> int:
-    return rows.head_dim * key_bits // 8
+def _key_bytes(head_dim: int, key_bits: int) -> int:
+    return head_dim * key_bits // 8
 
 
 def _positions(data: torch.Tensor, rows: LookatLayout, key_bits: int, length: int) -> torch.Tensor:
     """Each row's logical position ``[..., L]``: stored after the key codes, or its index."""
-    start = _key_bytes(rows, key_bits)
+    start = _key_bytes(rows.head_dim, key_bits)
     if rows.m == start:
         return torch.arange(length, device=data.device)
     return data[..., start : start + POSITION_BYTES].contiguous().view(torch.int32)[..., 0].long()
@@ -87,7 +86,7 @@ def encode_rows(key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
                 key_bits: int, theta: float, rows: LookatLayout) -> torch.Tensor:
     """Cache rows ``[T, Hkv, row_bytes]`` for keys/values ``[T, Hkv, D]``."""
     parts = [quantize_keys(key, positions, ranges, key_bits, theta)]
-    if rows.m > _key_bytes(rows, key_bits):
+    if rows.m > _key_bytes(rows.head_dim, key_bits):
         stored = positions.to(torch.int32).contiguous().view(torch.uint8).view(-1, 1, POSITION_BYTES)
         parts.append(stored.expand(-1, key.shape[1], -1))
     return torch.cat([*parts, quantize_values(value, rows)], -1)
@@ -98,7 +97,7 @@ def read_rows(cache: torch.Tensor, blocks: torch.Tensor, length: int, ranges: to
     """One request's first ``length`` rows: keys and values ``[Hkv, length, D]`` fp32."""
     data = gather_rows(cache, blocks[None], length)[0]
     positions = _positions(data, rows, key_bits, length)
-    keys = dequantize_keys(data[..., : _key_bytes(rows, key_bits)], positions, ranges, key_bits, theta)
+    keys = dequantize_keys(data[..., : _key_bytes(rows.head_dim, key_bits)], positions, ranges, key_bits, theta)
     return keys, dequantize_values(data[..., rows.m :], rows)
 
 
@@ -111,8 +110,9 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
     max_len = int(kv_lens.max()) if max_kv_len is None else int(max_kv_len)
     data = gather_rows(cache, block_table[:batch], max_len)  # [B, Hkv, L, row_bytes]
     num_kv_heads = data.shape[1]
-    keys = dequantize_keys(data[..., : _key_bytes(rows, key_bits)], _positions(data, rows, key_bits, max_len), ranges,
-                           key_bits, theta)  # [B, Hkv, L, D]
+    positions = _positions(data, rows, key_bits, max_len)
+    keys = dequantize_keys(data[..., : _key_bytes(rows.head_dim, key_bits)], positions, ranges, key_bits,
+                           theta)  # [B, Hkv, L, D]
     values = dequantize_values(data[..., rows.m :], rows)
     group = num_q_heads // num_kv_heads
     q = query.float().view(batch, num_kv_heads, group, head_dim)

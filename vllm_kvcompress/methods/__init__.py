@@ -43,6 +43,5 @@ def method_class(name: str) -> type[Method]:
         from vllm_kvcompress.methods.base import key_name
 
         raise KVCompressConfigError(
-            f"{key_name('method')}: unknown method {name!r}; allowed: {', '.join(METHODS)}, or FORMAT+EVICTION "
-            f"with FORMAT in {', '.join(composition.FORMATS)} and EVICTION in {', '.join(composition.ROW_EVICTIONS)}")
+            f"{key_name('method')}: unknown method {name!r}; allowed: {composition.allowed(METHODS)}")
     return composition.compose(METHODS, name)

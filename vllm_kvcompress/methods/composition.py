@@ -24,6 +24,12 @@ FORMATS = ("lookat", "kvquant")
 ROW_EVICTIONS = ("knorm", "snapkv")
 
 
+def allowed(methods) -> str:
+    """What ``method`` may name, for the errors."""
+    return (f"{', '.join(methods)}, or FORMAT+EVICTION with FORMAT in {', '.join(FORMATS)} and EVICTION in "
+            f"{', '.join(ROW_EVICTIONS)}")
+
+
 def split(name: str) -> tuple[str, str] | None:
     """``"kvquant+snapkv"`` -> ("kvquant", "snapkv"); None for a single method's name."""
     if "+" not in name:
@@ -41,8 +47,7 @@ def compose(methods: dict[str, type[Method]], name: str) -> type[Method]:
     for part in (fmt, evict):
         if part not in methods:
             raise KVCompressConfigError(f"{key_name('method')}: unknown method {part!r} in {name!r}; allowed: "
-                                        f"{', '.join(methods)}, or FORMAT+EVICTION with FORMAT in {', '.join(FORMATS)} "
-                                        f"and EVICTION in {', '.join(ROW_EVICTIONS)}")
+                                        f"{allowed(methods)}")
     if fmt not in FORMATS:
         raise KVCompressConfigError(f"{key_name('method')}: {name!r}: the first part must be a row format "
                                     f"({', '.join(FORMATS)}), got {fmt!r}")
@@ -76,8 +81,6 @@ def _composed(fmt: type[Method], evict: type[Method]) -> type[Method]:
 
         Settings = settings
         needs_positions = fmt.needs_positions
-        format_method = fmt
-        eviction_method = evict
 
         def __init__(self, values):
             super().__init__(values)

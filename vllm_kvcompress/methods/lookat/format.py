@@ -23,6 +23,13 @@ def _codebooks(path: str, hf_config) -> tuple:
     return _LOADED[path]
 
 
+def _bf16_values(codebooks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Centroids hold bf16 values on every device and path: the Triton kernel rebuilds keys
+    on tensor cores in bf16, and the PyTorch ops must score the same centroids for the GPU
+    oracle (Triton against PyTorch) to test the kernel rather than a rounding."""
+    return [c.to(torch.bfloat16).float() for c in codebooks]
+
+
 def codebook_metadata(path: str) -> dict:
     from safetensors import safe_open
 
@@ -37,10 +44,7 @@ class LookatFormat:
 
     def __init__(self, codebooks: list[torch.Tensor], dims: torch.Tensor | None, layout: ops.LookatLayout,
                  exact_current: bool, share_key: tuple | None = None):
-        # Centroids hold bf16 values on every device and path: the Triton kernel rebuilds keys
-        # on tensor cores in bf16, and the PyTorch ops must score the same centroids for the
-        # GPU oracle (Triton against PyTorch) to test the kernel rather than a rounding.
-        self.codebooks = codebooks if share_key else [c.to(torch.bfloat16).float() for c in codebooks]
+        self.codebooks = codebooks if share_key else _bf16_values(codebooks)
         self.dims, self.layout, self.exact_current, self.share_key = dims, layout, exact_current, share_key
         self.codebooks_bf16: list[torch.Tensor] | None = None
 
@@ -59,7 +63,7 @@ class LookatFormat:
             codebooks, _, dims = _codebooks(settings.codebooks, hf_config)
             if heads is not None:
                 codebooks = [layer[heads] for layer in codebooks]
-            _SHARED[key] = ([c.to(torch.bfloat16).float() for c in codebooks], dims)
+            _SHARED[key] = (_bf16_values(codebooks), dims)
         codebooks, dims = _SHARED[key]
         return cls(codebooks, dims, cls.layout_for(settings, head_dim, dtype), settings.current_tokens == "exact",
                    share_key=key)
