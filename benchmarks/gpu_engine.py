@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu_engine --out results/DATE/h200-engine [--configs vllm-bf16,kvc-none,...]
         [--workload quick|full] [--gpu-memory-utilization U] [--config-timeout 330] [--deadline-s S]
-        [--cudagraph-mode MODE]
+        [--cudagraph-mode MODE] [--profile]
     python -m benchmarks.gpu_engine --plot results/DATE/h200-engine     # summary.png, no GPU needed
 
 Model: a Llama-3-8B-shaped config (32 layers, 32 query / 8 KV heads, head_dim 128) with dummy
@@ -131,9 +131,16 @@ def _emit(tag: str, row: dict) -> None:
     print(f"{tag} " + json.dumps(row), flush=True)
 
 
-def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str | None = None) -> dict:
+# --profile: the decode steps of a batch of PROFILE_BATCH prompts of PROFILE_CONTEXT tokens (the prefill
+# steps skipped), kernels by GPU time (torch profiler in the engine's worker).
+PROFILE_BATCH, PROFILE_CONTEXT, PROFILE_SKIP_STEPS, PROFILE_STEPS = 32, 4096, 40, 24
+
+
+def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str | None = None,
+            profile_dir: Path | None = None) -> dict:
     """One config in this process: start, capacity, decode-heavy throughput, TPOT per workload batch and
-    long-context throughput. Prints ``PARTIAL {json}`` after each stage (what a timeout keeps)."""
+    long-context throughput (``profile_dir``: then a profiled decode run, its kernel table
+    ``profile-<config>.txt`` there). Prints ``PARTIAL {json}`` after each stage (what a timeout keeps)."""
     from vllm import LLM
 
     from vllm_kvcompress.harness.gpu_generate import engine_facts, model_folder
@@ -146,6 +153,11 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
         kwargs.update(attention_backend="kvcompress", additional_config={"kvcompress": settings})
     if cudagraph_mode:
         kwargs["compilation_config"] = {"cudagraph_mode": cudagraph_mode}
+    traces = None
+    if profile_dir is not None:
+        traces = Path(tempfile.mkdtemp(prefix="kvc-profile-"))
+        kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": str(traces),
+                                     "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True}
     started = time.perf_counter()
     llm = LLM(model=str(folder), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
               max_model_len=workload["max_model_len"], gpu_memory_utilization=utilization, max_num_seqs=512, **kwargs)
@@ -167,6 +179,9 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
         row[f"tpot_detail_b{batch}"] = {"context": context, "tokens": tokens, "prefill_s": round(prefill_s, 3),
                                         "total_s": round(total_s, 3), "out_tokens": out}
         _emit("PARTIAL", row)
+    if traces is not None:
+        row["profile"] = _profile_decode(llm, name, traces, profile_dir)
+        _emit("PARTIAL", row)
     count, prompt, output = workload["long_context"]
     seconds, out = _timed(llm, _prompts(count, prompt, SEED_LONG_CONTEXT), output)
     row.update(long_context_tok_s=round(out / seconds, 1), long_context_s=round(seconds, 1))
@@ -177,6 +192,20 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
 
         row["device"] = torch.cuda.get_device_name(0)
     return row
+
+
+def _profile_decode(llm, name: str, traces: Path, profile_dir: Path) -> str:
+    """Profile PROFILE_STEPS decode steps of a fresh batch; the worker's kernel table (self GPU
+    time) is copied to ``profile_dir/profile-<name>.txt``, whose path is returned."""
+    llm.start_profile(delay_iterations=PROFILE_SKIP_STEPS, max_iterations=PROFILE_STEPS)
+    _timed(llm, _prompts(PROFILE_BATCH, PROFILE_CONTEXT, SEED_TPOT_TOTAL + 7), PROFILE_SKIP_STEPS + PROFILE_STEPS)
+    llm.stop_profile()
+    tables = sorted(traces.glob("*profiler_out*.txt"))
+    target = profile_dir / f"profile-{name}.txt"
+    header = (f"{name}: {PROFILE_STEPS} engine steps after {PROFILE_SKIP_STEPS}, batch {PROFILE_BATCH} x "
+              f"{PROFILE_CONTEXT}-token prompts (the prefill steps fall in the skipped ones)\n")
+    target.write_text(header + ("".join(t.read_text() for t in tables) if tables else "no table written\n"))
+    return str(target)
 
 
 # ---------------------------------------------------------------------------------------------- logs
@@ -441,6 +470,8 @@ def run_config(name: str, args, utilization: float, timeout_s: float, log: Path,
                "--workload", args.workload, "--gpu-memory-utilization", str(utilization)]
     if cudagraph_mode:
         command += ["--cudagraph-mode", cudagraph_mode]
+    if args.profile:
+        command += ["--profile"]
     env = os.environ.copy()
     for key, value in CONFIGS[name]["env"].items():
         if value is None:
@@ -579,6 +610,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cudagraph-mode", default=None,
                         help="compilation_config cudagraph_mode for every config (default: vLLM's; then a failed "
                              "non-vllm config is retried once with PIECEWISE)")
+    parser.add_argument("--profile", action="store_true",
+                        help=f"after the TPOT stages, profile {PROFILE_STEPS} decode steps at B={PROFILE_BATCH}, "
+                             f"{PROFILE_CONTEXT}-token prompts: kernels by GPU time in OUT/profile-CONFIG.txt")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
@@ -594,7 +628,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(function): a local tool
         workload = WORKLOADS[args.workload]
         utilization = args.gpu_memory_utilization or workload["gpu_memory_utilization"]
-        row = run_one(args.one, workload, utilization, args.cudagraph_mode)
+        row = run_one(args.one, workload, utilization, args.cudagraph_mode, out if args.profile else None)
         _emit("ROW", row)
         return
     names = [n for n in args.configs.split(",") if n]

@@ -126,6 +126,12 @@ def write_rows(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> 
     paged_dense_ref.write_rows(cache, rows, slots)
 
 
+def encode_write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+                 codebooks: torch.Tensor, dims: torch.Tensor | None, layout: LookatLayout) -> None:
+    """:func:`encode_rows` of ``key`` / ``value`` ``[T, Hkv, D]``, stored at ``slots`` (:func:`write_rows`)."""
+    write_rows(cache, encode_rows(key, value, codebooks, dims, layout), slots)
+
+
 def split_rows(rows: torch.Tensor, layout: LookatLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes uint8 [..., m], values fp32 [..., D])``."""
     return rows[..., : layout.m], dequantize_values(rows[..., layout.m :], layout)

@@ -14,6 +14,7 @@ Ops with a Triton twin (the rest are always the reference):
 
 * ``dense_decode``  -> ``dense_triton.dense_decode``; not with ``visible``.
 * ``lookat_decode`` -> ``lookat_triton.lookat_decode``; not with ``current``.
+* ``lookat_write``  -> ``lookat_write_triton.lookat_write`` (encode and store in one launch).
 * ``compact``       -> ``compaction_triton.compact_batch`` (a batch of one request).
 * ``stream_decode`` -> ``stream_attention_triton.stream_decode``.
 
@@ -41,7 +42,7 @@ from vllm_kvcompress.kernels.lookat_ref import LookatLayout
 __all__ = [
     "LookatLayout", "KINDS", "OPS", "TRITON_OPS", "use", "current_kind", "implementation",
     "dense_write", "dense_decode", "dense_prefill", "dense_gather",
-    "lookat_encode_rows", "lookat_write_rows", "lookat_decode", "lookat_prefill", "lookat_keys",
+    "lookat_encode_rows", "lookat_write_rows", "lookat_write", "lookat_decode", "lookat_prefill", "lookat_keys",
     "compact", "stream_write_rows", "stream_move_rows", "stream_decode", "stream_prefill", "page_rows",
 ]
 
@@ -52,6 +53,7 @@ KINDS = ("auto", "reference", "triton")
 TRITON_OPS: dict[str, tuple[str, ...]] = {
     "dense_decode": ("visible",),  # the kernel has no per-(request, KV head) row mask
     "lookat_decode": ("current",),  # the kernel reads every token from the coded rows
+    "lookat_write": (),
     "compact": (),
     "stream_decode": (),
 }
@@ -135,6 +137,18 @@ def _lookat_fits(query: torch.Tensor, cache: torch.Tensor, codebooks: torch.Tens
             and cache.dtype == torch.uint8 and cache.is_contiguous())
 
 
+def _lookat_write_fits(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, codebooks: torch.Tensor,
+                       layout: LookatLayout) -> bool:
+    # PQ rows, a power-of-two number of centroids (tl.arange over them), 16-bit stores of
+    # the value params (even offsets), unit stride along the head dimension.
+    num_codes = codebooks.shape[2]
+    return (layout.pq and key.dim() == 3 and key.shape[-1] == layout.head_dim and value.shape == key.shape
+            and _pow2_head_dim(layout.head_dim) and codebooks.shape[1] == layout.m
+            and num_codes >= 16 and not num_codes & (num_codes - 1)
+            and cache.dtype == torch.uint8 and cache.is_contiguous() and cache.shape[-1] == layout.row_bytes
+            and (layout.m + layout.value_bytes) % 2 == 0 and key.stride(-1) == 1)
+
+
 def _stream_fits(query: torch.Tensor, pool: torch.Tensor, page: int) -> bool:
     # The twin views the pool as pages of one head, [rows / page, 1, page, 2D], for the dense kernel.
     return pool.dim() == 2 and pool.shape[0] % page == 0 and _dense_rows_fit(query, pool)
@@ -187,6 +201,16 @@ def lookat_encode_rows(key: torch.Tensor, value: torch.Tensor, codebooks: torch.
 
 def lookat_write_rows(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
     lookat_ref.write_rows(cache, rows, slots)
+
+
+def lookat_write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+                 codebooks: torch.Tensor, dims: torch.Tensor | None, layout: LookatLayout) -> None:
+    """Encode ``key`` / ``value`` ``[T, Hkv, D]`` into rows and store them at ``slots``."""
+    if implementation("lookat_write", cache, key, value, slots, codebooks, dims,
+                      fits=_lookat_write_fits(key, value, cache, codebooks, layout)) == "triton":
+        _twin("lookat_write_triton").lookat_write(cache, key, value, slots, codebooks, dims, layout)
+        return
+    lookat_ref.encode_write(cache, key, value, slots, codebooks, dims, layout)
 
 
 def lookat_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor,

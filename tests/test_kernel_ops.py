@@ -14,7 +14,7 @@ from triton_env import DEV, import_kernels, interpreter  # noqa: F401  (fixture)
 from vllm_kvcompress.kernels import compaction_ref, lookat_ref, ops, paged_dense_ref, stream_attention_ref
 
 # Bind the Triton twins (and triton_common) to the interpreter on CPU before ops imports them lazily.
-import_kernels("dense_triton", "lookat_triton", "compaction_triton", "stream_attention_triton")
+import_kernels("dense_triton", "lookat_triton", "lookat_write_triton", "compaction_triton", "stream_attention_triton")
 
 D, BS = 32, 16
 
@@ -115,6 +115,9 @@ def test_lookat_ops_are_the_reference_on_cpu(bits, permuted):
     ops.lookat_write_rows(out, rows, slots)
     lookat_ref.write_rows(ref, rows, slots)
     assert torch.equal(out, ref) and not torch.equal(out, cache)
+    out = cache.clone()
+    ops.lookat_write(out, key, value, slots, codebooks, dims, layout)
+    assert torch.equal(out, ref)
 
 
 def test_compact_is_the_reference_on_cpu():
@@ -168,7 +171,7 @@ def test_auto_picks_the_reference_for_cpu_tensors():
 
 
 def test_auto_picks_triton_for_cuda_tensors_where_a_twin_fits(triton_installed):
-    assert ops.TRITON_OPS.keys() == {"dense_decode", "lookat_decode", "compact", "stream_decode"}
+    assert ops.TRITON_OPS.keys() == {"dense_decode", "lookat_decode", "lookat_write", "compact", "stream_decode"}
     for op in ops.TRITON_OPS:
         assert ops.implementation(op, CUDA, CUDA, None) == "triton"
         assert ops.implementation(op, CUDA, CPU) == "reference"  # not all on CUDA
@@ -215,6 +218,10 @@ def test_shape_limits_send_calls_to_the_reference(triton_installed):
     _, layout, codebooks, _, lcache, _, _, lquery = _lookat_case()
     assert ops._lookat_fits(lquery, lcache, codebooks, layout)
     assert not ops._lookat_fits(lquery, lcache[..., :-2].contiguous(), codebooks, layout)
+    key = lquery[:, :2]
+    assert ops._lookat_write_fits(key, key, lcache, codebooks, layout)
+    assert not ops._lookat_write_fits(key, key, lcache, codebooks[:, :, :100], layout)  # K not a power of two
+    assert not ops._lookat_write_fits(key[..., ::2], key[..., ::2], lcache, codebooks, layout)
 
 
 def test_ops_imports_neither_triton_nor_vllm():
@@ -267,6 +274,22 @@ def test_lookat_decode_through_triton(interpreter, twins, bits, permuted):
         out = ops.lookat_decode(query, cache, table, lens, codebooks, dims, layout, 0.2)
     assert twins == ["lookat_triton"] and out.dtype == ref.dtype
     assert _rel(out, ref) < 1e-2  # bf16 centroids vs the fp32 reference
+
+
+@pytest.mark.parametrize("bits,permuted", [(8, True), (4, False), (16, False)])
+def test_lookat_write_through_triton(interpreter, twins, bits, permuted):
+    g, layout, codebooks, dims, cache, _, _, _ = _lookat_case(bits, permuted=permuted)
+    key, value = torch.randn(2, 5, 2, D, generator=g).unbind(0)
+    # vLLM hands values in the model dtype, the 16-bit format's (Triton's interpreter casts
+    # fp32 -> bf16 by truncation, the GPU to nearest even)
+    value = value.to(torch.bfloat16) if bits == 16 else value
+    slots = torch.tensor([3, -1, 40, 17, 0])
+    ref = cache.clone()
+    lookat_ref.encode_write(ref, key, value, slots, codebooks, dims, layout)
+    out, key, value, slots, codebooks, dims = _to(cache.clone(), key, value, slots, codebooks, dims)
+    with ops.use("triton"):
+        ops.lookat_write(out, key, value, slots, codebooks, dims, layout)
+    assert twins == ["lookat_write_triton"] and torch.equal(out.cpu(), ref) and not torch.equal(ref, cache)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])

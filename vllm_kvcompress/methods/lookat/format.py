@@ -95,8 +95,7 @@ class LookatFormat:
 
     def write(self, layer: int, cache, key, value, slots, positions=None) -> None:
         self.to(cache.device)
-        rows = ops.lookat_encode_rows(key, value, self.codebooks[layer], self.dims, self.layout)
-        ops.lookat_write_rows(cache, rows, slots)
+        ops.lookat_write(cache, key, value, slots, self.codebooks[layer], self.dims, self.layout)
 
     def decode(self, layer: int, query, cache, block_table, kv_lens, scale, current=None, visible=None,
                max_kv_len=None):
