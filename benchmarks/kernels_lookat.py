@@ -270,13 +270,18 @@ def run_timings(device: str, models: list[str], batches, contexts, ms, bits_list
 # ------------------------------------------------------------------ sweep
 
 
-def sweep(device: str, log, dense: bool = True) -> list[dict]:
-    """Score mode x table dtype x launch parameters on representative cells, then the
-    partition count for the best; how the defaults in the kernels were chosen."""
+SWEEP_CELLS = [("qwen2.5-0.5b", 8, 4), ("qwen2.5-1.5b", 16, 16), ("qwen2.5-0.5b", 16, 8)]
+SWEEP_SHAPES = [(1, 32768), (64, 32768)]
+
+
+def sweep(device: str, log, dense: bool = True, cells=None, shapes=None) -> list[dict]:
+    """Score mode x table dtype x launch parameters on representative cells ``(model, m,
+    value bits)`` x shapes ``(batch, context)``, then the partition count for the best; how
+    the defaults in the kernels were chosen."""
     gen = torch.Generator().manual_seed(2)
     out = []
-    cells = [("qwen2.5-0.5b", 8, 4), ("qwen2.5-1.5b", 16, 16), ("qwen2.5-0.5b", 16, 8)]
-    shapes = [(1, 32768), (64, 32768)]
+    cells = cells or SWEEP_CELLS
+    shapes = shapes or SWEEP_SHAPES
     grid = [{"score": sc, "lut_dtype": dt, "block_n": bn, "num_warps": nw, "num_stages": 1}
             for sc in lookat_triton.SCORES
             for dt in ((torch.float32, torch.float16) if sc == "adc" else (torch.float32,))
@@ -286,7 +291,7 @@ def sweep(device: str, log, dense: bool = True) -> list[dict]:
             sh = Shape(model, batch, ctx, device, gen, dense=False)
             layout, cache, codebooks = sh.lookat(m, bits, gen)
             best = dict(lookat_triton.DEFAULTS)
-            for stage in (grid, [{"programs_per_sm": p} for p in (1, 2, 4, 8)]):
+            for stage in (grid, [{"programs_per_sm": p} for p in (1, 2, 4, 8, 16)]):
                 results = []
                 for over in stage:
                     cfg = {**best, **over}
@@ -310,7 +315,7 @@ def sweep(device: str, log, dense: bool = True) -> list[dict]:
             del sh, cache
     if not dense:
         return out
-    for model in MODELS:
+    for model in sorted({c[0] for c in cells}):
         for batch, ctx in shapes:
             sh = Shape(model, batch, ctx, device, gen)
             best = dict(dense_triton.DEFAULTS)
@@ -419,6 +424,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer cells, shorter timings (a smoke run)")
     ap.add_argument("--sweep", action="store_true", help="also sweep launch parameters (sweep.json)")
     ap.add_argument("--sweep-no-dense", action="store_true", help="sweep the LOOKAT kernel only")
+    ap.add_argument("--sweep-cells", nargs="+", metavar="MODEL:M:BITS",
+                    help="cells of the sweep (default: " + " ".join(f"{a}:{b}:{c}" for a, b, c in SWEEP_CELLS) + ")")
+    ap.add_argument("--sweep-shapes", nargs="+", metavar="BATCH:CONTEXT",
+                    help="shapes of the sweep (default: " + " ".join(f"{a}:{b}" for a, b in SWEEP_SHAPES) + ")")
     ap.add_argument("--no-bench", action="store_true", help="correctness (and sweep) only")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness pass")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -458,7 +467,9 @@ def main(argv=None) -> int:
         log(f"check {c}")
     log(f"correctness: {len(checks)} checks, worst relative error {worst:.2e}")
     if args.sweep:
-        sw = sweep(device, log, dense=not args.sweep_no_dense)
+        cells = [(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2])) for c in args.sweep_cells or []]
+        shapes = [tuple(int(x) for x in c.split(":")) for c in args.sweep_shapes or []]
+        sw = sweep(device, log, dense=not args.sweep_no_dense, cells=cells, shapes=shapes)
         (args.out / "sweep.json").write_text(json.dumps(sw, indent=0))
     rows = []
     if not args.no_bench:
