@@ -244,7 +244,7 @@ def _lookat_decode_kernel(
                    G, GD, PAD_LOG, D, SPLIT, VALUE_BITS == 4)
 
 
-DEFAULTS = {"score": "rebuilt", "block_n": 128, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8.0,
+DEFAULTS = {"score": "rebuilt", "block_n": 128, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2.0,
             "min_part": 256, "lut_dtype": torch.float32}
 SCORES = {"adc": 0, "rebuilt": 2}
 
@@ -306,9 +306,14 @@ def tuned(head_dim: int, m: int, value_bits: int, batch: int, score: str = "rebu
     see results/2026-11-24/h100-lookat-kernels: 4 warps, no Triton pipelining
     (``num_stages=1``: with stages, Triton copies the table / codebook gathers with
     ``cp.async.cg``, which skips L1, where they must hit; rows are prefetched by hand instead).
-    "rebuilt": 128-token tiles, ~8 programs per SM. "adc": fp32 tables (fp16 was never
-    faster), 128-token tiles at head_dim 64 and 64 at 128, ~2 programs per SM."""
+    "rebuilt": 128-token tiles, ~2 programs per SM (H200, Llama-3-8B shape, m=16, int4 values:
+    156.6 / 159.0 / 174.5 us at 1 / 2 / 8 programs per SM for B=32 x 4K, 48.4 / 51.3 / 56.9 us
+    for B=1 x 32K, results/2026-12-03/h200-engine-quick-5/kernels-decode; on the H100 2 was best
+    or within 1% at B=1 and 1-23% behind 1 or 8 at B=64). The kernel holds 239 registers per
+    thread, so two 4-warp programs fit an SM at a time: more splits only add combine work.
+    "adc": fp32 tables (fp16 was never faster), 128-token tiles at head_dim 64 and 64 at 128,
+    ~2 programs per SM."""
     if score == "adc":
         return {"score": score, "block_n": 128 if head_dim <= 64 else 64, "num_warps": 4, "num_stages": 1,
                 "programs_per_sm": 2.0, "lut_dtype": torch.float32}
-    return {"score": score, "block_n": 128, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8.0}
+    return {"score": score, "block_n": 128, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2.0}
