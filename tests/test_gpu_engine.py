@@ -100,6 +100,52 @@ def test_lookat_triton_path_matches_its_reference_path(monkeypatch, shape):
     assert result["same"] >= 0.95 or result["ties"]
 
 
+EVICTIONS = {"knorm": {"method": "knorm", "max_kv_tokens": 256},
+             "snapkv": {"method": "snapkv", "max_kv_tokens": 256},
+             "lookat+knorm": {"method": "lookat+knorm", "value_bits": 4, "max_kv_tokens": 256}}
+
+
+@pytest.mark.parametrize("method", sorted(EVICTIONS))
+def test_eviction_triton_path_matches_its_reference_path(monkeypatch, method):
+    """Whole-row eviction on CUDA (vLLM's V1 runner, selected by the plugin; PIECEWISE or
+    eager, since compaction steps cannot be captured): compaction and decode on the Triton
+    kernels against the same engine on the PyTorch ops, prompts longer than the budget."""
+    settings = EVICTIONS[method]
+    codebooks_m = 16 if method.startswith("lookat") else None
+    triton = _generate(monkeypatch, "small", codebooks_m=codebooks_m, attention_backend="kvcompress",
+                       additional_config={"kvcompress": dict(settings)})
+    reference = _generate(monkeypatch, "small", kernels="reference", codebooks_m=codebooks_m,
+                          attention_backend="kvcompress", additional_config={"kvcompress": dict(settings)})
+    result = _compare(reference, triton)
+    print(f"small: {method} (256-token budget), Triton vs PyTorch ops on the GPU: {_describe(result)} "
+          f"({triton['distinct_tokens']} distinct tokens); cudagraph {triton['cudagraph_mode']}, start "
+          f"{triton['start_s']} s")
+    assert triton["attention_impls"] == reference["attention_impls"] == ["KVCompressImpl"]
+    assert not result["splits"] and result["gap"] <= GAP_NATS
+
+
+def test_knorm_frees_blocks_on_cuda():
+    """Blocks really return to vLLM's pool on CUDA: a 640-token prompt holds 40 blocks of 16,
+    then ceil((256 + 1) / 16) = 17 once compacted to its 256-token budget; every block is
+    free again when the requests finish."""
+    from vllm_kvcompress.harness.gpu_generate import model_folder
+    from vllm_kvcompress.harness.step_trace import run_traced
+
+    folder, _ = model_folder(SMALL)
+    llm = {"model": str(folder), "load_format": "dummy", "skip_tokenizer_init": True, "seed": 0,
+           "dtype": "bfloat16", "max_model_len": 4096, "gpu_memory_utilization": 0.3, "max_num_seqs": 8,
+           "block_size": 16, "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"},
+           "attention_backend": "kvcompress", "additional_config": {"kvcompress": dict(EVICTIONS["knorm"])}}
+    traced = run_traced(llm, _prompts(SMALL["vocab_size"], lengths=(640, 640)), max_tokens=24)
+    held = [step["blocks"].get("0") for step in traced["steps"]]
+    first = next(i for i, step in enumerate(traced["steps"]) if step["computed"].get("0") == 640)
+    print(f"knorm on CUDA: request 0 holds {held[first]} -> {held[first + 1]} blocks after compaction; "
+          f"free blocks at the end {traced['steps'][-1]['free_blocks']} of {traced['num_blocks']}")
+    assert held[first] == 40 and held[first + 1] == 17
+    assert all(h <= 18 for h in held[first + 1:] if h is not None)
+    assert traced["steps"][-1]["free_blocks"] == traced["num_blocks"]
+
+
 @pytest.mark.parametrize("q_len,kv_len", [(300, 300), (128, 777)])
 def test_prefill_on_flash_attention_matches_torch(q_len, kv_len):
     """On CUDA the prefill ops attend with vLLM's FlashAttention (varlen, bottom-right causal):

@@ -92,7 +92,7 @@ def test_llm_does_not_start_half_configured(smollm2_dir):
     assert after == before, "an engine process was spawned for a refused configuration"
 
 
-def test_cuda_needs_ampere_and_refuses_eviction_for_now(smollm2_dir, monkeypatch):
+def test_cuda_needs_ampere_and_refuses_stream_eviction_for_now(smollm2_dir, monkeypatch):
     from vllm.platforms import current_platform
     from vllm.platforms.interface import DeviceCapability
 
@@ -110,8 +110,12 @@ def test_cuda_needs_ampere_and_refuses_eviction_for_now(smollm2_dir, monkeypatch
                                                     r"has no GPU decode kernel yet; on CUDA use 'coded'"):
         startup.check_platform(KVCompressConfig.from_dict({"method": "lookat", "codebooks": "c.safetensors",
                                                             "current_tokens": "exact"}))
-    with pytest.raises(KVCompressConfigError, match=r"method 'knorm' runs on the CPU engine only .* method none or lookat"):
-        startup.check_platform(KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5}))
+    startup.check_platform(KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5}))
+    startup.check_platform(KVCompressConfig.from_dict({"method": "snapkv", "max_kv_tokens": 256}))
+    with pytest.raises(KVCompressConfigError, match=r"method 'headkv' runs on the CPU engine only .* per-\(layer, KV "
+                                                    r"head\) streams .* none, lookat, knorm or snapkv"):
+        startup.check_platform(KVCompressConfig.from_dict({"method": "headkv", "max_kv_tokens": 256,
+                                                            "head_scores": "s.json"}))
     monkeypatch.setattr(platform, "is_cuda", lambda self: False)
     with pytest.raises(KVCompressConfigError, match="runs on CPU and on NVIDIA GPUs only"):
         startup.validate_vllm_config(config)
@@ -160,6 +164,32 @@ def test_eviction_wires_scheduler_and_worker_and_turns_prefix_caching_off(smollm
     assert config.cache_config.enable_prefix_caching is False
     plain = engine_config(smollm2_dir, attention_backend="kvcompress", enable_prefix_caching=True)
     assert plain.cache_config.enable_prefix_caching is True and plain.scheduler_config.scheduler_cls is None
+
+
+def test_eviction_on_cuda_wires_the_gpu_worker_on_vllms_v1_runner(smollm2_dir, monkeypatch):
+    from vllm.platforms import current_platform
+
+    config = KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5})
+    monkeypatch.setattr(type(current_platform), "is_cuda", lambda self: True)
+    monkeypatch.delenv(startup.V2_RUNNER_ENV, raising=False)
+    vllm_config = engine_config(smollm2_dir)
+    vllm_config.scheduler_config.async_scheduling = True  # vLLM's default on CUDA
+    startup.wire_eviction(vllm_config, config)
+    assert vllm_config.parallel_config.worker_cls == "vllm_kvcompress.vllm.gpu_worker.KVCompressGPUWorker"
+    assert vllm_config.scheduler_config.scheduler_cls == startup.SCHEDULER_CLS
+    assert vllm_config.scheduler_config.async_scheduling is False  # turned off, logged
+    import os
+
+    assert os.environ[startup.V2_RUNNER_ENV] == "0"  # inherited by the engine processes
+    asked = engine_config(smollm2_dir)
+    asked.scheduler_config.async_scheduling = True
+    with pytest.raises(KVCompressConfigError, match=r"async scheduling cannot be combined .* drop --async-scheduling"):
+        startup.wire_eviction(asked, config, async_requested=True)
+    v2 = engine_config(smollm2_dir)
+    monkeypatch.setenv(startup.V2_RUNNER_ENV, "1")
+    with pytest.raises(KVCompressConfigError, match=r"VLLM_USE_V2_MODEL_RUNNER=1 cannot be combined with kvcompress "
+                                                    r"method 'knorm'.*V1 model runner"):
+        startup.wire_eviction(v2, config)
 
 
 def test_eviction_refuses_a_foreign_scheduler(smollm2_dir):

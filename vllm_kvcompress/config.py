@@ -20,7 +20,7 @@ from typing import Any
 
 from vllm_kvcompress.errors import KVCompressConfigError
 from vllm_kvcompress.methods import METHODS, evicting, method_class
-from vllm_kvcompress.methods.base import CONFIG_KEY, BudgetSettings, Method, Settings, key_name
+from vllm_kvcompress.methods.base import CONFIG_KEY, BudgetSettings, Method, PagedSettings, Settings, key_name
 
 __all__ = ["CONFIG_KEY", "KVCompressConfig", "KVCompressConfigError", "reference_table"]
 
@@ -90,6 +90,13 @@ class KVCompressConfig:
         settings = spec.Settings(**{k: v for k, v in raw.items() if k in own})
         settings.validate()
         return cls(method, settings)
+
+    @property
+    def whole_row_eviction(self) -> bool:
+        """Evicts whole (token, all KV heads) rows from vLLM's own pages by a scorer (knorm,
+        snapkv, and compositions over them): no per-head streams, no learned hooks."""
+        spec = self.spec
+        return spec.evicts and not spec.learned and not isinstance(self.settings, PagedSettings)
 
     @property
     def takes_request_budget(self) -> bool:

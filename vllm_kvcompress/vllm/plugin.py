@@ -82,7 +82,7 @@ def _validate_at_config_time() -> None:
         vllm_config = original(self, *args, **kwargs)
         from vllm_kvcompress.vllm.startup import validate_vllm_config
 
-        validate_vllm_config(vllm_config)
+        validate_vllm_config(vllm_config, getattr(self, "async_scheduling", None))
         return vllm_config
 
     create_engine_config._kvcompress_checked = True

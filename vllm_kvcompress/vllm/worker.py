@@ -1,155 +1,16 @@
-"""Worker side of eviction: vLLM's CPU worker with a model runner that keeps its block
-tables physical and owns the eviction state (:class:`~vllm_kvcompress.vllm.state.WorkerState`).
-
-At the start of each step, a request whose cache was compacted at the end of an
-earlier step has its block list cut to ``cdiv(physical_length, block_size)`` blocks,
-the same cut the scheduler's :class:`~vllm_kvcompress.vllm.scheduler.EvictingBlockManager`
-makes before it appends new blocks, so both lists stay identical. Then the runner
-builds the step plan (each batch row's request cache) for the attention metadata
-builders, which turn logical lengths into physical ones. After the step, the pages the
-ring layouts need next travel to the scheduler in the runner's output
-(:class:`KVCompressRunnerOutput`).
-"""
+"""Eviction on vLLM's CPU build: its CPU worker, with the plugin's runner mixin
+(:mod:`vllm_kvcompress.vllm.runner`)."""
 
 from __future__ import annotations
 
-import torch
-from vllm.logger import init_logger
-from vllm.utils.math_utils import cdiv
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from vllm_kvcompress.config import KVCompressConfig
-from vllm_kvcompress.vllm.policy import EvictionPolicy, model_shape
-from vllm_kvcompress.vllm import parallel
-from vllm_kvcompress.vllm.runner_output import KVCompressRunnerOutput
-from vllm_kvcompress.vllm.state import RequestCache, WorkerState
-
-logger = init_logger("vllm.kvcompress.worker")
-
-
-class EvictionRunnerMixin:
-    def _kvc_setup(self) -> None:
-        config = KVCompressConfig.from_additional_config(self.vllm_config.additional_config)
-        self.kvc_rank, self.kvc_tp_size = parallel.rank_and_size()
-        self.kvc_policy = EvictionPolicy(config, self.cache_config.block_size, model_shape(self.vllm_config),
-                                         self.kvc_rank, self.kvc_tp_size)
-        self.kvc_method = self.kvc_policy.method
-        self.kvc = WorkerState()
-
-    def _kvc_truncate(self, req_id: str, num_computed: int) -> None:
-        cache = self.kvc.requests.get(req_id)
-        state = self.requests.get(req_id)
-        if cache is None or cache.schedule is None or state is None:
-            return
-        tables = self.input_batch.block_table.block_tables
-        row = self.input_batch.req_id_to_index.get(req_id)
-        for group, block_ids in enumerate(state.block_ids):
-            keep = cdiv(cache.schedule.rows_held(num_computed), tables[group].block_size)
-            if len(block_ids) <= keep:
-                continue
-            del block_ids[keep:]
-            if row is not None:
-                table = tables[group]
-                table.block_table.np[row, keep:table.num_blocks_per_row[row]] = 0
-                table.num_blocks_per_row[row] = keep
-
-    def _update_states(self, scheduler_output):
-        requests = self.kvc.requests
-        for request in scheduler_output.scheduled_new_reqs:
-            extra_args = request.sampling_params.extra_args if request.sampling_params is not None else None
-            schedule = self.kvc_policy.schedule_for(len(request.prompt_token_ids or ()), extra_args)
-            requests[request.req_id] = RequestCache(schedule)
-        cached = scheduler_output.scheduled_cached_reqs
-        for req_id, num_computed in zip(cached.req_ids, cached.num_computed_tokens):
-            if req_id in cached.resumed_req_ids:  # recomputed from scratch; vLLM replaces the block list
-                if (cache := requests.get(req_id)) is not None:
-                    requests[req_id] = RequestCache(cache.schedule)
-            elif not self.kvc_method.masks:
-                self._kvc_truncate(req_id, num_computed)
-        for req_id in scheduler_output.finished_req_ids:
-            self._kvc_record_finished(req_id)
-        result = super()._update_states(scheduler_output)
-        for req_id in scheduler_output.finished_req_ids:
-            requests.pop(req_id, None)
-        for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
-            if (state := self.requests.get(req_id)) is not None and (cache := requests.get(req_id)) is not None:
-                cache.length = state.num_computed_tokens + scheduled
-        self.kvc.begin_step(self.input_batch.req_ids)
-        return result
-
-    def _kvc_record_finished(self, req_id: str) -> None:
-        """Ring layouts (KVzap threshold, DMS): what a finished request really kept, for the tools."""
-        cache = self.kvc.requests.get(req_id)
-        # A request can pack its prompt and finish in one step (max_tokens=1): the worker's own
-        # num_computed_tokens is still 0 then, so the length comes from the steps it ran.
-        if cache is None or cache.kept is None or cache.schedule is None or not cache.length:
-            return
-        schedule, streams = cache.schedule, cache.kept.numel()
-        rows = streams * schedule.ring + int(cache.kept.sum())
-        self.kvc.finished.append({"request": req_id, "rank": self.kvc_rank, "tokens": cache.length,
-                                  "kept_fraction": rows / (streams * cache.length), "pages": schedule.pages_next,
-                                  "native_pages": streams * cdiv(cache.length, schedule.page)})
-
-    def load_model(self, *args, **kwargs):
-        super().load_model(*args, **kwargs)
-        if not self.kvc_method.learned:
-            return
-        shape = model_shape(self.vllm_config)
-        heads = parallel.kv_heads_of_rank(shape.num_kv_heads, self.kvc_tp_size, self.kvc_rank)
-        learned = self.kvc_method.install(self.model, shape, heads, self.kvc_tp_size, self.device,
-                                          self.kvc.record_scores)
-        self.kvc.pool.adjust_query = learned.adjust_query
-
-    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
-        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
-        self.kvc.pool.num_blocks = kv_cache_config.num_blocks
-        if self.kvc_method.learned:  # one score per pool row (K and V of one token and head)
-            spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
-            layers = self.vllm_config.model_config.hf_text_config.num_hidden_layers
-            rows = layers * kv_cache_config.num_blocks * spec.num_kv_heads * spec.block_size
-            self.kvc.pool.row_scores = torch.zeros(rows, dtype=torch.float32, device=self.device)
-        for group in self.attn_groups:
-            for attn_group in group:
-                for builder in attn_group.metadata_builders:
-                    builder.worker_state = self.kvc
-
-    def execute_model(self, *args, **kwargs):
-        try:
-            return super().execute_model(*args, **kwargs)
-        finally:
-            if self.kvc.step is not None:
-                self.kvc.step.token_scores.clear()
-
-    def sample_tokens(self, *args, **kwargs):
-        output = super().sample_tokens(*args, **kwargs)
-        step = self.kvc.step
-        reports = {} if step is None else step.pages_reports
-        if self.kvc_tp_size > 1 and self.kvc_method.learned:
-            reports = self._kvc_agree_pages(reports)
-        for req_id, pages in reports.items():
-            if (cache := self.kvc.requests.get(req_id)) is not None:
-                cache.schedule.pages_next = pages
-        self.kvc.end_step()
-        if reports and output is not None:
-            return KVCompressRunnerOutput.of(output, reports)
-        return output
-
-    def _kvc_agree_pages(self, reports: dict[str, int]) -> dict[str, int]:
-        """Survivors differ per rank (each holds its own heads) but the block list is
-        shared: every rank, and the scheduler (which hears rank 0 only), use the most
-        pages any rank needs. Every rank calls this each step, in batch order."""
-        req_ids = list(self.input_batch.req_ids)
-        agreed = parallel.agree_max([reports.get(req_id, -1) for req_id in req_ids])
-        return {req_id: pages for req_id, pages in zip(req_ids, agreed) if pages >= 0}
+from vllm_kvcompress.vllm.runner import install_eviction_runner
 
 
 class KVCompressCPUWorker(CPUWorker):
-    """Set as ``worker_cls`` by the plugin when an eviction method is configured."""
+    """Set as ``worker_cls`` by the plugin when an eviction method is configured (CPU)."""
 
     def init_device(self) -> None:
         super().init_device()
-        runner_cls = type(self.model_runner)
-        if getattr(self, "use_v2_model_runner", False):
-            raise NotImplementedError("kvcompress eviction supports vLLM's V1 model runner only (CPU default)")
-        self.model_runner.__class__ = type(f"KVCompress{runner_cls.__name__}", (EvictionRunnerMixin, runner_cls), {})
-        self.model_runner._kvc_setup()
+        install_eviction_runner(self)
