@@ -110,6 +110,7 @@ def test_eviction_triton_path_matches_its_reference_path(monkeypatch, method):
     """Whole-row eviction on CUDA (vLLM's V1 runner, selected by the plugin; PIECEWISE or
     eager, since compaction steps cannot be captured): compaction and decode on the Triton
     kernels against the same engine on the PyTorch ops, prompts longer than the budget."""
+    monkeypatch.setenv("KVCOMPRESS_CUDA_EVICTION", "1")
     settings = EVICTIONS[method]
     codebooks_m = 16 if method.startswith("lookat") else None
     triton = _generate(monkeypatch, "small", codebooks_m=codebooks_m, attention_backend="kvcompress",
@@ -124,13 +125,14 @@ def test_eviction_triton_path_matches_its_reference_path(monkeypatch, method):
     assert not result["splits"] and result["gap"] <= GAP_NATS
 
 
-def test_knorm_frees_blocks_on_cuda():
+def test_knorm_frees_blocks_on_cuda(monkeypatch):
     """Blocks really return to vLLM's pool on CUDA: a 640-token prompt holds 40 blocks of 16,
     then ceil((256 + 1) / 16) = 17 once compacted to its 256-token budget; every block is
     free again when the requests finish."""
     from vllm_kvcompress.harness.gpu_generate import model_folder
     from vllm_kvcompress.harness.step_trace import run_traced
 
+    monkeypatch.setenv("KVCOMPRESS_CUDA_EVICTION", "1")
     folder, _ = model_folder(SMALL)
     llm = {"model": str(folder), "load_format": "dummy", "skip_tokenizer_init": True, "seed": 0,
            "dtype": "bfloat16", "max_model_len": 4096, "gpu_memory_utilization": 0.3, "max_num_seqs": 8,
