@@ -22,8 +22,8 @@ def _case(bits, D=32, m=8, hkv=2, tokens=21, K=64, bs=16, seed=0, dims=False):
     keys = torch.randn(tokens, hkv, D, generator=g)
     values = (torch.randn(tokens, hkv, D, generator=g) * 2 + 0.5).to(torch.bfloat16)
     num_blocks = 6
-    perm = torch.randperm(num_blocks * bs, generator=g)
-    slots = perm[:tokens].clone()
+    # Slot 0 is in vLLM's null block, never a token's (the reference aims padding rows there).
+    slots = torch.randperm(num_blocks * bs - 1, generator=g)[:tokens] + 1
     slots[3] = -1  # vLLM's padding slot: stores nothing
     order = torch.randperm(D, generator=g).view(m, D // m) if dims else None
     cache = torch.randint(0, 256, (num_blocks, hkv, bs, layout.row_bytes), generator=g, dtype=torch.uint8)
