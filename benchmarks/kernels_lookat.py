@@ -119,7 +119,7 @@ def correctness(device: str, models: list[str], scores: list[str], quick: bool) 
                         query.to(device), cache.to(device), table.to(device), kv_lens.to(device),
                         codebooks.to(device), layout, scale, lut_dtype=lut_dtype, num_splits=splits, score=score)
                     rows.append({"op": f"lookat-{score}", "model": name, "m": m, "value_bits": bits,
-                                 "lut": "bf16 codebooks" if score in ("rebuilt", "table") else str(lut_dtype)[6:],
+                                 "lut": "bf16 codebooks" if score.startswith("rebuilt") else str(lut_dtype)[6:],
                                  "splits": "auto" if splits is None else 1, "rel_err": rel_err(out, ref)})
         cache = torch.randn(num_blocks, hkv, BLOCK_SIZE, 2 * d, generator=gen).bfloat16()
         ref = paged_dense_ref.decode_attention(query, cache, table.long(), kv_lens, scale)
@@ -165,7 +165,7 @@ def lookat_bytes(batch, ctx, hkv, hq, d, layout, cfg) -> int:
     """Cache rows + block table + query/output, and the tables: per-request ADC tables
     (written once, read once) or, for "rebuilt", the bf16 codebooks once."""
     blocks = batch * -(-ctx // BLOCK_SIZE)
-    if cfg["score"] in ("rebuilt", "table"):  # "table": built in each program from the codebooks
+    if cfg["score"].startswith("rebuilt"):
         table = hkv * 256 * d * 2
     else:
         elt = torch.empty((), dtype=cfg["lut_dtype"]).element_size()
@@ -202,7 +202,7 @@ class Shape:
 
     def lookat_fn(self, layout, cache, codebooks, **tune):
         cfg = {**lookat_triton.DEFAULTS, **tune}
-        lut = codebooks.to(torch.bfloat16).contiguous() if cfg["score"] in ("rebuilt", "table") else None  # per-layer constant
+        lut = codebooks.to(torch.bfloat16).contiguous() if cfg["score"].startswith("rebuilt") else None  # per-layer constant
         return lambda: lookat_triton.lookat_decode(self.query, cache, self.table, self.kv_lens, codebooks, layout,
                                                    self.scale, max_kv_len=self.ctx, lut=lut, **tune)
 

@@ -192,22 +192,6 @@ def _lookat_decode_kernel(
         base = lut_ptr + h * (M * K * SUB)
         offs = (offs_i * (K * SUB))[None, :, None] + tl.arange(0, SUB)[None, None, :]  # [1, M, SUB]
         VEC: tl.constexpr = SUB
-    elif SCORE == 3:
-        # This program's ADC table, table[k, i * GL + g] = <q_g[i], C_h[i][k]> (log2 domain), as
-        # one tensor-core product: the codebook read as K keys of D dims times the group's
-        # queries laid out block-diagonally ([D, M * GL], subspace i's dims in column block i).
-        kk = tl.arange(0, K)
-        d = tl.arange(0, D)
-        cbk = tl.load(lut_ptr + h * (M * K * SUB) + (d // SUB)[None, :] * (K * SUB) + kk[:, None] * SUB
-                      + (d % SUB)[None, :])  # [K, D]
-        col = tl.arange(0, M * GL)
-        qbd = tl.load(q_ptr + b * stride_qb + (h * G + col % GL)[None, :] * stride_qh + d[:, None],
-                      mask=((d // SUB)[:, None] == (col // GL)[None, :]) & ((col % GL) < G)[None, :],
-                      other=0.0).to(lut_ptr.dtype.element_ty)  # [D, M * GL]
-        table = _mma(cbk, qbd, INTERP) * qk_scale  # [K, M * GL] fp32
-        base = lut_ptr
-        offs = offs_i[None, :, None]
-        VEC: tl.constexpr = 1
     else:
         base = lut_ptr + (b * num_kv_heads + h).to(tl.int64) * (M * K * GL)
         offs = (offs_i * (K * GL))[None, :, None] + tl.arange(0, GL)[None, None, :]  # [1, M, GL]
@@ -236,19 +220,13 @@ def _lookat_decode_kernel(
                                           cache_16_ptr, cache_f16_ptr, M, D, ROW_BYTES, ALIGN, BS, VALUE_BITS)
 
         valid = (n0 + offs_n) < kv_len
-        if SCORE == 3:
-            # Gathered out of the program's own table (through shared memory), not L1.
-            idx = tl.reshape(tl.broadcast_to(codes.to(tl.int32)[:, :, None], [BLOCK_N, M, GL]), [BLOCK_N, M * GL])
-            t = tl.reshape(tl.gather(table, idx, 0), [BLOCK_N, M, GL])
-            s = tl.trans(_widen(tl.sum(t, axis=1), BLOCK_N, GL, PAD_LOG))  # [GD, N], log2 domain
+        idx = offs + (codes.to(tl.int32) * VEC)[:, :, None]  # [N, M, VEC]: one vector per (token, subspace)
+        idx = tl.max_contiguous(tl.multiple_of(idx, [1, 1, VEC]), [1, 1, VEC])
+        t = tl.load(base + idx, cache_modifier=".ca")
+        if SCORE == 2:
+            s = _mma(qv, tl.trans(tl.reshape(t, [BLOCK_N, D])), INTERP) * qk_scale  # [GD, N], log2 domain
         else:
-            idx = offs + (codes.to(tl.int32) * VEC)[:, :, None]  # [N, M, VEC]: one vector per (token, subspace)
-            idx = tl.max_contiguous(tl.multiple_of(idx, [1, 1, VEC]), [1, 1, VEC])
-            t = tl.load(base + idx, cache_modifier=".ca")
-            if SCORE == 2:
-                s = _mma(qv, tl.trans(tl.reshape(t, [BLOCK_N, D])), INTERP) * qk_scale  # [GD, N], log2 domain
-            else:
-                s = tl.trans(_widen(tl.sum(t.to(tl.float32), axis=1), BLOCK_N, GL, PAD_LOG))  # [GD, N], log2
+            s = tl.trans(_widen(tl.sum(t.to(tl.float32), axis=1), BLOCK_N, GL, PAD_LOG))  # [GD, N], log2 domain
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -268,7 +246,7 @@ def _lookat_decode_kernel(
 
 DEFAULTS = {"score": "rebuilt", "block_n": 128, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2.0,
             "min_part": 256, "lut_dtype": torch.float32}
-SCORES = {"adc": 0, "rebuilt": 2, "table": 3}
+SCORES = {"adc": 0, "rebuilt": 2}
 
 
 def lookat_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor,
@@ -303,13 +281,10 @@ def lookat_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.T
     gl = _next_pow2(group)
     gd = max(16, gl)
     pad_log = (gd // gl).bit_length() - 1
-    if score == 3 and m * gl < 16:
-        raise ValueError(f"score 'table' needs m * group >= 16 (a tensor-core product), got {m} x {gl}")
-    if score in (2, 3):
+    if score == 2:
         if lut is None:
             lut = codebooks.to(torch.bfloat16).contiguous()
-        if score == 2:
-            pad_log = 0  # rows of the group are the query heads themselves
+        pad_log = 0  # rows of the group are the query heads themselves
     elif lut is None:
         lut = build_lut(query, codebooks, scale * LOG2E, cfg["lut_dtype"])
     max_len = int(kv_lens.max()) if max_kv_len is None else int(max_kv_len)
@@ -341,6 +316,4 @@ def tuned(head_dim: int, m: int, value_bits: int, batch: int, score: str = "rebu
     if score == "adc":
         return {"score": score, "block_n": 128 if head_dim <= 64 else 64, "num_warps": 4, "num_stages": 1,
                 "programs_per_sm": 2.0, "lut_dtype": torch.float32}
-    if score == "table":  # experimental: the table (K x m x group fp32) lives in registers
-        return {"score": score, "block_n": 128, "num_warps": 8, "num_stages": 1, "programs_per_sm": 2.0}
     return {"score": score, "block_n": 128, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2.0}
