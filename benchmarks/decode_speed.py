@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.configs import BASELINE, CONFIGS, NAMES_HELP, resolve
+from benchmarks.configs import BASELINE, NAMES_HELP, resolve
 from vllm_kvcompress.offline.models import MODELS, ensure_model
 
 

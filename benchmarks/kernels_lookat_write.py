@@ -8,8 +8,9 @@ int4 and bf16 values, 16-token blocks, tokens written to shuffled slots. Per tok
 (1 and 32 are decode steps, 256 a large decode batch, 8192 a prefill chunk):
 - correctness: bytes equal to the reference's rows, and codes that differ only at a
   tie of distances (fp32 sums in another order);
-- time per call, each replayed from a CUDA graph as vLLM replays decode (``do_bench``
-  median), reference / kernel ratio, and the two x 32 layers (a Llama-3-8B step).
+- time per call, each replayed from a CUDA graph as vLLM replays decode
+  (``kernels_lookat.bench_ms``: ``do_bench`` median, L2 flushed), reference / kernel
+  ratio, and the two x 32 layers (a Llama-3-8B step).
 Writes ``results.json`` and ``results.md``.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.kernels_lookat import bench_ms
 from vllm_kvcompress.kernels import lookat_ref
 
 HKV, D, M, K, BS, LAYERS = 8, 128, 16, 256, 16, 32
@@ -55,21 +57,6 @@ def check(tokens: int, bits: int, gen: torch.Generator) -> dict:
     gap = (dist.gather(-1, codes_o.unsqueeze(-1)) - dist.gather(-1, codes_r.unsqueeze(-1))).abs().max()
     return {"tokens": tokens, "value_bits": bits, "codes_equal": float((codes_r == codes_o).float().mean()),
             "values_equal": bool(torch.equal(r[..., M:], o[..., M:])), "max_code_distance_gap": float(gap)}
-
-
-def bench_ms(fn, quick: bool) -> float:
-    from triton.testing import do_bench
-
-    fn()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return float(do_bench(graph.replay, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median"))
 
 
 def time_one(tokens: int, bits: int, gen: torch.Generator, quick: bool) -> dict:

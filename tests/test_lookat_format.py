@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import save_file
 
+from vllm_kvcompress.methods.artefacts import model_signature
 from vllm_kvcompress.methods.lookat import codebooks as codebook_files
 from vllm_kvcompress.methods.lookat.format import LookatFormat
 
@@ -15,7 +16,7 @@ CONFIG = SimpleNamespace(architectures=["LlamaForCausalLM"], num_attention_heads
 def _file(tmp_path, m=4, k=8):
     generator = torch.Generator().manual_seed(0)
     tensors = {f"layer.{i}": torch.randn(2, m, k, 16 // m, generator=generator) * 3 for i in range(3)}
-    metadata = {"format": codebook_files.FORMAT, "m": str(m), **codebook_files.model_signature(CONFIG)}
+    metadata = {"format": codebook_files.FORMAT, "m": str(m), **model_signature(CONFIG)}
     path = tmp_path / "codebooks.safetensors"
     save_file(tensors, str(path), metadata=metadata)
     return str(path), tensors

@@ -61,7 +61,7 @@ def test_lookat_codebooks_checked_at_config_time(smollm2_dir, tmp_path):
         "format": FORMAT, "m": "8", "architecture": "Qwen2ForCausalLM", "num_layers": "24",
         "num_kv_heads": "2", "head_dim": "64", "rope_theta": "1000000.0"})
     lookat["codebooks"] = str(other)
-    with pytest.raises(KVCompressConfigError, match=r"calibrated for another model \(architecture: file has Qwen2ForCausalLM"):
+    with pytest.raises(KVCompressConfigError, match=r"made for another model \(architecture: file has Qwen2ForCausalLM"):
         engine_config(smollm2_dir, attention_backend="kvcompress", additional_config={"kvcompress": lookat})
 
 

@@ -43,7 +43,7 @@ def shipped_key_ranges(hf_config) -> str | None:
     fine-tune of the same shape (an Instruct or base sibling) has other key ranges."""
     from safetensors import safe_open
 
-    from vllm_kvcompress.methods.lookat.codebooks import model_signature
+    from vllm_kvcompress.methods.artefacts import model_signature
 
     want = model_signature(hf_config)
     name = Path(str(getattr(hf_config, "name_or_path", "") or "")).name.lower()

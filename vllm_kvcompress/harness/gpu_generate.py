@@ -29,7 +29,8 @@ def synthetic_codebooks(path: Path, config: dict, m: int, seed: int = 0) -> None
     import torch
     from safetensors.torch import save_file
 
-    from vllm_kvcompress.methods.lookat.codebooks import FORMAT, model_signature
+    from vllm_kvcompress.methods.artefacts import model_signature
+    from vllm_kvcompress.methods.lookat.codebooks import FORMAT
 
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     generator = torch.Generator().manual_seed(seed)

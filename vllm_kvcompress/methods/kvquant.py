@@ -21,7 +21,7 @@ from vllm_kvcompress.kernels.kvquant_ref import KEY_BITS, layout as row_layout
 from vllm_kvcompress.methods.base import (KVCompressConfigError, Method, Settings, check_choice, check_path, key_name,
                                           setting)
 from vllm_kvcompress.methods.lookat import VALUE_BITS
-from vllm_kvcompress.methods.lookat.codebooks import model_signature, rope_theta
+from vllm_kvcompress.methods.artefacts import check_artefact, rope_theta
 
 RANGES_FORMAT = "kvcompress-key-ranges/1"
 SHIPPED = Path(__file__).resolve().parent.parent / "artefacts" / "key_ranges"
@@ -56,25 +56,13 @@ def plain_rope_theta(hf_config) -> tuple[float, str | None]:
 
 
 def check_ranges_file(path: str, hf_config) -> dict:
-    from safetensors import safe_open
+    return check_artefact(path, hf_config, RANGES_FORMAT, "key-range file", "python -m vllm_kvcompress.offline.key_ranges",
+                          lambda message: KVCompressConfigError(f"{key_name('key_ranges')}: {message}"))
 
-    if not Path(path).is_file():
-        raise KVCompressConfigError(f"{key_name('key_ranges')}: {path} does not exist; make one with "
-                                    f"`python -m vllm_kvcompress.offline.key_ranges --model MODEL --out {path}`")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error type for a damaged header
-        raise KVCompressConfigError(f"{key_name('key_ranges')}: {path} is not a readable safetensors file ({exc})") from None
-    if metadata.get("format") != RANGES_FORMAT:
-        raise KVCompressConfigError(f"{key_name('key_ranges')}: {path} is not a key-range file (format "
-                                    f"{metadata.get('format')!r}, expected {RANGES_FORMAT!r})")
-    wrong = {k: (metadata.get(k), v) for k, v in model_signature(hf_config).items() if metadata.get(k) != v}
-    if wrong:
-        details = "; ".join(f"{k}: file has {have}, model has {want}" for k, (have, want) in wrong.items())
-        raise KVCompressConfigError(f"{key_name('key_ranges')}: {path} was made for another model ({details}); run "
-                                    "`python -m vllm_kvcompress.offline.key_ranges` for this model")
-    return metadata
+
+class _RangesError(KVCompressConfigError):
+    def __init__(self, message: str):
+        super().__init__(f"{key_name('key_ranges')}: {message}")
 
 
 class KVQuantFormat:

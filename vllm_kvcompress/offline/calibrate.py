@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvcompress.methods.lookat.codebooks import FORMAT, model_signature
+from vllm_kvcompress.methods.artefacts import model_signature
+from vllm_kvcompress.methods.lookat.codebooks import FORMAT
 from vllm_kvcompress.offline.rope import check_default_rope, spread_positions
 
 def calibrate(model_dir: str, m: int, k: int = 256, tokens: int = 4096, iters: int = 20, seed: int = 0,

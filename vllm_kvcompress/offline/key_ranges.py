@@ -19,7 +19,7 @@ import torch
 
 from vllm_kvcompress.kernels.rope_ref import rotate
 from vllm_kvcompress.methods.kvquant import RANGES_FORMAT, SHIPPED, plain_rope_theta
-from vllm_kvcompress.methods.lookat.codebooks import model_signature
+from vllm_kvcompress.methods.artefacts import model_signature
 
 
 # Widen each calibrated range by this share of its width on both sides: text unlike the

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from vllm_kvcompress.kernels.rope_ref import rotate  # noqa: F401  (this module's callers use rope.rotate)
-from vllm_kvcompress.methods.lookat.codebooks import rope_theta
+from vllm_kvcompress.methods.artefacts import rope_theta
 
 
 class UnsupportedRope(ValueError):

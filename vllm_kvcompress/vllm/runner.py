@@ -17,7 +17,6 @@ runner (:mod:`vllm_kvcompress.vllm.gpu_worker`); the CPU runner subclasses the G
 from __future__ import annotations
 
 import torch
-from vllm.logger import init_logger
 from vllm.utils.math_utils import cdiv
 
 from vllm_kvcompress.config import KVCompressConfig
@@ -25,8 +24,6 @@ from vllm_kvcompress.vllm.policy import EvictionPolicy, model_shape
 from vllm_kvcompress.vllm import parallel
 from vllm_kvcompress.vllm.runner_output import KVCompressRunnerOutput
 from vllm_kvcompress.vllm.state import RequestCache, WorkerState
-
-logger = init_logger("vllm.kvcompress.runner")
 
 
 class EvictionRunnerMixin:
