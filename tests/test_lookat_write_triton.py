@@ -45,6 +45,20 @@ def test_write_matches_reference(bits, dims):
     assert torch.equal(out, ref), f"{int((out != ref).sum())} bytes differ"
 
 
+def test_prefill_sized_writes_match_reference():
+    """A prefill chunk's worth of tokens (many programs per head and subspace)."""
+    tokens = 1101
+    layout, codebooks, keys, values, slots, order, cache = _case(4, tokens=tokens, seed=5)
+    cache = torch.zeros(tokens // 16 + 8, 2, 16, layout.row_bytes, dtype=torch.uint8)
+    slots = torch.randperm(cache.shape[0] * 16 - 1, generator=torch.Generator().manual_seed(6))[:tokens] + 1
+    ref = cache.clone()
+    lookat_ref.encode_write(ref, keys, values, slots, codebooks, None, layout)
+    out = cache.clone().to(DEV)
+    lookat_write_triton.lookat_write(out, keys.to(DEV), values.to(DEV), slots.to(DEV), codebooks.to(DEV), None,
+                                     layout)
+    assert torch.equal(out.cpu(), ref)
+
+
 def test_padding_slots_store_nothing():
     layout, codebooks, keys, values, slots, order, cache = _case(4)
     slots[:] = -1
