@@ -38,9 +38,9 @@ def _round_half_even(x):
 def _lookat_write_kernel(key_ptr, value_ptr, slots_ptr, cb_ptr, dims_ptr,
                          cache_ptr, cache_i8_ptr, cache_16_ptr, cache_f16_ptr,
                          num_tokens, num_kv_heads, stride_kt, stride_kh, stride_vt, stride_vh,
-                         M: tl.constexpr, K: tl.constexpr, D: tl.constexpr, SUB: tl.constexpr,
+                         M: tl.constexpr, K: tl.constexpr, D: tl.constexpr, SUB: tl.constexpr, SUBP: tl.constexpr,
                          ROW_BYTES: tl.constexpr, BS: tl.constexpr, VALUE_BITS: tl.constexpr,
-                         HAS_DIMS: tl.constexpr, BLOCK_T: tl.constexpr):
+                         HAS_DIMS: tl.constexpr, BLOCK_T: tl.constexpr, MMA: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     i = tl.program_id(2)
@@ -50,21 +50,36 @@ def _lookat_write_kernel(key_ptr, value_ptr, slots_ptr, cb_ptr, dims_ptr,
     safe = tl.where(live, slot, 0)
     row = ((safe // BS) * num_kv_heads + h) * BS + safe % BS  # row index in the cache, int64
     if i < M:
-        # Distances to every centroid of subspace i, one key dimension at a time: [BLOCK_T, K].
         k = tl.arange(0, K)
-        cb = cb_ptr + ((h * M + i) * K + k) * SUB  # centroid k of subspace i, first dimension
-        dot = tl.zeros([BLOCK_T, K], tl.float32)
-        norm = tl.zeros([K], tl.float32)
-        for s in tl.static_range(SUB):
+        if MMA:
+            # Dot products on tensor cores in tf32: keys (bf16 / fp16) and centroids (bf16
+            # values, LookatFormat) are exact in tf32, so every product is exact and only the
+            # order of the fp32 sums differs.
+            s = tl.arange(0, SUBP)
             if HAS_DIMS:
-                dim = tl.load(dims_ptr + i * SUB + s)
+                dim = tl.load(dims_ptr + i * SUB + s, mask=s < SUB, other=0)
             else:
                 dim = i * SUB + s
-            x = tl.load(key_ptr + t * stride_kt + h * stride_kh + dim, mask=live, other=0.0).to(tl.float32)
-            c = tl.load(cb + s)
-            dot += x[:, None] * c[None, :]
-            norm += c * c
-        dist = norm[None, :] - 2.0 * dot
+            x = tl.load(key_ptr + t[:, None] * stride_kt + h * stride_kh + dim[None, :],
+                        mask=live[:, None] & (s < SUB)[None, :], other=0.0).to(tl.float32)  # [BLOCK_T, SUBP]
+            c = tl.load(cb_ptr + ((h * M + i) * K + k)[None, :] * SUB + s[:, None], mask=(s < SUB)[:, None],
+                        other=0.0)  # [SUBP, K]
+            dist = tl.sum(c * c, axis=0)[None, :] - 2.0 * tl.dot(x, c, input_precision="tf32")
+        else:
+            # Distances to every centroid of subspace i, one key dimension at a time: [BLOCK_T, K].
+            cb = cb_ptr + ((h * M + i) * K + k) * SUB  # centroid k of subspace i, first dimension
+            dot = tl.zeros([BLOCK_T, K], tl.float32)
+            norm = tl.zeros([K], tl.float32)
+            for s in tl.static_range(SUB):
+                if HAS_DIMS:
+                    dim = tl.load(dims_ptr + i * SUB + s)
+                else:
+                    dim = i * SUB + s
+                x = tl.load(key_ptr + t * stride_kt + h * stride_kh + dim, mask=live, other=0.0).to(tl.float32)
+                c = tl.load(cb + s)
+                dot += x[:, None] * c[None, :]
+                norm += c * c
+            dist = norm[None, :] - 2.0 * dot
         code = tl.argmin(dist, axis=1, tie_break_left=True)
         tl.store(cache_ptr + row * ROW_BYTES + i, code.to(tl.uint8), mask=live)
     else:
@@ -103,10 +118,16 @@ def _lookat_write_kernel(key_ptr, value_ptr, slots_ptr, cb_ptr, dims_ptr,
 
 
 def lookat_write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
-                 codebooks: torch.Tensor, dims: torch.Tensor | None, layout: LookatLayout) -> None:
+                 codebooks: torch.Tensor, dims: torch.Tensor | None, layout: LookatLayout, *,
+                 distances: str = "fma", block_t: int = BLOCK_T) -> None:
     """Same as ``lookat_ref.encode_write``: rows of ``key`` / ``value`` ``[T, Hkv, D]`` at
     ``slots`` ``[T]`` of ``cache[num_blocks, Hkv, block_size, row_bytes]``. ``codebooks``:
-    fp32 ``[Hkv, m, K, D/m]`` on the cache's device."""
+    fp32 ``[Hkv, m, K, D/m]`` on the cache's device. ``distances``: "fma" (the default,
+    measured on the H200) or "mma" (tensor cores in tf32, exact for bf16-valued centroids;
+    not yet timed on a GPU: ``benchmarks.kernels_lookat_write`` compares them); ``block_t``:
+    tokens per program (a power of two, at least 16 for "mma")."""
+    if distances not in ("fma", "mma"):
+        raise ValueError(f"distances must be 'fma' or 'mma', got {distances!r}")
     num_tokens, num_kv_heads, head_dim = key.shape
     if not num_tokens:
         return
@@ -115,10 +136,11 @@ def lookat_write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sl
     codebooks = codebooks if codebooks.dtype == torch.float32 and codebooks.is_contiguous() else \
         codebooks.float().contiguous()
     value_16 = layout.value_dtype if layout.value_bits == 16 else torch.float16
-    grid = (triton.cdiv(num_tokens, BLOCK_T), num_kv_heads, m + 1)
+    grid = (triton.cdiv(num_tokens, block_t), num_kv_heads, m + 1)
     _lookat_write_kernel[grid](
         key, value, slots, codebooks, codebooks if dims is None else dims.flatten(),
         cache, cache.view(torch.int8), cache.view(value_16), cache.view(torch.float16),
         num_tokens, num_kv_heads, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        M=m, K=num_codes, D=head_dim, SUB=sub, ROW_BYTES=layout.row_bytes, BS=cache.shape[2],
-        VALUE_BITS=layout.value_bits, HAS_DIMS=dims is not None, BLOCK_T=BLOCK_T, num_warps=4)
+        M=m, K=num_codes, D=head_dim, SUB=sub, SUBP=max(16, sub), ROW_BYTES=layout.row_bytes, BS=cache.shape[2],
+        VALUE_BITS=layout.value_bits, HAS_DIMS=dims is not None, BLOCK_T=block_t, MMA=distances == "mma",
+        num_warps=4)

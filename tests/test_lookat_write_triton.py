@@ -32,15 +32,18 @@ def _case(bits, D=32, m=8, hkv=2, tokens=21, K=64, bs=16, seed=0, dims=False):
 
 @pytest.mark.parametrize("bits", [16, 8, 4])
 @pytest.mark.parametrize("dims", [False, True])
-def test_write_matches_reference(bits, dims):
+@pytest.mark.parametrize("distances", ["fma", "mma"])
+def test_write_matches_reference(bits, dims, distances):
     layout, codebooks, keys, values, slots, order, cache = _case(bits, dims=dims)
+    keys = keys.to(torch.bfloat16)  # as vLLM hands them; centroids hold bf16 values (LookatFormat)
+    codebooks = codebooks.to(torch.bfloat16).float()
     ref = cache.clone()
     lookat_ref.encode_write(ref, keys, values, slots, codebooks, order, layout)
     out = cache.clone().to(DEV)
     # keys as vLLM hands them: a strided view into the fused qkv projection
     qkv = torch.cat([torch.zeros(keys.shape[0], 1, keys.shape[2]), keys], 1).to(DEV)
     lookat_write_triton.lookat_write(out, qkv[:, 1:], values.to(DEV), slots.to(DEV), codebooks.to(DEV),
-                                     None if order is None else order.to(DEV), layout)
+                                     None if order is None else order.to(DEV), layout, distances=distances)
     out = out.cpu()
     assert torch.equal(out, ref), f"{int((out != ref).sum())} bytes differ"
 
@@ -49,14 +52,16 @@ def test_prefill_sized_writes_match_reference():
     """A prefill chunk's worth of tokens (many programs per head and subspace)."""
     tokens = 1101
     layout, codebooks, keys, values, slots, order, cache = _case(4, tokens=tokens, seed=5)
+    keys, codebooks = keys.to(torch.bfloat16), codebooks.to(torch.bfloat16).float()  # exact in tf32 ("mma")
     cache = torch.zeros(tokens // 16 + 8, 2, 16, layout.row_bytes, dtype=torch.uint8)
     slots = torch.randperm(cache.shape[0] * 16 - 1, generator=torch.Generator().manual_seed(6))[:tokens] + 1
     ref = cache.clone()
     lookat_ref.encode_write(ref, keys, values, slots, codebooks, None, layout)
-    out = cache.clone().to(DEV)
-    lookat_write_triton.lookat_write(out, keys.to(DEV), values.to(DEV), slots.to(DEV), codebooks.to(DEV), None,
-                                     layout)
-    assert torch.equal(out.cpu(), ref)
+    for distances, block_t in (("fma", 16), ("mma", 64)):
+        out = cache.clone().to(DEV)
+        lookat_write_triton.lookat_write(out, keys.to(DEV), values.to(DEV), slots.to(DEV), codebooks.to(DEV), None,
+                                         layout, distances=distances, block_t=block_t)
+        assert torch.equal(out.cpu(), ref), distances
 
 
 def test_padding_slots_store_nothing():
