@@ -52,3 +52,18 @@ def test_scaled_rope_is_refused():
         rope_parameters = {"rope_type": "default", "rope_theta": 1e6}
 
     assert rope.check_default_rope(Plain()) == 1e6
+
+
+def test_rotation_tables_give_the_directly_computed_angles():
+    """Whole-number deltas come from a cached table (decode re-rotates every kept key each
+    step); its values are the directly computed ones, bit for bit, negative deltas included."""
+    from vllm_kvcompress.kernels import rope_ref
+
+    delta = torch.cat([torch.arange(-3000, 3000, 7), torch.tensor([0, 40000])])
+    for theta in (1e4, 1e6):
+        cos, sin = rope_ref.cos_sin(delta, 64, theta, "cpu")
+        angle = rope_ref._angles(delta, 64, theta, "cpu")
+        assert torch.equal(cos, angle.cos().float()) and torch.equal(sin, angle.sin().float())
+    fractional = torch.tensor([0.5, -2.25])
+    cos, sin = rope_ref.cos_sin(fractional, 64, 1e4, "cpu")
+    assert torch.equal(sin, rope_ref._angles(fractional, 64, 1e4, "cpu").sin().float())
