@@ -117,6 +117,9 @@ def test_cuda_needs_ampere_and_refuses_stream_eviction_for_now(smollm2_dir, monk
     monkeypatch.setenv(startup.CUDA_EVICTION_ENV, "1")
     startup.check_platform(KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5}))
     startup.check_platform(KVCompressConfig.from_dict({"method": "snapkv", "max_kv_tokens": 256}))
+    with pytest.raises(KVCompressConfigError, match=r"eviction_mode: 'mask' .* CPU engine only; on CUDA use 'compact'"):
+        startup.check_platform(KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5,
+                                                            "eviction_mode": "mask"}))
     with pytest.raises(KVCompressConfigError, match=r"method 'headkv' runs on the CPU engine only .* per-\(layer, KV "
                                                     r"head\) streams .*KVCOMPRESS_CUDA_EVICTION=1"):
         startup.check_platform(KVCompressConfig.from_dict({"method": "headkv", "max_kv_tokens": 256,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from vllm_kvcompress import BACKEND_NAME
 from vllm_kvcompress.config import CONFIG_KEY, KVCompressConfig, KVCompressConfigError
 from vllm_kvcompress.methods import evicting
+from vllm_kvcompress.methods.base import key_name
 from vllm_kvcompress.vllm.policy import EvictionPolicy, model_shape, validate_overrides
 from vllm_kvcompress.vllm.version import check_vllm_version
 
@@ -82,6 +83,10 @@ def check_platform(config: KVCompressConfig) -> None:
             f"kvcompress method {config.method!r} runs on the CPU engine only in this release: its per-(layer, KV "
             f"head) streams are not yet run on CUDA; on a GPU use method none or lookat ({CUDA_EVICTION_ENV}=1 "
             f"also lets knorm and snapkv try)")
+    if getattr(config.settings, "eviction_mode", "compact") == "mask":
+        raise KVCompressConfigError(
+            f"{key_name('eviction_mode')}: 'mask' (the masked reference, no memory saved) runs on the CPU engine "
+            f"only; on CUDA use 'compact' (the default)")
     if config.spec.evicts and os.environ.get(CUDA_EVICTION_ENV) != "1":
         raise KVCompressConfigError(
             f"kvcompress method {config.method!r} on CUDA is experimental in this release (whole-row eviction on "
