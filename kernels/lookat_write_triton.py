@@ -11,7 +11,8 @@ of the tile's keys (distances ``|c|^2 - 2 x.c`` to the ``K`` centroids, first mi
 the reference's argmin); program ``(tile, h, m)`` quantizes the tile's values. Splitting
 the subspaces over programs keeps a decode step of a few tokens spread over the SMs.
 Padding slots (< 0) store nothing. Rounding is the reference's: fp32 distances (summed in
-another order, so a code may differ at an exact tie), IEEE division and round-half-to-even
+another order, so a code may differ where two centroids are
+within rounding of each other), IEEE division and round-half-to-even
 for the value integers.
 """
 
@@ -92,7 +93,7 @@ def _lookat_write_kernel(key_ptr, value_ptr, slots_ptr, cb_ptr, dims_ptr,
             d = tl.arange(0, D)
             v = tl.load(value_ptr + t[:, None] * stride_vt + h * stride_vh + d[None, :], mask=live[:, None],
                         other=0.0).to(tl.float32)
-            scale = tl.maximum(tl.max(tl.abs(v), axis=1) / 127.0, 1e-7).to(tl.float16).to(tl.float32)
+            scale = tl.maximum(tl.div_rn(tl.max(tl.abs(v), axis=1), 127.0), 1e-7).to(tl.float16).to(tl.float32)
             q = _round_half_even(tl.div_rn(v, scale[:, None]))
             q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
             tl.store(cache_i8_ptr + (row * ROW_BYTES + M)[:, None] + d[None, :], q, mask=live[:, None])
@@ -104,7 +105,7 @@ def _lookat_write_kernel(key_ptr, value_ptr, slots_ptr, cb_ptr, dims_ptr,
             odd = tl.load(base + 1, mask=live[:, None], other=0.0).to(tl.float32)
             low = tl.minimum(tl.min(even, axis=1), tl.min(odd, axis=1))
             high = tl.maximum(tl.max(even, axis=1), tl.max(odd, axis=1))
-            scale = tl.maximum((high - low) / 15.0, 1e-7).to(tl.float16)
+            scale = tl.maximum(tl.div_rn(high - low, 15.0), 1e-7).to(tl.float16)
             low = low.to(tl.float16)
             sf = scale.to(tl.float32)[:, None]
             lf = low.to(tl.float32)[:, None]

@@ -10,6 +10,7 @@ import torch
 # a decode step re-rotates every kept key, and the float64 trigonometry of each angle would
 # otherwise be recomputed at every step and layer.
 _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+MAX_TABLE = 1 << 17  # positions; farther ones (calibration over long position ranges) are computed directly
 
 
 def _angles(delta: torch.Tensor, head_dim: int, theta: float, device) -> torch.Tensor:
@@ -20,7 +21,7 @@ def _angles(delta: torch.Tensor, head_dim: int, theta: float, device) -> torch.T
 def cos_sin(delta: torch.Tensor, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin`` ``[T, D/2]`` fp32 of the angles ``delta[T] * theta^(-2i/D)``, each computed in
     float64 and rounded once. Whole-number deltas are looked up in a table (the same values)."""
-    if delta.dtype.is_floating_point or delta.numel() == 0:
+    if delta.dtype.is_floating_point or delta.numel() == 0 or int(delta.abs().max()) >= MAX_TABLE:
         angle = _angles(delta, head_dim, theta, device)
         return angle.cos().float(), angle.sin().float()
     delta = delta.to(device=device, dtype=torch.long)

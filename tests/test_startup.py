@@ -181,6 +181,7 @@ def test_eviction_on_cuda_wires_the_gpu_worker_on_vllms_v1_runner(smollm2_dir, m
     monkeypatch.setattr(type(current_platform), "is_cuda", lambda self: True)
     monkeypatch.delenv(startup.V2_RUNNER_ENV, raising=False)
     vllm_config = engine_config(smollm2_dir)
+    monkeypatch.setenv(startup.V2_RUNNER_ENV, "")  # unset in effect; removed again after the test
     vllm_config.scheduler_config.async_scheduling = True  # vLLM's default on CUDA
     startup.wire_eviction(vllm_config, config)
     assert vllm_config.parallel_config.worker_cls == "vllm_kvcompress.vllm.gpu_worker.KVCompressGPUWorker"

@@ -60,11 +60,6 @@ def check_ranges_file(path: str, hf_config) -> dict:
                           lambda message: KVCompressConfigError(f"{key_name('key_ranges')}: {message}"))
 
 
-class _RangesError(KVCompressConfigError):
-    def __init__(self, message: str):
-        super().__init__(f"{key_name('key_ranges')}: {message}")
-
-
 class KVQuantFormat:
     """Rows of pre-RoPE integer keys and 16/8/4-bit values; every token kept (no ``visible``)."""
 

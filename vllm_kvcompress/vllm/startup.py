@@ -172,7 +172,7 @@ PLATFORM_WORKER_CLS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker", "vllm.v1.w
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
-def select_v1_runner(config: KVCompressConfig) -> None:
+def select_v1_runner(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
     """Eviction on CUDA runs vLLM's V1 model runner (the plugin's runner mixin keeps its block
     tables physical; the V2 runner's integration is not built: docs/design/eviction-on-cuda.md).
     Set for the engine processes this process spawns; an explicit request for V2 is refused."""
@@ -182,6 +182,20 @@ def select_v1_runner(config: KVCompressConfig) -> None:
             f"{V2_RUNNER_ENV}={value} cannot be combined with kvcompress method {config.method!r}: eviction on CUDA "
             f"runs vLLM's V1 model runner in this release; unset {V2_RUNNER_ENV} (the plugin selects the V1 runner)")
     os.environ[V2_RUNNER_ENV] = "0"
+    # The config was validated for the V2 runner (the CUDA default): what V1 cannot do is
+    # refused now, before any engine process starts.
+    if vllm_config.parallel_config.data_parallel_size > 1:
+        raise KVCompressConfigError(f"data parallelism cannot be combined with kvcompress method {config.method!r} "
+                                    "on CUDA yet")
+    if not vllm_config.use_v2_model_runner and hasattr(vllm_config, "_validate_v1_model_runner"):
+        try:
+            vllm_config._validate_v1_model_runner()
+        except ValueError as exc:
+            raise KVCompressConfigError(f"kvcompress method {config.method!r} on CUDA runs vLLM's V1 model runner: "
+                                        f"{exc}") from None
+    if vllm_config.use_v2_model_runner:  # forced by a feature that needs V2 (HiSparse, watermarking)
+        raise KVCompressConfigError(f"kvcompress method {config.method!r} on CUDA runs vLLM's V1 model runner, but "
+                                    "this configuration forces the V2 runner")
 
 
 def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_requested: bool | None = None) -> None:
@@ -222,7 +236,7 @@ def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_req
     if parallel.pipeline_parallel_size > 1:
         raise KVCompressConfigError("pipeline parallelism cannot be combined with kvcompress eviction yet")
     if on_cuda:
-        select_v1_runner(config)
+        select_v1_runner(vllm_config, config)
         logger.info("kvcompress: method %r on CUDA runs vLLM's V1 model runner (%s=0)", config.method,
                     V2_RUNNER_ENV)
     scheduler.scheduler_cls = SCHEDULER_CLS
