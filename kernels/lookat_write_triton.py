@@ -11,9 +11,8 @@ of the tile's keys (distances ``|c|^2 - 2 x.c`` to the ``K`` centroids, first mi
 the reference's argmin); program ``(tile, h, m)`` quantizes the tile's values. Splitting
 the subspaces over programs keeps a decode step of a few tokens spread over the SMs.
 Padding slots (< 0) store nothing. Rounding is the reference's: fp32 distances (summed in
-another order, so a code may differ where two centroids are
-within rounding of each other), IEEE division and round-half-to-even
-for the value integers.
+another order, so a code may differ where two centroids are within rounding of each other),
+IEEE division and round-half-to-even for the value integers.
 """
 
 from __future__ import annotations

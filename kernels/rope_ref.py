@@ -18,21 +18,26 @@ def _angles(delta: torch.Tensor, head_dim: int, theta: float, device) -> torch.T
     return delta.to(device=device, dtype=torch.float64).unsqueeze(-1) * inv_freq  # [T, D/2]
 
 
+def _direct(delta: torch.Tensor, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    angle = _angles(delta, head_dim, theta, device)
+    return angle.cos().float(), angle.sin().float()
+
+
 def cos_sin(delta: torch.Tensor, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin`` ``[T, D/2]`` fp32 of the angles ``delta[T] * theta^(-2i/D)``, each computed in
     float64 and rounded once. Whole-number deltas are looked up in a table (the same values)."""
-    if delta.dtype.is_floating_point or delta.numel() == 0 or int(delta.abs().max()) >= MAX_TABLE:
-        angle = _angles(delta, head_dim, theta, device)
-        return angle.cos().float(), angle.sin().float()
+    if delta.dtype.is_floating_point or delta.numel() == 0:
+        return _direct(delta, head_dim, theta, device)
     delta = delta.to(device=device, dtype=torch.long)
-    need = int(delta.abs().max()) + 1
+    index = delta.abs()
+    farthest = int(index.max())
+    if farthest >= MAX_TABLE:
+        return _direct(delta, head_dim, theta, device)
     key = (float(theta), head_dim, str(torch.device(device)))
     table = _TABLES.get(key)
-    if table is None or table[0].shape[0] < need:
-        size = 1 << max(10, (need - 1).bit_length())
-        angle = _angles(torch.arange(size, device=device), head_dim, theta, device)
-        table = _TABLES[key] = (angle.cos().float(), angle.sin().float())
-    index = delta.abs()
+    if table is None or table[0].shape[0] <= farthest:
+        table = _TABLES[key] = _direct(torch.arange(1 << max(10, farthest.bit_length()), device=device), head_dim,
+                                       theta, device)
     cos, sin = table[0][index], table[1][index]
     return cos, torch.where((delta < 0).unsqueeze(-1), -sin, sin)  # cos(-a) = cos a, sin(-a) = -sin a
 

@@ -82,18 +82,23 @@ def test_none_gives_flash_attention_tokens(monkeypatch, shape):
     assert not result["splits"] and result["gap"] <= GAP_NATS
 
 
+def _triton_and_reference(monkeypatch, shape: str, settings: dict, codebooks_m=None) -> tuple[dict, dict, dict]:
+    """The same plugin engine on the Triton kernels and on the PyTorch ops (same CUDA tensors),
+    and their comparison; both must run the plugin's attention."""
+    runs = [_generate(monkeypatch, shape, kernels=kernels, codebooks_m=codebooks_m, attention_backend="kvcompress",
+                      additional_config={"kvcompress": dict(settings)}) for kernels in ("auto", "reference")]
+    triton, reference = runs
+    assert triton["attention_impls"] == reference["attention_impls"] == ["KVCompressImpl"]
+    return triton, reference, _compare(reference, triton)
+
+
 @pytest.mark.parametrize("shape", ["small", "llama-8b"])
 def test_lookat_triton_path_matches_its_reference_path(monkeypatch, shape):
-    settings = {"method": "lookat", "value_bits": 4}
-    triton = _generate(monkeypatch, shape, codebooks_m=16, attention_backend="kvcompress",
-                       additional_config={"kvcompress": dict(settings)})
-    reference = _generate(monkeypatch, shape, kernels="reference", codebooks_m=16, attention_backend="kvcompress",
-                          additional_config={"kvcompress": dict(settings)})
-    result = _compare(reference, triton)
+    triton, reference, result = _triton_and_reference(monkeypatch, shape, {"method": "lookat", "value_bits": 4},
+                                                      codebooks_m=16)
     print(f"{shape}: LOOKAT m16 int4 values, Triton vs PyTorch ops on the GPU: {_describe(result)} "
           f"({triton['distinct_tokens']} distinct tokens); pool {triton['kv_cache_tokens']} "
           f"tokens; kernels {triton['kernels']} vs {reference['kernels']}")
-    assert triton["attention_impls"] == reference["attention_impls"] == ["KVCompressImpl"]
     # The issue's bar (>= 95% same greedy tokens) where no near tie intervenes; a divergence
     # at a near tie ends the comparison of that prompt without failing it.
     assert not result["splits"] and result["gap"] <= GAP_NATS
@@ -111,17 +116,11 @@ def test_eviction_triton_path_matches_its_reference_path(monkeypatch, method):
     eager, since compaction steps cannot be captured): compaction and decode on the Triton
     kernels against the same engine on the PyTorch ops, prompts longer than the budget."""
     monkeypatch.setenv("KVCOMPRESS_CUDA_EVICTION", "1")
-    settings = EVICTIONS[method]
-    codebooks_m = 16 if method.startswith("lookat") else None
-    triton = _generate(monkeypatch, "small", codebooks_m=codebooks_m, attention_backend="kvcompress",
-                       additional_config={"kvcompress": dict(settings)})
-    reference = _generate(monkeypatch, "small", kernels="reference", codebooks_m=codebooks_m,
-                          attention_backend="kvcompress", additional_config={"kvcompress": dict(settings)})
-    result = _compare(reference, triton)
+    triton, _, result = _triton_and_reference(monkeypatch, "small", EVICTIONS[method],
+                                              codebooks_m=16 if method.startswith("lookat") else None)
     print(f"small: {method} (256-token budget), Triton vs PyTorch ops on the GPU: {_describe(result)} "
           f"({triton['distinct_tokens']} distinct tokens); cudagraph {triton['cudagraph_mode']}, start "
           f"{triton['start_s']} s")
-    assert triton["attention_impls"] == reference["attention_impls"] == ["KVCompressImpl"]
     assert not result["splits"] and result["gap"] <= GAP_NATS
 
 

@@ -187,15 +187,14 @@ def select_v1_runner(vllm_config: "VllmConfig", config: KVCompressConfig) -> Non
     if vllm_config.parallel_config.data_parallel_size > 1:
         raise KVCompressConfigError(f"data parallelism cannot be combined with kvcompress method {config.method!r} "
                                     "on CUDA yet")
-    if not vllm_config.use_v2_model_runner and hasattr(vllm_config, "_validate_v1_model_runner"):
-        try:
-            vllm_config._validate_v1_model_runner()
-        except ValueError as exc:
-            raise KVCompressConfigError(f"kvcompress method {config.method!r} on CUDA runs vLLM's V1 model runner: "
-                                        f"{exc}") from None
     if vllm_config.use_v2_model_runner:  # forced by a feature that needs V2 (HiSparse, watermarking)
         raise KVCompressConfigError(f"kvcompress method {config.method!r} on CUDA runs vLLM's V1 model runner, but "
                                     "this configuration forces the V2 runner")
+    try:
+        vllm_config._validate_v1_model_runner()
+    except ValueError as exc:
+        raise KVCompressConfigError(f"kvcompress method {config.method!r} on CUDA runs vLLM's V1 model runner: "
+                                    f"{exc}") from None
 
 
 def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_requested: bool | None = None) -> None:

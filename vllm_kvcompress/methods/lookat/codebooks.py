@@ -4,7 +4,6 @@ against the model it serves. Written by :mod:`vllm_kvcompress.offline.calibrate`
 
 from __future__ import annotations
 
-
 import torch
 
 from vllm_kvcompress.methods.artefacts import check_artefact
