@@ -4,12 +4,12 @@
     python -m benchmarks.kernels_lookat_write --out DIR [--quick]
 
 Shape: Llama-3-8B attention (8 KV heads, head_dim 128), m=16 subspaces of 256 centroids,
-int4 and bf16 values, 16-token blocks, tokens written to shuffled slots. Per token count
+int4, int8 and bf16 values (timed: int4 and bf16), 16-token blocks, tokens written to shuffled slots. Per token count
 (1 and 32 are decode steps, 256 a large decode batch, 8192 a prefill chunk):
 - correctness: bytes equal to the reference's rows, and codes that differ only at a
   tie of distances (fp32 sums in another order);
-- the tensor-core distance variant (``distances="mma"``, 16 and 64 tokens per program),
-  timed beside the default;
+- the kernel's default (tensor-core distances) timed beside each variant (fp32
+  distances, 16 tokens per program; tensor cores with 16 and 64);
 - time per call, each replayed from a CUDA graph as vLLM replays decode
   (``kernels_lookat.bench_ms``: ``do_bench`` median, L2 flushed), reference / kernel
   ratio, and the two x 32 layers (a Llama-3-8B step).
@@ -68,9 +68,10 @@ def time_one(tokens: int, bits: int, gen: torch.Generator, quick: bool) -> dict:
     ref_ms = bench_ms(lambda: lookat_ref.encode_write(cache, keys, values, slots, codebooks, None, layout), quick)
     kernel_ms = bench_ms(lambda: lookat_write_triton.lookat_write(cache, keys, values, slots, codebooks, None,
                                                                   layout), quick)
-    # The tensor-core distances (not the default until timed here), with 16 and 64 tokens per program.
-    variants = {f"mma_bt{bt}_us": round(1000 * bench_ms(lambda bt=bt: lookat_write_triton.lookat_write(
-        cache, keys, values, slots, codebooks, None, layout, distances="mma", block_t=bt), quick), 1) for bt in (16, 64)}
+    # The default (tensor-core distances, 16 or 64 tokens per program by count) beside each variant.
+    variants = {f"{d}_bt{bt}_us": round(1000 * bench_ms(lambda d=d, bt=bt: lookat_write_triton.lookat_write(
+        cache, keys, values, slots, codebooks, None, layout, distances=d, block_t=bt), quick), 1)
+        for d, bt in (("fma", 16), ("mma", 16), ("mma", 64))}
     return {"tokens": tokens, "value_bits": bits, "reference_us": round(1000 * ref_ms, 1),
             "kernel_us": round(1000 * kernel_ms, 1), "speedup": round(ref_ms / kernel_ms, 2), **variants,
             "reference_ms_per_step_32_layers": round(LAYERS * ref_ms, 3),
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
-    checks = [check(t, b, gen) for t in TOKENS for b in (4, 16)]
+    checks = [check(t, b, gen) for t in TOKENS for b in (4, 8, 16)]
     rows = [time_one(t, b, gen, args.quick) for t in TOKENS for b in (4, 16)]
     meta = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
             "command": "python -m benchmarks.kernels_lookat_write " + " ".join(sys.argv[1:] if argv is None else argv)}
@@ -95,11 +96,11 @@ def main(argv=None) -> int:
     lines = [f"# LOOKAT cache write: fused Triton kernel vs PyTorch ops ({meta['gpu']}, {meta['date']})", "",
              f"`{meta['command']}`; 8 KV heads, head_dim 128, m=16 x 256 centroids; CUDA-graph replays.", "",
              "| tokens | value bits | reference us | kernel us | reference / kernel | x 32 layers: ref ms | kernel ms "
-             "| mma, 16 tokens us | mma, 64 tokens us |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| fma, 16 tokens us | mma, 16 tokens us | mma, 64 tokens us |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['tokens']} | {r['value_bits']} | {r['reference_us']} | {r['kernel_us']} | {r['speedup']}x | "
-              f"{r['reference_ms_per_step_32_layers']} | {r['kernel_ms_per_step_32_layers']} | {r['mma_bt16_us']} | "
-              f"{r['mma_bt64_us']} |" for r in rows]
+              f"{r['reference_ms_per_step_32_layers']} | {r['kernel_ms_per_step_32_layers']} | {r['fma_bt16_us']} | "
+              f"{r['mma_bt16_us']} | {r['mma_bt64_us']} |" for r in rows]
     lines += ["", "| tokens | value bits | codes equal | values equal | largest distance gap where codes differ |",
               "|---|---|---|---|---|"]
     lines += [f"| {c['tokens']} | {c['value_bits']} | {c['codes_equal']:.5f} | {c['values_equal']} | "

@@ -119,18 +119,25 @@ def _lookat_write_kernel(key_ptr, value_ptr, slots_ptr, cb_ptr, dims_ptr,
 
 def lookat_write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
                  codebooks: torch.Tensor, dims: torch.Tensor | None, layout: LookatLayout, *,
-                 distances: str = "fma", block_t: int = BLOCK_T) -> None:
+                 distances: str | None = None, block_t: int | None = None) -> None:
     """Same as ``lookat_ref.encode_write``: rows of ``key`` / ``value`` ``[T, Hkv, D]`` at
     ``slots`` ``[T]`` of ``cache[num_blocks, Hkv, block_size, row_bytes]``. ``codebooks``:
-    fp32 ``[Hkv, m, K, D/m]`` on the cache's device. ``distances``: "fma" (the default,
-    measured on the H200) or "mma" (tensor cores in tf32, exact for bf16-valued centroids;
-    not yet timed on a GPU: ``benchmarks.kernels_lookat_write`` compares them); ``block_t``:
-    tokens per program (a power of two, at least 16 for "mma")."""
+    fp32 ``[Hkv, m, K, D/m]`` on the cache's device. ``distances``: "mma" (tensor cores in
+    tf32: exact for bf16/fp16 keys and bf16-valued centroids, so the default for those key
+    dtypes) or "fma" (fp32 on the CUDA cores: the default for fp32 keys). ``block_t``: tokens
+    per program (a power of two, at least 16 for "mma"); by default 16 up to 256 tokens, else
+    64. Defaults from ``benchmarks.kernels_lookat_write`` on the H200
+    (results/2026-12-03/h200-eviction-1/write_kernel.md): "mma" is as fast at one token and
+    3.3x faster for an 8K-token prefill chunk."""
+    if distances is None:
+        distances = "mma" if key.dtype in (torch.bfloat16, torch.float16) else "fma"
     if distances not in ("fma", "mma"):
         raise ValueError(f"distances must be 'fma' or 'mma', got {distances!r}")
     num_tokens, num_kv_heads, head_dim = key.shape
     if not num_tokens:
         return
+    if block_t is None:
+        block_t = 16 if num_tokens <= 256 else 64
     m, num_codes, sub = codebooks.shape[1], codebooks.shape[2], codebooks.shape[3]
     value = value if value.stride(-1) == 1 else value.contiguous()
     codebooks = codebooks if codebooks.dtype == torch.float32 and codebooks.is_contiguous() else \

@@ -16,6 +16,7 @@ Ops with a Triton twin (the rest are always the reference):
 * ``lookat_decode`` -> ``lookat_triton.lookat_decode``; not with ``current``.
 * ``lookat_write``  -> ``lookat_write_triton.lookat_write`` (encode and store in one launch).
 * ``compact``       -> ``compaction_triton.compact_batch`` (a batch of one request).
+* ``compact_batch`` -> ``compaction_triton.compact_batch``.
 * ``stream_decode`` -> ``stream_attention_triton.stream_decode``.
 
 Each also needs shapes and dtypes its kernel handles (power-of-two ``head_dim >= 16``,
@@ -41,9 +42,10 @@ from vllm_kvcompress.kernels.lookat_ref import LookatLayout
 
 __all__ = [
     "LookatLayout", "KINDS", "OPS", "TRITON_OPS", "use", "current_kind", "implementation",
-    "dense_write", "dense_decode", "dense_prefill", "dense_gather",
+    "dense_write", "dense_decode", "dense_prefill", "dense_gather", "dense_gather_batch",
     "lookat_encode_rows", "lookat_write_rows", "lookat_write", "lookat_decode", "lookat_prefill", "lookat_keys",
-    "compact", "stream_write_rows", "stream_move_rows", "stream_decode", "stream_prefill", "page_rows",
+    "lookat_keys_batch", "compact", "compact_batch", "to_device", "stream_write_rows", "stream_move_rows",
+    "stream_decode", "stream_prefill", "page_rows",
 ]
 
 KINDS = ("auto", "reference", "triton")
@@ -55,11 +57,13 @@ TRITON_OPS: dict[str, tuple[str, ...]] = {
     "lookat_decode": ("current",),  # the kernel reads every token from the coded rows
     "lookat_write": (),
     "compact": (),
+    "compact_batch": (),
     "stream_decode": (),
 }
 OPS = frozenset(TRITON_OPS) | {
-    "dense_write", "dense_prefill", "dense_gather", "lookat_encode_rows", "lookat_write_rows", "lookat_prefill",
-    "lookat_keys", "stream_write_rows", "stream_move_rows", "stream_prefill", "page_rows",
+    "dense_write", "dense_prefill", "dense_gather", "dense_gather_batch", "lookat_encode_rows", "lookat_write_rows",
+    "lookat_prefill", "lookat_keys", "lookat_keys_batch", "stream_write_rows", "stream_move_rows", "stream_prefill",
+    "page_rows",
 }
 
 # ``KVCOMPRESS_KERNELS=reference`` runs a whole engine on the PyTorch references (the GPU
@@ -191,6 +195,14 @@ def dense_gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> tupl
     return paged_dense_ref.gather_kv(cache, blocks, length)
 
 
+def dense_gather_batch(cache: torch.Tensor, block_table: torch.Tensor,
+                       length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(K, V)`` ``[R, H, length, D]`` of the requests of ``block_table[R, max_blocks]``."""
+    rows = paged_dense_ref.gather_rows(cache, block_table, length)
+    head_dim = cache.shape[-1] // 2
+    return rows[..., :head_dim], rows[..., head_dim:]
+
+
 # ----------------------------------------------------------------- LOOKAT
 
 
@@ -237,8 +249,17 @@ def lookat_prefill(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tenso
 def lookat_keys(cache: torch.Tensor, blocks: torch.Tensor, length: int, codebooks: torch.Tensor,
                 dims: torch.Tensor | None, layout: LookatLayout) -> torch.Tensor:
     """Keys ``[Hkv, length, D]`` of one request, rebuilt from its codes."""
-    codes, _ = lookat_ref.split_rows(lookat_ref.gather_rows(cache, blocks[None], length)[0], layout)
-    return lookat_ref.rebuilt_keys(codes, codebooks, dims)
+    return lookat_keys_batch(cache, blocks[None], length, codebooks, dims, layout)[0]
+
+
+def lookat_keys_batch(cache: torch.Tensor, block_table: torch.Tensor, length: int, codebooks: torch.Tensor,
+                      dims: torch.Tensor | None, layout: LookatLayout) -> torch.Tensor:
+    """Keys ``[R, Hkv, length, D]`` of the requests of ``block_table[R, max_blocks]``."""
+    codes, _ = lookat_ref.split_rows(lookat_ref.gather_rows(cache, block_table, length), layout)  # [R, H, L, m]
+    batch, heads = codes.shape[:2]
+    flat = codes.transpose(0, 1).reshape(heads, batch * length, -1)  # the reference rebuilds [H, L, m]
+    keys = lookat_ref.rebuilt_keys(flat, codebooks, dims)
+    return keys.reshape(heads, batch, length, -1).transpose(0, 1)
 
 
 # ----------------------------------------------------------------- KVQuant-style keys
@@ -270,6 +291,26 @@ def kvquant_keys(cache: torch.Tensor, blocks: torch.Tensor, length: int, ranges:
 
 
 # ----------------------------------------------------------------- compaction
+
+
+def compact_batch(cache: torch.Tensor, block_table: torch.Tensor, keep: torch.Tensor, keep_lens: torch.Tensor) -> None:
+    """Several requests at once: ``block_table[R, max_blocks]``, ``keep[R, H, max_keep]``
+    (request ``r``'s first ``keep_lens[r]`` entries ascending), ``keep_lens[R]`` int32. One
+    launch (two for few requests) on CUDA; nothing read back to the host."""
+    fits = keep.dim() == 3 and keep.shape[1] == cache.shape[1] and cache.is_contiguous()
+    if implementation("compact_batch", cache, block_table, keep, keep_lens, fits=fits) == "triton":
+        if keep.shape[0] and keep.shape[2]:
+            _twin("compaction_triton").compact_batch(cache, _table(block_table), keep, _lens(keep_lens))
+        return
+    compaction_ref.compact_batch(cache, block_table, keep, keep_lens)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the stream: through pinned memory
+    on CUDA (a copy from pageable memory may synchronise the stream first)."""
+    if host.device == device or device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def compact(cache: torch.Tensor, blocks: torch.Tensor, keep: torch.Tensor) -> None:

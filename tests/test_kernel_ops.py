@@ -171,7 +171,8 @@ def test_auto_picks_the_reference_for_cpu_tensors():
 
 
 def test_auto_picks_triton_for_cuda_tensors_where_a_twin_fits(triton_installed):
-    assert ops.TRITON_OPS.keys() == {"dense_decode", "lookat_decode", "lookat_write", "compact", "stream_decode"}
+    assert ops.TRITON_OPS.keys() == {"dense_decode", "lookat_decode", "lookat_write", "compact", "compact_batch",
+                                     "stream_decode"}
     for op in ops.TRITON_OPS:
         assert ops.implementation(op, CUDA, CUDA, None) == "triton"
         assert ops.implementation(op, CUDA, CPU) == "reference"  # not all on CUDA
@@ -305,6 +306,22 @@ def test_compact_through_triton(interpreter, twins, dtype):
         ops.compact(out, table[0].to(DEV), keep.to(DEV))
         ops.compact(out, table[0].to(DEV), keep[:, :0].to(DEV))  # nothing kept: nothing moves
     assert twins == ["compaction_triton"] and torch.equal(out.cpu(), expect)
+
+
+def test_compact_batch_through_triton(interpreter, twins):
+    """The batched compaction of a step, as the evictor calls it: int64 indices with
+    padding past each request's count, which must not move anything."""
+    from vllm_kvcompress.eviction.selection import keep_indices_batch
+
+    g, cache, table, lens, _ = _dense_case()
+    scores = torch.randn(len(lens), cache.shape[1], int(lens.max()), generator=g)
+    keep, keep_lens = keep_indices_batch(scores, lens.tolist(), [12] * len(lens))
+    expect = cache.clone()
+    compaction_ref.compact_batch(expect, table, keep, keep_lens)
+    out = cache.clone().to(DEV)
+    with ops.use("triton"):
+        ops.compact_batch(out, table.to(DEV), keep.to(DEV), keep_lens.to(DEV))
+    assert twins == ["compaction_triton"] and torch.equal(out.cpu(), expect) and not torch.equal(expect, cache)
 
 
 def test_stream_decode_through_triton(interpreter, twins):

@@ -325,7 +325,7 @@ def test_method_none_hands_attention_to_flash_attention_on_cuda(smollm2_dir, mon
     assert config.attention_config.backend.name == "FLASH_ATTN"
 
 
-def test_decode_graphs_declared_for_methods_without_eviction():
+def test_decode_graphs_declared_except_for_streams_and_masks():
     from vllm.v1.attention.backend import AttentionCGSupport
 
     from vllm_kvcompress.vllm.backend import KVCompressMetadataBuilder
@@ -334,5 +334,9 @@ def test_decode_graphs_declared_for_methods_without_eviction():
         config = types.SimpleNamespace(additional_config={"kvcompress": settings})
         return KVCompressMetadataBuilder.get_cudagraph_support(config, None)
 
-    assert support({"method": "none"}) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
-    assert support({"method": "knorm", "compression_ratio": 0.5}) == AttentionCGSupport.NEVER
+    graphs, never = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE, AttentionCGSupport.NEVER
+    assert support({"method": "none"}) == graphs
+    # Whole-row eviction compacts after the forward: its decode steps replay graphs.
+    assert support({"method": "knorm", "compression_ratio": 0.5}) == graphs
+    assert support({"method": "knorm", "compression_ratio": 0.5, "eviction_mode": "mask"}) == never
+    assert support({"method": "headkv", "compression_ratio": 0.5, "head_scores": "uniform"}) == never

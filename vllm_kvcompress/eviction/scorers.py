@@ -15,6 +15,14 @@ class Scorer:
     def score(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def score_batch(self, keys: torch.Tensor, lengths: list[int], queries: list | None = None) -> torch.Tensor:
+        """Scores ``[R, H, L]`` of ``R`` requests' keys ``[R, H, L, D]`` (request ``r`` holds
+        ``lengths[r]`` rows; the rest is padding, scored -inf), each as :meth:`score` would."""
+        scores = torch.full(keys.shape[:3], float("-inf"), device=keys.device)
+        for r, length in enumerate(lengths):
+            scores[r, :, :length] = self.score(keys[r, :, :length], None if queries is None else queries[r])
+        return scores
+
     def window_queries(self, query: torch.Tensor, token_end: int, length: int) -> torch.Tensor | None:
         """The queries :meth:`score` needs from the step's ``query[T, Hq, D]``; None = none."""
         return None

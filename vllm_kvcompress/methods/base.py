@@ -171,6 +171,11 @@ class DenseFormat:
         """Cached keys ``[H, length, D]`` of one request, for eviction scores."""
         return ops.dense_gather(cache, blocks, length)[0]
 
+    def keys_batch(self, layer: int, cache, block_table, length: int):
+        """Cached keys ``[R, H, length, D]`` of ``R`` requests (rows past a request's own
+        length are whatever its blocks hold), for a batched compaction."""
+        return ops.dense_gather_batch(cache, block_table, length)[0]
+
 
 class Method:
     """One compression method. Class attributes describe it to the registry and the glue;

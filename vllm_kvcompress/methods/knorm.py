@@ -42,6 +42,9 @@ class KnormScorer(Scorer):
     def score(self, keys, queries=None):
         return -torch.linalg.vector_norm(keys.float(), dim=-1)
 
+    def score_batch(self, keys, lengths, queries=None):
+        return self.score(keys)  # per row: padding rows are masked by the selection
+
 
 class Knorm(Method):
     name = "knorm"

@@ -87,6 +87,10 @@ class KVQuantFormat:
     def keys(self, layer: int, cache, blocks, length: int):
         return ops.kvquant_keys(cache, blocks, length, self.ranges[layer], self.key_bits, self.theta, self.layout)
 
+    def keys_batch(self, layer: int, cache, block_table, length: int):
+        """Keys ``[R, H, length, D]`` of ``R`` requests (one reference read each: CPU only)."""
+        return torch.stack([self.keys(layer, cache, blocks, length) for blocks in block_table])
+
 
 class KVQuant(Method):
     name = "kvquant"

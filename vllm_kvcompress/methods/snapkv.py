@@ -58,11 +58,12 @@ class SnapKVScorer(Scorer):
         group = queries.shape[0] // heads
         grouped = queries.reshape(heads, group * window, dim)
         logits = grouped @ keys.float().transpose(1, 2) / math.sqrt(dim)  # [H, G*w, T]
-        query_pos = (length - window + torch.arange(window)).repeat(group)
-        logits.masked_fill_(torch.arange(length)[None, :] > query_pos[:, None], float("-inf"))
+        rows = torch.arange(length, device=keys.device)
+        query_pos = rows[length - window:].repeat(group)
+        logits.masked_fill_(rows[None, :] > query_pos[:, None], float("-inf"))
         weights = torch.softmax(logits, dim=-1).mean(dim=1)  # [H, T]
         prefix = length - window
-        scores = torch.full((heads, length), float("inf"))
+        scores = torch.full((heads, length), float("inf"), device=keys.device)
         if prefix > 0:
             pad = self.kernel // 2
             scores[:, :prefix] = torch.nn.functional.max_pool1d(weights[:, None, :prefix], self.kernel, stride=1,
@@ -81,8 +82,11 @@ class SnapKV(Method):
         if budget is None:
             return None
         # Compressed once, at the prompt end (as in the paper): no decode compaction.
+        # The compressing step holds at least two prompt tokens, so it is never a single-token
+        # decode step, which may replay from a CUDA graph: the window's queries are kept by
+        # the attention layer's Python, which a replay skips.
         return CompressionSchedule(compress_at=max(prompt_len, 1), budget=budget, buffer=NEVER,
-                                   window=self.settings.window_tokens)
+                                   window=max(self.settings.window_tokens, 2))
 
     def scorer(self):
         return SnapKVScorer(self.settings.window_tokens, self.settings.pool_kernel)

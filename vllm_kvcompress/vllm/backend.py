@@ -35,8 +35,9 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from vllm_kvcompress import BACKEND_NAME
 from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.kernels import ops
 from vllm_kvcompress.methods.base import PagedSettings
-from vllm_kvcompress.vllm.dense_layout import EvictionPlan, Evictor, physical_layout
+from vllm_kvcompress.vllm.dense_layout import DecodeBuffers, EvictionPlan, Evictor, physical_layout
 from vllm_kvcompress.vllm.stream_layout import StreamMetadata, StreamRunner
 
 # Under the "vllm" logger tree, so records get vLLM's handlers and process prefixes.
@@ -164,17 +165,21 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
     handed over when the runner allocates the KV cache (None without eviction).
 
     CUDA graphs: a batch of single-token decodes (vLLM's FULL decode graphs) reads only
-    vLLM's persistent buffers (block table, lengths, slot mapping) and is sized by
-    ``max_seq_len``, which vLLM sets to ``max_model_len`` when it captures, so one graph
-    per batch size replays for any lengths. Eviction changes lengths and tables between
-    steps outside those buffers: its layouts are not captured (PIECEWISE)."""
+    persistent buffers (vLLM's block table, lengths, slot mapping; with whole-row eviction
+    the builder's :class:`DecodeBuffers` of physical lengths and slots, refilled every
+    step) and is sized by ``max_seq_len``, which vLLM sets to ``max_model_len`` when it
+    captures, so one graph per batch size replays for any lengths. Compactions run after
+    the forward (the runner), outside any graph. The per-(layer, KV head) stream layouts
+    and eviction's mask mode are not captured (PIECEWISE)."""
 
     worker_state = None
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
         config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
-        return AttentionCGSupport.NEVER if config.spec.evicts else AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        method = config.build()
+        capturable = not method.evicts or not (isinstance(config.settings, PagedSettings) or method.masks)
+        return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE if capturable else AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device):
@@ -187,9 +192,12 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
         self.paged = isinstance(config.settings, PagedSettings)  # per-(layer, KV head) streams
         self.page_tokens = getattr(config.settings, "page_tokens", None)
         self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
+        self.decode_buffers = (DecodeBuffers(vllm_config.scheduler_config.max_num_batched_tokens, device)
+                               if self.evicts and self.compact and not self.paged else None)
         logger.info("kvcompress attention active: method=%s, %d layers, block_size=%d, page %d bytes, "
                     "CUDA graphs for decode: %s", config.method, len(layer_names), kv_cache_spec.block_size,
-                    kv_cache_spec.page_size_bytes, "no (eviction)" if self.evicts else "yes")
+                    kv_cache_spec.page_size_bytes,
+                    "yes" if self.get_cudagraph_support(vllm_config, kv_cache_spec).name != "NEVER" else "no")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False):
@@ -206,14 +214,15 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
             planned = stream_layout.build(m, num_reqs, geometry, step, state.pool)
             if planned is not None:
                 return planned
-        if not self.evicts and m.max_query_len == 1:
-            return self._decodes(m)
+        if m.max_query_len == 1 and (not self.evicts or self.decode_buffers is not None):
+            return self._decodes(m, step)
         kv_lens, slots, plan = host_seq_lens(m), m.slot_mapping[: m.num_actual_tokens], None
         positions = token_positions(m, kv_lens) if self.positions else None
         if self.evicts:  # rows are physical: fewer than the logical lengths once compacted
-            physical = physical_layout(m, num_reqs, self.kv_cache_spec.block_size, self.compact, step)
+            physical = physical_layout(m, num_reqs, kv_lens, self.kv_cache_spec.block_size, self.compact, step)
             if physical is not None:
                 kv_lens, slots, plan = physical
+                step.eviction = plan
         block_table = m.block_table_tensor[:num_reqs]
         starts = m.query_start_loc_cpu
         decode_rows, prefill_rows = classify(m)
@@ -221,30 +230,41 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
                     for r in prefill_rows]
         rows = torch.tensor(decode_rows, dtype=torch.long)
         decode_lens = kv_lens[rows]
+        device = block_table.device
         return KVCompressMetadata(
             num_actual_tokens=m.num_actual_tokens,
             slot_mapping=slots,
-            decode_token_index=starts[rows].to(device=block_table.device, dtype=torch.long),
-            decode_block_table=block_table[rows],
-            decode_kv_lens=decode_lens.to(block_table.device),  # the kernels read it on the device
+            decode_token_index=ops.to_device(starts[rows].long(), device),
+            decode_block_table=block_table[ops.to_device(rows, device)],
+            decode_kv_lens=ops.to_device(decode_lens.int(), device),  # the kernels read it on the device
             prefills=prefills,
             max_decode_len=int(decode_lens.max()) if decode_rows else 0,
             eviction=plan,
-            positions=None if positions is None else positions.to(block_table.device),
+            positions=None if positions is None else ops.to_device(positions, device),
         )
 
-    def _decodes(self, m: CommonAttentionMetadata) -> KVCompressMetadata:
-        """Every request decodes one token: token ``r`` is request ``r``'s. Views of vLLM's
-        persistent buffers only, so the step can replay from a captured graph (padding rows,
-        if any, have length 0 and slot -1)."""
+    def _decodes(self, m: CommonAttentionMetadata, step) -> KVCompressMetadata:
+        """Every request decodes one token: token ``r`` is request ``r``'s. Views of
+        persistent buffers only (vLLM's; with whole-row eviction, :class:`DecodeBuffers`
+        refilled here), so the step can replay from a captured graph (padding rows, if any,
+        have length 0 and slot -1)."""
+        kv_lens, slots, plan = m.seq_lens[: m.num_reqs], m.slot_mapping[: m.num_actual_tokens], None
+        longest = int(m.max_seq_len)  # a captured graph is sized for max_model_len
+        if self.decode_buffers is not None:
+            plan, longest = self.decode_buffers.fill(m, m.num_reqs, host_seq_lens(m), self.kv_cache_spec.block_size,
+                                                     step)
+            if plan is not None:
+                step.eviction = plan
+            kv_lens, slots = self.decode_buffers.kv_lens[: m.num_reqs], self.decode_buffers.slots[: m.num_actual_tokens]
         return KVCompressMetadata(
             num_actual_tokens=m.num_actual_tokens,
-            slot_mapping=m.slot_mapping[: m.num_actual_tokens],
+            slot_mapping=slots,
             decode_token_index=None,
             decode_block_table=m.block_table_tensor[: m.num_reqs],
-            decode_kv_lens=m.seq_lens[: m.num_reqs],
+            decode_kv_lens=kv_lens,
             prefills=[],
-            max_decode_len=int(m.max_seq_len),
+            max_decode_len=longest,
+            eviction=plan,
             # padding rows: -1, with slot -1 (nothing stored)
             positions=m.seq_lens[: m.num_reqs] - 1 if self.positions else None,
         )
@@ -349,5 +369,9 @@ class KVCompressImpl(AttentionImpl):
             result = fmt.prefill(index, query[rows], kv_cache, span.blocks, span.kv_len, self.scale,
                                  current=(key[rows], value[rows]), visible=visible)
             out[rows] = result.to(out.dtype)
-        if plan is not None and plan.compactions:  # after this step's attention: the new tokens were seen
-            evictor.run(index, kv_cache, fmt, plan, query)
+        if plan is not None:  # the runner compacts after the forward (Evictor.run)
+            evictor.keep_queries(index, plan, query)
+
+    def evict(self, layer_index: int, kv_cache: torch.Tensor, plan: EvictionPlan) -> None:
+        """This step's compactions in this layer's cache, after the step's forward (the runner)."""
+        self.evictor.run(layer_index, kv_cache, self.format, plan)

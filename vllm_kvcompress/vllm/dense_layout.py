@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_kvcompress.eviction.selection import keep_indices
+from vllm_kvcompress.eviction.selection import keep_indices, keep_indices_batch
 from vllm_kvcompress.kernels import ops
 
 
 @dataclass
 class Compaction:
     cache: object  # the request's RequestCache
-    blocks: torch.Tensor  # the request's block-table row
+    row: int  # the request's batch row (its block-table row)
     length: int  # rows held after this step's writes
     target: int  # rows kept
     token_end: int = 0  # end of the request's tokens in this step (SnapKV's window queries end here)
@@ -33,39 +33,90 @@ class Compaction:
 
 @dataclass
 class EvictionPlan:
+    """A step's whole-row eviction, built once by the metadata builder. The compactions run
+    after the step's forward (:meth:`Evictor.run`, called by the runner for every layer), so
+    a decode step that replays a CUDA graph compacts as an eager one does."""
+
     caches: list  # the step's RequestCache of each batch row (their masks in "mask" mode)
+    block_table: torch.Tensor | None = None  # vLLM's block table of the step (device)
     compactions: list[Compaction] = field(default_factory=list)
     decode_rows: list[int] = field(default_factory=list)
     prefill_rows: list[int] = field(default_factory=list)
+    queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> window queries per compaction
+    _batch: tuple | None = None
+
+    def batch(self) -> tuple[torch.Tensor, list[int], list[int]]:
+        """``(block_table[R, max_blocks], lengths, targets)`` of the compacting requests,
+        made once per step (one index on the device) and shared by every layer."""
+        if self._batch is None:
+            rows = ops.to_device(torch.tensor([c.row for c in self.compactions]), self.block_table.device)
+            self._batch = (self.block_table.index_select(0, rows), [c.length for c in self.compactions],
+                           [c.target for c in self.compactions])
+        return self._batch
 
 
-def physical_layout(m, num_reqs: int, block_size: int, compact: bool, step):
-    """``(kv_lens [R], slot_mapping [T], plan)`` for this step, or None on dummy runs."""
+def _plan_row(plan: EvictionPlan, step, r: int, logical: int, q_len: int, compact: bool, token_end: int) -> int:
+    """Rows request ``r`` holds before this step's ``q_len`` tokens; records its compaction."""
+    schedule = step.caches[r].schedule if step.caches[r] is not None else None
+    held = schedule.physical_length(logical) if schedule is not None and compact else logical
+    if schedule is not None and q_len > 0 and schedule.compacts_at(logical + q_len):
+        plan.compactions.append(Compaction(step.caches[r], r, held + q_len, schedule.budget, token_end))
+    return held
+
+
+def physical_layout(m, num_reqs: int, seq_lens: torch.Tensor, block_size: int, compact: bool, step):
+    """``(kv_lens [R], slot_mapping [T], plan)`` for this step, or None on dummy runs.
+    ``seq_lens``: logical lengths after the step, on the host (no read-back)."""
     if step is None or len(step.req_ids) < num_reqs:
         return None
-    rows = step.schedules
     starts = m.query_start_loc_cpu[: num_reqs + 1].long()
     q_lens = starts[1:] - starts[:-1]
-    logical_after = m.seq_lens[:num_reqs].to("cpu").long()
+    plan = EvictionPlan(step.caches[:num_reqs], m.block_table_tensor[:num_reqs])
     before = []
-    plan = EvictionPlan(step.caches[:num_reqs])
     for r in range(num_reqs):
-        schedule, logical = rows[r], int(logical_after[r] - q_lens[r])
-        held = schedule.physical_length(logical) if schedule is not None and compact else logical
-        before.append(held)
-        if schedule is not None and q_lens[r] > 0 and schedule.compacts_at(logical + int(q_lens[r])):
-            plan.compactions.append(Compaction(step.caches[r], m.block_table_tensor[r], held + int(q_lens[r]),
-                                               schedule.budget, int(starts[r + 1])))
-        if q_lens[r] == 1:
+        q_len = int(q_lens[r])
+        before.append(_plan_row(plan, step, r, int(seq_lens[r]) - q_len, q_len, compact, int(starts[r + 1])))
+        if q_len == 1:
             plan.decode_rows.append(r)
-        elif q_lens[r] > 1:
+        elif q_len > 1:
             plan.prefill_rows.append(r)
     before = torch.tensor(before, dtype=torch.long)
     token_row = torch.repeat_interleave(torch.arange(num_reqs), q_lens)
     position = before[token_row] + torch.arange(int(starts[-1])) - starts[token_row]
-    table = m.block_table_tensor[:num_reqs].long().cpu()
-    slots = table[token_row, position // block_size] * block_size + position % block_size
-    return before + q_lens, slots.to(m.slot_mapping.device), plan
+    device = m.block_table_tensor.device
+    index = ops.to_device(torch.stack([token_row, position // block_size]), device)
+    slots = m.block_table_tensor[index[0], index[1]].long() * block_size + ops.to_device(position % block_size, device)
+    return before + q_lens, slots, plan
+
+
+class DecodeBuffers:
+    """Whole-row eviction's decode metadata in persistent device buffers (one set per
+    metadata builder), so that a batch of single-token decodes can replay a CUDA graph:
+    the builder refills them before every step, the captured kernels read them."""
+
+    def __init__(self, max_reqs: int, device: torch.device):
+        self.kv_lens = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+        self.slots = torch.full((max_reqs,), -1, dtype=torch.long, device=device)
+
+    def fill(self, m, num_reqs: int, seq_lens: torch.Tensor, block_size: int, step):
+        """Physical lengths and write slots of a decode-only batch; rows past the step's
+        requests are padding (a replayed graph's batch size): length 0, slot -1. Returns
+        ``(plan, longest row)``; ``(None, max_seq_len)`` on dummy runs and graph capture,
+        which take vLLM's logical lengths."""
+        if step is None:
+            self.kv_lens[:num_reqs].copy_(m.seq_lens[:num_reqs])
+            self.slots[:num_reqs].copy_(m.slot_mapping[:num_reqs])
+            return None, int(m.max_seq_len)
+        real = min(num_reqs, len(step.req_ids))
+        plan = EvictionPlan(step.caches[:real], m.block_table_tensor[:num_reqs], decode_rows=list(range(real)))
+        after = [_plan_row(plan, step, r, int(seq_lens[r]) - 1, 1, True, r + 1) + 1 for r in range(real)]
+        lens = ops.to_device(torch.tensor(after + [0] * (num_reqs - real), dtype=torch.int32), self.kv_lens.device)
+        self.kv_lens[:num_reqs].copy_(lens)
+        last = (lens.long() - 1).clamp(min=0)
+        table = m.block_table_tensor[:num_reqs]
+        page = table.gather(1, (last // block_size).unsqueeze(1)).squeeze(1).long()
+        self.slots[:num_reqs].copy_(torch.where(lens > 0, page * block_size + last % block_size, -1))
+        return plan, max(after, default=0)
 
 
 class Evictor:
@@ -97,20 +148,39 @@ class Evictor:
             return None
         return self.visible(plan.caches[plan.prefill_rows[i]], layer, length, heads)[:, :length]
 
-    def run(self, layer: int, cache: torch.Tensor, fmt, plan: EvictionPlan, query=None) -> None:
-        for c in plan.compactions:
-            keys = fmt.keys(layer, cache, c.blocks, c.length)  # [H, T, D]
-            queries = None if query is None else self.scorer.window_queries(query, c.token_end, c.length)
-            if not self.mask_mode:
-                keep = keep_indices(self.scorer.score(keys, queries=queries), c.target, self.sink, self.recent)
-                ops.compact(cache, c.blocks.long(), keep)
-                continue
+    def run(self, layer: int, cache: torch.Tensor, fmt, plan: EvictionPlan) -> None:
+        """This step's compactions in one layer, after the step's forward."""
+        if not plan.compactions:
+            return
+        queries = plan.queries.get(layer)
+        if self.scorer.window and queries is None:
+            raise RuntimeError("kvcompress: a compaction that scores with the window's queries ran in a step whose "
+                               "attention did not keep them (a CUDA-graph replay)")
+        if self.mask_mode:
+            self._mask(layer, cache, fmt, plan, queries)
+            return
+        block_table, lengths, targets = plan.batch()
+        keys = fmt.keys_batch(layer, cache, block_table, max(lengths))  # [R, H, L, D]
+        scores = self.scorer.score_batch(keys, lengths, queries)
+        keep, keep_lens = keep_indices_batch(scores, lengths, targets, self.sink, self.recent)
+        ops.compact_batch(cache, block_table, keep, keep_lens)
+
+    def keep_queries(self, layer: int, plan: EvictionPlan, query: torch.Tensor) -> None:
+        """The window's queries of each compacting request (copies: vLLM reuses the
+        activation buffers), for :meth:`run` after the forward."""
+        if self.scorer.window and plan.compactions:
+            plan.queries[layer] = [self.scorer.window_queries(query, c.token_end, c.length).clone()
+                                   for c in plan.compactions]
+
+    def _mask(self, layer: int, cache: torch.Tensor, fmt, plan: EvictionPlan, queries) -> None:
+        for i, c in enumerate(plan.compactions):
+            keys = fmt.keys(layer, cache, plan.block_table[c.row], c.length)  # [H, T, D]
             # The rows each head still sees, in order, stand in for the compacted rows, so
             # sinks and the recent window mean the same tokens in both modes.
             mask = self.visible(c.cache, layer, c.length, keys.shape[0])
             held = mask[:, : c.length].nonzero()[:, 1].view(keys.shape[0], -1)  # [H, rows held]
             rows = keys.gather(1, held.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
-            keep = held.gather(1, keep_indices(self.scorer.score(rows, queries=queries), c.target, self.sink,
-                                               self.recent))
+            keep = held.gather(1, keep_indices(self.scorer.score(rows, queries=None if queries is None else queries[i]),
+                                               c.target, self.sink, self.recent))
             mask[:, : c.length] = False
             mask.scatter_(1, keep, True)

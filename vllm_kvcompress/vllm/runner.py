@@ -6,7 +6,9 @@ earlier step has its block list cut to ``cdiv(physical_length, block_size)`` blo
 the same cut the scheduler's :class:`~vllm_kvcompress.vllm.scheduler.EvictingBlockManager`
 makes before it appends new blocks, so both lists stay identical. Then the runner
 builds the step plan (each batch row's request cache) for the attention metadata
-builders, which turn logical lengths into physical ones. After the step, the pages the
+builders, which turn logical lengths into physical ones and plan the step's compactions.
+After the forward, the runner runs those compactions in every layer (whole-row
+eviction: outside the forward, so a decode step may replay a CUDA graph). After the step, the pages the
 ring layouts need next travel to the scheduler in the runner's output
 (:class:`KVCompressRunnerOutput`).
 
@@ -17,6 +19,9 @@ runner (:mod:`vllm_kvcompress.vllm.gpu_worker`); the CPU runner subclasses the G
 from __future__ import annotations
 
 import torch
+from vllm.config import get_layers_from_vllm_config
+from vllm.model_executor.layers.attention.attention import Attention
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.utils.math_utils import cdiv
 
 from vllm_kvcompress.config import KVCompressConfig
@@ -111,13 +116,28 @@ class EvictionRunnerMixin:
             for attn_group in group:
                 for builder in attn_group.metadata_builders:
                     builder.worker_state = self.kvc
+        layers = get_layers_from_vllm_config(self.vllm_config, Attention)
+        self.kvc_attention_layers = sorted(((extract_layer_index(name), layer) for name, layer in layers.items()
+                                            if getattr(layer.impl, "evictor", None) is not None),
+                                           key=lambda pair: pair[0])
 
     def execute_model(self, *args, **kwargs):
         try:
-            return super().execute_model(*args, **kwargs)
+            output = super().execute_model(*args, **kwargs)
+            self._kvc_compact()
+            return output
         finally:
             if self.kvc.step is not None:
                 self.kvc.step.token_scores.clear()
+
+    def _kvc_compact(self) -> None:
+        """Whole-row eviction: the compactions the builder planned for this step, in every
+        layer, after the forward (which may have replayed a CUDA graph), before the next step."""
+        plan = None if self.kvc.step is None else self.kvc.step.eviction
+        if plan is None or not plan.compactions:
+            return
+        for index, layer in self.kvc_attention_layers:
+            layer.impl.evict(index, layer.kv_cache, plan)
 
     def sample_tokens(self, *args, **kwargs):
         output = super().sample_tokens(*args, **kwargs)

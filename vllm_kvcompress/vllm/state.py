@@ -43,6 +43,7 @@ class StepPlan:
     caches: list[RequestCache | None]  # batch order; None: a request without a schedule
     token_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [tokens, KV heads]
     pages_reports: dict[str, int] = field(default_factory=dict)  # ring layout: pages each request needs next
+    eviction: Any = None  # whole-row eviction: the step's EvictionPlan (the builder's), run after the forward
 
     @property
     def schedules(self) -> list:

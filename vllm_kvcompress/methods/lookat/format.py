@@ -93,6 +93,11 @@ class LookatFormat:
         self.to(cache.device)
         return ops.lookat_keys(cache, blocks, length, self.codebooks[layer], self.dims, self.layout)
 
+    def keys_batch(self, layer: int, cache, block_table, length: int):
+        """Keys ``[R, H, length, D]`` of ``R`` requests, rebuilt from the codes."""
+        self.to(cache.device)
+        return ops.lookat_keys_batch(cache, block_table, length, self.codebooks[layer], self.dims, self.layout)
+
     def write(self, layer: int, cache, key, value, slots, positions=None) -> None:
         self.to(cache.device)
         ops.lookat_write(cache, key, value, slots, self.codebooks[layer], self.dims, self.layout)
