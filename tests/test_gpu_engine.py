@@ -112,9 +112,9 @@ EVICTIONS = {"knorm": {"method": "knorm", "max_kv_tokens": 256},
 
 @pytest.mark.parametrize("method", sorted(EVICTIONS))
 def test_eviction_triton_path_matches_its_reference_path(monkeypatch, method):
-    """Whole-row eviction on CUDA (vLLM's V1 runner, selected by the plugin; PIECEWISE or
-    eager, since compaction steps cannot be captured): compaction and decode on the Triton
-    kernels against the same engine on the PyTorch ops, prompts longer than the budget."""
+    """Whole-row eviction on CUDA (vLLM's V1 runner, selected by the plugin; decode steps
+    replay FULL graphs, compaction runs after the forward): compaction and decode on the
+    Triton kernels against the same engine on the PyTorch ops, prompts longer than the budget."""
     monkeypatch.setenv("KVCOMPRESS_CUDA_EVICTION", "1")
     triton, _, result = _triton_and_reference(monkeypatch, "small", EVICTIONS[method],
                                               codebooks_m=16 if method.startswith("lookat") else None)
