@@ -42,7 +42,7 @@ from vllm_kvcompress.kernels.lookat_ref import LookatLayout
 
 __all__ = [
     "LookatLayout", "KINDS", "OPS", "TRITON_OPS", "use", "current_kind", "implementation",
-    "dense_write", "dense_decode", "dense_prefill", "dense_gather", "dense_gather_batch",
+    "decode_kernel_fits", "dense_write", "dense_decode", "dense_prefill", "dense_gather", "dense_gather_batch",
     "lookat_encode_rows", "lookat_write_rows", "lookat_write", "lookat_decode", "lookat_prefill", "lookat_keys",
     "lookat_keys_batch", "compact", "compact_batch", "to_device", "stream_write_rows", "stream_move_rows",
     "stream_decode", "stream_prefill", "page_rows",
@@ -126,6 +126,12 @@ def _twin(name: str):
 def _pow2_head_dim(head_dim: int) -> bool:
     # tl.arange over head_dim needs a power of two; tl.dot needs at least 16.
     return head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
+def decode_kernel_fits(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether a model's decode runs a Triton kernel on CUDA (dense and LOOKAT rows alike):
+    a power-of-two head_dim of at least 16, 16-bit activations."""
+    return _pow2_head_dim(head_dim) and dtype in (torch.bfloat16, torch.float16)
 
 
 def _dense_rows_fit(query: torch.Tensor, cache: torch.Tensor) -> bool:

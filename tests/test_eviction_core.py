@@ -129,22 +129,23 @@ def test_compaction_triton_matches_reference(interpreter, dtype, width, two_phas
 def test_batched_selection_keeps_what_each_request_keeps(sink, recent):
     """One sort for a batch of compactions (padded rows, a target per request) keeps
     each request's rows of :func:`keep_indices`, ties included (bf16-rounded scores)."""
-    from vllm_kvcompress.eviction.selection import keep_indices_batch
+    from vllm_kvcompress.eviction.selection import BatchTargets, keep_indices_batch
 
     gen = torch.Generator().manual_seed(3)
     lengths, targets = [40, 23, 31, 9], [16, 16, 8, 12]
     scores = torch.randn(4, 3, 40, generator=gen).to(torch.bfloat16).float()
-    keep, keep_lens = keep_indices_batch(scores, lengths, targets, sink, recent)
-    assert keep_lens.tolist() == [16, 16, 8, 9]
+    batch = BatchTargets.of(lengths, targets, scores.device)
+    keep = keep_indices_batch(scores, batch, sink, recent)
+    assert batch.keep_lens.tolist() == [16, 16, 8, 9] and keep.shape == (4, 3, 16)
     for r, (length, target) in enumerate(zip(lengths, targets)):
         want = keep_indices(scores[r, :, :length], target, sink, recent)
-        assert torch.equal(keep[r, :, : keep_lens[r]], want), r
+        assert torch.equal(keep[r, :, : batch.keep_lens[r]], want), r
 
 
 def test_scorers_and_selection_stay_on_the_keys_device():
     """On the "meta" device a tensor made on the host and mixed in fails, as it would on
     CUDA (SnapKV built its mask and scores on the host: the first H200 run failed)."""
-    from vllm_kvcompress.eviction.selection import keep_indices_batch
+    from vllm_kvcompress.eviction.selection import BatchTargets, keep_indices_batch
     from vllm_kvcompress.methods.snapkv import SnapKVScorer
 
     keys, queries = torch.empty(2, 40, 16, device="meta"), torch.empty(4, 8, 16, device="meta")
@@ -153,5 +154,5 @@ def test_scorers_and_selection_stay_on_the_keys_device():
     assert keep_indices(scores, 10, 2, 3).device.type == "meta"
     assert keep_indices(scores, 50).device.type == "meta"
     batch = KnormScorer().score_batch(torch.empty(3, 2, 40, 16, device="meta"), [40, 30, 20])
-    keep, keep_lens = keep_indices_batch(batch, [40, 30, 20], [10, 10, 10], 1, 2)
-    assert keep.device.type == keep_lens.device.type == "meta"
+    targets = BatchTargets.of([40, 30, 20], [10, 10, 10], batch.device)
+    assert keep_indices_batch(batch, targets, 1, 2).device.type == targets.keep_lens.device.type == "meta"

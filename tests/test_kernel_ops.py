@@ -311,11 +311,12 @@ def test_compact_through_triton(interpreter, twins, dtype):
 def test_compact_batch_through_triton(interpreter, twins):
     """The batched compaction of a step, as the evictor calls it: int64 indices with
     padding past each request's count, which must not move anything."""
-    from vllm_kvcompress.eviction.selection import keep_indices_batch
+    from vllm_kvcompress.eviction.selection import BatchTargets, keep_indices_batch
 
     g, cache, table, lens, _ = _dense_case()
     scores = torch.randn(len(lens), cache.shape[1], int(lens.max()), generator=g)
-    keep, keep_lens = keep_indices_batch(scores, lens.tolist(), [12] * len(lens))
+    targets = BatchTargets.of(lens.tolist(), [12] * len(lens), scores.device)
+    keep, keep_lens = keep_indices_batch(scores, targets), targets.keep_lens
     expect = cache.clone()
     compaction_ref.compact_batch(expect, table, keep, keep_lens)
     out = cache.clone().to(DEV)

@@ -201,6 +201,17 @@ def test_eviction_on_cuda_wires_the_gpu_worker_on_vllms_v1_runner(smollm2_dir, m
         startup.wire_eviction(v2, config)
 
 
+def test_eviction_refuses_micro_batching(smollm2_dir):
+    """Each micro-batch would build its own plan, with its own row numbers, for one step's
+    compaction after the forward."""
+    config = KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5})
+    vllm_config = engine_config(smollm2_dir)
+    vllm_config.parallel_config.ubatch_size = 2
+    with pytest.raises(KVCompressConfigError, match=r"micro-batching \(--enable-dbo / --ubatch-size\) cannot be "
+                                                    r"combined with kvcompress eviction"):
+        startup.wire_eviction(vllm_config, config)
+
+
 def test_eviction_refuses_a_foreign_scheduler(smollm2_dir):
     with pytest.raises(ValueError, match=r"--scheduler-cls my.Scheduler cannot be combined with kvcompress method 'knorm'"):
         engine_config(smollm2_dir, attention_backend="kvcompress", additional_config=_knorm(),
@@ -340,3 +351,13 @@ def test_decode_graphs_declared_except_for_streams_and_masks():
     assert support({"method": "knorm", "compression_ratio": 0.5}) == graphs
     assert support({"method": "knorm", "compression_ratio": 0.5, "eviction_mode": "mask"}) == never
     assert support({"method": "headkv", "compression_ratio": 0.5, "head_scores": "uniform"}) == never
+    # Only the Triton kernels are captured (a graph is sized for max_model_len).
+    from vllm_kvcompress.kernels import ops
+
+    with ops.use("reference"):
+        assert support({"method": "none"}) == never
+    spec = types.SimpleNamespace(head_size=80)
+    model = types.SimpleNamespace(dtype=torch.bfloat16)
+    config = types.SimpleNamespace(additional_config={"kvcompress": {"method": "none"}}, model_config=model)
+    assert KVCompressMetadataBuilder.get_cudagraph_support(config, spec) == never
+    assert KVCompressMetadataBuilder.get_cudagraph_support(config, types.SimpleNamespace(head_size=128)) == graphs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from vllm_kvcompress.kernels import ops
@@ -33,27 +35,38 @@ def keep_indices_per_head(scores: torch.Tensor, budgets: list[int], sink_tokens:
     return [keep_indices(scores[h:h + 1], budget, sink_tokens, recent_tokens)[0] for h, budget in enumerate(budgets)]
 
 
-def keep_indices_batch(scores: torch.Tensor, lengths: list[int], targets: list[int], sink_tokens: int = 0,
-                       recent_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class BatchTargets:
+    """What a batched selection needs of its ``R`` requests, on the device once per step
+    (every layer's selection shares it): rows held, rows kept (int32, as ``compact_batch``
+    takes them), and the host bound on the latter."""
+
+    lengths: torch.Tensor  # [R] long
+    keep_lens: torch.Tensor  # [R] int32
+    max_keep: int
+
+    @classmethod
+    def of(cls, lengths: list[int], targets: list[int], device) -> "BatchTargets":
+        kept = [min(t, n) for t, n in zip(targets, lengths)]
+        return cls(ops.to_device(torch.tensor(lengths, dtype=torch.long), device),
+                   ops.to_device(torch.tensor(kept, dtype=torch.int32), device), max(kept, default=0))
+
+
+def keep_indices_batch(scores: torch.Tensor, targets: BatchTargets, sink_tokens: int = 0,
+                       recent_tokens: int = 0) -> torch.Tensor:
     """:func:`keep_indices` for ``R`` requests at once, on the scores' device with no
-    read-back: ``scores[R, H, L]`` padded past each request's ``lengths[r]`` (host ints),
-    ``targets[r]`` rows to keep. Returns ``keep[R, H, max_keep]`` (request ``r``'s first
-    ``keep_lens[r]`` entries ascending, then padding) and ``keep_lens[R]`` (int32), as
-    ``compact_batch`` takes them. Per request, the rows :func:`keep_indices` keeps."""
-    num_reqs, heads, width = scores.shape
-    device = scores.device
-    kept = [min(t, n) for t, n in zip(targets, lengths)]
-    max_keep = max(kept, default=0)
-    lengths_d = ops.to_device(torch.tensor(lengths, dtype=torch.long), device)
-    keep_lens = ops.to_device(torch.tensor(kept, dtype=torch.int32), device)
-    row = torch.arange(width, device=device)[None, :]
-    valid = row < lengths_d[:, None]  # [R, L]
+    read-back: ``scores[R, H, L]``, padded past each request's length. Returns
+    ``keep[R, H, max_keep]``: request ``r``'s first ``targets.keep_lens[r]`` entries
+    ascending, then padding, as ``compact_batch`` takes them. Per request, the rows
+    :func:`keep_indices` keeps."""
+    width = scores.shape[2]
+    row = torch.arange(width, device=scores.device)[None, :]
+    valid = row < targets.lengths[:, None]  # [R, L]
     protected = row < sink_tokens
     if recent_tokens:
-        protected = protected | (row >= lengths_d[:, None] - recent_tokens)
+        protected = protected | (row >= targets.lengths[:, None] - recent_tokens)
     scores = scores.float().masked_fill((protected & valid)[:, None, :], float("inf"))
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))  # padding sorts after every real row
-    order = torch.sort(scores, dim=2, descending=True, stable=True).indices[:, :, :max_keep]  # ties: earlier row
-    beyond = torch.arange(max_keep, device=device)[None, None, :] >= keep_lens[:, None, None]
-    keep = torch.sort(order.masked_fill(beyond, width), dim=2).values  # kept rows ascending, padding last
-    return keep, keep_lens
+    order = torch.sort(scores, dim=2, descending=True, stable=True).indices[:, :, : targets.max_keep]  # ties: earlier
+    beyond = torch.arange(targets.max_keep, device=scores.device)[None, None, :] >= targets.keep_lens[:, None, None]
+    return torch.sort(order.masked_fill(beyond, width), dim=2).values  # kept rows ascending, padding last

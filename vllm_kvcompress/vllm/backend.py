@@ -179,6 +179,10 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
         config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
         method = config.build()
         capturable = not method.evicts or not (isinstance(config.settings, PagedSettings) or method.masks)
+        # A graph is sized for max_model_len: the PyTorch decode ops would gather that many
+        # rows per request at every replay, so only the Triton kernels are captured.
+        capturable = capturable and ops.current_kind() != "reference" and (
+            kv_cache_spec is None or ops.decode_kernel_fits(kv_cache_spec.head_size, vllm_config.model_config.dtype))
         return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE if capturable else AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
@@ -192,8 +196,11 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
         self.paged = isinstance(config.settings, PagedSettings)  # per-(layer, KV head) streams
         self.page_tokens = getattr(config.settings, "page_tokens", None)
         self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
-        self.decode_buffers = (DecodeBuffers(vllm_config.scheduler_config.max_num_batched_tokens, device)
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.decode_buffers = (DecodeBuffers(max_tokens, device)
                                if self.evicts and self.compact and not self.paged else None)
+        # Decode positions in a persistent buffer too: a replayed graph reads the captured address.
+        self.decode_positions = torch.zeros(max_tokens, dtype=torch.long, device=device) if self.positions else None
         logger.info("kvcompress attention active: method=%s, %d layers, block_size=%d, page %d bytes, "
                     "CUDA graphs for decode: %s", config.method, len(layer_names), kv_cache_spec.block_size,
                     kv_cache_spec.page_size_bytes,
@@ -265,9 +272,16 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
             prefills=[],
             max_decode_len=longest,
             eviction=plan,
-            # padding rows: -1, with slot -1 (nothing stored)
-            positions=m.seq_lens[: m.num_reqs] - 1 if self.positions else None,
+            positions=self._decode_positions(m),
         )
+
+
+    def _decode_positions(self, m: CommonAttentionMetadata) -> torch.Tensor | None:
+        if self.decode_positions is None:
+            return None
+        positions = self.decode_positions[: m.num_reqs]
+        positions.copy_(m.seq_lens[: m.num_reqs] - 1)  # padding rows: -1, with slot -1 (nothing stored)
+        return positions
 
 
 class KVCompressImpl(AttentionImpl):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_kvcompress.eviction.selection import keep_indices, keep_indices_batch
+from vllm_kvcompress.eviction.selection import BatchTargets, keep_indices, keep_indices_batch
 from vllm_kvcompress.kernels import ops
 
 
@@ -45,13 +45,15 @@ class EvictionPlan:
     queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> window queries per compaction
     _batch: tuple | None = None
 
-    def batch(self) -> tuple[torch.Tensor, list[int], list[int]]:
-        """``(block_table[R, max_blocks], lengths, targets)`` of the compacting requests,
-        made once per step (one index on the device) and shared by every layer."""
+    def batch(self) -> tuple[torch.Tensor, int, BatchTargets]:
+        """``(block_table[R, max_blocks], longest, targets)`` of the compacting requests,
+        made once per step (a few small copies to the device) and shared by every layer."""
         if self._batch is None:
-            rows = ops.to_device(torch.tensor([c.row for c in self.compactions]), self.block_table.device)
-            self._batch = (self.block_table.index_select(0, rows), [c.length for c in self.compactions],
-                           [c.target for c in self.compactions])
+            device = self.block_table.device
+            rows = ops.to_device(torch.tensor([c.row for c in self.compactions]), device)
+            lengths = [c.length for c in self.compactions]
+            self._batch = (self.block_table.index_select(0, rows), max(lengths),
+                           BatchTargets.of(lengths, [c.target for c in self.compactions], device))
         return self._batch
 
 
@@ -159,11 +161,11 @@ class Evictor:
         if self.mask_mode:
             self._mask(layer, cache, fmt, plan, queries)
             return
-        block_table, lengths, targets = plan.batch()
-        keys = fmt.keys_batch(layer, cache, block_table, max(lengths))  # [R, H, L, D]
-        scores = self.scorer.score_batch(keys, lengths, queries)
-        keep, keep_lens = keep_indices_batch(scores, lengths, targets, self.sink, self.recent)
-        ops.compact_batch(cache, block_table, keep, keep_lens)
+        block_table, longest, targets = plan.batch()
+        keys = fmt.keys_batch(layer, cache, block_table, longest)  # [R, H, L, D]
+        scores = self.scorer.score_batch(keys, [c.length for c in plan.compactions], queries)
+        keep = keep_indices_batch(scores, targets, self.sink, self.recent)
+        ops.compact_batch(cache, block_table, keep, targets.keep_lens)
 
     def keep_queries(self, layer: int, plan: EvictionPlan, query: torch.Tensor) -> None:
         """The window's queries of each compacting request (copies: vLLM reuses the

@@ -122,17 +122,21 @@ class EvictionRunnerMixin:
                                            key=lambda pair: pair[0])
 
     def execute_model(self, *args, **kwargs):
+        output = None
         try:
             output = super().execute_model(*args, **kwargs)
-            self._kvc_compact()
             return output
         finally:
             if self.kvc.step is not None:
                 self.kvc.step.token_scores.clear()
+                if output is not None:  # no sample_tokens follows (an empty step): the step ends here
+                    self._kvc_compact()
+                    self.kvc.end_step()
 
     def _kvc_compact(self) -> None:
         """Whole-row eviction: the compactions the builder planned for this step, in every
-        layer, after the forward (which may have replayed a CUDA graph), before the next step."""
+        layer, after the forward (which may have replayed a CUDA graph) and after sampling
+        read its tokens back, so the GPU compacts while the host schedules the next step."""
         plan = None if self.kvc.step is None else self.kvc.step.eviction
         if plan is None or not plan.compactions:
             return
@@ -141,6 +145,7 @@ class EvictionRunnerMixin:
 
     def sample_tokens(self, *args, **kwargs):
         output = super().sample_tokens(*args, **kwargs)
+        self._kvc_compact()
         step = self.kvc.step
         reports = {} if step is None else step.pages_reports
         if self.kvc_tp_size > 1 and self.kvc_method.learned:

@@ -234,6 +234,9 @@ def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_req
         )
     if parallel.pipeline_parallel_size > 1:
         raise KVCompressConfigError("pipeline parallelism cannot be combined with kvcompress eviction yet")
+    if parallel.use_ubatching:  # each micro-batch would plan its own compactions, with its own row numbers
+        raise KVCompressConfigError("micro-batching (--enable-dbo / --ubatch-size) cannot be combined with "
+                                    "kvcompress eviction yet")
     if on_cuda:
         select_v1_runner(vllm_config, config)
         logger.info("kvcompress: method %r on CUDA runs vLLM's V1 model runner (%s=0)", config.method,
