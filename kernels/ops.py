@@ -15,7 +15,7 @@ Ops with a Triton twin (the rest are always the reference):
 * ``dense_decode``  -> ``dense_triton.dense_decode``; not with ``visible``.
 * ``lookat_decode`` -> ``lookat_triton.lookat_decode``; not with ``current``.
 * ``lookat_write``  -> ``lookat_write_triton.lookat_write`` (encode and store in one launch).
-* ``compact``       -> ``compaction_triton.compact_batch`` (a batch of one request).
+* ``compact``       -> ``compact_batch`` of one request.
 * ``compact_batch`` -> ``compaction_triton.compact_batch``.
 * ``stream_decode`` -> ``stream_attention_triton.stream_decode``.
 
@@ -320,14 +320,10 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def compact(cache: torch.Tensor, blocks: torch.Tensor, keep: torch.Tensor) -> None:
-    """Row ``j`` of head ``h`` in the block list ``blocks`` <- old row ``keep[h, j]`` (ascending)."""
-    fits = keep.dim() == 2 and keep.shape[0] == cache.shape[1] and cache.is_contiguous()
-    if implementation("compact", cache, blocks, keep, fits=fits) == "triton":
-        if keep.shape[1]:  # nothing kept: nothing moves (and no empty launch grid)
-            keep_lens = torch.full((1,), keep.shape[1], dtype=torch.int32, device=cache.device)
-            _twin("compaction_triton").compact_batch(cache, _table(blocks[None]), keep[None], keep_lens)
-        return
-    compaction_ref.compact(cache, blocks, keep)
+    """Row ``j`` of head ``h`` in the block list ``blocks`` <- old row ``keep[h, j]`` (ascending):
+    :func:`compact_batch` for one request."""
+    keep_lens = torch.full((1,), keep.shape[-1], dtype=torch.int32, device=keep.device)
+    compact_batch(cache, blocks[None], keep[None], keep_lens)
 
 
 # ----------------------------------------------------------------- streams (HeadKV)

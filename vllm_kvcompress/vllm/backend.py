@@ -204,7 +204,7 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
         logger.info("kvcompress attention active: method=%s, %d layers, block_size=%d, page %d bytes, "
                     "CUDA graphs for decode: %s", config.method, len(layer_names), kv_cache_spec.block_size,
                     kv_cache_spec.page_size_bytes,
-                    "yes" if self.get_cudagraph_support(vllm_config, kv_cache_spec).name != "NEVER" else "no")
+                    "no" if self.get_cudagraph_support(vllm_config, kv_cache_spec) == AttentionCGSupport.NEVER else "yes")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False):
@@ -274,7 +274,6 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
             eviction=plan,
             positions=self._decode_positions(m),
         )
-
 
     def _decode_positions(self, m: CommonAttentionMetadata) -> torch.Tensor | None:
         if self.decode_positions is None:

@@ -115,8 +115,7 @@ class DecodeBuffers:
         lens = ops.to_device(torch.tensor(after + [0] * (num_reqs - real), dtype=torch.int32), self.kv_lens.device)
         self.kv_lens[:num_reqs].copy_(lens)
         last = (lens.long() - 1).clamp(min=0)
-        table = m.block_table_tensor[:num_reqs]
-        page = table.gather(1, (last // block_size).unsqueeze(1)).squeeze(1).long()
+        page = plan.block_table.gather(1, (last // block_size).unsqueeze(1)).squeeze(1).long()
         self.slots[:num_reqs].copy_(torch.where(lens > 0, page * block_size + last % block_size, -1))
         return plan, max(after, default=0)
 
