@@ -28,7 +28,10 @@ Measured per config, each ratio against ``vllm-bf16`` (FLASH_ATTN, bf16 KV):
 - engine start time, the attention implementation, the configured ``cudagraph_mode`` and the
   graphs vLLM actually captured (``graph_capture``: its capture lines from the config's log),
   and the kernels Triton compiled after start-up (``jit_while_serving``: vLLM's JIT monitor
-  in the log; each compile is a latency spike inside a timed stage).
+  in the log; each compile is a latency spike inside a timed stage);
+- no block leak: once every request has finished, vLLM's pool holds no block
+  (``blocks_free_at_end``, from ``LLM.reset_prefix_cache()``, which succeeds only then); the
+  sweep exits non-zero if a config leaked.
 
 Workloads (requests x (prompt + output) tokens). The bf16 pool holds about
 (u * 150e9 - 19.6e9) / 131e3 tokens at ``gpu_memory_utilization`` u on one H200 (131 KB of KV per
@@ -197,10 +200,20 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
         _emit("PARTIAL", row)
     if traces is not None:
         row["profile"] = _profile_decode(llm, name, traces, profile_dir)
+        compaction = compaction_time(traces, PROFILE_STEPS)
+        if compaction is not None:
+            # Where a TPOT stage ran the profiled batch and context, its TPOT is their step time.
+            same = (PROFILE_BATCH, PROFILE_CONTEXT) in [(b, c) for b, c, _ in workload["tpot"]]
+            step_ms, gpu_ms = row.get(f"tpot_ms_b{PROFILE_BATCH}") if same else None, compaction["gpu_ms_per_step"]
+            compaction["pct_of_step"] = round(100 * gpu_ms / step_ms, 2) if step_ms and gpu_ms is not None else None
+            row["compaction"] = compaction
         _emit("PARTIAL", row)
     count, prompt, output = workload["long_context"]
     seconds, out = _timed(llm, _prompts(count, prompt, SEED_LONG_CONTEXT), output)
     row.update(long_context_tok_s=round(out / seconds, 1), long_context_s=round(seconds, 1))
+    # No request left: vLLM resets its prefix cache only when every block but the null one is
+    # free, so this is the block-leak check (eviction frees and re-allocates blocks all run long).
+    row["blocks_free_at_end"] = bool(llm.reset_prefix_cache())
     # Only now: a CUDA context in this (front-end) process before the engine's profiling would cost pool.
     # The name is a convenience (the sweep asks nvidia-smi first).
     with contextlib.suppress(Exception):
@@ -222,6 +235,36 @@ def _profile_decode(llm, name: str, traces: Path, profile_dir: Path) -> str:
               f"{PROFILE_CONTEXT}-token prompts (the prefill steps fall in the skipped ones)\n")
     target.write_text(header + ("".join(t.read_text() for t in tables) if tables else "no table written\n"))
     return str(target)
+
+
+COMPACTION_RANGE = "kvcompress_compaction"  # vllm_kvcompress.vllm.runner.COMPACTION_RANGE (the worker's range)
+
+
+def compaction_time(traces: Path, steps: int) -> dict | None:
+    """Host and GPU time per profiled step inside the runner's compaction range, from the
+    worker's trace (``user_annotation`` on the host, ``gpu_user_annotation`` on the GPU);
+    None when the trace has no such range (no compaction, or no eviction method)."""
+    import gzip
+
+    host = gpu = 0.0
+    calls = gpu_ranges = 0
+    for path in sorted(traces.glob("*.json*")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as f:
+            events = json.load(f).get("traceEvents", [])
+        for event in events:
+            if event.get("name") != COMPACTION_RANGE:
+                continue
+            if event.get("cat") == "user_annotation":
+                host += event.get("dur", 0.0)
+                calls += 1
+            elif event.get("cat") == "gpu_user_annotation":
+                gpu += event.get("dur", 0.0)
+                gpu_ranges += 1
+    if not calls:
+        return None
+    return {"steps_compacting": calls, "host_ms_per_step": round(host / 1000 / steps, 3),
+            "gpu_ms_per_step": round(gpu / 1000 / steps, 3) if gpu_ranges else None}
 
 
 # ---------------------------------------------------------------------------------------------- logs
@@ -295,6 +338,8 @@ def workload_text(workload: dict, utilization: float) -> str:
 def _cell(value) -> str:
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return "yes" if value else "**no: leak**"
     if isinstance(value, float):
         return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.1f}"
     if isinstance(value, int):
@@ -344,6 +389,8 @@ def summarise(rows: list[dict], meta: dict) -> tuple[dict, str]:
             else:
                 r.pop(ratio, None)
         r.setdefault("graph_modes", captured_modes(r.get("graph_capture", [])))
+        if (r.get("compaction") or {}).get("pct_of_step") is not None:
+            r["compaction_pct"] = r["compaction"]["pct_of_step"]
     summary = {**meta, "rows": rows}
     cols = [("config", "config"), ("capacity_tokens", "capacity tokens"), ("capacity_ratio", "x bf16"),
             ("throughput_tok_s", "decode-heavy tok/s"), ("throughput_ratio", "x bf16"),
@@ -351,7 +398,9 @@ def summarise(rows: list[dict], meta: dict) -> tuple[dict, str]:
             ("tpot_ms_b1", "TPOT B=1 ms"), ("tpot_ratio_b1", "/ bf16"), ("tpot_ms_b32", "TPOT B=32 ms"),
             ("tpot_ratio_b32", "/ bf16"), ("start_s", "start s"), ("attention", "attention"),
             ("cudagraph_mode", "cudagraph_mode (configured)"), ("graph_modes", "graphs captured"),
-            ("jit_while_serving", "compiled while serving"), ("fallback", "fallback"), ("error", "error")]
+            ("jit_while_serving", "compiled while serving"), ("blocks_free_at_end", "all blocks free at end"),
+            ("compaction_pct", "compaction, % of a B=32 step (GPU)"),
+            ("fallback", "fallback"), ("error", "error")]
     lines = [f"# kvcompress in vLLM on {meta['device']}, {meta['date']}", "",
              f"Model: {meta['model']}. Workload {workload}: {workload_text(WORKLOADS[workload], utilization)}.",
              f"vLLM {meta.get('vllm', '?')}, commit {meta.get('commit') or '?'}. `{meta['command']}`", "",
@@ -589,12 +638,19 @@ def sweep(args, names: list[str]) -> None:
         write_summary(out, meta)
     if meta["skipped"] or not names:
         write_summary(out, meta)
+    leaked = [r["config"] for r in summarise(_rows(out), meta)[0]["rows"] if r.get("blocks_free_at_end") is False]
+    if leaked:
+        raise SystemExit(f"[gpu_engine] blocks still held after every request finished (a leak): {', '.join(leaked)}")
+
+
+def _rows(out: Path) -> list[dict]:
+    rows_file = out / "rows.jsonl"
+    return [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()] \
+        if rows_file.exists() else []
 
 
 def write_summary(out: Path, meta: dict) -> None:
-    rows_file = out / "rows.jsonl"
-    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()] \
-        if rows_file.exists() else []
+    rows = _rows(out)
     if meta["device"] == "unknown GPU":
         meta["device"] = next((r["device"] for r in rows if r.get("device")), meta["device"])
     summary, table = summarise(rows, meta)

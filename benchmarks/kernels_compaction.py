@@ -10,6 +10,10 @@ KV head, moved in place to the front of each request's shuffled block list.
    PyTorch on the GPU (one batched gather + scatter over every request, no Python loop),
    each on a fresh copy of the cache. Bytes moved = kept rows x row bytes x 2 (read +
    write); achieved GB/s against the GPU's peak; ratio torch / Triton.
+3. A step's compaction in every layer (Llama-3-8B shape: 32 layers, 8 KV heads, head_dim 128,
+   bf16): the knorm scores (``key_norms``) and the move (``compact_layers``) of all layers in one
+   launch each, against the same per layer (32 launches each; scores from gathered keys, as
+   before the one-pass kernels), correctness included (identical moves, norms within 1e-5).
 Writes ``results.json`` and ``results.md`` to ``--out``.
 """
 
@@ -107,9 +111,62 @@ def timings(device: str, gen: torch.Generator, quick: bool) -> list[dict]:
     return rows
 
 
-def write_report(out: Path, meta: dict, checks: list[dict], rows: list[dict], peak: float) -> None:
+STEP_LAYERS, STEP_HEADS, STEP_WIDTH = 32, 8, 256
+
+
+def step_case(batch: int, held: int, kept: int, device: str, gen: torch.Generator):
+    """Every layer's cache (allocated apart, as vLLM does) for ``batch`` requests holding ``held`` rows."""
+    blocks_per_req = -(-held // BLOCK_SIZE)
+    num_blocks = batch * blocks_per_req + 1
+    caches = [torch.randn(num_blocks, STEP_HEADS, BLOCK_SIZE, STEP_WIDTH, generator=gen).bfloat16().to(device)
+              for _ in range(STEP_LAYERS)]
+    table = (torch.randperm(num_blocks - 1, generator=gen)[: batch * blocks_per_req] + 1).view(batch, -1).int()
+    scores = torch.rand(STEP_LAYERS, batch, STEP_HEADS, held, generator=gen)
+    keep = torch.sort(torch.topk(scores, kept, dim=-1).indices, dim=-1).values
+    lens = torch.full((batch,), kept, dtype=torch.int32)
+    return caches, table.to(device), keep.to(device), lens.to(device)
+
+
+def step_layers(device: str, gen: torch.Generator, quick: bool) -> tuple[list[dict], list[dict]]:
+    """One step's knorm scores and move in every layer: one launch each vs a launch per layer."""
+    from vllm_kvcompress.kernels import paged_dense_ref
+
+    checks, rows = [], []
+    cases = ((32, 272, 256), (1, 8208, 8192)) if quick else ((32, 272, 256), (256, 272, 256), (1, 8208, 8192),
+                                                             (32, 4096, 1024))
+    for batch, held, kept in cases:
+        caches, table, keep, lens = step_case(batch, held, kept, device, gen)
+        norms = compaction_triton.key_norms(caches, table, held)
+        ref_norms = compaction_ref.key_norms([c.cpu() for c in caches], table.cpu().long(), held)
+        moved = [c.clone() for c in caches]
+        compaction_triton.compact_layers(moved, table, keep, lens)
+        expect = [c.cpu() for c in caches]
+        compaction_ref.compact_layers(expect, table.cpu().long(), keep.cpu(), lens.cpu())
+        checks.append({"rows": f"step of {STEP_LAYERS} layers", "batch": batch, "ctx": held, "keep": kept,
+                       "plan": "one launch", "identical": all(torch.equal(m.cpu(), e) for m, e in zip(moved, expect))
+                       and bool(torch.allclose(norms.cpu(), ref_norms, rtol=1e-5, atol=1e-5))})
+
+        def per_layer_norms():
+            for cache in caches:
+                torch.linalg.vector_norm(paged_dense_ref.gather_rows(cache, table, held)[..., :128].float(), dim=-1)
+
+        def per_layer_moves():
+            for cache, layer_keep in zip(caches, keep):
+                compaction_triton.compact_batch(cache, table, layer_keep, lens)
+
+        rows.append({"batch": batch, "held": held, "kept": kept,
+                     "norms_one_us": do_bench(lambda: compaction_triton.key_norms(caches, table, held)) * 1e3,
+                     "norms_per_layer_us": do_bench(per_layer_norms) * 1e3,
+                     "move_one_us": do_bench(lambda: compaction_triton.compact_layers(caches, table, keep, lens)) * 1e3,
+                     "move_per_layer_us": do_bench(per_layer_moves) * 1e3})
+    return checks, rows
+
+
+def write_report(out: Path, meta: dict, checks: list[dict], rows: list[dict], peak: float,
+                 step_rows: list[dict] = ()) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "checks": checks, "timings": rows}, indent=2))
+    (out / "results.json").write_text(json.dumps({"meta": meta, "checks": checks, "timings": rows,
+                                                  "step": list(step_rows)}, indent=2))
     lines = [f"# Compaction kernel ({meta['date']})", "", f"- command: `{meta['command']}`",
              f"- device: {meta['device']}; torch {meta['torch']}; triton {meta['triton']}; block size {BLOCK_SIZE}",
              "- times: median of `triton.testing.do_bench`, minus a cache copy (each run starts from a fresh copy); "
@@ -127,6 +184,15 @@ def write_report(out: Path, meta: dict, checks: list[dict], rows: list[dict], pe
     lines += [f"| {r['rows']} | {r['batch']} | {r['ctx']} | {r['keep']} | {r['in_place_us']:.1f} | {r['two_phase_us']:.1f} | "
               f"{r['triton_us']:.1f} | {r['torch_us']:.1f} | "
               f"{r['torch_over_triton']:.2f}x | {r['triton_gbs']:.0f} | {100 * r['triton_gbs'] / peak:.0f}% |" for r in rows]
+    lines += ["", f"## One step in every layer ({STEP_LAYERS} layers, {STEP_HEADS} KV heads, bf16 [k | v] rows of "
+              f"{STEP_WIDTH})", "", "Wall time of the launches (host included, `do_bench`): one launch for all layers "
+              "against one per layer. The moves run on the same cache again and again (after the first they keep "
+              "rows in place).", "",
+              "| batch | rows held | kept | norms, one launch (µs) | norms, per layer (µs) | x | move, one launch (µs) "
+              "| move, per layer (µs) | x |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['held']} | {r['kept']} | {r['norms_one_us']:.0f} | {r['norms_per_layer_us']:.0f} | "
+              f"{r['norms_per_layer_us'] / r['norms_one_us']:.1f} | {r['move_one_us']:.0f} | "
+              f"{r['move_per_layer_us']:.0f} | {r['move_per_layer_us'] / r['move_one_us']:.1f} |" for r in step_rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -147,10 +213,12 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     checks = correctness(device, gen)
     rows = timings(device, gen, args.quick)
+    step_checks, step_rows = step_layers(device, gen, args.quick)
+    checks += step_checks
     meta = {"date": datetime.date.today().isoformat(), "command": "python -m benchmarks.kernels_compaction " +
             " ".join(sys.argv[1:] if argv is None else argv), "device": f"{name} (peak {peak_label})",
             "torch": torch.__version__, "triton": triton.__version__, "host": platform.node()}
-    write_report(Path(args.out), meta, checks, rows, peak)
+    write_report(Path(args.out), meta, checks, rows, peak, step_rows)
     print((Path(args.out) / "results.md").read_text())
     return 0 if all(c["identical"] for c in checks) else 1
 

@@ -1,4 +1,5 @@
-"""PyTorch reference for in-place compaction of a paged cache.
+"""PyTorch reference for in-place compaction of a paged cache, and for the key norms
+knorm scores rows with.
 
 ``cache[num_blocks, num_kv_heads, block_size, C]`` (any row format: dense ``[k | v]``
 or LOOKAT's coded rows; a row is moved whole). For one request with block list
@@ -10,6 +11,8 @@ caller frees or overwrites them.
 from __future__ import annotations
 
 import torch
+
+from vllm_kvcompress.kernels.paged_dense_ref import gather_rows
 
 
 def row_slots(blocks: torch.Tensor, rows: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,3 +36,18 @@ def compact_batch(cache: torch.Tensor, block_table: torch.Tensor, keep: torch.Te
     for r in range(block_table.shape[0]):
         n = int(keep_lens[r])
         compact(cache, block_table[r], keep[r, :, :n])
+
+
+def compact_layers(caches: list[torch.Tensor], block_table: torch.Tensor, keep: torch.Tensor,
+                   keep_lens: torch.Tensor) -> None:
+    """:func:`compact_batch` in every layer: ``keep[L, R, H, max_keep]``, one block table."""
+    for cache, layer_keep in zip(caches, keep, strict=True):
+        compact_batch(cache, block_table, layer_keep, keep_lens)
+
+
+def key_norms(caches: list[torch.Tensor], block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """L2 norms ``[L, R, H, length]`` (fp32) of the keys of dense ``[key | value]`` rows:
+    the first ``length`` rows of each request of ``block_table[R, max_blocks]`` in each layer."""
+    head_dim = caches[0].shape[-1] // 2
+    return torch.stack([torch.linalg.vector_norm(gather_rows(cache, block_table, length)[..., :head_dim].float(), dim=-1)
+                        for cache in caches])

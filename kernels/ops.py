@@ -16,7 +16,9 @@ Ops with a Triton twin (the rest are always the reference):
 * ``lookat_decode`` -> ``lookat_triton.lookat_decode``; not with ``current``.
 * ``lookat_write``  -> ``lookat_write_triton.lookat_write`` (encode and store in one launch).
 * ``compact``       -> ``compact_batch`` of one request.
-* ``compact_batch`` -> ``compaction_triton.compact_batch``.
+* ``compact_batch`` -> ``compact_layers`` of one layer.
+* ``compact_layers`` -> ``compaction_triton.compact_layers`` (every layer in one launch).
+* ``dense_key_norms`` -> ``compaction_triton.key_norms`` (every layer in one launch).
 * ``stream_decode`` -> ``stream_attention_triton.stream_decode``.
 
 Each also needs shapes and dtypes its kernel handles (power-of-two ``head_dim >= 16``,
@@ -44,7 +46,8 @@ __all__ = [
     "LookatLayout", "KINDS", "OPS", "TRITON_OPS", "use", "current_kind", "implementation",
     "decode_kernel_fits", "dense_write", "dense_decode", "dense_prefill", "dense_gather", "dense_gather_batch",
     "lookat_encode_rows", "lookat_write_rows", "lookat_write", "lookat_decode", "lookat_prefill", "lookat_keys",
-    "lookat_keys_batch", "compact", "compact_batch", "to_device", "stream_write_rows", "stream_move_rows",
+    "lookat_keys_batch", "compact", "compact_batch", "compact_layers", "dense_key_norms", "to_device",
+    "stream_write_rows", "stream_move_rows",
     "stream_decode", "stream_prefill", "page_rows",
 ]
 
@@ -58,6 +61,8 @@ TRITON_OPS: dict[str, tuple[str, ...]] = {
     "lookat_write": (),
     "compact": (),
     "compact_batch": (),
+    "compact_layers": (),
+    "dense_key_norms": (),
     "stream_decode": (),
 }
 OPS = frozenset(TRITON_OPS) | {
@@ -299,16 +304,42 @@ def kvquant_keys(cache: torch.Tensor, blocks: torch.Tensor, length: int, ranges:
 # ----------------------------------------------------------------- compaction
 
 
-def compact_batch(cache: torch.Tensor, block_table: torch.Tensor, keep: torch.Tensor, keep_lens: torch.Tensor) -> None:
-    """Several requests at once: ``block_table[R, max_blocks]``, ``keep[R, H, max_keep]``
-    (request ``r``'s first ``keep_lens[r]`` entries ascending), ``keep_lens[R]`` int32. One
-    launch (two for few requests) on CUDA; nothing read back to the host."""
-    fits = keep.dim() == 3 and keep.shape[1] == cache.shape[1] and cache.is_contiguous()
-    if implementation("compact_batch", cache, block_table, keep, keep_lens, fits=fits) == "triton":
-        if keep.shape[0] and keep.shape[2]:
-            _twin("compaction_triton").compact_batch(cache, _table(block_table), keep, _lens(keep_lens))
+def _same_layers(caches: list[torch.Tensor]) -> bool:
+    # One launch addresses every layer from the first one's cache: same shape, dtype, device.
+    first = caches[0]
+    return all(c.shape == first.shape and c.dtype == first.dtype and c.device == first.device
+               and c.is_contiguous() for c in caches)
+
+
+def compact_layers(caches: list[torch.Tensor], block_table: torch.Tensor, keep: torch.Tensor,
+                   keep_lens: torch.Tensor, two_phase: bool | None = None) -> None:
+    """Every layer of a step at once: ``caches[L]``, one ``block_table[R, max_blocks]``,
+    ``keep[L, R, H, max_keep]`` (request ``r``'s first ``keep_lens[r]`` entries ascending),
+    ``keep_lens[R]`` int32. One launch (two for few requests) on CUDA; nothing read back.
+    ``two_phase`` forces the Triton launch plan (warm-up); None lets the kernel pick."""
+    fits = bool(caches) and keep.dim() == 4 and keep.shape[2] == caches[0].shape[1] and _same_layers(caches)
+    if implementation("compact_layers", *caches, block_table, keep, keep_lens, fits=fits) == "triton":
+        if keep.shape[1] and keep.shape[3]:
+            _twin("compaction_triton").compact_layers(caches, _table(block_table), keep, _lens(keep_lens),
+                                                      two_phase=two_phase)
         return
-    compaction_ref.compact_batch(cache, block_table, keep, keep_lens)
+    compaction_ref.compact_layers(caches, block_table, keep, keep_lens)
+
+
+def compact_batch(cache: torch.Tensor, block_table: torch.Tensor, keep: torch.Tensor, keep_lens: torch.Tensor) -> None:
+    """One layer: ``block_table[R, max_blocks]``, ``keep[R, H, max_keep]``, ``keep_lens[R]``
+    (:func:`compact_layers` of one layer)."""
+    compact_layers([cache], block_table, keep[None], keep_lens)
+
+
+def dense_key_norms(caches: list[torch.Tensor], block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """L2 norms ``[L, R, H, length]`` (fp32) of the keys in dense ``[key | value]`` rows of
+    every layer, for knorm's scores: one launch on CUDA, no keys gathered."""
+    fits = bool(caches) and _pow2_head_dim(caches[0].shape[-1] // 2) and caches[0].dtype in (
+        torch.bfloat16, torch.float16) and _same_layers(caches)
+    if implementation("dense_key_norms", *caches, block_table, fits=fits) == "triton":
+        return _twin("compaction_triton").key_norms(caches, _table(block_table), length)
+    return compaction_ref.key_norms(caches, block_table, length)
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

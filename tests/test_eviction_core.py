@@ -142,6 +142,20 @@ def test_batched_selection_keeps_what_each_request_keeps(sink, recent):
         assert torch.equal(keep[r, :, : batch.keep_lens[r]], want), r
 
 
+def test_selection_of_every_layer_at_once_is_each_layer_alone():
+    """The step's selection for all layers (``scores[L, R, H, T]``) keeps what each
+    layer's own selection keeps."""
+    from vllm_kvcompress.eviction.selection import BatchTargets, keep_indices_batch
+
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.randn(3, 4, 2, 40, generator=gen).to(torch.bfloat16).float()
+    targets = BatchTargets.of([40, 23, 31, 9], [16, 16, 8, 12], scores.device)
+    every = keep_indices_batch(scores, targets, 1, 2)
+    assert every.shape == (3, 4, 2, 16)
+    for layer in range(3):
+        assert torch.equal(every[layer], keep_indices_batch(scores[layer], targets, 1, 2)), layer
+
+
 def test_scorers_and_selection_stay_on_the_keys_device():
     """On the "meta" device a tensor made on the host and mixed in fails, as it would on
     CUDA (SnapKV built its mask and scores on the host: the first H200 run failed)."""

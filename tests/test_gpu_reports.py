@@ -1,6 +1,10 @@
 """The GPU tools' own logic, on the CPU: how two engines' greedy outputs are compared (the
 GPU oracles) and what the engine benchmark reads from a config's vLLM log."""
 
+from types import SimpleNamespace
+
+import pytest
+
 from benchmarks import gpu_engine
 from vllm_kvcompress.harness.gpu_generate import compare_greedy
 
@@ -53,3 +57,49 @@ def test_a_timed_out_row_names_the_stages_it_did_not_reach():
            "partial": True, "error": "timed out after 240 s; (pid=1) WARNING Tokenizer not available"}
     assert gpu_engine.error_line(row) == "timed out after 240 s; not reached: long-context"
     assert gpu_engine.error_line({"error": "boom\nValueError: bad"}) == "ValueError: bad"
+
+
+def test_a_leak_shows_in_the_summary_and_fails_the_sweep(tmp_path, monkeypatch):
+    """A config whose blocks are not all free once its requests finished is marked in the
+    table, and the sweep exits non-zero naming it."""
+    meta = {"device": "H200", "date": "2026-12-04", "workload": "quick", "gpu_memory_utilization": 0.3,
+            "model": "m", "command": "c"}
+    rows = [{"config": "vllm-bf16", "throughput_tok_s": 10.0, "blocks_free_at_end": True},
+            {"config": "knorm-4x", "throughput_tok_s": 20.0, "blocks_free_at_end": False}]
+    _, table = gpu_engine.summarise(rows, meta)
+    assert "| knorm-4x |" in table and "**no: leak**" in table and "| yes |" in table
+
+    def fake_config(name, *_args):
+        return dict(rows[["vllm-bf16", "knorm-4x"].index(name)]), None, "", False
+
+    monkeypatch.setattr(gpu_engine, "run_config", fake_config)
+    monkeypatch.setattr(gpu_engine, "_device_name", lambda: "H200")
+    monkeypatch.setattr(gpu_engine, "plot_summary", lambda *_: None)
+    args = SimpleNamespace(out=str(tmp_path), workload="quick", gpu_memory_utilization=None, argv=[],
+                           deadline_s=None, config_timeout=330.0, cudagraph_mode=None)
+    with pytest.raises(SystemExit, match="leak.*knorm-4x"):
+        gpu_engine.sweep(args, ["vllm-bf16", "knorm-4x"])
+
+
+def test_compaction_time_comes_from_the_worker_trace(tmp_path):
+    """--profile: the runner's compaction range in the worker's trace, host and GPU time per step."""
+    import gzip
+    import json
+
+    events = [{"name": gpu_engine.COMPACTION_RANGE, "cat": "user_annotation", "dur": 3000.0},
+              {"name": gpu_engine.COMPACTION_RANGE, "cat": "gpu_user_annotation", "dur": 1000.0},
+              {"name": gpu_engine.COMPACTION_RANGE, "cat": "user_annotation", "dur": 1000.0},
+              {"name": gpu_engine.COMPACTION_RANGE, "cat": "gpu_user_annotation", "dur": 200.0},
+              {"name": "execute_context_0(0)_generation_32(32)", "cat": "gpu_user_annotation", "dur": 9000.0}]
+    with gzip.open(tmp_path / "worker.pt.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert gpu_engine.compaction_time(tmp_path, steps=4) == {"steps_compacting": 2, "host_ms_per_step": 1.0,
+                                                            "gpu_ms_per_step": 0.3}
+    (tmp_path / "worker.pt.trace.json.gz").unlink()
+    assert gpu_engine.compaction_time(tmp_path, steps=4) is None
+
+
+def test_the_runner_names_the_range_the_benchmark_reads():
+    from vllm_kvcompress.vllm.runner import COMPACTION_RANGE
+
+    assert COMPACTION_RANGE == gpu_engine.COMPACTION_RANGE

@@ -172,7 +172,7 @@ def test_auto_picks_the_reference_for_cpu_tensors():
 
 def test_auto_picks_triton_for_cuda_tensors_where_a_twin_fits(triton_installed):
     assert ops.TRITON_OPS.keys() == {"dense_decode", "lookat_decode", "lookat_write", "compact", "compact_batch",
-                                     "stream_decode"}
+                                     "compact_layers", "dense_key_norms", "stream_decode"}
     for op in ops.TRITON_OPS:
         assert ops.implementation(op, CUDA, CUDA, None) == "triton"
         assert ops.implementation(op, CUDA, CPU) == "reference"  # not all on CUDA
@@ -323,6 +323,74 @@ def test_compact_batch_through_triton(interpreter, twins):
     with ops.use("triton"):
         ops.compact_batch(out, table.to(DEV), keep.to(DEV), keep_lens.to(DEV))
     assert twins == ["compaction_triton"] and torch.equal(out.cpu(), expect) and not torch.equal(expect, cache)
+
+
+def _layer_caches(num_layers=3, **case):
+    """Separately allocated layer caches (as vLLM allocates them), each with its own rows."""
+    g, cache, table, lens, _ = _dense_case(**case)
+    caches = [torch.randn(cache.shape, generator=g).to(cache.dtype) for _ in range(num_layers)]
+    return g, caches, table, lens
+
+
+@pytest.mark.parametrize("two_phase", [False, True])
+def test_compact_layers_matches_the_reference(interpreter, two_phase):
+    """Every layer in one launch, each layer keeping its own rows (its own scores), both
+    launch plans; the padding past each request's count moves nothing."""
+    from vllm_kvcompress.eviction.selection import BatchTargets, keep_indices_batch
+    from vllm_kvcompress.kernels import compaction_triton
+
+    g, caches, table, lens = _layer_caches()
+    scores = torch.randn(len(caches), len(lens), caches[0].shape[1], int(lens.max()), generator=g)
+    targets = BatchTargets.of(lens.tolist(), [12, 3, 12], scores.device)
+    keep = keep_indices_batch(scores, targets)
+    expect = [c.clone() for c in caches]
+    compaction_ref.compact_layers(expect, table, keep, targets.keep_lens)
+    out = [c.clone().to(DEV) for c in caches]
+    compaction_triton.compact_layers(out, table.to(DEV), keep.to(DEV), targets.keep_lens.to(DEV), two_phase=two_phase)
+    assert all(torch.equal(o.cpu(), e) for o, e in zip(out, expect))
+    assert not any(torch.equal(e, c) for e, c in zip(expect, caches))
+
+
+def test_compact_layers_through_ops_and_one_layer_is_compact_batch(interpreter, twins):
+    from vllm_kvcompress.eviction.selection import BatchTargets, keep_indices_batch
+
+    g, caches, table, lens = _layer_caches(num_layers=2)
+    scores = torch.randn(2, len(lens), caches[0].shape[1], int(lens.max()), generator=g)
+    targets = BatchTargets.of(lens.tolist(), [9] * len(lens), scores.device)
+    keep = keep_indices_batch(scores, targets)
+    expect = [c.clone() for c in caches]
+    for cache, layer_keep in zip(expect, keep):
+        compaction_ref.compact_batch(cache, table, layer_keep, targets.keep_lens)
+    out = [c.clone().to(DEV) for c in caches]
+    with ops.use("triton"):
+        ops.compact_layers(out, table.to(DEV), keep.to(DEV), targets.keep_lens.to(DEV))
+    assert twins == ["compaction_triton"] and all(torch.equal(o.cpu(), e) for o, e in zip(out, expect))
+    with pytest.raises(ValueError, match="2 layers, 1 caches"):
+        from vllm_kvcompress.kernels import compaction_triton
+        compaction_triton.compact_layers(out[:1], table.to(DEV), keep.to(DEV), targets.keep_lens.to(DEV))
+
+
+def test_one_launch_needs_layers_of_one_shape():
+    _, caches, _, _ = _layer_caches(num_layers=2)
+    assert ops._same_layers(caches)
+    assert not ops._same_layers([caches[0], caches[1][:, :1].contiguous()])  # other shape
+    assert not ops._same_layers([caches[0], caches[1].float()])  # other dtype
+    assert not ops._same_layers([caches[0], caches[1].transpose(1, 2)])  # not contiguous
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_key_norms_match_the_reference(interpreter, twins, dtype):
+    """knorm's scores of every layer in one launch: the keys' L2 norms (fp32) of each
+    request's rows, read through its shuffled block list, past the first block too."""
+    g, caches, table, lens = _layer_caches(dtype=dtype)
+    longest = int(lens.max())
+    expect = compaction_ref.key_norms(caches, table, longest)
+    direct = torch.stack([torch.linalg.vector_norm(paged_dense_ref.gather_rows(c, table, longest)[..., :D].float(),
+                                                   dim=-1) for c in caches])
+    with ops.use("triton"):
+        got = ops.dense_key_norms([c.to(DEV) for c in caches], table.to(DEV), longest)
+    assert twins == ["compaction_triton"] and got.shape == (len(caches), len(lens), caches[0].shape[1], longest)
+    assert torch.equal(expect, direct) and torch.allclose(got.cpu(), expect, rtol=1e-5, atol=1e-5)
 
 
 def test_stream_decode_through_triton(interpreter, twins):

@@ -23,6 +23,16 @@ class Scorer:
             scores[r, :, :length] = self.score(keys[r, :, :length], None if queries is None else queries[r])
         return scores
 
+    def score_layers(self, layers: list, block_table: torch.Tensor, longest: int, lengths: list[int],
+                     queries: dict | None = None) -> torch.Tensor:
+        """Scores ``[L, R, H, longest]`` of a step's compacting requests in several layers
+        at once: ``layers`` holds ``(layer index, cache, cache format)``, ``queries`` the
+        window's queries per layer index. By default each layer's keys are read
+        (``fmt.keys_batch``) and scored (:meth:`score_batch`) in turn."""
+        return torch.stack([self.score_batch(fmt.keys_batch(index, cache, block_table, longest), lengths,
+                                             None if not queries else queries.get(index))
+                            for index, cache, fmt in layers])
+
     def window_queries(self, query: torch.Tensor, token_end: int, length: int) -> torch.Tensor | None:
         """The queries :meth:`score` needs from the step's ``query[T, Hq, D]``; None = none."""
         return None

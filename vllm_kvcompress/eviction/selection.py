@@ -55,11 +55,11 @@ class BatchTargets:
 def keep_indices_batch(scores: torch.Tensor, targets: BatchTargets, sink_tokens: int = 0,
                        recent_tokens: int = 0) -> torch.Tensor:
     """:func:`keep_indices` for ``R`` requests at once, on the scores' device with no
-    read-back: ``scores[R, H, L]``, padded past each request's length. Returns
-    ``keep[R, H, max_keep]``: request ``r``'s first ``targets.keep_lens[r]`` entries
-    ascending, then padding, as ``compact_batch`` takes them. Per request, the rows
-    :func:`keep_indices` keeps."""
-    width = scores.shape[2]
+    read-back: ``scores[..., R, H, L]`` (leading dims: layers), padded past each request's
+    length. Returns ``keep[..., R, H, max_keep]``: request ``r``'s first
+    ``targets.keep_lens[r]`` entries ascending, then padding, as ``compact_layers`` takes
+    them. Per request (and layer), the rows :func:`keep_indices` keeps."""
+    width = scores.shape[-1]
     row = torch.arange(width, device=scores.device)[None, :]
     valid = row < targets.lengths[:, None]  # [R, L]
     protected = row < sink_tokens
@@ -67,6 +67,6 @@ def keep_indices_batch(scores: torch.Tensor, targets: BatchTargets, sink_tokens:
         protected = protected | (row >= targets.lengths[:, None] - recent_tokens)
     scores = scores.float().masked_fill((protected & valid)[:, None, :], float("inf"))
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))  # padding sorts after every real row
-    order = torch.sort(scores, dim=2, descending=True, stable=True).indices[:, :, : targets.max_keep]  # ties: earlier
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : targets.max_keep]  # ties: earlier
     beyond = torch.arange(targets.max_keep, device=scores.device)[None, None, :] >= targets.keep_lens[:, None, None]
-    return torch.sort(order.masked_fill(beyond, width), dim=2).values  # kept rows ascending, padding last
+    return torch.sort(order.masked_fill(beyond, width), dim=-1).values  # kept rows ascending, padding last

@@ -45,6 +45,15 @@ class KnormScorer(Scorer):
     def score_batch(self, keys, lengths, queries=None):
         return self.score(keys)  # per row: padding rows are masked by the selection
 
+    def score_layers(self, layers, block_table, longest, lengths, queries=None):
+        """Formats that store keys as they are give their norms for every layer at once
+        (one launch on CUDA, no keys gathered); the others rebuild keys layer by layer."""
+        formats = {type(fmt) for _, _, fmt in layers}
+        fmt = layers[0][2]
+        if len(formats) == 1 and hasattr(fmt, "key_norms"):
+            return -fmt.key_norms([cache for _, cache, _ in layers], block_table, longest)
+        return super().score_layers(layers, block_table, longest, lengths, queries)
+
 
 class Knorm(Method):
     name = "knorm"

@@ -385,6 +385,16 @@ class KVCompressImpl(AttentionImpl):
         if plan is not None:  # the runner compacts after the forward (Evictor.run)
             evictor.keep_queries(index, plan, query)
 
-    def evict(self, layer_index: int, kv_cache: torch.Tensor, plan: EvictionPlan) -> None:
-        """This step's compactions in this layer's cache, after the step's forward (the runner)."""
-        self.evictor.run(layer_index, kv_cache, self.format, plan)
+    def evict(self, layers: list, plan: EvictionPlan) -> None:
+        """This step's compactions in the caches of ``layers`` (``(layer index, Attention)``;
+        every evicting layer of the model, this one among them), after the step's forward
+        (the runner): one pass for all layers."""
+        self.evictor.run(_layer_caches(layers), plan)
+
+    def warm_up_eviction(self, layers: list) -> None:
+        """Compile the kernels :meth:`evict` runs, once the caches exist (the runner)."""
+        self.evictor.warm_up(_layer_caches(layers))
+
+
+def _layer_caches(layers: list) -> list:
+    return [(index, layer.kv_cache, layer.impl.format) for index, layer in layers]

@@ -120,6 +120,13 @@ class DecodeBuffers:
         return plan, max(after, default=0)
 
 
+# The selection of a group of layers holds, per scored row, its score, two masked copies and
+# a sort's values and indices (fp32 and int64): about 32 bytes. Groups of layers stay under
+# a bound, since a compaction runs outside the memory vLLM profiled at start-up.
+SELECTION_ROW_BYTES = 32
+SELECTION_BYTES = 256 << 20
+
+
 class Evictor:
     """One per attention layer: scores, selects and compacts (or masks) at compaction points."""
 
@@ -149,22 +156,45 @@ class Evictor:
             return None
         return self.visible(plan.caches[plan.prefill_rows[i]], layer, length, heads)[:, :length]
 
-    def run(self, layer: int, cache: torch.Tensor, fmt, plan: EvictionPlan) -> None:
-        """This step's compactions in one layer, after the step's forward."""
+    def run(self, layers: list, plan: EvictionPlan) -> None:
+        """This step's compactions in every layer, after the step's forward: ``layers``
+        holds ``(layer index, cache, cache format)``. Layers go together (one score, one
+        selection and one move for a group of layers) in groups whose selection
+        temporaries stay under :data:`SELECTION_BYTES`."""
         if not plan.compactions:
             return
-        queries = plan.queries.get(layer)
-        if self.scorer.window and queries is None:
+        if self.scorer.window and any(index not in plan.queries for index, _, _ in layers):
             raise RuntimeError("kvcompress: a compaction that scores with the window's queries ran in a step whose "
                                "attention did not keep them (a CUDA-graph replay)")
         if self.mask_mode:
-            self._mask(layer, cache, fmt, plan, queries)
+            for index, cache, fmt in layers:
+                self._mask(index, cache, fmt, plan, plan.queries.get(index))
             return
         block_table, longest, targets = plan.batch()
-        keys = fmt.keys_batch(layer, cache, block_table, longest)  # [R, H, L, D]
-        scores = self.scorer.score_batch(keys, [c.length for c in plan.compactions], queries)
-        keep = keep_indices_batch(scores, targets, self.sink, self.recent)
-        ops.compact_batch(cache, block_table, keep, targets.keep_lens)
+        lengths = [c.length for c in plan.compactions]
+        per_layer = len(lengths) * layers[0][1].shape[1] * longest * SELECTION_ROW_BYTES  # shape[1]: KV heads
+        group = max(1, SELECTION_BYTES // max(per_layer, 1))
+        for start in range(0, len(layers), group):
+            chunk = layers[start:start + group]
+            scores = self.scorer.score_layers(chunk, block_table, longest, lengths, plan.queries)
+            keep = keep_indices_batch(scores, targets, self.sink, self.recent)
+            ops.compact_layers([cache for _, cache, _ in chunk], block_table, keep, targets.keep_lens)
+
+    def warm_up(self, layers: list) -> None:
+        """Compile the compaction kernels before serving, where a first compaction would
+        compile them inside a step: a move that keeps nothing in both launch plans, and,
+        for scorers of keys alone, the scores of one row."""
+        if self.mask_mode:
+            return
+        caches = [cache for _, cache, _ in layers]
+        device = caches[0].device
+        table = torch.zeros(1, 1, dtype=torch.int32, device=device)
+        keep = torch.zeros(len(caches), 1, caches[0].shape[1], 1, dtype=torch.long, device=device)
+        nothing = torch.zeros(1, dtype=torch.int32, device=device)
+        for two_phase in (False, True):
+            ops.compact_layers(caches, table, keep, nothing, two_phase=two_phase)
+        if not self.scorer.window:
+            self.scorer.score_layers(layers, table, 1, [1])
 
     def keep_queries(self, layer: int, plan: EvictionPlan, query: torch.Tensor) -> None:
         """The window's queries of each compacting request (copies: vLLM reuses the
