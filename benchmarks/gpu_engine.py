@@ -151,12 +151,13 @@ def _emit(tag: str, row: dict) -> None:
 
 
 # --profile: the decode steps of a batch of PROFILE_BATCH prompts of PROFILE_CONTEXT tokens (the prefill
+# steps skipped; --profile-shape B,CONTEXT picks another batch and context, e.g. the decode-heavy one's).
 # steps skipped), kernels by GPU time (torch profiler in the engine's worker).
 PROFILE_BATCH, PROFILE_CONTEXT, PROFILE_SKIP_STEPS, PROFILE_STEPS = 32, 4096, 40, 24
 
 
 def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str | None = None,
-            profile_dir: Path | None = None) -> dict:
+            profile_dir: Path | None = None, profile_shape: tuple[int, int] = (PROFILE_BATCH, PROFILE_CONTEXT)) -> dict:
     """One config in this process: start, capacity, decode-heavy throughput, TPOT per workload batch and
     long-context throughput (``profile_dir``: then a profiled decode run, its kernel table
     ``profile-<config>.txt`` there). Prints ``PARTIAL {json}`` after each stage (what a timeout keeps)."""
@@ -199,12 +200,12 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
                                         "total_s": round(total_s, 3), "out_tokens": out}
         _emit("PARTIAL", row)
     if traces is not None:
-        row["profile"] = _profile_decode(llm, name, traces, profile_dir)
+        row["profile"] = _profile_decode(llm, name, traces, profile_dir, *profile_shape)
         compaction = compaction_time(traces, PROFILE_STEPS)
         if compaction is not None:
             # Where a TPOT stage ran the profiled batch and context, its TPOT is their step time.
-            same = (PROFILE_BATCH, PROFILE_CONTEXT) in [(b, c) for b, c, _ in workload["tpot"]]
-            step_ms, gpu_ms = row.get(f"tpot_ms_b{PROFILE_BATCH}") if same else None, compaction["gpu_ms_per_step"]
+            same = tuple(profile_shape) in [(b, c) for b, c, _ in workload["tpot"]]
+            step_ms, gpu_ms = row.get(f"tpot_ms_b{profile_shape[0]}") if same else None, compaction["gpu_ms_per_step"]
             compaction["pct_of_step"] = round(100 * gpu_ms / step_ms, 2) if step_ms and gpu_ms is not None else None
             row["compaction"] = compaction
         _emit("PARTIAL", row)
@@ -223,16 +224,29 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
     return row
 
 
-def _profile_decode(llm, name: str, traces: Path, profile_dir: Path) -> str:
+def parse_profile_shape(text: str) -> tuple[int, int]:
+    try:
+        batch, context = (int(part) for part in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--profile-shape: expected B,CONTEXT (two integers), got {text!r}") from None
+    if batch < 1 or context < 1:
+        raise SystemExit(f"--profile-shape: batch and context must be >= 1, got {text!r}")
+    return batch, context
+
+
+def _profile_decode(llm, name: str, traces: Path, profile_dir: Path, batch: int = PROFILE_BATCH,
+                    context: int = PROFILE_CONTEXT) -> str:
     """Profile PROFILE_STEPS decode steps of a fresh batch; the worker's kernel table (self GPU
     time) is copied to ``profile_dir/profile-<name>.txt``, whose path is returned."""
-    llm.start_profile(delay_iterations=PROFILE_SKIP_STEPS, max_iterations=PROFILE_STEPS)
-    _timed(llm, _prompts(PROFILE_BATCH, PROFILE_CONTEXT, SEED_TPOT_TOTAL + 7), PROFILE_SKIP_STEPS + PROFILE_STEPS)
+    # Past the prefill steps (chunks of at most 8,192 tokens here) before profiling.
+    skip = max(PROFILE_SKIP_STEPS, math.ceil(batch * context / 8192) + 8)
+    llm.start_profile(delay_iterations=skip, max_iterations=PROFILE_STEPS)
+    _timed(llm, _prompts(batch, context, SEED_TPOT_TOTAL + 7), skip + PROFILE_STEPS)
     llm.stop_profile()
     tables = sorted(traces.glob("*profiler_out*.txt"))
     target = profile_dir / f"profile-{name}.txt"
-    header = (f"{name}: {PROFILE_STEPS} engine steps after {PROFILE_SKIP_STEPS}, batch {PROFILE_BATCH} x "
-              f"{PROFILE_CONTEXT}-token prompts (the prefill steps fall in the skipped ones)\n")
+    header = (f"{name}: {PROFILE_STEPS} engine steps after {skip}, batch {batch} x "
+              f"{context}-token prompts (the prefill steps fall in the skipped ones)\n")
     target.write_text(header + ("".join(t.read_text() for t in tables) if tables else "no table written\n"))
     return str(target)
 
@@ -536,7 +550,7 @@ def run_config(name: str, args, utilization: float, timeout_s: float, log: Path,
     if cudagraph_mode:
         command += ["--cudagraph-mode", cudagraph_mode]
     if args.profile:
-        command += ["--profile"]
+        command += ["--profile", "--profile-shape", args.profile_shape]
     env = os.environ.copy()
     for key, value in CONFIGS[name]["env"].items():
         if value is None:
@@ -685,6 +699,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true",
                         help=f"after the TPOT stages, profile {PROFILE_STEPS} decode steps at B={PROFILE_BATCH}, "
                              f"{PROFILE_CONTEXT}-token prompts: kernels by GPU time in OUT/profile-CONFIG.txt")
+    parser.add_argument("--profile-shape", default=f"{PROFILE_BATCH},{PROFILE_CONTEXT}", metavar="B,CONTEXT",
+                        help="--profile's batch and prompt length (default %(default)s; e.g. 256,1024: the quick "
+                             "decode-heavy batch)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
@@ -694,13 +711,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.out:
         parser.error("--out is required (or --plot DIR)")
+    parse_profile_shape(args.profile_shape)  # a bad value stops here, not in every config's process
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.one:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(function): a local tool
         workload = WORKLOADS[args.workload]
         utilization = args.gpu_memory_utilization or workload["gpu_memory_utilization"]
-        row = run_one(args.one, workload, utilization, args.cudagraph_mode, out if args.profile else None)
+        row = run_one(args.one, workload, utilization, args.cudagraph_mode, out if args.profile else None,
+                      parse_profile_shape(args.profile_shape))
         _emit("ROW", row)
         return
     names = [n for n in args.configs.split(",") if n]
