@@ -25,7 +25,7 @@ import triton.language as tl
 # The sizes of a step (requests, kept rows, lengths, the strides that follow from them) change
 # every step: not specialised on, so a kernel compiles once per engine (at its warm-up), not
 # again while serving whenever a size happens to be 1 or a multiple of 16.
-STEP_SIZES = ["stride_kl", "stride_kr", "stride_kh", "num_reqs"]
+STEP_SIZES = ["stride_bt", "stride_kl", "stride_kr", "stride_kh", "num_reqs"]
 
 
 @triton.jit(do_not_specialize=STEP_SIZES)
@@ -80,7 +80,7 @@ def _move_kernel(cache_ptr, layer_offs_ptr, scratch_ptr, bt_ptr, keep_ptr, lens_
         tl.store(cache + (((page * num_kv_heads + h) * BS + j % BS) * W)[:, None] + cols[None, :], rows, mask=m)
 
 
-@triton.jit(do_not_specialize=["num_reqs", "length"])
+@triton.jit(do_not_specialize=["stride_bt", "num_reqs", "length"])
 def _key_norms_kernel(cache_ptr, layer_offs_ptr, bt_ptr, out_ptr, stride_bt, num_reqs, num_kv_heads, length,
                       D: tl.constexpr, W: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr):
     pair = tl.program_id(0)  # layer * num_reqs + request
