@@ -186,8 +186,8 @@ def write_report(out: Path, meta: dict, checks: list[dict], rows: list[dict], pe
               f"{r['torch_over_triton']:.2f}x | {r['triton_gbs']:.0f} | {100 * r['triton_gbs'] / peak:.0f}% |" for r in rows]
     lines += ["", f"## One step in every layer ({STEP_LAYERS} layers, {STEP_HEADS} KV heads, bf16 [k | v] rows of "
               f"{STEP_WIDTH})", "", "Wall time of the launches (host included, `do_bench`): one launch for all layers "
-              "against one per layer. The moves run on the same cache again and again (after the first they keep "
-              "rows in place).", "",
+              "against one per layer. Every repetition moves the same rows again (other contents, the same "
+              "work).", "",
               "| batch | rows held | kept | norms, one launch (µs) | norms, per layer (µs) | x | move, one launch (µs) "
               "| move, per layer (µs) | x |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['held']} | {r['kept']} | {r['norms_one_us']:.0f} | {r['norms_per_layer_us']:.0f} | "
