@@ -51,8 +51,7 @@ to vLLM's FLASH_ATTN (``KVCOMPRESS_NONE_CUDA_BACKEND`` removed from its environm
 ``kvc-none-dense`` is the same with ``KVCOMPRESS_NONE_CUDA_BACKEND=plugin``: the plugin's own dense
 paged layout and Triton decode kernel, the baseline the LOOKAT configs share their glue with.
 ``lookat-mM-vB``: LOOKAT keys with M subspaces, values in B bits. ``knorm-Nx`` / ``snapkv-Nx``:
-whole-row eviction keeping 1/N of each prompt (experimental on CUDA, ``KVCOMPRESS_CUDA_EVICTION=1``
-in the config's process; vLLM's V1 runner, async scheduling off); their pool holds bf16's
+whole-row eviction keeping 1/N of each prompt (vLLM's V1 runner, async scheduling off); their pool holds bf16's
 tokens, so ``capacity_tokens`` reads 1.00x and what eviction buys shows in the throughput
 columns (a request holds 1/N of its blocks, so N times as many run at once).
 
@@ -86,7 +85,6 @@ LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidde
             "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
 
 NONE_BACKEND_ENV = "KVCOMPRESS_NONE_CUDA_BACKEND"
-CUDA_EVICTION_ENV = "KVCOMPRESS_CUDA_EVICTION"
 
 # name -> llm: LLM kwargs; kvcompress: plugin settings or None (vLLM's own caches); codebooks_m: LOOKAT m
 # (synthetic codebooks); env: set in the config's process (None = removed from it)
@@ -100,17 +98,14 @@ CONFIGS = {
                        "env": {NONE_BACKEND_ENV: "plugin"}},
     "lookat-m16-v4": {"llm": {}, "kvcompress": {"method": "lookat", "value_bits": 4}, "codebooks_m": 16, "env": {}},
     "lookat-m32-v16": {"llm": {}, "kvcompress": {"method": "lookat", "value_bits": 16}, "codebooks_m": 32, "env": {}},
-    # Whole-row eviction on vLLM's V1 GPU runner (experimental: docs/gpu.md); compression ratio
+    # Whole-row eviction on vLLM's V1 GPU runner (docs/gpu.md); compression ratio
     # r keeps 1 - r of a prompt past min_kv_tokens, so 0.5 -> 2x and 0.75 -> 4x the tokens held.
-    "knorm-2x": {"llm": {}, "kvcompress": {"method": "knorm", "compression_ratio": 0.5}, "codebooks_m": None,
-                 "env": {CUDA_EVICTION_ENV: "1"}},
-    "knorm-4x": {"llm": {}, "kvcompress": {"method": "knorm", "compression_ratio": 0.75}, "codebooks_m": None,
-                 "env": {CUDA_EVICTION_ENV: "1"}},
-    "snapkv-4x": {"llm": {}, "kvcompress": {"method": "snapkv", "compression_ratio": 0.75}, "codebooks_m": None,
-                  "env": {CUDA_EVICTION_ENV: "1"}},
+    "knorm-2x": {"llm": {}, "kvcompress": {"method": "knorm", "compression_ratio": 0.5}, "codebooks_m": None, "env": {}},
+    "knorm-4x": {"llm": {}, "kvcompress": {"method": "knorm", "compression_ratio": 0.75}, "codebooks_m": None, "env": {}},
+    "snapkv-4x": {"llm": {}, "kvcompress": {"method": "snapkv", "compression_ratio": 0.75}, "codebooks_m": None, "env": {}},
     "lookat-m16-v4+knorm-2x": {"llm": {}, "kvcompress": {"method": "lookat+knorm", "value_bits": 4,
                                                          "compression_ratio": 0.5},
-                               "codebooks_m": 16, "env": {CUDA_EVICTION_ENV: "1"}},
+                               "codebooks_m": 16, "env": {}},
 }
 
 # decode_heavy / long_context: (requests, prompt tokens, output tokens); tpot: (batch, context tokens, output tokens)

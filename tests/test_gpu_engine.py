@@ -115,7 +115,6 @@ def test_eviction_triton_path_matches_its_reference_path(monkeypatch, method):
     """Whole-row eviction on CUDA (vLLM's V1 runner, selected by the plugin; decode steps
     replay FULL graphs, compaction runs after the forward): compaction and decode on the
     Triton kernels against the same engine on the PyTorch ops, prompts longer than the budget."""
-    monkeypatch.setenv("KVCOMPRESS_CUDA_EVICTION", "1")
     triton, _, result = _triton_and_reference(monkeypatch, "small", EVICTIONS[method],
                                               codebooks_m=16 if method.startswith("lookat") else None)
     print(f"small: {method} (256-token budget), Triton vs PyTorch ops on the GPU: {_describe(result)} "
@@ -131,7 +130,6 @@ def test_knorm_frees_blocks_on_cuda(monkeypatch):
     from vllm_kvcompress.harness.gpu_generate import model_folder
     from vllm_kvcompress.harness.step_trace import run_traced
 
-    monkeypatch.setenv("KVCOMPRESS_CUDA_EVICTION", "1")
     folder, _ = model_folder(SMALL)
     llm = {"model": str(folder), "load_format": "dummy", "skip_tokenizer_init": True, "seed": 0,
            "dtype": "bfloat16", "max_model_len": 4096, "gpu_memory_utilization": 0.3, "max_num_seqs": 8,

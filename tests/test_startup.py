@@ -110,18 +110,13 @@ def test_cuda_needs_ampere_and_refuses_stream_eviction_for_now(smollm2_dir, monk
                                                     r"has no GPU decode kernel yet; on CUDA use 'coded'"):
         startup.check_platform(KVCompressConfig.from_dict({"method": "lookat", "codebooks": "c.safetensors",
                                                             "current_tokens": "exact"}))
-    monkeypatch.delenv(startup.CUDA_EVICTION_ENV, raising=False)
-    with pytest.raises(KVCompressConfigError, match=r"method 'knorm' on CUDA is experimental .* set "
-                                                    r"KVCOMPRESS_CUDA_EVICTION=1 to run it"):
-        startup.check_platform(KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5}))
-    monkeypatch.setenv(startup.CUDA_EVICTION_ENV, "1")
     startup.check_platform(KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5}))
     startup.check_platform(KVCompressConfig.from_dict({"method": "snapkv", "max_kv_tokens": 256}))
     with pytest.raises(KVCompressConfigError, match=r"eviction_mode: 'mask' .* CPU engine only; on CUDA use 'compact'"):
         startup.check_platform(KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5,
                                                             "eviction_mode": "mask"}))
     with pytest.raises(KVCompressConfigError, match=r"method 'headkv' runs on the CPU engine only .* per-\(layer, KV "
-                                                    r"head\) streams .*KVCOMPRESS_CUDA_EVICTION=1"):
+                                                    r"head\) streams .* use method none, lookat, knorm, snapkv"):
         startup.check_platform(KVCompressConfig.from_dict({"method": "headkv", "max_kv_tokens": 256,
                                                             "head_scores": "s.json"}))
     monkeypatch.setattr(platform, "is_cuda", lambda self: False)

@@ -51,9 +51,6 @@ def check_model(vllm_config: "VllmConfig") -> None:
 
 
 MIN_CUDA_CAPABILITY = (8, 0)
-# Whole-row eviction on CUDA runs only when asked for until the GPU oracles pass
-# (tests/test_gpu_engine.py: Triton vs PyTorch ops under eviction, blocks freed).
-CUDA_EVICTION_ENV = "KVCOMPRESS_CUDA_EVICTION"
 
 
 def check_platform(config: KVCompressConfig) -> None:
@@ -81,17 +78,12 @@ def check_platform(config: KVCompressConfig) -> None:
     if config.spec.evicts and not config.whole_row_eviction:
         raise KVCompressConfigError(
             f"kvcompress method {config.method!r} runs on the CPU engine only in this release: its per-(layer, KV "
-            f"head) streams are not yet run on CUDA; on a GPU use method none or lookat ({CUDA_EVICTION_ENV}=1 "
-            f"also lets knorm and snapkv try)")
+            f"head) streams are not yet run on CUDA; on a GPU use method none, lookat, knorm, snapkv or "
+            f"lookat+knorm")
     if getattr(config.settings, "eviction_mode", "compact") == "mask":
         raise KVCompressConfigError(
             f"{key_name('eviction_mode')}: 'mask' (the masked reference, no memory saved) runs on the CPU engine "
             f"only; on CUDA use 'compact' (the default)")
-    if config.spec.evicts and os.environ.get(CUDA_EVICTION_ENV) != "1":
-        raise KVCompressConfigError(
-            f"kvcompress method {config.method!r} on CUDA is experimental in this release (whole-row eviction on "
-            f"vLLM's V1 GPU runner, not yet validated on a GPU): set {CUDA_EVICTION_ENV}=1 to run it, or use "
-            f"method none or lookat")
 
 
 def check_engine_options(vllm_config: "VllmConfig") -> None:
