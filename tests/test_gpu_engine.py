@@ -123,17 +123,6 @@ def test_eviction_triton_path_matches_its_reference_path(monkeypatch, method):
     assert not result["splits"] and result["gap"] <= GAP_NATS
 
 
-def test_async_scheduling_gives_the_sync_tokens(monkeypatch):
-    """Whole-row eviction with vLLM's async scheduling (asked for): the next step is scheduled
-    while the current one runs and compacts; the tokens are those of synchronous scheduling."""
-    runs = [_generate(monkeypatch, "small", attention_backend="kvcompress", async_scheduling=asked,
-                      additional_config={"kvcompress": dict(EVICTIONS["knorm"])}) for asked in (False, True)]
-    result = _compare(*runs)
-    print(f"small: knorm (256-token budget), async vs sync scheduling: {_describe(result)}")
-    assert runs[1]["attention_impls"] == ["KVCompressImpl"]
-    assert not result["splits"] and result["gap"] <= GAP_NATS
-
-
 def test_knorm_frees_blocks_on_cuda(monkeypatch):
     """Blocks really return to vLLM's pool on CUDA: a 640-token prompt holds 40 blocks of 16,
     then ceil((256 + 1) / 16) = 17 once compacted to its 256-token budget; every block is

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from vllm.logger import init_logger
 from vllm.utils.math_utils import cdiv
-from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
@@ -148,14 +147,3 @@ class KVCompressScheduler(Scheduler):
             running = [(r.num_computed_tokens, len(blocks.get(r.request_id, ()))) for r in self.running]
             stats.num_kv_fetch_reqs_by_stage.update(self.counters.pack(running))
         return stats
-
-
-class KVCompressAsyncScheduler(KVCompressScheduler, AsyncScheduler):
-    """Whole-row eviction under vLLM's async scheduling (asked for with ``--async-scheduling``,
-    CUDA only): step N+1 is scheduled while step N runs. That changes nothing the eviction
-    relies on. Compression points are a function of logical length, which the scheduler
-    advances when it schedules a step, async or not, so both sides cut at the same points.
-    The blocks freed when N+1 is scheduled were emptied by step N's compaction, which the
-    worker runs before step N+1 on the same stream, so another request writes them only
-    after it. Ring layouts (KVzap threshold, DMS) are not allowed here: their worker reports
-    would reach the scheduler a step late."""

@@ -158,7 +158,6 @@ def delegate_passthrough(vllm_config: "VllmConfig", config: KVCompressConfig) ->
 
 
 SCHEDULER_CLS = "vllm_kvcompress.vllm.scheduler.KVCompressScheduler"
-ASYNC_SCHEDULER_CLS = "vllm_kvcompress.vllm.scheduler.KVCompressAsyncScheduler"
 WORKER_CLS = "vllm_kvcompress.vllm.worker.KVCompressCPUWorker"
 GPU_WORKER_CLS = "vllm_kvcompress.vllm.gpu_worker.KVCompressGPUWorker"
 PLATFORM_WORKER_CLS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker", "vllm.v1.worker.gpu_worker.Worker")
@@ -202,25 +201,22 @@ def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_req
     logger = init_logger("vllm.kvcompress.startup")
     on_cuda = current_platform.is_cuda()
     scheduler = vllm_config.scheduler_config
-    if scheduler.scheduler_cls not in (None, SCHEDULER_CLS, ASYNC_SCHEDULER_CLS):
+    if scheduler.scheduler_cls not in (None, SCHEDULER_CLS):
         raise KVCompressConfigError(
             f"--scheduler-cls {scheduler.scheduler_cls} cannot be combined with kvcompress method {config.method!r}: "
             "eviction brings its own scheduler (leave --scheduler-cls unset)"
         )
-    keep_async = bool(scheduler.async_scheduling and async_requested)
-    if keep_async and not (on_cuda and config.whole_row_eviction):
-        raise KVCompressConfigError(
-            f"async scheduling cannot be combined with kvcompress method {config.method!r} yet (only whole-row "
-            "eviction on CUDA takes it: knorm, snapkv and compositions over them); drop --async-scheduling"
-        )
-    if keep_async:
-        logger.info("kvcompress: async scheduling kept for method %r, as asked (experimental: not yet measured on "
-                    "a GPU; without --async-scheduling eviction schedules synchronously)", config.method)
-    elif scheduler.async_scheduling:
-        # vLLM's default on CUDA, left to vLLM by the user: the measured, synchronous path.
+    if scheduler.async_scheduling:
+        if async_requested:
+            raise KVCompressConfigError(
+                f"async scheduling cannot be combined with kvcompress method {config.method!r} yet; "
+                "drop --async-scheduling"
+            )
+        # vLLM's default on CUDA: each step's compaction must reach the scheduler before it
+        # schedules the next step.
         scheduler.async_scheduling = False
-        logger.info("kvcompress: async scheduling turned off for method %r (ask for it with --async-scheduling: "
-                    "experimental for whole-row eviction on CUDA)", config.method)
+        logger.info("kvcompress: async scheduling turned off for method %r (the scheduler frees a request's "
+                    "compacted blocks before it schedules the next step)", config.method)
     parallel = vllm_config.parallel_config
     worker_cls = GPU_WORKER_CLS if on_cuda else WORKER_CLS
     if parallel.worker_cls not in (*PLATFORM_WORKER_CLS, worker_cls):
@@ -237,7 +233,7 @@ def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_req
         select_v1_runner(vllm_config, config)
         logger.info("kvcompress: method %r on CUDA runs vLLM's V1 model runner (%s=0)", config.method,
                     V2_RUNNER_ENV)
-    scheduler.scheduler_cls = ASYNC_SCHEDULER_CLS if keep_async else SCHEDULER_CLS
+    scheduler.scheduler_cls = SCHEDULER_CLS
     parallel.worker_cls = worker_cls
     if vllm_config.cache_config.enable_prefix_caching:
         # Compaction rewrites a request's blocks in place: they no longer hold what
