@@ -146,8 +146,8 @@ def _emit(tag: str, row: dict) -> None:
 
 
 # --profile: the decode steps of a batch of PROFILE_BATCH prompts of PROFILE_CONTEXT tokens (the prefill
-# steps skipped; --profile-shape B,CONTEXT picks another batch and context, e.g. the decode-heavy one's).
-# steps skipped), kernels by GPU time (torch profiler in the engine's worker).
+# steps skipped), kernels by GPU time (torch profiler in the engine's worker); --profile-shape B,CONTEXT
+# picks another batch and context, e.g. the decode-heavy one's.
 PROFILE_BATCH, PROFILE_CONTEXT, PROFILE_SKIP_STEPS, PROFILE_STEPS = 32, 4096, 40, 24
 
 

@@ -38,6 +38,14 @@ def compact_batch(cache: torch.Tensor, block_table: torch.Tensor, keep: torch.Te
         compact(cache, block_table[r], keep[r, :, :n])
 
 
+def same_layers(caches: list[torch.Tensor]) -> bool:
+    """Whether one launch can address every layer from the first one's cache: contiguous
+    caches of one shape, dtype and device."""
+    first = caches[0]
+    return all(c.shape == first.shape and c.dtype == first.dtype and c.device == first.device
+               and c.is_contiguous() for c in caches)
+
+
 def compact_layers(caches: list[torch.Tensor], block_table: torch.Tensor, keep: torch.Tensor,
                    keep_lens: torch.Tensor) -> None:
     """:func:`compact_batch` in every layer: ``keep[L, R, H, max_keep]``, one block table."""

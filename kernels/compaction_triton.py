@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_kvcompress.kernels import compaction_ref
+
 
 # The sizes of a step (requests, kept rows, lengths, the strides that follow from them) change
 # every step: not specialised on, so a kernel compiles once per engine (at its warm-up), not
@@ -119,9 +121,8 @@ def _offsets_on(offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 def _check_layers(caches: list[torch.Tensor]) -> None:
-    first = caches[0]
-    if any(c.shape != first.shape or c.dtype != first.dtype or not c.is_contiguous() for c in caches):
-        raise ValueError("every layer's cache must be contiguous with the first one's shape and dtype")
+    if not compaction_ref.same_layers(caches):
+        raise ValueError("every layer's cache must be contiguous with the first one's shape, dtype and device")
 
 
 def compact_layers(caches: list[torch.Tensor], block_table: torch.Tensor, keep: torch.Tensor, keep_lens: torch.Tensor,
@@ -162,8 +163,6 @@ def compact_layers(caches: list[torch.Tensor], block_table: torch.Tensor, keep: 
 def compact_batch(cache: torch.Tensor, block_table: torch.Tensor, keep: torch.Tensor, keep_lens: torch.Tensor,
                   block_r: int = 32, num_warps: int = 4, two_phase: bool | None = None) -> None:
     """Same as ``compaction_ref.compact_batch``: :func:`compact_layers` of one layer."""
-    if keep.shape[1] != cache.shape[1]:
-        raise ValueError(f"keep has {keep.shape[1]} heads, the cache {cache.shape[1]}")
     compact_layers([cache], block_table, keep[None], keep_lens, block_r, num_warps, two_phase)
 
 

@@ -304,20 +304,13 @@ def kvquant_keys(cache: torch.Tensor, blocks: torch.Tensor, length: int, ranges:
 # ----------------------------------------------------------------- compaction
 
 
-def _same_layers(caches: list[torch.Tensor]) -> bool:
-    # One launch addresses every layer from the first one's cache: same shape, dtype, device.
-    first = caches[0]
-    return all(c.shape == first.shape and c.dtype == first.dtype and c.device == first.device
-               and c.is_contiguous() for c in caches)
-
-
 def compact_layers(caches: list[torch.Tensor], block_table: torch.Tensor, keep: torch.Tensor,
                    keep_lens: torch.Tensor, two_phase: bool | None = None) -> None:
     """Every layer of a step at once: ``caches[L]``, one ``block_table[R, max_blocks]``,
     ``keep[L, R, H, max_keep]`` (request ``r``'s first ``keep_lens[r]`` entries ascending),
     ``keep_lens[R]`` int32. One launch (two for few requests) on CUDA; nothing read back.
     ``two_phase`` forces the Triton launch plan (warm-up); None lets the kernel pick."""
-    fits = bool(caches) and keep.dim() == 4 and keep.shape[2] == caches[0].shape[1] and _same_layers(caches)
+    fits = bool(caches) and keep.dim() == 4 and keep.shape[2] == caches[0].shape[1] and compaction_ref.same_layers(caches)
     if implementation("compact_layers", *caches, block_table, keep, keep_lens, fits=fits) == "triton":
         if keep.shape[1] and keep.shape[3]:
             _twin("compaction_triton").compact_layers(caches, _table(block_table), keep, _lens(keep_lens),
@@ -336,7 +329,7 @@ def dense_key_norms(caches: list[torch.Tensor], block_table: torch.Tensor, lengt
     """L2 norms ``[L, R, H, length]`` (fp32) of the keys in dense ``[key | value]`` rows of
     every layer, for knorm's scores: one launch on CUDA, no keys gathered."""
     fits = bool(caches) and _pow2_head_dim(caches[0].shape[-1] // 2) and caches[0].dtype in (
-        torch.bfloat16, torch.float16) and _same_layers(caches)
+        torch.bfloat16, torch.float16) and compaction_ref.same_layers(caches)
     if implementation("dense_key_norms", *caches, block_table, fits=fits) == "triton":
         return _twin("compaction_triton").key_norms(caches, _table(block_table), length)
     return compaction_ref.key_norms(caches, block_table, length)

@@ -372,10 +372,10 @@ def test_compact_layers_through_ops_and_one_layer_is_compact_batch(interpreter, 
 
 def test_one_launch_needs_layers_of_one_shape():
     _, caches, _, _ = _layer_caches(num_layers=2)
-    assert ops._same_layers(caches)
-    assert not ops._same_layers([caches[0], caches[1][:, :1].contiguous()])  # other shape
-    assert not ops._same_layers([caches[0], caches[1].float()])  # other dtype
-    assert not ops._same_layers([caches[0], caches[1].transpose(1, 2)])  # not contiguous
+    assert compaction_ref.same_layers(caches)
+    assert not compaction_ref.same_layers([caches[0], caches[1][:, :1].contiguous()])  # other shape
+    assert not compaction_ref.same_layers([caches[0], caches[1].float()])  # other dtype
+    assert not compaction_ref.same_layers([caches[0], caches[1].transpose(1, 2)])  # not contiguous
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
