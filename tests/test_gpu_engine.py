@@ -26,7 +26,8 @@ def _prompts(vocab: int, lengths=(300, 41, 777, 129)) -> list[list[int]]:
     return [torch.randint(100, vocab - 1, (n,), generator=generator).tolist() for n in lengths]
 
 
-def _generate(monkeypatch, shape: str, kernels: str = "auto", codebooks_m=None, none_backend=None, **llm) -> dict:
+def _generate(monkeypatch, shape: str, kernels: str = "auto", codebooks_m=None, none_backend=None,
+              prompt_lengths=(300, 41, 777, 129), **llm) -> dict:
     from vllm_kvcompress.harness.subprocess_run import run_module
 
     monkeypatch.setenv("KVCOMPRESS_KERNELS", kernels)
@@ -37,7 +38,7 @@ def _generate(monkeypatch, shape: str, kernels: str = "auto", codebooks_m=None, 
     config = SHAPES[shape]
     # FULL decode graphs (the path under test) for the few batch sizes 4 prompts need, without
     # torch.compile (FULL graphs need none): an engine starts in seconds rather than a minute.
-    spec = {"model_config": config, "prompts": _prompts(config["vocab_size"]), "max_tokens": 32,
+    spec = {"model_config": config, "prompts": _prompts(config["vocab_size"], prompt_lengths), "max_tokens": 32,
             "codebooks_m": codebooks_m, "init_std": 0.02,
             "llm": {"dtype": "bfloat16", "max_model_len": 4096, "gpu_memory_utilization": 0.5, "max_num_seqs": 8,
                     "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
@@ -120,6 +121,23 @@ def test_eviction_triton_path_matches_its_reference_path(monkeypatch, method):
     print(f"small: {method} (256-token budget), Triton vs PyTorch ops on the GPU: {_describe(result)} "
           f"({triton['distinct_tokens']} distinct tokens); cudagraph {triton['cudagraph_mode']}, start "
           f"{triton['start_s']} s")
+    assert not result["splits"] and result["gap"] <= GAP_NATS
+
+
+def test_async_scheduling_gives_the_sync_tokens(monkeypatch):
+    """Whole-row eviction keeps vLLM's async scheduling on CUDA: step N+1 is scheduled while
+    step N runs and compacts. In a pool of 64 blocks that 12 requests share (each prompt needs
+    up to 49 blocks before its compaction to 17), freed blocks go to the next request at once,
+    so a block freed while the worker still reads it would change tokens. The tokens are those
+    of synchronous scheduling (``--no-async-scheduling``), up to near ties."""
+    lengths = (300, 41, 777, 129, 640, 513, 255, 900, 64, 700, 333, 480)
+    runs = [_generate(monkeypatch, "small", attention_backend="kvcompress", async_scheduling=asynchronous,
+                      prompt_lengths=lengths, num_gpu_blocks_override=64,
+                      additional_config={"kvcompress": dict(EVICTIONS["knorm"])}) for asynchronous in (False, True)]
+    result = _compare(*runs)
+    print(f"small: knorm (256-token budget), 12 requests in 64 blocks, async vs sync scheduling: {_describe(result)}")
+    assert [run["async_scheduling"] for run in runs] == [False, True]
+    assert runs[1]["attention_impls"] == ["KVCompressImpl"]
     assert not result["splits"] and result["gap"] <= GAP_NATS
 
 

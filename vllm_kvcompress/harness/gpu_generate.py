@@ -81,6 +81,7 @@ def engine_facts(llm) -> dict:
     config = llm.llm_engine.vllm_config
     return {"attention_impls": sorted({n for names in llm.collective_rpc(attention_impls) for n in names}),
             "cudagraph_mode": str(config.compilation_config.cudagraph_mode),
+            "async_scheduling": bool(config.scheduler_config.async_scheduling),
             "kv_cache_tokens": int(config.cache_config.num_gpu_blocks or 0) * int(config.cache_config.block_size)}
 
 

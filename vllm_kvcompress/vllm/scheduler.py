@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from vllm.logger import init_logger
 from vllm.utils.math_utils import cdiv
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
@@ -50,6 +51,7 @@ class EvictingBlockManager(FullAttentionManager):
 
     schedules: dict[str, CompressionSchedule | None]
     computed: dict[str, int]
+    requests: dict  # the scheduler's requests by id (their schedule-time lengths)
 
     def _physical(self, request_id: str, num_tokens: int, computed: int) -> int:
         schedule = self.schedules.get(request_id)
@@ -75,12 +77,24 @@ class EvictingBlockManager(FullAttentionManager):
         blocks = self.req_to_blocks.get(request_id)
         if schedule is None or not blocks:
             return
-        keep = cdiv(schedule.rows_held(processed_computed_tokens), self.block_size)
+        keep = cdiv(schedule.rows_held(self.cut_length(request_id, processed_computed_tokens)), self.block_size)
         if len(blocks) > keep:
             freed = blocks[keep:]
             del blocks[keep:]
             self.block_pool.free_blocks(reversed(freed))
             self.counters.blocks_reclaimed += len(freed)
+
+    def cut_length(self, request_id: str, processed_computed_tokens: int) -> int:
+        """The logical length whose rows a request keeps: its length after the last step
+        already scheduled (``num_computed_tokens`` at schedule time). vLLM passes the
+        processed length, which leaves out the steps still in flight; under async scheduling
+        that is the length before the previous step, whose compaction (a prompt's end: all
+        but 1/N of its rows) the worker runs before the step being scheduled, on the same
+        stream. Cutting on the processed length would free blocks the worker still reads;
+        the scheduled one frees exactly what that compaction emptied. Synchronously the two
+        are equal (nothing is in flight)."""
+        request = self.requests.get(request_id)
+        return processed_computed_tokens if request is None else request.num_computed_tokens
 
     def pop_blocks_for_free(self, request_id):
         self.computed.pop(request_id, None)
@@ -107,6 +121,7 @@ class KVCompressScheduler(Scheduler):
                     f"kvcompress eviction needs full attention in every layer, got {type(manager).__name__}")
             manager.__class__ = EvictingBlockManager
             manager.schedules, manager.computed, manager.counters = self.schedules, {}, self.counters
+            manager.requests = self.requests
         logger.info("kvcompress eviction scheduler: method=%s, settings %s", config.method, config.settings)
 
     def add_request(self, request) -> None:
@@ -147,3 +162,14 @@ class KVCompressScheduler(Scheduler):
             running = [(r.num_computed_tokens, len(blocks.get(r.request_id, ()))) for r in self.running]
             stats.num_kv_fetch_reqs_by_stage.update(self.counters.pack(running))
         return stats
+
+
+class KVCompressAsyncScheduler(KVCompressScheduler, AsyncScheduler):
+    """Whole-row eviction under vLLM's async scheduling (asked for with ``--async-scheduling``,
+    CUDA only): step N+1 is scheduled while step N runs. That changes nothing the eviction
+    relies on. Compression points are a function of logical length, which the scheduler
+    advances when it schedules a step, async or not, so both sides cut at the same points.
+    The blocks freed when N+1 is scheduled were emptied by step N's compaction, which the
+    worker runs before step N+1 on the same stream, so another request writes them only
+    after it. Ring layouts (KVzap threshold, DMS) are not allowed here: their worker reports
+    would reach the scheduler a step late."""

@@ -158,6 +158,7 @@ def delegate_passthrough(vllm_config: "VllmConfig", config: KVCompressConfig) ->
 
 
 SCHEDULER_CLS = "vllm_kvcompress.vllm.scheduler.KVCompressScheduler"
+ASYNC_SCHEDULER_CLS = "vllm_kvcompress.vllm.scheduler.KVCompressAsyncScheduler"
 WORKER_CLS = "vllm_kvcompress.vllm.worker.KVCompressCPUWorker"
 GPU_WORKER_CLS = "vllm_kvcompress.vllm.gpu_worker.KVCompressGPUWorker"
 PLATFORM_WORKER_CLS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker", "vllm.v1.worker.gpu_worker.Worker")
@@ -201,22 +202,28 @@ def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_req
     logger = init_logger("vllm.kvcompress.startup")
     on_cuda = current_platform.is_cuda()
     scheduler = vllm_config.scheduler_config
-    if scheduler.scheduler_cls not in (None, SCHEDULER_CLS):
+    if scheduler.scheduler_cls not in (None, SCHEDULER_CLS, ASYNC_SCHEDULER_CLS):
         raise KVCompressConfigError(
             f"--scheduler-cls {scheduler.scheduler_cls} cannot be combined with kvcompress method {config.method!r}: "
             "eviction brings its own scheduler (leave --scheduler-cls unset)"
         )
-    if scheduler.async_scheduling:
+    # Whole-row eviction on CUDA keeps vLLM's async scheduling (its default there): the
+    # scheduler cuts block lists on schedule-time lengths (EvictingBlockManager.cut_length).
+    # Ring layouts (KVzap threshold mode, DMS) need the worker's report of a step before the
+    # next one is scheduled; on the CPU vLLM turns async scheduling off itself.
+    takes_async = on_cuda and config.whole_row_eviction
+    if scheduler.async_scheduling and not takes_async:
         if async_requested:
             raise KVCompressConfigError(
-                f"async scheduling cannot be combined with kvcompress method {config.method!r} yet; "
-                "drop --async-scheduling"
+                f"async scheduling cannot be combined with kvcompress method {config.method!r} yet (only whole-row "
+                "eviction on CUDA takes it: knorm, snapkv and compositions over them); drop --async-scheduling"
             )
-        # vLLM's default on CUDA: each step's compaction must reach the scheduler before it
-        # schedules the next step.
         scheduler.async_scheduling = False
-        logger.info("kvcompress: async scheduling turned off for method %r (the scheduler frees a request's "
-                    "compacted blocks before it schedules the next step)", config.method)
+        logger.info("kvcompress: async scheduling turned off for method %r (its worker reports what each step "
+                    "kept before the scheduler plans the next)", config.method)
+    elif scheduler.async_scheduling:
+        logger.info("kvcompress: method %r keeps vLLM's async scheduling (blocks are cut on schedule-time "
+                    "lengths; --no-async-scheduling schedules synchronously)", config.method)
     parallel = vllm_config.parallel_config
     worker_cls = GPU_WORKER_CLS if on_cuda else WORKER_CLS
     if parallel.worker_cls not in (*PLATFORM_WORKER_CLS, worker_cls):
@@ -233,7 +240,7 @@ def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_req
         select_v1_runner(vllm_config, config)
         logger.info("kvcompress: method %r on CUDA runs vLLM's V1 model runner (%s=0)", config.method,
                     V2_RUNNER_ENV)
-    scheduler.scheduler_cls = SCHEDULER_CLS
+    scheduler.scheduler_cls = ASYNC_SCHEDULER_CLS if scheduler.async_scheduling else SCHEDULER_CLS
     parallel.worker_cls = worker_cls
     if vllm_config.cache_config.enable_prefix_caching:
         # Compaction rewrites a request's blocks in place: they no longer hold what
