@@ -125,14 +125,14 @@ def test_eviction_triton_path_matches_its_reference_path(monkeypatch, method):
 
 
 def test_async_scheduling_gives_the_sync_tokens(monkeypatch):
-    """Whole-row eviction keeps vLLM's async scheduling on CUDA: step N+1 is scheduled while
-    step N runs and compacts. In a pool of 64 blocks that 12 requests share (each prompt needs
+    """Whole-row eviction with vLLM's async scheduling (``--async-scheduling``): step N+1 is
+    scheduled while step N runs and compacts. In a pool of 64 blocks that 12 requests share (each prompt needs
     up to 49 blocks before its compaction to 17), freed blocks go to the next request at once,
     so a block freed while the worker still reads it would change tokens. The tokens are those
     of synchronous scheduling (``--no-async-scheduling``), up to near ties."""
     lengths = (300, 41, 777, 129, 640, 513, 255, 900, 64, 700, 333, 480)
     runs = [_generate(monkeypatch, "small", attention_backend="kvcompress", async_scheduling=asynchronous,
-                      prompt_lengths=lengths, num_gpu_blocks_override=64,
+                      prompt_lengths=lengths, num_gpu_blocks_override=64, max_model_len=1000,
                       additional_config={"kvcompress": dict(EVICTIONS["knorm"])}) for asynchronous in (False, True)]
     result = _compare(*runs)
     print(f"small: knorm (256-token budget), 12 requests in 64 blocks, async vs sync scheduling: {_describe(result)}")

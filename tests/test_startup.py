@@ -180,29 +180,25 @@ def test_eviction_on_cuda_wires_the_gpu_worker_on_vllms_v1_runner(smollm2_dir, m
     vllm_config.scheduler_config.async_scheduling = True  # vLLM's default on CUDA
     startup.wire_eviction(vllm_config, config)
     assert vllm_config.parallel_config.worker_cls == "vllm_kvcompress.vllm.gpu_worker.KVCompressGPUWorker"
-    # Whole-row eviction keeps vLLM's default async scheduling, on a scheduler that cuts
-    # block lists on schedule-time lengths.
-    assert vllm_config.scheduler_config.async_scheduling is True
-    assert vllm_config.scheduler_config.scheduler_cls == startup.ASYNC_SCHEDULER_CLS
-    from vllm_kvcompress.vllm.scheduler import KVCompressAsyncScheduler, KVCompressScheduler
-    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-
-    assert vllm_config.scheduler_config.get_scheduler_cls() is KVCompressAsyncScheduler
-    assert issubclass(KVCompressAsyncScheduler, KVCompressScheduler) and issubclass(KVCompressAsyncScheduler,
-                                                                                   AsyncScheduler)
+    assert vllm_config.scheduler_config.scheduler_cls == startup.SCHEDULER_CLS
+    assert vllm_config.scheduler_config.async_scheduling is False  # turned off, logged
     import os
 
     assert os.environ[startup.V2_RUNNER_ENV] == "0"  # inherited by the engine processes
-    synchronous = engine_config(smollm2_dir)
-    synchronous.scheduler_config.async_scheduling = False  # --no-async-scheduling
-    startup.wire_eviction(synchronous, config, async_requested=False)
-    assert synchronous.scheduler_config.scheduler_cls == startup.SCHEDULER_CLS
+    # --async-scheduling: whole-row eviction keeps it on CUDA, on a scheduler that cuts block
+    # lists on schedule-time lengths.
+    asked = engine_config(smollm2_dir)
+    asked.scheduler_config.async_scheduling = True
+    startup.wire_eviction(asked, config, async_requested=True)
+    assert asked.scheduler_config.async_scheduling is True
+    assert asked.scheduler_config.scheduler_cls == startup.ASYNC_SCHEDULER_CLS
+    from vllm_kvcompress.vllm.scheduler import KVCompressAsyncScheduler, KVCompressScheduler
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    assert asked.scheduler_config.get_scheduler_cls() is KVCompressAsyncScheduler
+    assert issubclass(KVCompressAsyncScheduler, KVCompressScheduler) and issubclass(KVCompressAsyncScheduler,
+                                                                                   AsyncScheduler)
     streams = KVCompressConfig.from_dict({"method": "headkv", "max_kv_tokens": 256, "head_scores": "s.json"})
-    default = engine_config(smollm2_dir)
-    default.scheduler_config.async_scheduling = True
-    startup.wire_eviction(default, streams)
-    assert default.scheduler_config.async_scheduling is False  # turned off, logged
-    assert default.scheduler_config.scheduler_cls == startup.SCHEDULER_CLS
     asked = engine_config(smollm2_dir)
     asked.scheduler_config.async_scheduling = True
     with pytest.raises(KVCompressConfigError, match=r"async scheduling cannot be combined with kvcompress method "

@@ -207,23 +207,25 @@ def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_req
             f"--scheduler-cls {scheduler.scheduler_cls} cannot be combined with kvcompress method {config.method!r}: "
             "eviction brings its own scheduler (leave --scheduler-cls unset)"
         )
-    # Whole-row eviction on CUDA keeps vLLM's async scheduling (its default there): the
-    # scheduler cuts block lists on schedule-time lengths (EvictingBlockManager.cut_length).
-    # Ring layouts (KVzap threshold mode, DMS) need the worker's report of a step before the
-    # next one is scheduled; on the CPU vLLM turns async scheduling off itself.
-    takes_async = on_cuda and config.whole_row_eviction
-    if scheduler.async_scheduling and not takes_async:
-        if async_requested:
-            raise KVCompressConfigError(
-                f"async scheduling cannot be combined with kvcompress method {config.method!r} yet (only whole-row "
-                "eviction on CUDA takes it: knorm, snapkv and compositions over them); drop --async-scheduling"
-            )
-        scheduler.async_scheduling = False
-        logger.info("kvcompress: async scheduling turned off for method %r (its worker reports what each step "
-                    "kept before the scheduler plans the next)", config.method)
+    # Whole-row eviction on CUDA takes async scheduling when asked: the scheduler cuts block
+    # lists on schedule-time lengths (EvictingBlockManager.cut_length). It stays opt-in until
+    # its GPU check (tests/test_gpu_engine.py) has passed. Ring layouts (KVzap threshold mode,
+    # DMS) need the worker's report of a step before the next one is scheduled; on the CPU
+    # vLLM turns async scheduling off itself.
+    keep_async = bool(scheduler.async_scheduling and async_requested)
+    if keep_async and not (on_cuda and config.whole_row_eviction):
+        raise KVCompressConfigError(
+            f"async scheduling cannot be combined with kvcompress method {config.method!r} yet (only whole-row "
+            "eviction on CUDA takes it: knorm, snapkv and compositions over them); drop --async-scheduling"
+        )
+    if keep_async:
+        logger.info("kvcompress: async scheduling kept for method %r, as asked (experimental: blocks are cut on "
+                    "schedule-time lengths; not yet checked on a GPU)", config.method)
     elif scheduler.async_scheduling:
-        logger.info("kvcompress: method %r keeps vLLM's async scheduling (blocks are cut on schedule-time "
-                    "lengths; --no-async-scheduling schedules synchronously)", config.method)
+        # vLLM's default on CUDA, left to vLLM by the user: the measured, synchronous path.
+        scheduler.async_scheduling = False
+        logger.info("kvcompress: async scheduling turned off for method %r (ask for it with --async-scheduling: "
+                    "experimental for whole-row eviction on CUDA)", config.method)
     parallel = vllm_config.parallel_config
     worker_cls = GPU_WORKER_CLS if on_cuda else WORKER_CLS
     if parallel.worker_cls not in (*PLATFORM_WORKER_CLS, worker_cls):
@@ -240,7 +242,7 @@ def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_req
         select_v1_runner(vllm_config, config)
         logger.info("kvcompress: method %r on CUDA runs vLLM's V1 model runner (%s=0)", config.method,
                     V2_RUNNER_ENV)
-    scheduler.scheduler_cls = ASYNC_SCHEDULER_CLS if scheduler.async_scheduling else SCHEDULER_CLS
+    scheduler.scheduler_cls = ASYNC_SCHEDULER_CLS if keep_async else SCHEDULER_CLS
     parallel.worker_cls = worker_cls
     if vllm_config.cache_config.enable_prefix_caching:
         # Compaction rewrites a request's blocks in place: they no longer hold what
