@@ -75,3 +75,42 @@ def test_blocks_follow_the_workers_rows_with_a_step_in_flight(smollm2_dir, cls_n
     compacted = -(-scheduler.schedules["a"].physical_length(PROMPT) // BLOCK)  # the rows step 1 kept
     assert held[:compacted] == allocated[:compacted]  # the blocks the worker compacted into, in order
     assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == 200 - 1 - len(held)  # -1: the null block
+
+
+def _sampled(output) -> "object":
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    ids = list(output.num_scheduled_tokens)
+    return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                             sampled_token_ids=[[7] for _ in ids])
+
+
+def test_async_pipeline_keeps_every_block_the_worker_reads(smollm2_dir):
+    """Two requests through their prompts and 40 decode steps each (decode compactions every
+    16 tokens), scheduled as vLLM's async engine core does: step N+1 before step N's output.
+    At every step each request holds exactly the blocks the worker's step writes into, and the
+    first of them are the ones it held before (the rows the previous step's compaction kept),
+    in order: nothing the worker still reads was freed and handed out."""
+    scheduler = _scheduler(smollm2_dir, "KVCompressAsyncScheduler", num_blocks=120)
+    blocks = scheduler.managers[0].req_to_blocks
+    scheduler.add_request(_request("a", 640))
+    scheduler.add_request(_request("b", 400))
+    in_flight, before, compactions, steps = None, {}, 0, 0
+    while steps < 45:
+        output = scheduler.schedule()
+        scheduler.last_output = output
+        steps += 1
+        for rid in output.num_scheduled_tokens:
+            schedule = scheduler.schedules[rid]
+            held = [b.block_id for b in blocks[rid]]
+            assert len(held) == _worker_blocks(scheduler, rid), (rid, steps)
+            scheduled = output.num_scheduled_tokens[rid]
+            start = scheduler.requests[rid].num_computed_tokens - scheduled
+            kept = -(-schedule.physical_length(start) // BLOCK)
+            assert held[:kept] == before.get(rid, [])[:kept], (rid, steps)
+            compactions += schedule.compacts_at(start + scheduled)
+            before[rid] = held
+        if in_flight is not None:
+            scheduler.update_from_output(in_flight, _sampled(in_flight))
+        in_flight = output
+    assert compactions >= 4  # the prompts' ends and decode points of both requests

@@ -222,6 +222,19 @@ def test_eviction_refuses_micro_batching(smollm2_dir):
         startup.wire_eviction(vllm_config, config)
 
 
+def test_eviction_refuses_kv_connectors(smollm2_dir):
+    """A connector ships blocks by their token hashes (and defers frees as a consumer);
+    compaction rewrites and frees blocks in place."""
+    from vllm.config import KVTransferConfig
+
+    config = KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5})
+    vllm_config = engine_config(smollm2_dir)
+    vllm_config.kv_transfer_config = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both")
+    with pytest.raises(KVCompressConfigError, match=r"--kv-transfer-config \(a KV connector\) cannot be combined "
+                                                    r"with kvcompress method 'knorm'"):
+        startup.wire_eviction(vllm_config, config)
+
+
 def test_eviction_refuses_a_foreign_scheduler(smollm2_dir):
     with pytest.raises(ValueError, match=r"--scheduler-cls my.Scheduler cannot be combined with kvcompress method 'knorm'"):
         engine_config(smollm2_dir, attention_backend="kvcompress", additional_config=_knorm(),

@@ -61,6 +61,11 @@ class EvictionRunnerMixin:
 
     def _update_states(self, scheduler_output):
         requests = self.kvc.requests
+        # Finished requests first: vLLM may schedule a finished id again as a new request in
+        # the same step, whose cache must not be the one dropped here.
+        for req_id in scheduler_output.finished_req_ids:
+            self._kvc_record_finished(req_id)
+            requests.pop(req_id, None)
         for request in scheduler_output.scheduled_new_reqs:
             extra_args = request.sampling_params.extra_args if request.sampling_params is not None else None
             schedule = self.kvc_policy.schedule_for(len(request.prompt_token_ids or ()), extra_args)
@@ -72,11 +77,7 @@ class EvictionRunnerMixin:
                     requests[req_id] = RequestCache(cache.schedule)
             elif not self.kvc_method.masks:
                 self._kvc_truncate(req_id, num_computed)
-        for req_id in scheduler_output.finished_req_ids:
-            self._kvc_record_finished(req_id)
         result = super()._update_states(scheduler_output)
-        for req_id in scheduler_output.finished_req_ids:
-            requests.pop(req_id, None)
         for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
             if (state := self.requests.get(req_id)) is not None and (cache := requests.get(req_id)) is not None:
                 cache.length = state.num_computed_tokens + scheduled

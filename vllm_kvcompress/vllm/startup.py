@@ -235,6 +235,11 @@ def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_req
         )
     if parallel.pipeline_parallel_size > 1:
         raise KVCompressConfigError("pipeline parallelism cannot be combined with kvcompress eviction yet")
+    if vllm_config.kv_transfer_config is not None:
+        # A connector ships or loads blocks by their token hashes and, as a consumer, defers
+        # block frees; compaction rewrites blocks in place and frees them on its own schedule.
+        raise KVCompressConfigError(f"--kv-transfer-config (a KV connector) cannot be combined with kvcompress method "
+                                    f"{config.method!r}: eviction rewrites and frees blocks in place")
     if parallel.use_ubatching:  # each micro-batch would plan its own compactions, with its own row numbers
         raise KVCompressConfigError("micro-batching (--enable-dbo / --ubatch-size) cannot be combined with "
                                     "kvcompress eviction yet")
