@@ -362,17 +362,20 @@ def stream_move_rows(pool: torch.Tensor, source: torch.Tensor, dest: torch.Tenso
 
 
 def stream_decode(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor, page: int,
-                  scale: float) -> torch.Tensor:
+                  scale: float, max_kv_len: int | None = None) -> torch.Tensor:
+    """``max_kv_len``: a host bound on ``lengths`` (no read-back)."""
     if implementation("stream_decode", query, pool, pages, lengths,
                       fits=_stream_fits(query, pool, page)) == "triton":
-        return _twin("stream_attention_triton").stream_decode(query, pool, pages, lengths, page, scale)
-    return stream_attention_ref.decode_attention(query, pool, pages, lengths, page, scale)
+        return _twin("stream_attention_triton").stream_decode(query, pool, pages, lengths, page, scale,
+                                                              max_kv_len=max_kv_len)
+    return stream_attention_ref.decode_attention(query, pool, pages, lengths, page, scale, max_kv_len)
 
 
 def stream_prefill(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor, page: int,
-                   scale: float, visible: torch.Tensor | None = None) -> torch.Tensor:
+                   scale: float, visible: torch.Tensor | None = None, max_len: int | None = None,
+                   uniform: bool | None = None) -> torch.Tensor:
     # No Triton prefill: the reference is torch SDPA.
-    return stream_attention_ref.prefill_attention(query, pool, pages, lengths, page, scale, visible)
+    return stream_attention_ref.prefill_attention(query, pool, pages, lengths, page, scale, visible, max_len, uniform)
 
 
 def page_rows(pages: torch.Tensor, page: int) -> torch.Tensor:

@@ -33,42 +33,49 @@ def gather(pool: torch.Tensor, pages: torch.Tensor, page: int, length: int) -> t
 
 
 def decode_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor,
-                     page: int, scale: float) -> torch.Tensor:
-    """One query per request ``[B, Hq, D]``; ``pages[B, Hkv, P]``, ``lengths[B, Hkv]``."""
+                     page: int, scale: float, max_kv_len: int | None = None) -> torch.Tensor:
+    """One query per request ``[B, Hq, D]``; ``pages[B, Hkv, P]``, ``lengths[B, Hkv]``.
+    ``max_kv_len``: a host bound on ``lengths`` (else read back from their device)."""
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads = pages.shape[1]
-    max_len = int(lengths.max())
+    max_len = int(lengths.max()) if max_kv_len is None else int(max_kv_len)
     rows = gather(pool, pages, page, max_len)  # [B, Hkv, L, 2D]
     k, v = rows[..., :head_dim].float(), rows[..., head_dim:].float()
     q = query.view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim).float()
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hkv, group, L]
-    valid = torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(-1)  # [B, Hkv, L]
+    valid = torch.arange(max_len, device=scores.device) < lengths.to(scores.device).unsqueeze(-1)  # [B, Hkv, L]
     scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1), v)
     return out.reshape(batch, num_q_heads, head_dim)
 
 
 def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor,
-                      page: int, scale: float, visible: torch.Tensor | None = None) -> torch.Tensor:
+                      page: int, scale: float, visible: torch.Tensor | None = None, max_len: int | None = None,
+                      uniform: bool | None = None) -> torch.Tensor:
     """Causal attention of one request's ``q_len`` new queries ``[q_len, Hq, D]``; each
     stream's last ``q_len`` rows are those tokens (``pages[Hkv, P]``, ``lengths[Hkv]``).
-    ``visible[Hkv, q_len, max(lengths)]`` restricts it further (DMS's mask)."""
+    ``visible[Hkv, q_len, max(lengths)]`` restricts it further (DMS's mask). ``max_len``
+    and ``uniform`` (every stream ``max_len`` long): host facts of ``lengths``, else read
+    back from their device."""
     q_len, num_q_heads, head_dim = query.shape
     num_kv_heads = pages.shape[0]
     group = num_q_heads // num_kv_heads
-    max_len = int(lengths.max())
+    max_len = int(lengths.max()) if max_len is None else int(max_len)
+    if uniform is None:
+        uniform = bool((lengths == max_len).all())
+    device = pool.device
     rows = gather(pool, pages, page, max_len)  # [Hkv, L, 2D]
     k, v = rows[None, ..., :head_dim], rows[None, ..., head_dim:]
     q = query.transpose(0, 1)[None].to(k.dtype)  # [1, Hq, q_len, D]
-    if visible is None and bool((lengths == max_len).all()):  # equally long streams (a prompt before compression)
+    if visible is None and uniform:  # equally long streams (a prompt before compression)
         if q_len == max_len:
             out = paged_dense_ref.attend(q, k, v, None, scale, causal=True)
         else:
-            out = paged_dense_ref.attend(q, k, v, paged_dense_ref.bottom_right_mask(q_len, max_len, lengths.device),
-                                         scale)
+            out = paged_dense_ref.attend(q, k, v, paged_dense_ref.bottom_right_mask(q_len, max_len, device), scale)
     else:
-        q_pos = lengths[:, None] - q_len + torch.arange(q_len, device=lengths.device)  # [Hkv, q_len]
-        mask = torch.arange(max_len, device=lengths.device)[None, None, :] <= q_pos[:, :, None]  # [Hkv, q_len, L]
+        lengths = lengths.to(device)
+        q_pos = lengths[:, None] - q_len + torch.arange(q_len, device=device)  # [Hkv, q_len]
+        mask = torch.arange(max_len, device=device)[None, None, :] <= q_pos[:, :, None]  # [Hkv, q_len, L]
         if visible is not None:
             mask = mask & visible
         out = paged_dense_ref.attend(q, k, v, mask.repeat_interleave(group, 0)[None], scale)

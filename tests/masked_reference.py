@@ -18,12 +18,16 @@ def masked_attention(q, k, v, pos, mask):
     return torch.stack(outs)
 
 
-def drive(settings, schedule, q, k, v, scores, steps, check, blocks: int, block: int, page: int, state=None):
+def drive(settings, schedule, q, k, v, scores, steps, check, blocks: int, block: int, page: int, state=None,
+          device="cpu", dtype=torch.float32, no_sync: bool = False):
     """Run one request ``"r"`` through the stream plan + runners over a small pool, ``steps``
     new tokens at a time (``scores[L, T, H]`` are what the hooks would give each token), and
-    call ``check(out[L, new, Hq, D], first position, computed)`` after every step. The
-    worker's state (``state``, a WorkerState) is handled as the runner does: one step plan
-    per step, the pages reports handed to the schedule after it."""
+    call ``check(out[L, new, Hq, D], first position, computed)`` after every step (``out``
+    on the host). The worker's state (``state``, a WorkerState) is handled as the runner
+    does: one step plan per step, the pages reports handed to the schedule after it. On a
+    CUDA ``device`` the pool and the block table live there (the plan reads the host copy,
+    as from the runner); ``no_sync``: the layers' forwards run under CUDA's sync debug mode
+    "error" (any read-back raises)."""
     from types import SimpleNamespace
 
     from vllm_kvcompress.eviction.streams import PoolGeometry
@@ -32,26 +36,36 @@ def drive(settings, schedule, q, k, v, scores, steps, check, blocks: int, block:
 
     layers, _, q_heads, dim = q.shape
     heads = k.shape[2]
-    buffer = torch.zeros(layers, blocks, heads, block, 2 * dim)
+    buffer = torch.zeros(layers, blocks, heads, block, 2 * dim, dtype=dtype, device=device)
     geometry = PoolGeometry(layers, blocks, heads, block, page)
     method = settings.build()
     runners = [stream_layout.StreamRunner(method, layer, layers) for layer in range(layers)]
     state = WorkerState() if state is None else state
     state.pool.num_blocks = blocks
-    state.pool.row_scores = torch.zeros(layers * blocks * heads * block)
+    state.pool.row_scores = torch.zeros(layers * blocks * heads * block, device=device)
     state.requests["r"] = RequestCache(schedule)
     computed = 0
     for new in steps:
         span = slice(computed, computed + new)
         step = state.begin_step(["r"])
         m = SimpleNamespace(query_start_loc_cpu=torch.tensor([0, new]), seq_lens=torch.tensor([computed + new]),
-                            block_table_tensor=torch.arange(blocks)[None], num_actual_tokens=new)
-        meta = stream_layout.build(m, 1, geometry, step, state.pool)
-        out = torch.zeros(layers, new, q_heads, dim)
-        for layer in range(layers):
-            state.record_scores(layer, scores[layer, span], 0.0)
-            runners[layer].forward(q[layer, span], k[layer, span], v[layer, span], buffer[layer], meta, out[layer],
-                                   dim ** -0.5)
+                            block_table_tensor=torch.arange(blocks, device=device)[None], num_actual_tokens=new)
+        step.host_block_table = torch.arange(blocks)[None]
+        meta = stream_layout.build(m, 1, geometry, step, state.pool, m.seq_lens)
+        out = torch.zeros(layers, new, q_heads, dim, dtype=dtype, device=device)
+        inputs = [t[:, span].to(device, dtype) for t in (q, k, v)]
+        step_scores = scores[:, span].to(device)  # copies to the device before the trap
+        trap = device != "cpu" and no_sync
+        if trap:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for layer in range(layers):
+                state.record_scores(layer, step_scores[layer], 0.0)
+                runners[layer].forward(*(t[layer] for t in inputs), buffer[layer], meta, out[layer], dim ** -0.5)
+        finally:
+            if trap:
+                torch.cuda.set_sync_debug_mode("default")
+        out = out.float().cpu()
         for req_id, pages in step.pages_reports.items():
             state.requests[req_id].schedule.pages_next = pages
         state.end_step()

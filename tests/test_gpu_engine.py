@@ -83,11 +83,11 @@ def test_none_gives_flash_attention_tokens(monkeypatch, shape):
     assert not result["splits"] and result["gap"] <= GAP_NATS
 
 
-def _triton_and_reference(monkeypatch, shape: str, settings: dict, codebooks_m=None) -> tuple[dict, dict, dict]:
+def _triton_and_reference(monkeypatch, shape: str, settings: dict, codebooks_m=None, **llm) -> tuple[dict, dict, dict]:
     """The same plugin engine on the Triton kernels and on the PyTorch ops (same CUDA tensors),
     and their comparison; both must run the plugin's attention."""
     runs = [_generate(monkeypatch, shape, kernels=kernels, codebooks_m=codebooks_m, attention_backend="kvcompress",
-                      additional_config={"kvcompress": dict(settings)}) for kernels in ("auto", "reference")]
+                      additional_config={"kvcompress": dict(settings)}, **llm) for kernels in ("auto", "reference")]
     triton, reference = runs
     assert triton["attention_impls"] == reference["attention_impls"] == ["KVCompressImpl"]
     return triton, reference, _compare(reference, triton)
@@ -121,6 +121,33 @@ def test_eviction_triton_path_matches_its_reference_path(monkeypatch, method):
     print(f"small: {method} (256-token budget), Triton vs PyTorch ops on the GPU: {_describe(result)} "
           f"({triton['distinct_tokens']} distinct tokens); cudagraph {triton['cudagraph_mode']}, start "
           f"{triton['start_s']} s")
+    assert not result["splits"] and result["gap"] <= GAP_NATS
+
+
+@pytest.mark.parametrize("graphs", ["eager", "piecewise"])
+def test_headkv_triton_path_matches_its_reference_path(monkeypatch, tmp_path, graphs):
+    """HeadKV's per-(layer, KV head) streams on CUDA (``KVCOMPRESS_CUDA_STREAMS=experimental``
+    until this passes): decode on the Triton stream kernel against the same engine on the
+    PyTorch ops. Head scores skewed so the streams' budgets differ; a 256-token step budget so
+    the 777-token prompt is chunked (bottom-right masks) before its compression."""
+    import json
+
+    from vllm_kvcompress.methods.headkv import HeadScores
+
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.rand(4, 16, generator=generator) ** 3 + 1e-3
+    scores = HeadScores(tuple(map(tuple, (raw / raw.sum()).tolist())), 4)
+    path = tmp_path / "head_scores.json"
+    path.write_text(json.dumps(scores.to_json(model="small-dummy")))
+    monkeypatch.setenv("KVCOMPRESS_CUDA_STREAMS", "experimental")
+    compilation = ({"mode": 0} if graphs == "eager" else
+                   {"mode": 3, "cudagraph_mode": "PIECEWISE", "cudagraph_capture_sizes": [1, 2, 4, 8]})
+    triton, _, result = _triton_and_reference(
+        monkeypatch, "small", {"method": "headkv", "head_scores": str(path), "max_kv_tokens": 256},
+        max_num_batched_tokens=256, compilation_config=compilation)
+    print(f"small: headkv (256-token budget, skewed heads, {graphs}), Triton vs PyTorch ops on the GPU: "
+          f"{_describe(result)} ({triton['distinct_tokens']} distinct tokens); cudagraph {triton['cudagraph_mode']}, "
+          f"start {triton['start_s']} s")
     assert not result["splits"] and result["gap"] <= GAP_NATS
 
 

@@ -18,7 +18,8 @@ class _Runner(EvictionRunnerMixin, _VllmRunner):
         self.kvc_policy = SimpleNamespace(schedule_for=lambda prompt_len, extra: ("schedule", prompt_len))
         self.kvc_method = SimpleNamespace(masks=False)
         self.requests = {}
-        self.input_batch = SimpleNamespace(req_ids=["a"])
+        table = SimpleNamespace(get_cpu_tensor=lambda: "host table")
+        self.input_batch = SimpleNamespace(req_ids=["a"], block_table=[table])
 
 
 def _output(new=(), finished=()):
@@ -37,7 +38,7 @@ def test_a_finished_id_scheduled_again_as_new_keeps_its_new_cache():
     assert runner._update_states(_output(new=["a"], finished=["a"])) == "vllm"
     cache = runner.kvc.requests["a"]
     assert cache is not old and cache.schedule == ("schedule", 700)
-    assert runner.kvc.step.caches == [cache]
+    assert runner.kvc.step.caches == [cache] and runner.kvc.step.host_block_table == "host table"
 
 
 def test_finished_requests_are_dropped():

@@ -23,7 +23,7 @@ def keep_indices(scores: torch.Tensor, budget: int, sink_tokens: int = 0, recent
     protected[: min(sink_tokens, length)] = True
     if recent_tokens:
         protected[max(0, length - recent_tokens):] = True
-    scores[:, protected] = float("inf")
+    scores.masked_fill_(protected[None, :], float("inf"))  # no boolean index: no device read-back
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     return torch.sort(order[:, :budget], dim=1).values
 

@@ -218,7 +218,7 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
 
             geometry = PoolGeometry(self.num_layers, state.pool.num_blocks, self.kv_cache_spec.num_kv_heads,
                                     self.kv_cache_spec.block_size, self.page_tokens)
-            planned = stream_layout.build(m, num_reqs, geometry, step, state.pool)
+            planned = stream_layout.build(m, num_reqs, geometry, step, state.pool, host_seq_lens(m))
             if planned is not None:
                 return planned
         if m.max_query_len == 1 and (not self.evicts or self.decode_buffers is not None):

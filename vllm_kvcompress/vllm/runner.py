@@ -81,7 +81,10 @@ class EvictionRunnerMixin:
         for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
             if (state := self.requests.get(req_id)) is not None and (cache := requests.get(req_id)) is not None:
                 cache.length = state.num_computed_tokens + scheduled
-        self.kvc.begin_step(self.input_batch.req_ids)
+        step = self.kvc.begin_step(self.input_batch.req_ids)
+        # The stream layouts plan from block ids on the host: the runner's own copy, where the
+        # metadata's table lives on the GPU.
+        step.host_block_table = self.input_batch.block_table[0].get_cpu_tensor()
         return result
 
     def _kvc_record_finished(self, req_id: str) -> None:

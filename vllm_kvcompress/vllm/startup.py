@@ -75,7 +75,7 @@ def check_platform(config: KVCompressConfig) -> None:
     refusal = config.build().cuda_refusal()
     if refusal:
         raise KVCompressConfigError(f"kvcompress method {config.method!r} on CUDA: {refusal}")
-    if config.spec.evicts and not config.whole_row_eviction:
+    if config.spec.evicts and not config.whole_row_eviction and not experimental_cuda_streams(config):
         raise KVCompressConfigError(
             f"kvcompress method {config.method!r} runs on the CPU engine only in this release: its per-(layer, KV "
             f"head) streams are not yet run on CUDA; on a GPU use method none, lookat, knorm, snapkv or "
@@ -84,6 +84,26 @@ def check_platform(config: KVCompressConfig) -> None:
         raise KVCompressConfigError(
             f"{key_name('eviction_mode')}: 'mask' (the masked reference, no memory saved) runs on the CPU engine "
             f"only; on CUDA use 'compact' (the default)")
+
+
+# HeadKV's streams on CUDA, before their GPU oracle has passed: for that oracle only
+# (tests/test_gpu_engine.py), never a user's default.
+CUDA_STREAMS_ENV = "KVCOMPRESS_CUDA_STREAMS"
+
+
+def experimental_cuda_streams(config: KVCompressConfig) -> bool:
+    """Whether this stream method may start on CUDA: HeadKV (no learned scores) with
+    ``KVCOMPRESS_CUDA_STREAMS=experimental`` set; any other value is refused."""
+    value = os.environ.get(CUDA_STREAMS_ENV)
+    if value is None:
+        return False
+    if value != "experimental":
+        raise KVCompressConfigError(f"{CUDA_STREAMS_ENV}={value!r}: the only allowed value is 'experimental' "
+                                    "(HeadKV's streams on CUDA, not yet checked on a GPU)")
+    if config.method != "headkv":
+        raise KVCompressConfigError(f"{CUDA_STREAMS_ENV}=experimental runs HeadKV's streams on CUDA; method "
+                                    f"{config.method!r} stays on the CPU engine")
+    return True
 
 
 def check_engine_options(vllm_config: "VllmConfig") -> None:

@@ -44,6 +44,7 @@ class StepPlan:
     token_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [tokens, KV heads]
     pages_reports: dict[str, int] = field(default_factory=dict)  # ring layout: pages each request needs next
     eviction: Any = None  # whole-row eviction: the step's EvictionPlan (the builder's), run after the forward
+    host_block_table: torch.Tensor | None = None  # the runner's host copy of the block table (batch order)
 
     @property
     def schedules(self) -> list:

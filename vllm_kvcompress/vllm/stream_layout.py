@@ -59,6 +59,9 @@ class StreamSpan:
     pages: torch.Tensor  # [L, H, P]
     lengths: torch.Tensor  # [L, H] rows after this step's writes
     delayed_window: int | None = None  # delayed rule (DMS): attend under its mask (a prompt in vLLM's layout)
+    # Host facts of ``lengths``, per layer: the longest stream, and whether every stream is that long.
+    max_len: list[int] = field(default_factory=list)
+    uniform: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -68,6 +71,7 @@ class StreamMetadata:
     decode_token_index: torch.Tensor  # [D]
     decode_pages: torch.Tensor  # [L, D, H, P]
     decode_lengths: torch.Tensor  # [L, D, H]
+    max_decode_len: int  # host bound on decode_lengths
     prefills: list[StreamSpan]
     compressions: list[StreamCompression]
     geometry: PoolGeometry
@@ -176,12 +180,16 @@ def _appended(lengths: torch.Tensor, q_len: int) -> torch.Tensor:
     return lengths[:, :, None] - q_len + torch.arange(q_len)  # [L, H, q]
 
 
-def build(m, num_reqs: int, geometry: PoolGeometry, step, pool) -> StreamMetadata | None:
+def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.Tensor) -> StreamMetadata | None:
+    """The step's plan on the host (``seq_lens``: logical lengths after the step, host),
+    then one copy of its index tensors to the pool's device: attention reads them there,
+    with host bounds for the launch sizes, so no layer reads the device back."""
     if step is None or len(step.req_ids) < num_reqs:
         return None
     starts = m.query_start_loc_cpu[: num_reqs + 1].tolist()
-    seq_lens = m.seq_lens[:num_reqs].to("cpu").tolist()
-    table_rows = m.block_table_tensor[:num_reqs].cpu()
+    seq_lens = seq_lens[:num_reqs].tolist()
+    host_table = step.host_block_table
+    table_rows = (host_table if host_table is not None else m.block_table_tensor.cpu())[:num_reqs]
     schedules = step.schedules
     writes, decode_rows, decode_pages, decode_lengths, prefills, compressions = [], [], [], [], [], []
     victims: list[tuple] = []
@@ -226,14 +234,24 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool) -> StreamMetadat
                              victim_kept=torch.stack([v[3] for v in victims], dim=1).clone())
     if decision_tokens:
         victim_fields.update(decision_token_index=torch.cat(decision_tokens), decision_rows=torch.cat(decision_rows, 1))
+    device = m.block_table_tensor.device
+    for span in prefills:
+        longest = span.lengths.amax(dim=1)
+        span.max_len, span.uniform = longest.tolist(), (span.lengths == longest[:, None]).all(dim=1).tolist()
+        span.pages, span.lengths = ops.to_device(span.pages, device), ops.to_device(span.lengths, device)
+    for c in compressions:
+        c.pages = ops.to_device(c.pages, device)
+    victim_fields = {name: ops.to_device(value, device) if isinstance(value, torch.Tensor) else value
+                     for name, value in victim_fields.items()}
     return StreamMetadata(
         **victim_fields,
         num_actual_tokens=m.num_actual_tokens,
-        write_rows=torch.cat(writes, dim=1) if writes else torch.zeros(geometry.num_layers, 0, geometry.heads,
-                                                                        dtype=torch.long),
-        decode_token_index=torch.tensor(decode_rows, dtype=torch.long),
-        decode_pages=decode_pages_t,
-        decode_lengths=decode_lengths_t,
+        write_rows=ops.to_device(torch.cat(writes, dim=1) if writes else
+                                 torch.zeros(geometry.num_layers, 0, geometry.heads, dtype=torch.long), device),
+        decode_token_index=ops.to_device(torch.tensor(decode_rows, dtype=torch.long), device),
+        decode_pages=ops.to_device(decode_pages_t, device),
+        decode_lengths=ops.to_device(decode_lengths_t, device),
+        max_decode_len=int(decode_lengths_t.max()) if decode_lengths_t.numel() else 0,
         prefills=prefills,
         compressions=compressions,
         geometry=geometry,
@@ -259,8 +277,8 @@ def delayed_visible(scores: torch.Tensor, lengths: torch.Tensor, q_len: int, win
                 threshold: float = 0.0) -> torch.Tensor:
     """Prompt queries' DMS mask ``[H, q_len, L]`` (causality is the kernel's): key ``j`` is
     visible to query ``i`` while ``i - j <= window`` or when it is not marked."""
-    q_pos = lengths[:, None] - q_len + torch.arange(q_len)  # [H, q]
-    recent = (q_pos[:, :, None] - torch.arange(scores.shape[-1])) <= window
+    q_pos = lengths[:, None] - q_len + torch.arange(q_len, device=lengths.device)  # [H, q]
+    recent = (q_pos[:, :, None] - torch.arange(scores.shape[-1], device=lengths.device)) <= window
     return recent | (scores >= threshold)[:, None, :]
 
 
@@ -313,17 +331,17 @@ class StreamRunner:
         if meta.decode_token_index.numel():
             idx = meta.decode_token_index
             result = ops.stream_decode(query[idx], pool, meta.decode_pages[layer], meta.decode_lengths[layer], page,
-                                       scale)
+                                       scale, meta.max_decode_len)
             out[idx] = result.to(out.dtype)
         for span in meta.prefills:
             rows = slice(span.token_start, span.token_end)
             visible = None
             if span.delayed_window is not None:
-                key_rows = ops.page_rows(span.pages[layer], page)[:, : int(span.lengths[layer].max())]
+                key_rows = ops.page_rows(span.pages[layer], page)[:, : span.max_len[layer]]
                 visible = delayed_visible(scores[key_rows], span.lengths[layer], span.token_end - span.token_start,
                                       span.delayed_window, self.threshold)
             result = ops.stream_prefill(query[rows], pool, span.pages[layer], span.lengths[layer], page, scale,
-                                        visible)
+                                        visible, span.max_len[layer], span.uniform[layer])
             out[rows] = result.to(out.dtype)
         if meta.victim_src is not None:  # after the attention: the leaving token was still seen
             meta.victim_kept[layer] += (scores[meta.victim_dst[layer]] >= self.threshold).long()
@@ -370,7 +388,7 @@ def _repack(pool, c: StreamCompression, geometry: PoolGeometry, row_scores, step
     table = StreamPageTable.packed([len(rows) + spare for rows in kept], c.schedule.page)
     ids = [_slot_pages(geometry, slots, c.blocks, c.schedule) for slots in table.slots]
     dest = [ops.page_rows(torch.tensor(stream_ids), c.schedule.page)[: len(rows)] for stream_ids, rows in zip(ids, kept)]
-    source, dest = torch.cat(kept), torch.cat(dest)
+    source, dest = torch.cat(kept), ops.to_device(torch.cat(dest), pool.device)
     ops.stream_move_rows(pool, source, dest)
     if row_scores is not None:
         row_scores[dest] = row_scores[source].clone()

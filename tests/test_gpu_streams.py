@@ -1,0 +1,51 @@
+"""HeadKV's per-(layer, KV head) streams on a CUDA pool (marker ``gpu``; skipped without a
+CUDA GPU): the step plan and the stream runners of every layer, driven as the engine's
+runner does (``masked_reference.drive``), on CUDA (the Triton stream decode) against the
+same run on the CPU (the PyTorch ops), both in bf16, with every layer's forward under CUDA's
+sync debug mode "error": no step reads the device back. Run with
+``python3 -m pytest -m gpu tests/test_gpu_streams.py`` (docs/gpu.md)."""
+
+import json
+
+import pytest
+import torch
+
+from masked_reference import drive
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+LAYERS, Q_HEADS, HEADS, DIM = 3, 8, 2, 64
+BLOCK, PAGE, BLOCKS = 16, 8, 96
+
+
+def _headkv(tmp_path, budget: int):
+    from vllm_kvcompress.config import KVCompressConfig
+    from vllm_kvcompress.methods.headkv import HeadScores
+    from vllm_kvcompress.vllm.policy import EvictionPolicy
+
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.rand(LAYERS, Q_HEADS, generator=generator) ** 3 + 1e-3
+    path = tmp_path / "head_scores.json"
+    path.write_text(json.dumps(HeadScores(tuple(map(tuple, (raw / raw.sum()).tolist())), HEADS).to_json()))
+    settings = KVCompressConfig.from_dict({"method": "headkv", "head_scores": str(path), "max_kv_tokens": budget,
+                                           "page_tokens": PAGE})
+    return settings, EvictionPolicy(settings, BLOCK, (LAYERS, Q_HEADS, HEADS))
+
+
+def test_headkv_streams_on_cuda_match_the_cpu_and_never_read_back(tmp_path):
+    torch.manual_seed(0)
+    prompt, total, budget = 200, 216, 48
+    q, k, v = (torch.randn(LAYERS, total, h, DIM) for h in (Q_HEADS, HEADS, HEADS))
+    scores = torch.zeros(LAYERS, total, HEADS)
+    settings, policy = _headkv(tmp_path, budget)
+    assert len(set(policy.schedule_for(prompt, None).budgets)) > 1  # the heads' budgets differ
+    steps = [120, 80] + [1] * (total - prompt)  # a chunked prompt whose second chunk compresses, then decodes
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        got = outputs[device] = []
+        drive(settings, policy.schedule_for(prompt, None), q, k, v, scores, steps,
+              lambda out, first, computed: got.append(out), BLOCKS, BLOCK, PAGE, device=device,
+              dtype=torch.bfloat16, no_sync=True)
+    assert len(outputs["cuda"]) == len(steps)
+    for step, (want, have) in enumerate(zip(outputs["cpu"], outputs["cuda"])):
+        torch.testing.assert_close(have, want, atol=2e-2, rtol=2e-2, msg=lambda text: f"step {step}: {text}")
