@@ -32,7 +32,7 @@ def _headkv(tmp_path, budget: int):
     return settings, EvictionPolicy(settings, BLOCK, (LAYERS, Q_HEADS, HEADS))
 
 
-def test_headkv_streams_on_cuda_match_the_cpu_and_never_read_back(tmp_path):
+def test_headkv_streams_on_cuda_match_the_cpu_and_never_read_back(tmp_path, monkeypatch):
     torch.manual_seed(0)
     prompt, total, budget = 200, 216, 48
     q, k, v = (torch.randn(LAYERS, total, h, DIM) for h in (Q_HEADS, HEADS, HEADS))
@@ -40,12 +40,25 @@ def test_headkv_streams_on_cuda_match_the_cpu_and_never_read_back(tmp_path):
     settings, policy = _headkv(tmp_path, budget)
     assert len(set(policy.schedule_for(prompt, None).budgets)) > 1  # the heads' budgets differ
     steps = [120, 80] + [1] * (total - prompt)  # a chunked prompt whose second chunk compresses, then decodes
-    outputs = {}
+    from vllm_kvcompress.kernels import ops
+
+    chosen, choose = [], ops.implementation
+
+    def recording(op, *tensors, **kwargs):  # which kernels the runs really took
+        kind = choose(op, *tensors, **kwargs)
+        chosen.append((op, kind))
+        return kind
+
+    monkeypatch.setattr(ops, "implementation", recording)
+    outputs, kernels = {}, {}
     for device in ("cpu", "cuda"):
+        chosen.clear()
         got = outputs[device] = []
         drive(settings, policy.schedule_for(prompt, None), q, k, v, scores, steps,
               lambda out, first, computed: got.append(out), BLOCKS, BLOCK, PAGE, device=device,
               dtype=torch.bfloat16, no_sync=True)
+        kernels[device] = {kind for op, kind in chosen if op == "stream_decode"}
+    assert kernels == {"cpu": {"reference"}, "cuda": {"triton"}}  # the decode steps ran the Triton stream kernel
     assert len(outputs["cuda"]) == len(steps)
     for step, (want, have) in enumerate(zip(outputs["cpu"], outputs["cuda"])):
         torch.testing.assert_close(have, want, atol=2e-2, rtol=2e-2, msg=lambda text: f"step {step}: {text}")
