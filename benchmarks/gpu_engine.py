@@ -104,6 +104,9 @@ CONFIGS = {
     "knorm-2x": {"llm": {}, "kvcompress": {"method": "knorm", "compression_ratio": 0.5}, "codebooks_m": None, "env": {}},
     "knorm-4x": {"llm": {}, "kvcompress": {"method": "knorm", "compression_ratio": 0.75}, "codebooks_m": None, "env": {}},
     "snapkv-4x": {"llm": {}, "kvcompress": {"method": "snapkv", "compression_ratio": 0.75}, "codebooks_m": None, "env": {}},
+    # knorm-4x with vLLM's async scheduling, which eviction takes when asked (experimental).
+    "knorm-4x-async": {"llm": {"async_scheduling": True}, "kvcompress": {"method": "knorm", "compression_ratio": 0.75},
+                       "codebooks_m": None, "env": {}},
     # Two blocks of decode tokens between compactions (32 on CUDA): half the compactions for
     # 16 more rows per request.
     "knorm-4x-b2": {"llm": {}, "kvcompress": {"method": "knorm", "compression_ratio": 0.75, "buffer_blocks": 2},
@@ -111,9 +114,6 @@ CONFIGS = {
     "knorm-4x-async-b2": {"llm": {"async_scheduling": True},
                           "kvcompress": {"method": "knorm", "compression_ratio": 0.75, "buffer_blocks": 2},
                           "codebooks_m": None, "env": {}},
-    # The same with vLLM's async scheduling, which eviction takes when asked (experimental).
-    "knorm-4x-async": {"llm": {"async_scheduling": True}, "kvcompress": {"method": "knorm", "compression_ratio": 0.75},
-                       "codebooks_m": None, "env": {}},
     "lookat-m16-v4+knorm-2x": {"llm": {}, "kvcompress": {"method": "lookat+knorm", "value_bits": 4,
                                                          "compression_ratio": 0.5},
                                "codebooks_m": 16, "env": {}},

@@ -115,14 +115,13 @@ def test_cuda_needs_ampere_and_refuses_stream_eviction_for_now(smollm2_dir, monk
     with pytest.raises(KVCompressConfigError, match=r"eviction_mode: 'mask' .* CPU engine only; on CUDA use 'compact'"):
         startup.check_platform(KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5,
                                                             "eviction_mode": "mask"}))
+    headkv = KVCompressConfig.from_dict({"method": "headkv", "max_kv_tokens": 256, "head_scores": "s.json"})
     with pytest.raises(KVCompressConfigError, match=r"method 'headkv' runs on the CPU engine only .* per-\(layer, KV "
                                                     r"head\) streams .* use method none, lookat, knorm, snapkv"):
-        startup.check_platform(KVCompressConfig.from_dict({"method": "headkv", "max_kv_tokens": 256,
-                                                            "head_scores": "s.json"}))
+        startup.check_platform(headkv)
     # HeadKV's streams start on CUDA for their GPU oracle only (KVCOMPRESS_CUDA_STREAMS=experimental).
     monkeypatch.setenv(startup.CUDA_STREAMS_ENV, "experimental")
-    startup.check_platform(KVCompressConfig.from_dict({"method": "headkv", "max_kv_tokens": 256,
-                                                        "head_scores": "s.json"}))
+    startup.check_platform(headkv)
     with pytest.raises(KVCompressConfigError, match=r"KVCOMPRESS_CUDA_STREAMS=experimental runs HeadKV's streams on "
                                                     r"CUDA; method 'kvzap' stays on the CPU engine"):
         startup.check_platform(KVCompressConfig.from_dict({"method": "kvzap", "max_kv_tokens": 256,
@@ -130,8 +129,7 @@ def test_cuda_needs_ampere_and_refuses_stream_eviction_for_now(smollm2_dir, monk
     monkeypatch.setenv(startup.CUDA_STREAMS_ENV, "1")
     with pytest.raises(KVCompressConfigError, match=r"KVCOMPRESS_CUDA_STREAMS='1': the only allowed value is "
                                                     r"'experimental'"):
-        startup.check_platform(KVCompressConfig.from_dict({"method": "headkv", "max_kv_tokens": 256,
-                                                            "head_scores": "s.json"}))
+        startup.check_platform(headkv)
     monkeypatch.delenv(startup.CUDA_STREAMS_ENV)
     monkeypatch.setattr(platform, "is_cuda", lambda self: False)
     with pytest.raises(KVCompressConfigError, match="runs on CPU and on NVIDIA GPUs only"):
