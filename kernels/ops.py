@@ -371,6 +371,18 @@ def stream_decode(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, 
     return stream_attention_ref.decode_attention(query, pool, pages, lengths, page, scale, max_kv_len)
 
 
+def warm_up_stream_decode(pool: torch.Tensor, page: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                          dtype: torch.dtype, max_len: int) -> bool:
+    """Compile the stream decode before serving (the first decode steps would compile it
+    inside a step). Reads one row of ``pool``, writes nothing there. ``max_len``: the
+    longest context served. Returns whether it is the Triton kernel that serving runs."""
+    query = torch.zeros(1, num_q_heads, head_dim, dtype=dtype, device=pool.device)
+    if implementation("stream_decode", query, pool, fits=_stream_fits(query, pool, page)) != "triton":
+        return False
+    _twin("stream_attention_triton").warm_up(query, pool, num_kv_heads, page, max_len)
+    return True
+
+
 def stream_prefill(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor, page: int,
                    scale: float, visible: torch.Tensor | None = None, max_len: int | None = None,
                    uniform: bool | None = None) -> torch.Tensor:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvcompress.kernels.dense_triton import dense_decode
+from vllm_kvcompress.kernels.dense_triton import DEFAULTS, dense_decode
+from vllm_kvcompress.kernels.triton_common import partition
 
 
 def stream_decode(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor, page: int,
@@ -27,3 +28,18 @@ def stream_decode(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, 
     out = dense_decode(flat_query, one_head_pages, pages.reshape(batch * num_kv_heads, -1),
                        lengths.reshape(-1).to(torch.int32), scale, max_kv_len=max_kv_len, out_dtype=out_dtype, **tune)
     return out.view(batch, num_q_heads, head_dim)
+
+
+def warm_up(query: torch.Tensor, pool: torch.Tensor, num_kv_heads: int, page: int, max_len: int) -> None:
+    """Every variant serving can compile, for ``query[1, Hq, D]``: each split count the launch
+    plan picks up to ``max_len`` (powers of two; each its own combine block), for each page
+    list width Triton specialises the table's row stride on (1, a multiple of 16, other)."""
+    block_n = DEFAULTS["block_n"] or (128 if query.shape[-1] <= 64 else 64)
+    most = partition(1, 1, max_len, block_n, query.device, DEFAULTS)  # one (request, head): the most splits
+    lengths = torch.ones(1, num_kv_heads, dtype=torch.long, device=query.device)
+    for width in (1, 2, 16):
+        pages = torch.zeros(1, num_kv_heads, width, dtype=torch.long, device=query.device)
+        splits = 1
+        while splits <= most:
+            stream_decode(query, pool, pages, lengths, page, 1.0, max_kv_len=max_len, num_splits=splits)
+            splits *= 2

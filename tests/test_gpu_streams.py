@@ -32,6 +32,33 @@ def _headkv(tmp_path, budget: int):
     return settings, EvictionPolicy(settings, BLOCK, (LAYERS, Q_HEADS, HEADS))
 
 
+def _compiled() -> int:
+    """Kernels compiled so far by the stream decode (its main kernel and the split combine)."""
+    from vllm_kvcompress.kernels.dense_triton import _dense_decode_kernel
+    from vllm_kvcompress.kernels.triton_common import _combine_kernel
+
+    return sum(len(cache[0]) for fn in (_dense_decode_kernel, _combine_kernel) for cache in fn.device_caches.values())
+
+
+# First in this file: the kernels must not have been compiled by another test of this process.
+def test_stream_warm_up_leaves_nothing_to_compile_while_serving(tmp_path):
+    from vllm_kvcompress.kernels import ops
+
+    torch.manual_seed(0)
+    pool = torch.zeros(LAYERS * BLOCKS * HEADS * BLOCK, 2 * DIM, dtype=torch.bfloat16, device="cuda")
+    before = _compiled()
+    assert ops.warm_up_stream_decode(pool, PAGE, Q_HEADS, HEADS, DIM, torch.bfloat16, max_len=4096)
+    warmed = _compiled()
+    assert warmed > before  # it compiled something, so the check below is not vacuous
+    for batch, length, width in [(1, 3000, 375), (3, 200, 25), (2, 16, 2), (4, 9, 2), (1, 8, 1), (8, 1000, 128)]:
+        query = torch.randn(batch, Q_HEADS, DIM, dtype=torch.bfloat16, device="cuda")
+        pages = torch.randint(0, pool.shape[0] // PAGE, (batch, HEADS, width), device="cuda")
+        lengths = torch.randint(1, length + 1, (batch, HEADS), device="cuda")
+        ops.stream_decode(query, pool, pages, lengths, PAGE, DIM ** -0.5, max_kv_len=length)
+    torch.cuda.synchronize()
+    assert _compiled() == warmed  # serving-shaped decodes found every kernel compiled
+
+
 def test_headkv_streams_on_cuda_match_the_cpu_and_never_read_back(tmp_path, monkeypatch):
     torch.manual_seed(0)
     prompt, total, budget = 200, 216, 48

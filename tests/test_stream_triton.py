@@ -27,3 +27,30 @@ def test_stream_decode_matches_reference(head_dim, group):
                                                 page, 0.125).cpu()
     assert torch.isfinite(out).all()
     assert float((out - ref).norm() / ref.norm()) < 5e-3
+
+
+def test_stream_warm_up_runs_each_launch_plan_and_leaves_the_pool_alone(monkeypatch):
+    # What the engine's warm-up compiles (docs/design/eviction-on-cuda.md §7): each split count
+    # up to the longest context (powers of two) for each table width Triton specialises on.
+    seen, dense_decode = set(), stream_attention_triton.dense_decode
+
+    def recording(query, cache, table, lengths, scale, **kwargs):
+        seen.add((table.shape[1], kwargs["num_splits"]))
+        return dense_decode(query, cache, table, lengths, scale, **kwargs)
+
+    monkeypatch.setattr(stream_attention_triton, "dense_decode", recording)
+    page, heads, head_dim = 16, 2, 64
+    pool = torch.randn(8 * page, 2 * head_dim).to(torch.bfloat16).to(DEV)
+    before = pool.clone()
+    query = torch.zeros(1, 2 * heads, head_dim, dtype=torch.bfloat16, device=DEV)
+    stream_attention_triton.warm_up(query, pool, heads, page, max_len=1024)  # 1024 / 256 tokens a split: 4
+    assert seen == {(width, splits) for width in (1, 2, 16) for splits in (1, 2, 4)}
+    assert torch.equal(pool, before)
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="the CPU pool's case")
+def test_stream_warm_up_is_skipped_where_the_reference_serves():
+    from vllm_kvcompress.kernels import ops
+
+    pool = torch.zeros(8 * 16, 128, dtype=torch.bfloat16)  # a CPU pool: the engine runs the PyTorch reference
+    assert ops.warm_up_stream_decode(pool, 16, 4, 2, 64, torch.bfloat16, max_len=1024) is False

@@ -38,7 +38,7 @@ from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.kernels import ops
 from vllm_kvcompress.methods.base import PagedSettings
 from vllm_kvcompress.vllm.dense_layout import DecodeBuffers, EvictionPlan, Evictor, physical_layout
-from vllm_kvcompress.vllm.stream_layout import StreamMetadata, StreamRunner
+from vllm_kvcompress.vllm.stream_layout import StreamMetadata, StreamRunner, pool_rows
 
 # Under the "vllm" logger tree, so records get vLLM's handlers and process prefixes.
 logger = init_logger("vllm.kvcompress.backend")
@@ -394,6 +394,13 @@ class KVCompressImpl(AttentionImpl):
     def warm_up_eviction(self, layers: list) -> None:
         """Compile the kernels :meth:`evict` runs, once the caches exist (the runner)."""
         self.evictor.warm_up(_layer_caches(layers))
+
+    def warm_up_streams(self, kv_cache: torch.Tensor, layer: int, num_layers: int, max_len: int) -> bool:
+        """Compile the stream decode kernel, once the caches exist (the runner); whether it
+        is the Triton kernel (on the CPU, the reference needs none)."""
+        pool = pool_rows(kv_cache, layer, num_layers)
+        return ops.warm_up_stream_decode(pool, self.method.settings.page_tokens, self.num_heads, self.num_kv_heads,
+                                         self.head_size, self.format.dtype, max_len)
 
 
 def _layer_caches(layers: list) -> list:

@@ -123,11 +123,16 @@ class EvictionRunnerMixin:
                 for builder in attn_group.metadata_builders:
                     builder.worker_state = self.kvc
         layers = get_layers_from_vllm_config(self.vllm_config, Attention)
-        self.kvc_attention_layers = sorted(((extract_layer_index(name), layer) for name, layer in layers.items()
-                                            if getattr(layer.impl, "evictor", None) is not None),
-                                           key=lambda pair: pair[0])
+        attention = sorted(((extract_layer_index(name), layer) for name, layer in layers.items()),
+                           key=lambda pair: pair[0])
+        self.kvc_attention_layers = [(index, layer) for index, layer in attention
+                                     if getattr(layer.impl, "evictor", None) is not None]
         if self.kvc_attention_layers:
             self.kvc_attention_layers[0][1].impl.warm_up_eviction(self.kvc_attention_layers)
+        elif attention and self.kvc_method.evicts:  # per-(layer, KV head) streams
+            index, layer = attention[0]
+            layer.impl.warm_up_streams(layer.kv_cache, index, self.vllm_config.model_config.hf_text_config.num_hidden_layers,
+                                       self.max_model_len)
 
     def execute_model(self, *args, **kwargs):
         output = None
