@@ -51,8 +51,8 @@ to vLLM's FLASH_ATTN (``KVCOMPRESS_NONE_CUDA_BACKEND`` removed from its environm
 ``kvc-none-dense`` is the same with ``KVCOMPRESS_NONE_CUDA_BACKEND=plugin``: the plugin's own dense
 paged layout and Triton decode kernel, the baseline the LOOKAT configs share their glue with.
 ``lookat-mM-vB``: LOOKAT keys with M subspaces, values in B bits. ``knorm-Nx`` / ``snapkv-Nx``:
-whole-row eviction keeping 1/N of each prompt (vLLM's V1 runner, async scheduling off; ``-async``: on, as
-asked with ``--async-scheduling``, experimental; ``-b2``: ``buffer_blocks`` 2); their pool holds bf16's
+whole-row eviction keeping 1/N of each prompt (vLLM's V1 runner, vLLM's async scheduling; ``-sync``:
+``--no-async-scheduling``; ``-b2``: ``buffer_blocks`` 2); their pool holds bf16's
 tokens, so ``capacity_tokens`` reads 1.00x and what eviction buys shows in the throughput
 columns (a request holds 1/N of its blocks, so N times as many run at once).
 
@@ -104,16 +104,13 @@ CONFIGS = {
     "knorm-2x": {"llm": {}, "kvcompress": {"method": "knorm", "compression_ratio": 0.5}, "codebooks_m": None, "env": {}},
     "knorm-4x": {"llm": {}, "kvcompress": {"method": "knorm", "compression_ratio": 0.75}, "codebooks_m": None, "env": {}},
     "snapkv-4x": {"llm": {}, "kvcompress": {"method": "snapkv", "compression_ratio": 0.75}, "codebooks_m": None, "env": {}},
-    # knorm-4x with vLLM's async scheduling, which eviction takes when asked (experimental).
-    "knorm-4x-async": {"llm": {"async_scheduling": True}, "kvcompress": {"method": "knorm", "compression_ratio": 0.75},
-                       "codebooks_m": None, "env": {}},
+    # knorm-4x scheduled synchronously (--no-async-scheduling): what async scheduling buys.
+    "knorm-4x-sync": {"llm": {"async_scheduling": False},
+                      "kvcompress": {"method": "knorm", "compression_ratio": 0.75}, "codebooks_m": None, "env": {}},
     # Two blocks of decode tokens between compactions (32 on CUDA): half the compactions for
     # 16 more rows per request.
     "knorm-4x-b2": {"llm": {}, "kvcompress": {"method": "knorm", "compression_ratio": 0.75, "buffer_blocks": 2},
                     "codebooks_m": None, "env": {}},
-    "knorm-4x-async-b2": {"llm": {"async_scheduling": True},
-                          "kvcompress": {"method": "knorm", "compression_ratio": 0.75, "buffer_blocks": 2},
-                          "codebooks_m": None, "env": {}},
     "lookat-m16-v4+knorm-2x": {"llm": {}, "kvcompress": {"method": "lookat+knorm", "value_bits": 4,
                                                          "compression_ratio": 0.5},
                                "codebooks_m": 16, "env": {}},

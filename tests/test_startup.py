@@ -192,30 +192,36 @@ def test_eviction_on_cuda_wires_the_gpu_worker_on_vllms_v1_runner(smollm2_dir, m
     vllm_config.scheduler_config.async_scheduling = True  # vLLM's default on CUDA
     startup.wire_eviction(vllm_config, config)
     assert vllm_config.parallel_config.worker_cls == "vllm_kvcompress.vllm.gpu_worker.KVCompressGPUWorker"
-    assert vllm_config.scheduler_config.scheduler_cls == startup.SCHEDULER_CLS
-    assert vllm_config.scheduler_config.async_scheduling is False  # turned off, logged
+    # Whole-row eviction keeps vLLM's async scheduling, on a scheduler that cuts block lists
+    # on schedule-time lengths.
+    assert vllm_config.scheduler_config.async_scheduling is True
+    assert vllm_config.scheduler_config.scheduler_cls == startup.ASYNC_SCHEDULER_CLS
     import os
 
     assert os.environ[startup.V2_RUNNER_ENV] == "0"  # inherited by the engine processes
-    # --async-scheduling: whole-row eviction keeps it on CUDA, on a scheduler that cuts block
-    # lists on schedule-time lengths.
-    asked = engine_config(smollm2_dir)
-    asked.scheduler_config.async_scheduling = True
-    startup.wire_eviction(asked, config, async_requested=True)
-    assert asked.scheduler_config.async_scheduling is True
-    assert asked.scheduler_config.scheduler_cls == startup.ASYNC_SCHEDULER_CLS
     from vllm_kvcompress.vllm.scheduler import KVCompressAsyncScheduler, KVCompressScheduler
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
-    assert asked.scheduler_config.get_scheduler_cls() is KVCompressAsyncScheduler
+    assert vllm_config.scheduler_config.get_scheduler_cls() is KVCompressAsyncScheduler
     assert issubclass(KVCompressAsyncScheduler, KVCompressScheduler) and issubclass(KVCompressAsyncScheduler,
                                                                                    AsyncScheduler)
+    # --no-async-scheduling: the synchronous scheduler.
+    sync = engine_config(smollm2_dir)
+    sync.scheduler_config.async_scheduling = False
+    startup.wire_eviction(sync, config, async_requested=False)
+    assert sync.scheduler_config.async_scheduling is False
+    assert sync.scheduler_config.scheduler_cls == startup.SCHEDULER_CLS
     streams = KVCompressConfig.from_dict({"method": "headkv", "max_kv_tokens": 256, "head_scores": "s.json"})
     asked = engine_config(smollm2_dir)
     asked.scheduler_config.async_scheduling = True
     with pytest.raises(KVCompressConfigError, match=r"async scheduling cannot be combined with kvcompress method "
                                                     r"'headkv' yet \(only whole-row eviction on CUDA.*drop --async"):
         startup.wire_eviction(asked, streams, async_requested=True)
+    left = engine_config(smollm2_dir)  # vLLM's default, not asked for: turned off for the streams
+    left.scheduler_config.async_scheduling = True
+    startup.wire_eviction(left, streams)
+    assert left.scheduler_config.async_scheduling is False
+    assert left.scheduler_config.scheduler_cls == startup.SCHEDULER_CLS
     v2 = engine_config(smollm2_dir)
     monkeypatch.setenv(startup.V2_RUNNER_ENV, "1")
     with pytest.raises(KVCompressConfigError, match=r"VLLM_USE_V2_MODEL_RUNNER=1 cannot be combined with kvcompress "

@@ -227,25 +227,25 @@ def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_req
             f"--scheduler-cls {scheduler.scheduler_cls} cannot be combined with kvcompress method {config.method!r}: "
             "eviction brings its own scheduler (leave --scheduler-cls unset)"
         )
-    # Whole-row eviction on CUDA takes async scheduling when asked: the scheduler cuts block
-    # lists on schedule-time lengths (EvictingBlockManager.cut_length). It stays opt-in until
-    # its GPU check (tests/test_gpu_engine.py) has passed. Ring layouts (KVzap threshold mode,
-    # DMS) need the worker's report of a step before the next one is scheduled; on the CPU
-    # vLLM turns async scheduling off itself.
-    keep_async = bool(scheduler.async_scheduling and async_requested)
-    if keep_async and not (on_cuda and config.whole_row_eviction):
+    # Whole-row eviction on CUDA keeps vLLM's async scheduling (its default there): the
+    # scheduler cuts block lists on schedule-time lengths (EvictingBlockManager.cut_length), and
+    # tests/test_gpu_engine.py::test_async_scheduling_gives_the_sync_tokens checks it on the GPU.
+    # Ring layouts (KVzap threshold mode, DMS) and HeadKV's streams need the worker's report of
+    # a step before the next one is scheduled; on the CPU vLLM turns async scheduling off itself.
+    takes_async = on_cuda and config.whole_row_eviction
+    if scheduler.async_scheduling and async_requested and not takes_async:
         raise KVCompressConfigError(
             f"async scheduling cannot be combined with kvcompress method {config.method!r} yet (only whole-row "
             "eviction on CUDA takes it: knorm, snapkv and compositions over them); drop --async-scheduling"
         )
+    keep_async = bool(scheduler.async_scheduling and takes_async)
     if keep_async:
-        logger.info("kvcompress: async scheduling kept for method %r, as asked (experimental: blocks are cut on "
-                    "schedule-time lengths; not yet checked on a GPU)", config.method)
+        logger.info("kvcompress: async scheduling kept for method %r (blocks are cut on schedule-time lengths; "
+                    "--no-async-scheduling turns it off)", config.method)
     elif scheduler.async_scheduling:
-        # vLLM's default on CUDA, left to vLLM by the user: the measured, synchronous path.
         scheduler.async_scheduling = False
-        logger.info("kvcompress: async scheduling turned off for method %r (ask for it with --async-scheduling: "
-                    "experimental for whole-row eviction on CUDA)", config.method)
+        logger.info("kvcompress: async scheduling turned off for method %r (its layout needs each step's report "
+                    "before the next is scheduled)", config.method)
     parallel = vllm_config.parallel_config
     worker_cls = GPU_WORKER_CLS if on_cuda else WORKER_CLS
     if parallel.worker_cls not in (*PLATFORM_WORKER_CLS, worker_cls):
