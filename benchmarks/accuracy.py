@@ -50,6 +50,12 @@ SUITES = {
         niah={2048: [25, 75], 4096: [25, 75]}, passkey={4096: [50]},
         ruler_length=4096, ruler={"niah_multikey_1": 2}, perplexity={4096: 1}, continuation=128, pool_gib=2,
     ),
+    # Perplexity alone, on several documents (one 128-token continuation is a noisy measure
+    # of a 1% target): for choosing eviction settings, then checked on held-out documents.
+    "perplexity": dict(niah={}, passkey={}, ruler_length=4096, ruler={}, perplexity={4096: 6}, continuation=128,
+                       pool_gib=2),
+    "perplexity-heldout": dict(niah={}, passkey={}, ruler_length=4096, ruler={}, perplexity={4096: 6},
+                               continuation=128, pool_gib=2, perplexity_seed=1),
     # CI smoke: every code path once, on SmolLM2-135M (scores are not meaningful there).
     "quick": dict(
         niah={512: [50]}, passkey={512: [50]},
@@ -69,7 +75,7 @@ def build_samples(model_dir: str, suite: dict) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = passkey_samples(tokenizer, suite["passkey"]) + niah_samples(tokenizer, suite["niah"])
     samples += ruler_samples(tokenizer, model_dir, suite["ruler"], suite["ruler_length"])
-    samples += perplexity_samples(tokenizer, suite["perplexity"], suite["continuation"])
+    samples += perplexity_samples(tokenizer, suite["perplexity"], suite["continuation"], suite.get("perplexity_seed", 0))
     return [s.to_dict() for s in samples]
 
 

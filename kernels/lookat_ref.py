@@ -174,6 +174,21 @@ def rebuilt_keys(codes: torch.Tensor, codebooks: torch.Tensor, dims: torch.Tenso
     return keys[..., torch.argsort(dims.flatten())]
 
 
+def centroid_square_norms(codebooks: torch.Tensor) -> torch.Tensor:
+    """``[Hkv, m, K]``: each centroid's squared L2 norm, from codebooks ``[Hkv, m, K, D / m]``."""
+    return codebooks.float().square().sum(-1)
+
+
+def code_key_norms(codes: torch.Tensor, square_norms: torch.Tensor) -> torch.Tensor:
+    """L2 norms (fp32) of the keys that codes ``[R, Hkv, L, m]`` rebuild, without rebuilding
+    them: the subspaces are disjoint coordinates (a permutation of the key's), so a rebuilt
+    key's squared norm is the sum of its centroids' squared norms ``square_norms[Hkv, m, K]``."""
+    batch, heads, length, m = codes.shape
+    table = square_norms.unsqueeze(0).expand(batch, -1, -1, -1)  # [R, H, m, K]
+    picked = table.gather(3, codes.long().transpose(2, 3))  # [R, H, m, L]
+    return picked.sum(2).sqrt()
+
+
 def prefill_attention(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, kv_len: int,
                       codebooks: torch.Tensor, dims: torch.Tensor | None, layout: LookatLayout, scale: float,
                       current: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -46,7 +46,7 @@ __all__ = [
     "LookatLayout", "KINDS", "OPS", "TRITON_OPS", "use", "current_kind", "implementation",
     "decode_kernel_fits", "dense_write", "dense_decode", "dense_prefill", "dense_gather", "dense_gather_batch",
     "lookat_encode_rows", "lookat_write_rows", "lookat_write", "lookat_decode", "lookat_prefill", "lookat_keys",
-    "lookat_keys_batch", "compact", "compact_batch", "compact_layers", "dense_key_norms", "to_device",
+    "lookat_keys_batch", "lookat_key_norms", "lookat_centroid_square_norms", "compact", "compact_batch", "compact_layers", "dense_key_norms", "to_device",
     "stream_write_rows", "stream_move_rows",
     "stream_decode", "stream_prefill", "page_rows",
 ]
@@ -67,7 +67,7 @@ TRITON_OPS: dict[str, tuple[str, ...]] = {
 }
 OPS = frozenset(TRITON_OPS) | {
     "dense_write", "dense_prefill", "dense_gather", "dense_gather_batch", "lookat_encode_rows", "lookat_write_rows",
-    "lookat_prefill", "lookat_keys", "lookat_keys_batch", "stream_write_rows", "stream_move_rows", "stream_prefill",
+    "lookat_prefill", "lookat_keys", "lookat_keys_batch", "lookat_key_norms", "lookat_centroid_square_norms", "stream_write_rows", "stream_move_rows", "stream_prefill",
     "page_rows",
 }
 
@@ -271,6 +271,20 @@ def lookat_keys_batch(cache: torch.Tensor, block_table: torch.Tensor, length: in
     flat = codes.transpose(0, 1).reshape(heads, batch * length, -1)  # the reference rebuilds [H, L, m]
     keys = lookat_ref.rebuilt_keys(flat, codebooks, dims)
     return keys.reshape(heads, batch, length, -1).transpose(0, 1)
+
+
+def lookat_centroid_square_norms(codebooks: torch.Tensor) -> torch.Tensor:
+    return lookat_ref.centroid_square_norms(codebooks)
+
+
+def lookat_key_norms(caches: list[torch.Tensor], block_table: torch.Tensor, length: int,
+                     square_norms: list[torch.Tensor], layout: LookatLayout) -> torch.Tensor:
+    """L2 norms ``[L, R, Hkv, length]`` (fp32) of the coded keys of ``R`` requests in several
+    layers' caches (knorm's scores over LOOKAT rows): only the code bytes are read, and each
+    layer's ``square_norms[Hkv, m, K]`` (:func:`lookat_ref.centroid_square_norms`) sum them.
+    PyTorch only: a gather of ``m`` bytes per row and a table lookup."""
+    return torch.stack([lookat_ref.code_key_norms(lookat_ref.gather_rows(cache[..., : layout.m], block_table, length),
+                                                  norms) for cache, norms in zip(caches, square_norms, strict=True)])
 
 
 # ----------------------------------------------------------------- KVQuant-style keys

@@ -176,9 +176,9 @@ class DenseFormat:
         length are whatever its blocks hold), for a batched compaction."""
         return ops.dense_gather_batch(cache, block_table, length)[0]
 
-    def key_norms(self, caches: list, block_table, length: int):
-        """L2 norms ``[L, R, H, length]`` of the cached keys of ``R`` requests in several
-        layers' caches (knorm's scores), without gathering the keys."""
+    def key_norms(self, caches: list, block_table, length: int, layers: list[int]):
+        """L2 norms ``[L, R, H, length]`` of the cached keys of ``R`` requests in the caches
+        of ``layers`` (knorm's scores), without gathering the keys."""
         return ops.dense_key_norms(caches, block_table, length)
 
 

@@ -46,12 +46,14 @@ class KnormScorer(Scorer):
         return self.score(keys)  # per row: padding rows are masked by the selection
 
     def score_layers(self, layers, block_table, longest, lengths, queries=None):
-        """Formats that store keys as they are give their norms for every layer at once
-        (one launch on CUDA, no keys gathered); the others rebuild keys layer by layer."""
+        """Formats that know their keys' norms give them for every layer at once, no keys
+        rebuilt (dense rows: one launch on CUDA; LOOKAT rows: from the codes and per-centroid
+        norms); the others rebuild keys layer by layer."""
         formats = {type(fmt) for _, _, fmt in layers}
         fmt = layers[0][2]
         if len(formats) == 1 and hasattr(fmt, "key_norms"):
-            return -fmt.key_norms([cache for _, cache, _ in layers], block_table, longest)
+            return -fmt.key_norms([cache for _, cache, _ in layers], block_table, longest,
+                                  [index for index, _, _ in layers])
         return super().score_layers(layers, block_table, longest, lengths, queries)
 
 

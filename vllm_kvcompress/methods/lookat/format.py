@@ -47,6 +47,7 @@ class LookatFormat:
         self.codebooks = codebooks if share_key else _bf16_values(codebooks)
         self.dims, self.layout, self.exact_current, self.share_key = dims, layout, exact_current, share_key
         self.codebooks_bf16: list[torch.Tensor] | None = None
+        self.centroid_norms: list[torch.Tensor] | None = None  # per layer [H, m, K], squared
 
     @staticmethod
     def layout_for(settings, head_dim: int, dtype: torch.dtype) -> ops.LookatLayout:
@@ -78,15 +79,16 @@ class LookatFormat:
         def moved():
             codebooks = [c.to(device) for c in self.codebooks]
             dims = None if self.dims is None else self.dims.to(device)
-            return codebooks, dims, [c.to(torch.bfloat16).contiguous() for c in codebooks]
+            return (codebooks, dims, [c.to(torch.bfloat16).contiguous() for c in codebooks],
+                    [ops.lookat_centroid_square_norms(c) for c in codebooks])
 
         if self.share_key is None:
-            self.codebooks, self.dims, self.codebooks_bf16 = moved()
+            self.codebooks, self.dims, self.codebooks_bf16, self.centroid_norms = moved()
             return
         key = (*self.share_key, str(torch.device(device)))
         if key not in _SHARED:
             _SHARED[key] = moved()
-        self.codebooks, self.dims, self.codebooks_bf16 = _SHARED[key]
+        self.codebooks, self.dims, self.codebooks_bf16, self.centroid_norms = _SHARED[key]
 
     def keys(self, layer: int, cache, blocks, length: int):
         """Keys ``[H, length, D]`` rebuilt from the codes (what attention scores against)."""
@@ -97,6 +99,13 @@ class LookatFormat:
         """Keys ``[R, H, length, D]`` of ``R`` requests, rebuilt from the codes."""
         self.to(cache.device)
         return ops.lookat_keys_batch(cache, block_table, length, self.codebooks[layer], self.dims, self.layout)
+
+    def key_norms(self, caches: list, block_table, length: int, layers: list[int]):
+        """Norms ``[L, R, H, length]`` of the coded keys in the caches of ``layers``: read
+        from the codes and each centroid's norm, equal to those of :meth:`keys_batch`."""
+        self.to(caches[0].device)
+        return ops.lookat_key_norms(caches, block_table, length, [self.centroid_norms[i] for i in layers],
+                                    self.layout)
 
     def write(self, layer: int, cache, key, value, slots, positions=None) -> None:
         self.to(cache.device)
