@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -93,6 +94,19 @@ def _fmt(value, spec=".2f", empty="–"):
     return empty if value is None else format(value, spec)
 
 
+def perplexity_change(base: dict, cell: dict | None) -> str:
+    """Each document's perplexity against the baseline's on the same document, in %: mean and
+    standard error over the documents (one document's change varies by several %, so a 1%
+    target needs this spread next to the mean)."""
+    if cell is None or "samples" not in cell or "samples" not in base:
+        return "–"
+    changes = [100 * math.expm1(mine["score"] - theirs["score"])
+               for mine, theirs in zip(cell["samples"], base["samples"], strict=True)]
+    mean = sum(changes) / len(changes)
+    spread = math.sqrt(sum((c - mean) ** 2 for c in changes) / (len(changes) - 1) / len(changes))
+    return f"{mean:+.1f} ± {spread:.1f}"
+
+
 def accuracy_markdown(accuracy: dict, summary: dict) -> list[str]:
     base = accuracy["results"][accuracy["baseline"]]
     names = list(accuracy["results"])
@@ -113,6 +127,12 @@ def accuracy_markdown(accuracy: dict, summary: dict) -> list[str]:
             c = accuracy["results"][name].get("cells", {}).get(cell)
             row.append("–" if c is None else _fmt(c.get("perplexity", c["score"]), ".3f" if "perplexity" in c else ".2f"))
         lines.append("| " + " | ".join(row) + " |")
+    for cell in accuracy["kept_cells"]:
+        if "perplexity" in base["cells"][cell] and base["cells"][cell]["n"] > 1:
+            lines.append(f"| {cell}: change per document vs `{accuracy['baseline']}`, mean ± s.e. (%) | "
+                         f"{base['cells'][cell]['n']} | " + " | ".join(
+                             perplexity_change(base["cells"][cell], accuracy["results"][n].get("cells", {}).get(cell))
+                             for n in names) + " |")
     lines.append("| **mean accuracy (kept, excl. perplexity)** | | " + " | ".join(_fmt(summary[n].get("mean_accuracy")) for n in names) + " |")
     lines.append("| accuracy ÷ baseline | | " + " | ".join(_fmt(summary[n].get("accuracy_ratio")) for n in names) + " |")
     lines.append("| KV memory saved vs bf16 | | " + " | ".join(_fmt(summary[n].get("compression")) for n in names) + " |")

@@ -101,3 +101,24 @@ def test_budget_configs_by_name():
     assert headkv["head_scores"].endswith("artefacts/head_scores/qwen2.5-coder-0.5b.json")
     assert args.configs["snapkv-b64"]["additional_config"]["kvcompress"] == {"method": "snapkv", "max_kv_tokens": 64}
     assert args.configs["knorm-b512"]["additional_config"]["kvcompress"]["max_kv_tokens"] == 512
+
+
+def test_perplexity_change_per_document_with_its_spread():
+    import math
+
+    from benchmarks.run import accuracy_markdown, perplexity_change
+
+    def cell(nlls):
+        return {"n": len(nlls), "score": sum(nlls) / len(nlls), "perplexity": math.exp(sum(nlls) / len(nlls)),
+                "samples": [{"score": x} for x in nlls]}
+
+    base = cell([3.0, 3.5, 2.5])
+    # +10%, +4% and -2% on the three documents: mean +4, s.e. sqrt((36 + 0 + 36) / 2 / 3) = 3.46
+    other = cell([3.0 + math.log(1.1), 3.5 + math.log(1.04), 2.5 + math.log(0.98)])
+    assert perplexity_change(base, other) == "+4.0 ± 3.5"
+    assert perplexity_change(base, None) == "–"
+    accuracy = {"baseline": "bf16", "min_baseline": 0.8, "kept_cells": ["perplexity@4096"], "out_of_reach": {},
+                "results": {"bf16": {"cells": {"perplexity@4096": base}},
+                            "x": {"cells": {"perplexity@4096": other}}}}
+    lines = accuracy_markdown(accuracy, {"bf16": {}, "x": {}})
+    assert any(line.startswith("| perplexity@4096: change per document") and "+4.0 ± 3.5" in line for line in lines)
