@@ -102,9 +102,7 @@ def perplexity_change(base: dict, cell: dict | None) -> str:
         return "–"
     changes = [100 * math.expm1(mine["score"] - theirs["score"])
                for mine, theirs in zip(cell["samples"], base["samples"], strict=True)]
-    mean = sum(changes) / len(changes)
-    spread = math.sqrt(sum((c - mean) ** 2 for c in changes) / (len(changes) - 1) / len(changes))
-    return f"{mean:+.1f} ± {spread:.1f}"
+    return f"{statistics.fmean(changes):+.1f} ± {statistics.stdev(changes) / math.sqrt(len(changes)):.1f}"
 
 
 def accuracy_markdown(accuracy: dict, summary: dict) -> list[str]:

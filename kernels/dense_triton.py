@@ -59,6 +59,11 @@ def _dense_decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, stride_qb, stride_q
 DEFAULTS = {"block_n": None, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2.0, "min_part": 256}
 
 
+def tile_tokens(head_dim: int, cfg: dict = DEFAULTS) -> int:
+    """Tokens per tile (``BLOCK_N``): the tuning's, or by head size."""
+    return cfg["block_n"] or (128 if head_dim <= 64 else 64)
+
+
 def dense_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor,
                  scale: float, *, max_kv_len: int | None = None, out_dtype: torch.dtype = torch.float32,
                  num_splits: int | None = None, **tune) -> torch.Tensor:
@@ -72,7 +77,7 @@ def dense_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
         raise ValueError("cache rows must be [key | value] of the query's head_dim, a power of two")
     group = num_q_heads // num_kv_heads
     max_len = int(kv_lens.max()) if max_kv_len is None else int(max_kv_len)
-    block_n = cfg["block_n"] or (128 if head_dim <= 64 else 64)
+    block_n = tile_tokens(head_dim, cfg)
     num_splits = partition(batch, num_kv_heads, max_len, block_n, query.device, cfg, num_splits)
     query = query if query.stride(-1) == 1 else query.contiguous()
     args = (query, cache, block_table, kv_lens, query.stride(0), query.stride(1), block_table.stride(0),

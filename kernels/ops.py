@@ -46,7 +46,8 @@ __all__ = [
     "LookatLayout", "KINDS", "OPS", "TRITON_OPS", "use", "current_kind", "implementation",
     "decode_kernel_fits", "dense_write", "dense_decode", "dense_prefill", "dense_gather", "dense_gather_batch",
     "lookat_encode_rows", "lookat_write_rows", "lookat_write", "lookat_decode", "lookat_prefill", "lookat_keys",
-    "lookat_keys_batch", "lookat_key_norms", "lookat_centroid_square_norms", "compact", "compact_batch", "compact_layers", "dense_key_norms", "to_device",
+    "lookat_keys_batch", "lookat_key_norms", "lookat_centroid_square_norms", "compact", "compact_batch",
+    "compact_layers", "dense_key_norms", "to_device",
     "stream_write_rows", "stream_move_rows",
     "stream_decode", "stream_prefill", "page_rows",
 ]
@@ -67,8 +68,8 @@ TRITON_OPS: dict[str, tuple[str, ...]] = {
 }
 OPS = frozenset(TRITON_OPS) | {
     "dense_write", "dense_prefill", "dense_gather", "dense_gather_batch", "lookat_encode_rows", "lookat_write_rows",
-    "lookat_prefill", "lookat_keys", "lookat_keys_batch", "lookat_key_norms", "lookat_centroid_square_norms", "stream_write_rows", "stream_move_rows", "stream_prefill",
-    "page_rows",
+    "lookat_prefill", "lookat_keys", "lookat_keys_batch", "lookat_key_norms", "lookat_centroid_square_norms",
+    "stream_write_rows", "stream_move_rows", "stream_prefill", "page_rows",
 }
 
 # ``KVCOMPRESS_KERNELS=reference`` runs a whole engine on the PyTorch references (the GPU

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvcompress.kernels.dense_triton import DEFAULTS, dense_decode
+from vllm_kvcompress.kernels.dense_triton import DEFAULTS, dense_decode, tile_tokens
 from vllm_kvcompress.kernels.triton_common import partition
 
 
@@ -34,8 +34,7 @@ def warm_up(query: torch.Tensor, pool: torch.Tensor, num_kv_heads: int, page: in
     """Every variant serving can compile, for ``query[1, Hq, D]``: each split count the launch
     plan picks up to ``max_len`` (powers of two; each its own combine block), for each page
     list width Triton specialises the table's row stride on (1, a multiple of 16, other)."""
-    block_n = DEFAULTS["block_n"] or (128 if query.shape[-1] <= 64 else 64)
-    most = partition(1, 1, max_len, block_n, query.device, DEFAULTS)  # one (request, head): the most splits
+    most = partition(1, 1, max_len, tile_tokens(query.shape[-1]), query.device, DEFAULTS)  # one (request, head): the most splits
     lengths = torch.ones(1, num_kv_heads, dtype=torch.long, device=query.device)
     for width in (1, 2, 16):
         pages = torch.zeros(1, num_kv_heads, width, dtype=torch.long, device=query.device)

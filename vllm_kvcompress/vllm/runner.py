@@ -131,8 +131,8 @@ class EvictionRunnerMixin:
             self.kvc_attention_layers[0][1].impl.warm_up_eviction(self.kvc_attention_layers)
         elif attention and self.kvc_method.evicts:  # per-(layer, KV head) streams
             index, layer = attention[0]
-            layer.impl.warm_up_streams(layer.kv_cache, index, self.vllm_config.model_config.hf_text_config.num_hidden_layers,
-                                       self.max_model_len)
+            num_layers = self.vllm_config.model_config.hf_text_config.num_hidden_layers
+            layer.impl.warm_up_streams(layer.kv_cache, index, num_layers, self.max_model_len)
 
     def execute_model(self, *args, **kwargs):
         output = None
