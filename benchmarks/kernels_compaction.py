@@ -98,9 +98,9 @@ def timings(device: str, gen: torch.Generator, quick: bool) -> list[dict]:
                         return run
 
                     copy_ms = do_bench(lambda: work.copy_(cache))
-                    plans = {plan: do_bench(fresh(functools.partial(compaction_triton.compact_batch, two_phase=plan == "two-phase",
-                                                                    block_r=block_r))) - copy_ms
-                             for plan, block_r in (("in place", 64), ("two-phase", 32))}
+                    plans = {plan: do_bench(fresh(functools.partial(compaction_triton.compact_batch,
+                                                                    two_phase=plan == "two-phase"))) - copy_ms
+                             for plan in ("in place", "two-phase")}
                     t_ms = do_bench(fresh(compaction_triton.compact_batch)) - copy_ms
                     p_ms = do_bench(fresh(torch_compact)) - copy_ms
                     moved = 2 * batch * heads * keep.shape[-1] * row_bytes
@@ -176,8 +176,8 @@ def write_report(out: Path, meta: dict, checks: list[dict], rows: list[dict], pe
     lines += [f"| {c['rows']} | {c['batch']} | {c['ctx']} | {c['keep']} | {c['plan']} | {c['identical']} |"
               for c in checks]
     lines += ["", "## Timings, one layer", "",
-              "Triton = `compact_batch` with its default plan; the in-place (64-row tiles) and two-phase (32-row "
-              "tiles) plans are also timed alone.", "",
+              "Triton = `compact_batch` with its default plan; the in-place and two-phase plans (default tiles, "
+              f"{compaction_triton.BLOCK_ROWS} rows) are also timed alone.", "",
               "| rows | batch | ctx | keep | in place (µs) | two-phase (µs) | Triton (µs) | torch (µs) | torch / Triton | "
               "Triton GB/s | % of peak |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -125,8 +125,16 @@ def _check_layers(caches: list[torch.Tensor]) -> None:
         raise ValueError("every layer's cache must be contiguous with the first one's shape, dtype and device")
 
 
+# Tiles of 8 rows, one warp per program: on an H200 the in-place move of a decode compaction
+# (32 layers x 8 KV heads, 16-256 requests of 272 -> 256 rows) ran 3.8x faster than with
+# 32-row tiles and 4 warps, within 1.2x of a plain copy of the same bytes; the two-phase plan
+# was as fast as with any other tile (results/2026-12-04/h200-eviction-6/compaction-tiles).
+# Small programs keep many in flight per SM, and the serial tile walk of each is short.
+BLOCK_ROWS, NUM_WARPS = 8, 1
+
+
 def compact_layers(caches: list[torch.Tensor], block_table: torch.Tensor, keep: torch.Tensor, keep_lens: torch.Tensor,
-                   block_r: int = 32, num_warps: int = 4, two_phase: bool | None = None) -> None:
+                   block_r: int = BLOCK_ROWS, num_warps: int = NUM_WARPS, two_phase: bool | None = None) -> None:
     """Same as ``compaction_ref.compact_layers``: ``keep[L, R, H, max_keep]`` ascending per
     (layer, request, head), ``keep_lens[R]`` (int32 on the caches' device), one block table
     for every layer. One launch for all layers (two for few (layer, request, head) triples).
@@ -161,7 +169,7 @@ def compact_layers(caches: list[torch.Tensor], block_table: torch.Tensor, keep: 
 
 
 def compact_batch(cache: torch.Tensor, block_table: torch.Tensor, keep: torch.Tensor, keep_lens: torch.Tensor,
-                  block_r: int = 32, num_warps: int = 4, two_phase: bool | None = None) -> None:
+                  block_r: int = BLOCK_ROWS, num_warps: int = NUM_WARPS, two_phase: bool | None = None) -> None:
     """Same as ``compaction_ref.compact_batch``: :func:`compact_layers` of one layer."""
     compact_layers([cache], block_table, keep[None], keep_lens, block_r, num_warps, two_phase)
 
