@@ -62,6 +62,8 @@ SUITES = {
     ),
 }
 SUITES["perplexity-heldout"] = {**SUITES["perplexity"], "perplexity_seed": 1}  # other documents, same shape
+# Three times more held-out documents again (seed 2): six documents left standard errors larger than the targets.
+SUITES["perplexity-heldout-18"] = {**SUITES["perplexity"], "perplexity": {4096: 18}, "perplexity_seed": 2}
 DEFAULT_SUITE = {"qwen2.5-coder-0.5b": "full", "qwen2.5-coder-1.5b": "small", "smollm2-135m": "quick"}
 
 
