@@ -52,7 +52,8 @@ to vLLM's FLASH_ATTN (``KVCOMPRESS_NONE_CUDA_BACKEND`` removed from its environm
 paged layout and Triton decode kernel, the baseline the LOOKAT configs share their glue with.
 ``lookat-mM-vB``: LOOKAT keys with M subspaces, values in B bits. ``knorm-Nx`` / ``snapkv-Nx``:
 whole-row eviction keeping 1/N of each prompt (vLLM's V1 runner, vLLM's async scheduling; ``-sync``:
-``--no-async-scheduling``; ``-b2``: ``buffer_blocks`` 2); their pool holds bf16's
+``--no-async-scheduling``; ``-b2``: ``buffer_blocks`` 2); ``headkv-4x``: HeadKV's streams at the same
+ratio, with synthetic head scores (``KVCOMPRESS_CUDA_STREAMS=experimental``); their pool holds bf16's
 tokens, so ``capacity_tokens`` reads 1.00x and what eviction buys shows in the throughput
 columns (a request holds 1/N of its blocks, so N times as many run at once).
 
@@ -111,6 +112,11 @@ CONFIGS = {
     # 16 more rows per request.
     "knorm-4x-b2": {"llm": {}, "kvcompress": {"method": "knorm", "compression_ratio": 0.75, "buffer_blocks": 2},
                     "codebooks_m": None, "env": {}},
+    # HeadKV's per-(layer, KV head) streams (PIECEWISE graphs, synchronous scheduling), still behind
+    # KVCOMPRESS_CUDA_STREAMS=experimental: head scores are synthetic (skewed, seeded; there is no
+    # real model to score), so the budgets differ per stream as they would.
+    "headkv-4x": {"llm": {}, "kvcompress": {"method": "headkv", "compression_ratio": 0.75}, "codebooks_m": None,
+                  "head_scores": "skewed", "env": {"KVCOMPRESS_CUDA_STREAMS": "experimental"}},
     "lookat-m16-v4+knorm-2x": {"llm": {}, "kvcompress": {"method": "lookat+knorm", "value_bits": 4,
                                                          "compression_ratio": 0.5},
                                "codebooks_m": 16, "env": {}},
@@ -173,6 +179,8 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
     kwargs = dict(config["llm"])
     if config["kvcompress"] is not None:
         settings = dict(config["kvcompress"], **({"codebooks": str(codebooks)} if codebooks else {}))
+        if config.get("head_scores"):
+            settings["head_scores"] = str(synthetic_head_scores(folder / "head_scores.json", LLAMA_8B))
         kwargs.update(attention_backend="kvcompress", additional_config={"kvcompress": settings})
     if cudagraph_mode:
         kwargs["compilation_config"] = {"cudagraph_mode": cudagraph_mode}
@@ -225,6 +233,20 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
 
         row["device"] = torch.cuda.get_device_name(0)
     return row
+
+
+def synthetic_head_scores(path: Path, model: dict, seed: int = 0) -> Path:
+    """Seeded head scores for a dummy model (cubes of uniforms: a few heads score high), in the
+    format ``calibrate head-scores`` writes, so HeadKV's budgets differ per stream."""
+    import torch
+
+    from vllm_kvcompress.methods.headkv import HeadScores
+
+    raw = torch.rand(model["num_hidden_layers"], model["num_attention_heads"],
+                     generator=torch.Generator().manual_seed(seed)) ** 3 + 1e-3
+    scores = HeadScores(tuple(map(tuple, (raw / raw.sum()).tolist())), model["num_key_value_heads"])
+    path.write_text(json.dumps(scores.to_json(model="llama-3-8b-shape-dummy")))
+    return path
 
 
 def parse_profile_shape(text: str) -> tuple[int, int]:

@@ -103,3 +103,19 @@ def test_the_runner_names_the_range_the_benchmark_reads():
     from vllm_kvcompress.vllm.runner import COMPACTION_RANGE
 
     assert COMPACTION_RANGE == gpu_engine.COMPACTION_RANGE
+
+
+def test_headkv_row_head_scores_fit_the_benchmark_model_and_are_skewed(tmp_path):
+    from vllm_kvcompress.config import KVCompressConfig
+    from vllm_kvcompress.methods.headkv import load_head_scores
+
+    model = gpu_engine.LLAMA_8B
+    path = gpu_engine.synthetic_head_scores(tmp_path / "head_scores.json", model)
+    scores = load_head_scores(path, model["num_hidden_layers"], model["num_attention_heads"],
+                              model["num_key_value_heads"]).kv_head_scores()
+    assert len(scores) == model["num_hidden_layers"] * model["num_key_value_heads"]
+    assert max(scores) > 10 * min(scores)  # budgets differ per stream
+    row = gpu_engine.CONFIGS["headkv-4x"]
+    config = KVCompressConfig.from_dict(dict(row["kvcompress"], head_scores=str(path)))
+    assert config.spec.evicts and not config.whole_row_eviction
+    assert row["env"] == {"KVCOMPRESS_CUDA_STREAMS": "experimental"}
