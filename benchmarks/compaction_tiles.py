@@ -7,7 +7,13 @@ Each variant's result is compared with the two-phase plan's (byte for byte), and
 a plain copy of the same bytes. "masked" skips the loads of rows that stay in place. Chose
 ``compaction_triton.BLOCK_ROWS``/``NUM_WARPS`` (results/2026-12-04/h200-eviction-6/compaction-tiles).
 The list of variants is the second sweep's; the first also had 32-128-row tiles with 4-8 warps."""
-import json, sys, torch, triton, triton.language as tl
+import functools
+import json
+import sys
+
+import torch
+import triton
+import triton.language as tl
 from triton.testing import do_bench
 from vllm_kvcompress.kernels import compaction_triton as ct
 
@@ -84,8 +90,7 @@ for batch, held, kept in [(16, 272, 256), (256, 272, 256), (32, 1040, 1024), (4,
         work = [c.clone() for c in caches]
         fn(work)
         ok = all(torch.equal(a, b) for a, b in zip(work, ref))
-        row[name] = {"us": do_bench(lambda: fn(work)) * 1e3, "identical": ok}
-        del work
+        row[name] = {"us": do_bench(functools.partial(fn, work)) * 1e3, "identical": ok}
     print(json.dumps(row), flush=True)
     out.append(row)
     del caches, ref
