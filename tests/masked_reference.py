@@ -27,10 +27,12 @@ def drive(settings, schedule, q, k, v, scores, steps, check, blocks: int, block:
     does: one step plan per step, the pages reports handed to the schedule after it. On a
     CUDA ``device`` the pool and the block table live there (the plan reads the host copy,
     as from the runner); ``no_sync``: the layers' forwards run under CUDA's sync debug mode
-    "error" (any read-back raises)."""
+    "error" (any read-back raises), except the step that packs a threshold rule's prompt
+    (its survivor counts lay out the packed pages: one read-back, at the last layer)."""
     from types import SimpleNamespace
 
     from vllm_kvcompress.eviction.streams import PoolGeometry
+    from vllm_kvcompress.eviction.threshold import ThresholdSchedule
     from vllm_kvcompress.vllm import stream_layout
     from vllm_kvcompress.vllm.state import RequestCache, WorkerState
 
@@ -55,7 +57,8 @@ def drive(settings, schedule, q, k, v, scores, steps, check, blocks: int, block:
         out = torch.zeros(layers, new, q_heads, dim, dtype=dtype, device=device)
         inputs = [t[:, span].to(device, dtype) for t in (q, k, v)]
         step_scores = scores[:, span].to(device)  # copies to the device before the trap
-        trap = device != "cpu" and no_sync
+        packs = any(isinstance(c.schedule, ThresholdSchedule) for c in meta.compressions)
+        trap = device != "cpu" and no_sync and not packs
         if trap:
             torch.cuda.set_sync_debug_mode("error")
         try:
@@ -66,7 +69,7 @@ def drive(settings, schedule, q, k, v, scores, steps, check, blocks: int, block:
             if trap:
                 torch.cuda.set_sync_debug_mode("default")
         out = out.float().cpu()
-        for req_id, pages in step.pages_reports.items():
+        for req_id, pages in step.settle_reports().items():
             state.requests[req_id].schedule.pages_next = pages
         state.end_step()
         check(out, computed, computed + new)

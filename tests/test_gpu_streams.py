@@ -89,3 +89,48 @@ def test_headkv_streams_on_cuda_match_the_cpu_and_never_read_back(tmp_path, monk
     assert len(outputs["cuda"]) == len(steps)
     for step, (want, have) in enumerate(zip(outputs["cpu"], outputs["cuda"])):
         torch.testing.assert_close(have, want, atol=2e-2, rtol=2e-2, msg=lambda text: f"step {step}: {text}")
+
+
+def _threshold_settings(method: str):
+    from vllm_kvcompress.config import KVCompressConfig
+
+    if method == "kvzap":
+        return KVCompressConfig.from_dict({"method": "kvzap", "kvzap_predictor": "unused", "kvzap_window": 32,
+                                           "kvzap_threshold": 0.0, "page_tokens": PAGE})
+    return KVCompressConfig.from_dict({"method": "dms", "dms_adapters": "unused", "dms_window": 32,
+                                       "page_tokens": PAGE})
+
+
+@pytest.mark.parametrize("method", ["kvzap", "dms"])
+def test_ring_streams_on_cuda_match_the_cpu_and_read_back_once_per_step(method, monkeypatch):
+    """KVzap's threshold rule and DMS (ring + survivors, decided one token per step): the
+    plan and runners of every layer on CUDA against the CPU, with the scores the hooks would
+    give. No layer reads the device back (sync debug mode "error"; the prompt's packing step
+    reads its survivor counts once, at the last layer); each step's survivors are read back
+    once, after the forward (``StepPlan.settle_reports``), and equal the CPU's."""
+    from vllm_kvcompress.vllm.policy import EvictionPolicy
+    from vllm_kvcompress.vllm.state import WorkerState
+
+    torch.manual_seed(0)
+    prompt, total = 150, 190
+    q, k, v = (torch.randn(LAYERS, total, h, DIM) for h in (Q_HEADS, HEADS, HEADS))
+    # Keep scores, about half of them passing: a token's survival is decided by its sign.
+    scores = torch.randn(LAYERS, total, HEADS) * 3
+    settings = _threshold_settings(method)
+    policy = EvictionPolicy(settings, BLOCK, (LAYERS, Q_HEADS, HEADS))
+    steps = [100, 50] + [1] * (total - prompt)  # a chunked prompt, packed at its end, then ring decodes
+    outputs, kept = {}, {}
+    for device in ("cpu", "cuda"):
+        state = WorkerState()
+        got = outputs[device] = []
+        counts = kept[device] = []
+        drive(settings, policy.schedule_for(prompt, None), q, k, v, scores, steps,
+              lambda out, first, computed: (got.append(out), counts.append(
+                  None if state.requests["r"].kept is None else state.requests["r"].kept.clone())),
+              BLOCKS, BLOCK, PAGE, state=state, device=device, dtype=torch.bfloat16, no_sync=True)
+    assert all(c is None or c.device.type == "cpu" for c in kept["cuda"])  # left on the host for the next plan
+    assert [None if c is None else c.tolist() for c in kept["cuda"]] == \
+        [None if c is None else c.tolist() for c in kept["cpu"]]
+    assert kept["cuda"][-1] is not None and 0 < int(kept["cuda"][-1].sum()) < LAYERS * HEADS * (total - 32)
+    for step, (want, have) in enumerate(zip(outputs["cpu"], outputs["cuda"])):
+        torch.testing.assert_close(have, want, atol=2e-2, rtol=2e-2, msg=lambda text: f"step {step}: {text}")

@@ -119,13 +119,18 @@ def test_cuda_needs_ampere_and_refuses_stream_eviction_for_now(smollm2_dir, monk
     with pytest.raises(KVCompressConfigError, match=r"method 'headkv' runs on the CPU engine only .* per-\(layer, KV "
                                                     r"head\) streams .* use method none, lookat, knorm, snapkv"):
         startup.check_platform(headkv)
-    # HeadKV's streams start on CUDA for their GPU oracle only (KVCOMPRESS_CUDA_STREAMS=experimental).
+    kvzap = KVCompressConfig.from_dict({"method": "kvzap", "max_kv_tokens": 256, "kvzap_predictor": "p.safetensors"})
+    with pytest.raises(KVCompressConfigError, match=r"method 'kvzap' runs on the CPU engine only"):
+        startup.check_platform(kvzap)
+    # The stream methods start on CUDA for their GPU checks only (KVCOMPRESS_CUDA_STREAMS=experimental).
     monkeypatch.setenv(startup.CUDA_STREAMS_ENV, "experimental")
     startup.check_platform(headkv)
-    with pytest.raises(KVCompressConfigError, match=r"KVCOMPRESS_CUDA_STREAMS=experimental runs HeadKV's streams on "
-                                                    r"CUDA; method 'kvzap' stays on the CPU engine"):
-        startup.check_platform(KVCompressConfig.from_dict({"method": "kvzap", "max_kv_tokens": 256,
-                                                            "kvzap_predictor": "p.safetensors"}))
+    startup.check_platform(kvzap)
+    startup.check_platform(KVCompressConfig.from_dict({"method": "dms", "dms_adapters": "a.safetensors"}))
+    with pytest.raises(KVCompressConfigError, match=r"KVCOMPRESS_CUDA_STREAMS=experimental runs the streams of "
+                                                    r"methods headkv, kvzap, dms on CUDA; method 'knorm' stays on "
+                                                    r"the CPU engine"):
+        startup.experimental_cuda_streams(KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5}))
     monkeypatch.setenv(startup.CUDA_STREAMS_ENV, "1")
     with pytest.raises(KVCompressConfigError, match=r"KVCOMPRESS_CUDA_STREAMS='1': the only allowed value is "
                                                     r"'experimental'"):

@@ -160,7 +160,7 @@ class EvictionRunnerMixin:
         output = super().sample_tokens(*args, **kwargs)
         self._kvc_compact()
         step = self.kvc.step
-        reports = {} if step is None else step.pages_reports
+        reports = {} if step is None else step.settle_reports()
         if self.kvc_tp_size > 1 and self.kvc_method.learned:
             reports = self._kvc_agree_pages(reports)
         for req_id, pages in reports.items():

@@ -43,12 +43,29 @@ class StepPlan:
     caches: list[RequestCache | None]  # batch order; None: a request without a schedule
     token_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [tokens, KV heads]
     pages_reports: dict[str, int] = field(default_factory=dict)  # ring layout: pages each request needs next
+    # Ring layout: survivors per stream as the step's last layer left them (on the pool's
+    # device), read back together by :meth:`settle_reports` once the forward is over.
+    kept_pending: dict[str, tuple[RequestCache, torch.Tensor]] = field(default_factory=dict)
     eviction: Any = None  # whole-row eviction: the step's EvictionPlan (the builder's), run after the forward
     host_block_table: torch.Tensor | None = None  # the runner's host copy of the block table (batch order)
 
     @property
     def schedules(self) -> list:
         return [None if c is None else c.schedule for c in self.caches]
+
+    def settle_reports(self) -> dict[str, int]:
+        """The pages each ring-layout request needs next, from its survivors: one read-back
+        for the whole step (after the forward, where the host waits for the step anyway),
+        none inside a layer. Each request's ``kept`` is left on the host for the next plan."""
+        if self.kept_pending:
+            req_ids = list(self.kept_pending)
+            kept = torch.stack([self.kept_pending[r][1] for r in req_ids]).cpu()
+            for req_id, counts in zip(req_ids, kept):
+                cache = self.kept_pending[req_id][0]
+                cache.kept = counts
+                self.pages_reports[req_id] = cache.schedule.pages_for(counts.flatten().tolist())
+            self.kept_pending.clear()
+        return self.pages_reports
 
 
 class WorkerState:

@@ -50,6 +50,8 @@ class StreamCompression:
     schedule: StreamSchedule
     blocks: list[int]
     kept_rows: list[list[torch.Tensor]] = field(default_factory=list)  # [layer][head] source row ids
+    host_pages: torch.Tensor | None = None  # ``pages`` as planned, on the host
+    prompt_scores: list[torch.Tensor] = field(default_factory=list)  # threshold rule: [layer] row scores [H, T]
 
 
 @dataclass
@@ -240,7 +242,7 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
         span.max_len, span.uniform = longest.tolist(), (span.lengths == longest[:, None]).all(dim=1).tolist()
         span.pages, span.lengths = ops.to_device(span.pages, device), ops.to_device(span.lengths, device)
     for c in compressions:
-        c.pages = ops.to_device(c.pages, device)
+        c.host_pages, c.pages = c.pages, ops.to_device(c.pages, device)
     victim_fields = {name: ops.to_device(value, device) if isinstance(value, torch.Tensor) else value
                      for name, value in victim_fields.items()}
     return StreamMetadata(
@@ -356,10 +358,8 @@ class StreamRunner:
     def _select(self, pool, query, c: StreamCompression, row_scores) -> None:
         rows = ops.page_rows(c.pages[self.layer], c.schedule.page)[:, : c.length]  # [H, T]
         heads = rows.shape[0]
-        if isinstance(c.schedule, ThresholdSchedule):  # ring (the last tokens), then survivors
-            ring = rows[:, ring_order(c.length, c.schedule.ring)]
-            survivors = prompt_survivors(row_scores[rows], c.schedule.threshold, c.schedule.ring)
-            c.kept_rows.append([torch.cat([ring[h], rows[h, keep]]) for h, keep in enumerate(survivors)])
+        if isinstance(c.schedule, ThresholdSchedule):  # its survivors are chosen at the repack
+            c.prompt_scores.append(row_scores[rows])
             return
         if self.scorer is None:
             scores = row_scores[rows]
@@ -373,22 +373,40 @@ class StreamRunner:
 
 
 def _record_kept(step, req_id: str, cache, kept: torch.Tensor) -> None:
-    """After a ring-layout step: survivors per stream (the request's cache), and the pages
-    its next step needs (the step's report; the runner settles it over the ranks and
-    hands it to the schedule and the scheduler)."""
-    cache.kept = kept.clone()
-    step.pages_reports[req_id] = cache.schedule.pages_for(kept.flatten().tolist())
+    """After a ring-layout step: survivors per stream ``[L, H]``, where they are. The step
+    reads them back once for all requests after the forward (``StepPlan.settle_reports``:
+    the request's ``kept`` and the pages its next step needs, which the runner settles over
+    the ranks and hands to the schedule and the scheduler)."""
+    step.kept_pending[req_id] = (cache, kept)
+
+
+def _threshold_kept_rows(c: StreamCompression, page: int) -> list[torch.Tensor]:
+    """A threshold rule's packing: each stream's ring (the last tokens, in ring order), then
+    the earlier tokens whose score passes, as host row ids in stream order (layer-major).
+    The survivor counts set the packed layout, so this reads the scores back: once per
+    packing step, for every layer."""
+    scores = torch.stack(c.prompt_scores).cpu()  # [L, H, T]
+    order = ring_order(c.length, c.schedule.ring)
+    kept = []
+    for layer, layer_scores in enumerate(scores):
+        rows = ops.page_rows(c.host_pages[layer], page)[:, : c.length]  # [H, T]
+        survivors = prompt_survivors(layer_scores, c.schedule.threshold, c.schedule.ring)
+        kept += [torch.cat([rows[h, order], rows[h, keep]]) for h, keep in enumerate(survivors)]
+    return kept
 
 
 def _repack(pool, c: StreamCompression, geometry: PoolGeometry, row_scores, step) -> None:
     """Move every stream's kept rows into the packed layout (all layers at once)."""
-    kept = [rows for layer_rows in c.kept_rows for rows in layer_rows]  # stream order (layer-major)
     threshold = isinstance(c.schedule, ThresholdSchedule)
+    if threshold:
+        kept = _threshold_kept_rows(c, c.schedule.page)
+    else:
+        kept = [rows for layer_rows in c.kept_rows for rows in layer_rows]  # stream order (layer-major)
     spare = 1 if threshold else 0  # threshold mode: room for the next step's leaving token
     table = StreamPageTable.packed([len(rows) + spare for rows in kept], c.schedule.page)
     ids = [_slot_pages(geometry, slots, c.blocks, c.schedule) for slots in table.slots]
     dest = [ops.page_rows(torch.tensor(stream_ids), c.schedule.page)[: len(rows)] for stream_ids, rows in zip(ids, kept)]
-    source, dest = torch.cat(kept), ops.to_device(torch.cat(dest), pool.device)
+    source, dest = ops.to_device(torch.cat(kept), pool.device), ops.to_device(torch.cat(dest), pool.device)
     ops.stream_move_rows(pool, source, dest)
     if row_scores is not None:
         row_scores[dest] = row_scores[source].clone()
