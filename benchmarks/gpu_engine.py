@@ -52,8 +52,9 @@ to vLLM's FLASH_ATTN (``KVCOMPRESS_NONE_CUDA_BACKEND`` removed from its environm
 paged layout and Triton decode kernel, the baseline the LOOKAT configs share their glue with.
 ``lookat-mM-vB``: LOOKAT keys with M subspaces, values in B bits. ``knorm-Nx`` / ``snapkv-Nx``:
 whole-row eviction keeping 1/N of each prompt (vLLM's V1 runner, vLLM's async scheduling; ``-sync``:
-``--no-async-scheduling``; ``-b2``: ``buffer_blocks`` 2); ``headkv-4x``: HeadKV's streams at the same
-ratio, with synthetic head scores (``KVCOMPRESS_CUDA_STREAMS=experimental``); their pool holds bf16's
+``--no-async-scheduling``; ``-b2``: ``buffer_blocks`` 2); ``headkv-4x``, ``kvzap-4x``, ``dms-4x``: the
+stream methods at about the same ratio, with synthetic artefacts (``synthetic_artefact``; speed only)
+and ``KVCOMPRESS_CUDA_STREAMS=experimental``, the learned two eager; their pool holds bf16's
 tokens, so ``capacity_tokens`` reads 1.00x and what eviction buys shows in the throughput
 columns (a request holds 1/N of its blocks, so N times as many run at once).
 
@@ -87,6 +88,7 @@ LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidde
             "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
 
 NONE_BACKEND_ENV = "KVCOMPRESS_NONE_CUDA_BACKEND"
+STREAMS_ENV = "KVCOMPRESS_CUDA_STREAMS"
 
 # name -> llm: LLM kwargs; kvcompress: plugin settings or None (vLLM's own caches); codebooks_m: LOOKAT m
 # (synthetic codebooks); env: set in the config's process (None = removed from it)
@@ -112,11 +114,17 @@ CONFIGS = {
     # 16 more rows per request.
     "knorm-4x-b2": {"llm": {}, "kvcompress": {"method": "knorm", "compression_ratio": 0.75, "buffer_blocks": 2},
                     "codebooks_m": None, "env": {}},
-    # HeadKV's per-(layer, KV head) streams (PIECEWISE graphs, synchronous scheduling), still behind
-    # KVCOMPRESS_CUDA_STREAMS=experimental: head scores are synthetic (skewed, seeded; there is no
-    # real model to score), so the budgets differ per stream as they would.
+    # The per-(layer, KV head) stream methods (synchronous scheduling), still behind
+    # KVCOMPRESS_CUDA_STREAMS=experimental. Their artefacts are synthetic (seeded; no real model
+    # to calibrate or train on, see synthetic_artefact): HeadKV's budgets differ per stream as
+    # they would; KVzap keeps exactly 1/4 (top-k); DMS evicts about 3/4 of what leaves its window.
+    # The learned ones run eager (--enforce-eager, as the plugin requires for them).
     "headkv-4x": {"llm": {}, "kvcompress": {"method": "headkv", "compression_ratio": 0.75}, "codebooks_m": None,
-                  "head_scores": "skewed", "env": {"KVCOMPRESS_CUDA_STREAMS": "experimental"}},
+                  "artefact": "head_scores", "env": {STREAMS_ENV: "experimental"}},
+    "kvzap-4x": {"llm": {"enforce_eager": True}, "kvcompress": {"method": "kvzap", "compression_ratio": 0.75},
+                 "codebooks_m": None, "artefact": "kvzap_predictor", "env": {STREAMS_ENV: "experimental"}},
+    "dms-4x": {"llm": {"enforce_eager": True}, "kvcompress": {"method": "dms"}, "codebooks_m": None,
+               "artefact": "dms_adapters", "env": {STREAMS_ENV: "experimental"}},
     "lookat-m16-v4+knorm-2x": {"llm": {}, "kvcompress": {"method": "lookat+knorm", "value_bits": 4,
                                                          "compression_ratio": 0.5},
                                "codebooks_m": 16, "env": {}},
@@ -179,8 +187,8 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
     kwargs = dict(config["llm"])
     if config["kvcompress"] is not None:
         settings = dict(config["kvcompress"], **({"codebooks": str(codebooks)} if codebooks else {}))
-        if config.get("head_scores"):
-            settings["head_scores"] = str(synthetic_head_scores(folder / "head_scores.json", LLAMA_8B))
+        if config.get("artefact"):
+            settings[config["artefact"]] = str(synthetic_artefact(config["artefact"], folder, LLAMA_8B))
         kwargs.update(attention_backend="kvcompress", additional_config={"kvcompress": settings})
     if cudagraph_mode:
         kwargs["compilation_config"] = {"cudagraph_mode": cudagraph_mode}
@@ -235,18 +243,53 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
     return row
 
 
-def synthetic_head_scores(path: Path, model: dict, seed: int = 0) -> Path:
-    """Seeded head scores for a dummy model (cubes of uniforms: a few heads score high), in the
-    format ``calibrate head-scores`` writes, so HeadKV's budgets differ per stream."""
+DMS_WINDOW, DMS_EVICTED = 256, 0.75  # the synthetic DMS adapters' window and target share evicted
+
+
+def synthetic_artefact(setting: str, folder: Path, model: dict, seed: int = 0) -> Path:
+    """A seeded artefact for a dummy model, in the format the offline tools write, for the
+    setting ``setting`` (``head_scores``, ``kvzap_predictor``, ``dms_adapters``):
+
+    * head scores: cubes of uniforms (a few heads score high), so HeadKV's budgets differ;
+    * KVzap: linear predictors with N(0, 1/hidden) weights (top-k keeps a fixed share anyway);
+    * DMS: adapters whose logit ``100 (w . rmsnorm(h) + b) - 5`` is above 0 for about
+      :data:`DMS_EVICTED` of the tokens: with w ~ N(0, 1/hidden) and unit-RMS states, w . h ~ N(0, 1),
+      so b = 0.05 + the normal quantile of that share."""
+    import statistics
+
     import torch
+    from safetensors.torch import save_file
 
-    from vllm_kvcompress.methods.headkv import HeadScores
+    layers, hidden, kv_heads = model["num_hidden_layers"], model["hidden_size"], model["num_key_value_heads"]
+    generator = torch.Generator().manual_seed(seed)
+    shape_meta = {"num_layers": str(layers), "hidden_size": str(hidden), "num_kv_heads": str(kv_heads)}
+    if setting == "head_scores":
+        from vllm_kvcompress.methods.headkv import HeadScores
 
-    raw = torch.rand(model["num_hidden_layers"], model["num_attention_heads"],
-                     generator=torch.Generator().manual_seed(seed)) ** 3 + 1e-3
-    scores = HeadScores(tuple(map(tuple, (raw / raw.sum()).tolist())), model["num_key_value_heads"])
-    path.write_text(json.dumps(scores.to_json(model="llama-3-8b-shape-dummy")))
-    return path
+        raw = torch.rand(layers, model["num_attention_heads"], generator=generator) ** 3 + 1e-3
+        scores = HeadScores(tuple(map(tuple, (raw / raw.sum()).tolist())), kv_heads)
+        path = folder / "head_scores.json"
+        path.write_text(json.dumps(scores.to_json(model="llama-3-8b-shape-dummy")))
+        return path
+    weights = {f"layers.{i}.proj.weight": torch.randn(kv_heads, hidden, generator=generator) / hidden ** 0.5
+               for i in range(layers)}
+    if setting == "kvzap_predictor":
+        from vllm_kvcompress.methods.kvzap.predictors import FORMAT
+
+        tensors = {**weights, **{f"layers.{i}.proj.bias": torch.zeros(kv_heads) for i in range(layers)}}
+        path = folder / "kvzap-linear.safetensors"
+        save_file(tensors, str(path), metadata={"format": FORMAT, "kind": "linear", **shape_meta})
+        return path
+    if setting == "dms_adapters":
+        from vllm_kvcompress.methods.dms.checkpoint import FORMAT
+
+        bias = 0.05 + statistics.NormalDist().inv_cdf(DMS_EVICTED)
+        tensors = {**weights, **{f"layers.{i}.proj.bias": torch.full((kv_heads,), bias) for i in range(layers)},
+                   **{f"layers.{i}.norm.weight": torch.ones(hidden) for i in range(layers)}}
+        path = folder / "dms-adapters.safetensors"
+        save_file(tensors, str(path), metadata={"format": FORMAT, "window": str(DMS_WINDOW), **shape_meta})
+        return path
+    raise ValueError(f"no synthetic artefact for setting {setting!r}")
 
 
 def parse_profile_shape(text: str) -> tuple[int, int]:

@@ -105,17 +105,33 @@ def test_the_runner_names_the_range_the_benchmark_reads():
     assert COMPACTION_RANGE == gpu_engine.COMPACTION_RANGE
 
 
-def test_headkv_row_head_scores_fit_the_benchmark_model_and_are_skewed(tmp_path):
+def test_stream_rows_synthetic_artefacts_load_for_the_benchmark_model(tmp_path):
+    """The stream methods' rows: their synthetic artefacts load as the engine loads them, for
+    the benchmark's model shape, with the properties the rows state."""
+    import torch
+
     from vllm_kvcompress.config import KVCompressConfig
+    from vllm_kvcompress.methods.dms.checkpoint import load_decisions
     from vllm_kvcompress.methods.headkv import load_head_scores
+    from vllm_kvcompress.methods.kvzap.predictors import load_predictors
 
     model = gpu_engine.LLAMA_8B
-    path = gpu_engine.synthetic_head_scores(tmp_path / "head_scores.json", model)
-    scores = load_head_scores(path, model["num_hidden_layers"], model["num_attention_heads"],
-                              model["num_key_value_heads"]).kv_head_scores()
-    assert len(scores) == model["num_hidden_layers"] * model["num_key_value_heads"]
+    layers, hidden, kv_heads = model["num_hidden_layers"], model["hidden_size"], model["num_key_value_heads"]
+    paths = {}
+    for name in ("headkv-4x", "kvzap-4x", "dms-4x"):
+        row = gpu_engine.CONFIGS[name]
+        setting = row["artefact"]
+        paths[setting] = gpu_engine.synthetic_artefact(setting, tmp_path, model)
+        config = KVCompressConfig.from_dict(dict(row["kvcompress"], **{setting: str(paths[setting])}))
+        assert config.spec.evicts and not config.whole_row_eviction
+        assert row["env"] == {"KVCOMPRESS_CUDA_STREAMS": "experimental"}
+    scores = load_head_scores(paths["head_scores"], layers, model["num_attention_heads"], kv_heads).kv_head_scores()
     assert max(scores) > 10 * min(scores)  # budgets differ per stream
-    row = gpu_engine.CONFIGS["headkv-4x"]
-    config = KVCompressConfig.from_dict(dict(row["kvcompress"], head_scores=str(path)))
-    assert config.spec.evicts and not config.whole_row_eviction
-    assert row["env"] == {"KVCOMPRESS_CUDA_STREAMS": "experimental"}
+    predictors = load_predictors(paths["kvzap_predictor"], layers, hidden, kv_heads)
+    states = torch.randn(4096, hidden, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert predictors[0](states).std() > 0.5  # scores spread, not constant
+        decisions = load_decisions(str(paths["dms_adapters"]), layers, hidden, kv_heads)
+        evicted = (decisions.adapters[3](states) > 0).float().mean().item()
+    assert decisions.window == gpu_engine.DMS_WINDOW
+    assert abs(evicted - gpu_engine.DMS_EVICTED) < 0.03  # the stated share, on unit-RMS states
