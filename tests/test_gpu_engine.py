@@ -151,6 +151,31 @@ def test_headkv_triton_path_matches_its_reference_path(monkeypatch, tmp_path, gr
     assert not result["splits"] and result["gap"] <= GAP_NATS
 
 
+# KVzap's threshold rule and DMS: ring layouts whose decisions come from learned scores
+# (synthetic artefacts for the dummy model, as the benchmark rows use: benchmarks.gpu_engine).
+RING_METHODS = {"kvzap": ("kvzap_predictor", {"method": "kvzap", "kvzap_threshold": 0.0, "kvzap_window": 64}),
+                "dms": ("dms_adapters", {"method": "dms"})}
+
+
+@pytest.mark.parametrize("method", sorted(RING_METHODS))
+def test_ring_stream_triton_path_matches_its_reference_path(monkeypatch, tmp_path, method):
+    """KVzap (threshold) and DMS on CUDA (``KVCOMPRESS_CUDA_STREAMS=experimental``, eager as the
+    plugin requires for learned methods): decode on the Triton stream kernel against the same
+    engine on the PyTorch ops. Both compute the same scores from the same hidden states, so
+    their decisions, and so their tokens, agree up to near ties; a chunked 777-token prompt."""
+    from benchmarks.gpu_engine import synthetic_artefact
+
+    setting, settings = RING_METHODS[method]
+    path = synthetic_artefact(setting, tmp_path, SMALL)
+    monkeypatch.setenv("KVCOMPRESS_CUDA_STREAMS", "experimental")
+    triton, _, result = _triton_and_reference(
+        monkeypatch, "small", {**settings, setting: str(path)}, max_num_batched_tokens=256, enforce_eager=True,
+        compilation_config={"mode": 0})
+    print(f"small: {method} (ring layout, synthetic artefact), Triton vs PyTorch ops on the GPU: {_describe(result)} "
+          f"({triton['distinct_tokens']} distinct tokens); start {triton['start_s']} s")
+    assert not result["splits"] and result["gap"] <= GAP_NATS
+
+
 def test_async_scheduling_gives_the_sync_tokens(monkeypatch):
     """Whole-row eviction with vLLM's async scheduling (``--async-scheduling``): step N+1 is
     scheduled while step N runs and compacts. In a pool of 64 blocks that 12 requests share (each prompt needs
