@@ -220,13 +220,15 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
         _emit("PARTIAL", row)
     if traces is not None:
         row["profile"] = _profile_decode(llm, name, traces, profile_dir, *profile_shape)
-        compaction = compaction_time(traces, PROFILE_STEPS)
-        if compaction is not None:
-            # Where a TPOT stage ran the profiled batch and context, its TPOT is their step time.
-            same = tuple(profile_shape) in [(b, c) for b, c, _ in workload["tpot"]]
-            step_ms, gpu_ms = row.get(f"tpot_ms_b{profile_shape[0]}") if same else None, compaction["gpu_ms_per_step"]
-            compaction["pct_of_step"] = round(100 * gpu_ms / step_ms, 2) if step_ms and gpu_ms is not None else None
-            row["compaction"] = compaction
+        # Where a TPOT stage ran the profiled batch and context, its TPOT is their step time.
+        same = tuple(profile_shape) in [(b, c) for b, c, _ in workload["tpot"]]
+        step_ms = row.get(f"tpot_ms_b{profile_shape[0]}") if same else None
+        for field, name in (("compaction", COMPACTION_RANGE), ("predictor", PREDICTOR_RANGE)):
+            share = range_time(traces, PROFILE_STEPS, name)
+            if share is not None:
+                gpu_ms = share["gpu_ms_per_step"]
+                share["pct_of_step"] = round(100 * gpu_ms / step_ms, 2) if step_ms and gpu_ms is not None else None
+                row[field] = share
         _emit("PARTIAL", row)
     count, prompt, output = workload["long_context"]
     seconds, out = _timed(llm, _prompts(count, prompt, SEED_LONG_CONTEXT), output)
@@ -320,12 +322,14 @@ def _profile_decode(llm, name: str, traces: Path, profile_dir: Path, batch: int 
 
 
 COMPACTION_RANGE = "kvcompress_compaction"  # vllm_kvcompress.vllm.runner.COMPACTION_RANGE (the worker's range)
+PREDICTOR_RANGE = "kvcompress_predictor"  # vllm_kvcompress.methods.base.PREDICTOR_RANGE (the learned hooks')
 
 
-def compaction_time(traces: Path, steps: int) -> dict | None:
-    """Host and GPU time per profiled step inside the runner's compaction range, from the
-    worker's trace (``user_annotation`` on the host, ``gpu_user_annotation`` on the GPU);
-    None when the trace has no such range (no compaction, or no eviction method)."""
+def range_time(traces: Path, steps: int, name: str = COMPACTION_RANGE) -> dict | None:
+    """Host and GPU time per profiled step inside the worker's profiler range ``name`` (the
+    runner's compaction, the learned methods' hooks), from the worker's trace
+    (``user_annotation`` on the host, ``gpu_user_annotation`` on the GPU); None when the
+    trace has no such range (no compaction, no learned method)."""
     import gzip
 
     host = gpu = 0.0
@@ -335,7 +339,7 @@ def compaction_time(traces: Path, steps: int) -> dict | None:
         with opener(path, "rt") as f:
             events = json.load(f).get("traceEvents", [])
         for event in events:
-            if event.get("name") != COMPACTION_RANGE:
+            if event.get("name") != name:
                 continue
             if event.get("cat") == "user_annotation":
                 host += event.get("dur", 0.0)
@@ -345,7 +349,7 @@ def compaction_time(traces: Path, steps: int) -> dict | None:
                 gpu_ranges += 1
     if not calls:
         return None
-    return {"steps_compacting": calls, "host_ms_per_step": round(host / 1000 / steps, 3),
+    return {"ranges": calls, "host_ms_per_step": round(host / 1000 / steps, 3),
             "gpu_ms_per_step": round(gpu / 1000 / steps, 3) if gpu_ranges else None}
 
 
@@ -471,8 +475,9 @@ def summarise(rows: list[dict], meta: dict) -> tuple[dict, str]:
             else:
                 r.pop(ratio, None)
         r.setdefault("graph_modes", captured_modes(r.get("graph_capture", [])))
-        if (r.get("compaction") or {}).get("pct_of_step") is not None:
-            r["compaction_pct"] = r["compaction"]["pct_of_step"]
+        for field in ("compaction", "predictor"):
+            if (r.get(field) or {}).get("pct_of_step") is not None:
+                r[f"{field}_pct"] = r[field]["pct_of_step"]
     summary = {**meta, "rows": rows}
     cols = [("config", "config"), ("capacity_tokens", "capacity tokens"), ("capacity_ratio", "x bf16"),
             ("throughput_tok_s", "decode-heavy tok/s"), ("throughput_ratio", "x bf16"),
@@ -482,6 +487,7 @@ def summarise(rows: list[dict], meta: dict) -> tuple[dict, str]:
             ("cudagraph_mode", "cudagraph_mode (configured)"), ("graph_modes", "graphs captured"),
             ("jit_while_serving", "compiled while serving"), ("blocks_free_at_end", "all blocks free at end"),
             ("compaction_pct", "compaction, % of a B=32 step (GPU)"),
+            ("predictor_pct", "predictor, % of a B=32 step (GPU)"),
             ("fallback", "fallback"), ("error", "error")]
     lines = [f"# kvcompress in vLLM on {meta['device']}, {meta['date']}", "",
              f"Model: {meta['model']}. Workload {workload}: {workload_text(WORKLOADS[workload], utilization)}.",

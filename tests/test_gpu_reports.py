@@ -81,8 +81,9 @@ def test_a_leak_shows_in_the_summary_and_fails_the_sweep(tmp_path, monkeypatch):
         gpu_engine.sweep(args, ["vllm-bf16", "knorm-4x"])
 
 
-def test_compaction_time_comes_from_the_worker_trace(tmp_path):
-    """--profile: the runner's compaction range in the worker's trace, host and GPU time per step."""
+def test_range_time_comes_from_the_worker_trace(tmp_path):
+    """--profile: a worker profiler range (compaction, predictor) in the worker's trace, host
+    and GPU time per step; the other range's events are not counted."""
     import gzip
     import json
 
@@ -90,19 +91,40 @@ def test_compaction_time_comes_from_the_worker_trace(tmp_path):
               {"name": gpu_engine.COMPACTION_RANGE, "cat": "gpu_user_annotation", "dur": 1000.0},
               {"name": gpu_engine.COMPACTION_RANGE, "cat": "user_annotation", "dur": 1000.0},
               {"name": gpu_engine.COMPACTION_RANGE, "cat": "gpu_user_annotation", "dur": 200.0},
+              {"name": gpu_engine.PREDICTOR_RANGE, "cat": "user_annotation", "dur": 400.0},
+              {"name": gpu_engine.PREDICTOR_RANGE, "cat": "gpu_user_annotation", "dur": 40.0},
               {"name": "execute_context_0(0)_generation_32(32)", "cat": "gpu_user_annotation", "dur": 9000.0}]
     with gzip.open(tmp_path / "worker.pt.trace.json.gz", "wt") as f:
         json.dump({"traceEvents": events}, f)
-    assert gpu_engine.compaction_time(tmp_path, steps=4) == {"steps_compacting": 2, "host_ms_per_step": 1.0,
-                                                            "gpu_ms_per_step": 0.3}
+    assert gpu_engine.range_time(tmp_path, 4, gpu_engine.COMPACTION_RANGE) == {
+        "ranges": 2, "host_ms_per_step": 1.0, "gpu_ms_per_step": 0.3}
+    assert gpu_engine.range_time(tmp_path, 4, gpu_engine.PREDICTOR_RANGE) == {
+        "ranges": 1, "host_ms_per_step": 0.1, "gpu_ms_per_step": 0.01}
     (tmp_path / "worker.pt.trace.json.gz").unlink()
-    assert gpu_engine.compaction_time(tmp_path, steps=4) is None
+    assert gpu_engine.range_time(tmp_path, 4, gpu_engine.COMPACTION_RANGE) is None
 
 
-def test_the_runner_names_the_range_the_benchmark_reads():
+def test_the_worker_names_the_ranges_the_benchmark_reads():
+    from vllm_kvcompress.methods.base import PREDICTOR_RANGE
     from vllm_kvcompress.vllm.runner import COMPACTION_RANGE
 
-    assert COMPACTION_RANGE == gpu_engine.COMPACTION_RANGE
+    assert (COMPACTION_RANGE, PREDICTOR_RANGE) == (gpu_engine.COMPACTION_RANGE, gpu_engine.PREDICTOR_RANGE)
+
+
+def test_learned_hooks_run_inside_the_predictor_range():
+    """The profile finds the hooks' work: KVzap's predictor runs inside PREDICTOR_RANGE."""
+    import torch
+
+    from vllm_kvcompress.methods.base import PREDICTOR_RANGE
+    from vllm_kvcompress.methods.kvzap import hooks
+    from vllm_kvcompress.methods.kvzap.predictors import LinearPredictor
+
+    recorded = []
+    hook = hooks._score(LinearPredictor(8, 2), 0, None, lambda layer, scores, seconds: recorded.append(scores))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        hook(None, (), {"hidden_states": torch.randn(3, 8)})
+    assert recorded and recorded[0].shape == (3, 2)
+    assert any(event.name == PREDICTOR_RANGE for event in prof.events())
 
 
 def test_stream_rows_synthetic_artefacts_load_for_the_benchmark_model(tmp_path):

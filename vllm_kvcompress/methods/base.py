@@ -23,6 +23,10 @@ from typing import Any, ClassVar
 from vllm_kvcompress.errors import KVCompressConfigError
 from vllm_kvcompress.kernels import ops
 
+# The learned methods' hooks run inside this profiler range: their share of a step, in a
+# profile (benchmarks.gpu_engine --profile), where host timers see only kernel launches.
+PREDICTOR_RANGE = "kvcompress_predictor"
+
 CONFIG_KEY = "kvcompress"
 # Compaction settings of the whole-row eviction (knorm); methods with a window of their own refuse them.
 ROW_WINDOW_KEYS = ("sink_tokens", "recent_tokens", "buffer_blocks", "eviction_mode")

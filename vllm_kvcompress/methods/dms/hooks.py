@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from vllm_kvcompress.methods.base import PREDICTOR_RANGE
 from vllm_kvcompress.methods.dms.decisions import neuron_logits, without_decision_channel
 from vllm_kvcompress.methods.dms.checkpoint import DMSDecisions
 
@@ -56,7 +57,7 @@ def _keep(decisions: DMSDecisions, z: torch.Tensor) -> torch.Tensor:
 def _hook(decisions: DMSDecisions, layer: int, record):
     def hook(module, args, kwargs):
         started = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), torch.profiler.record_function(PREDICTOR_RANGE):
             scores = keep_scores(decisions, layer, residual_stream(args, kwargs))
         record(layer, scores, time.perf_counter() - started)
 
@@ -85,8 +86,10 @@ def _install_query_channel(model, decisions: DMSDecisions, record, num_layers: i
         names = ("positions", "query", "key")
         values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
         query = values["query"]
-        scores = query_channel_scores(decisions, query, num_q_heads, num_kv_heads)
-        query = without_decision_channel(query.view(query.shape[0], num_q_heads, -1), num_kv_heads).reshape(query.shape)
+        with torch.profiler.record_function(PREDICTOR_RANGE):
+            scores = query_channel_scores(decisions, query, num_q_heads, num_kv_heads)
+            query = without_decision_channel(query.view(query.shape[0], num_q_heads, -1),
+                                             num_kv_heads).reshape(query.shape)
         record(current[0], scores, time.perf_counter() - started)
         if "query" in kwargs:
             return args, {**kwargs, "query": query}

@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from vllm_kvcompress.methods.base import PREDICTOR_RANGE
+
 _ATTENTION = re.compile(r"(^|\.)layers\.(\d+)\.self_attn$")
 
 
@@ -24,7 +26,7 @@ def _score(predictor: torch.nn.Module, layer: int, heads: list[int] | None, reco
     def hook(module, args, kwargs):
         started = time.perf_counter()
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
-        with torch.no_grad():
+        with torch.no_grad(), torch.profiler.record_function(PREDICTOR_RANGE):
             scores = predictor(hidden.to(torch.float32))
             # Tensor parallelism: the hidden states are whole on every rank, the KV heads are not.
             scores = scores if heads is None else scores[:, heads]
