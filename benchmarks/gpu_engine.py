@@ -223,8 +223,8 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
         # Where a TPOT stage ran the profiled batch and context, its TPOT is their step time.
         same = tuple(profile_shape) in [(b, c) for b, c, _ in workload["tpot"]]
         step_ms = row.get(f"tpot_ms_b{profile_shape[0]}") if same else None
-        for field, name in (("compaction", COMPACTION_RANGE), ("predictor", PREDICTOR_RANGE)):
-            share = range_time(traces, PROFILE_STEPS, name)
+        for field, range_name in (("compaction", COMPACTION_RANGE), ("predictor", PREDICTOR_RANGE)):
+            share = range_time(traces, PROFILE_STEPS, range_name)
             if share is not None:
                 gpu_ms = share["gpu_ms_per_step"]
                 share["pct_of_step"] = round(100 * gpu_ms / step_ms, 2) if step_ms and gpu_ms is not None else None
@@ -327,7 +327,8 @@ PREDICTOR_RANGE = "kvcompress_predictor"  # vllm_kvcompress.methods.base.PREDICT
 
 def range_time(traces: Path, steps: int, name: str = COMPACTION_RANGE) -> dict | None:
     """Host and GPU time per profiled step inside the worker's profiler range ``name`` (the
-    runner's compaction, the learned methods' hooks), from the worker's trace
+    runner's compaction, the learned methods' hooks; ``ranges``: how many, e.g. one per layer
+    and step for the hooks), from the worker's trace
     (``user_annotation`` on the host, ``gpu_user_annotation`` on the GPU); None when the
     trace has no such range (no compaction, no learned method)."""
     import gzip

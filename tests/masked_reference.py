@@ -27,8 +27,8 @@ def drive(settings, schedule, q, k, v, scores, steps, check, blocks: int, block:
     does: one step plan per step, the pages reports handed to the schedule after it. On a
     CUDA ``device`` the pool and the block table live there (the plan reads the host copy,
     as from the runner); ``no_sync``: the layers' forwards run under CUDA's sync debug mode
-    "error" (any read-back raises), except the step that packs a threshold rule's prompt
-    (its survivor counts lay out the packed pages: one read-back, at the last layer)."""
+    "error" (any read-back raises), except the last layer of the step that packs a threshold
+    rule's prompt (its survivor counts lay out the packed pages: one read-back, there)."""
     from types import SimpleNamespace
 
     from vllm_kvcompress.eviction.streams import PoolGeometry
@@ -58,15 +58,16 @@ def drive(settings, schedule, q, k, v, scores, steps, check, blocks: int, block:
         inputs = [t[:, span].to(device, dtype) for t in (q, k, v)]
         step_scores = scores[:, span].to(device)  # copies to the device before the trap
         packs = any(isinstance(c.schedule, ThresholdSchedule) for c in meta.compressions)
-        trap = device != "cpu" and no_sync and not packs
-        if trap:
-            torch.cuda.set_sync_debug_mode("error")
         try:
             for layer in range(layers):
+                # The packing step's last layer reads its survivor counts back (the repack).
+                trap = device != "cpu" and no_sync and not (packs and layer == layers - 1)
+                if device != "cpu":
+                    torch.cuda.set_sync_debug_mode("error" if trap else "default")
                 state.record_scores(layer, step_scores[layer], 0.0)
                 runners[layer].forward(*(t[layer] for t in inputs), buffer[layer], meta, out[layer], dim ** -0.5)
         finally:
-            if trap:
+            if device != "cpu":
                 torch.cuda.set_sync_debug_mode("default")
         out = out.float().cpu()
         for req_id, pages in step.settle_reports().items():

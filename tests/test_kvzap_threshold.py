@@ -114,3 +114,29 @@ def test_packing_step_has_room_for_the_spare_row():
     longer = ThresholdSchedule(compress_at=300, ring=128, streams=90, page=32, block_size=128, threshold=0.0)
     assert longer.rows_during(200, 300) == 384  # 300 + 1 rows fit the native 3 blocks
     assert longer.pages_for([300 - 128] * 90) <= 3 * longer.pages_per_block
+
+
+def test_packing_reports_at_once_and_ring_decodes_wait_for_the_step_end(monkeypatch):
+    """Survivors reach the host two ways: the packing step counts them on the host and reports
+    at once; a ring decode leaves them on the pool's device until ``settle_reports`` reads every
+    request's back together. So what waits is always on one device (a step can pack one
+    request while another decodes), and a report is never read before the step ends."""
+    from vllm_kvcompress.vllm.state import StepPlan
+
+    torch.manual_seed(0)
+    prompt, total = 40, 46
+    q, k, v = torch.randn(LAYERS, total, Q_HEADS, DIM), torch.randn(LAYERS, total, HEADS, DIM), \
+        torch.randn(LAYERS, total, HEADS, DIM)
+    settings = _settings(0.0)
+    schedule = EvictionPolicy(settings, BLOCK, (LAYERS, Q_HEADS, HEADS)).schedule_for(prompt, None)
+    seen, settle = [], StepPlan.settle_reports
+
+    def recording(step):
+        seen.append((dict(step.pages_reports), list(step.kept_pending)))
+        return settle(step)
+
+    monkeypatch.setattr(StepPlan, "settle_reports", recording)
+    _drive(settings, schedule, q, k, v, torch.randn(LAYERS, total, HEADS), prompt, lambda *args: None)
+    packing, *decodes = seen
+    assert list(packing[0]) == ["r"] and packing[1] == []  # reported at once, nothing waiting
+    assert decodes and all(reports == {} and pending == ["r"] for reports, pending in decodes)

@@ -43,8 +43,8 @@ class StepPlan:
     caches: list[RequestCache | None]  # batch order; None: a request without a schedule
     token_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [tokens, KV heads]
     pages_reports: dict[str, int] = field(default_factory=dict)  # ring layout: pages each request needs next
-    # Ring layout: survivors per stream as the step's last layer left them (on the pool's
-    # device), read back together by :meth:`settle_reports` once the forward is over.
+    # Ring decodes: survivors per stream as the step's last layer left them (on the pool's
+    # device, every one), read back together by :meth:`settle_reports` once the forward is over.
     kept_pending: dict[str, tuple[RequestCache, torch.Tensor]] = field(default_factory=dict)
     eviction: Any = None  # whole-row eviction: the step's EvictionPlan (the builder's), run after the forward
     host_block_table: torch.Tensor | None = None  # the runner's host copy of the block table (batch order)
@@ -53,17 +53,21 @@ class StepPlan:
     def schedules(self) -> list:
         return [None if c is None else c.schedule for c in self.caches]
 
+    def report_kept(self, req_id: str, cache: RequestCache, kept: torch.Tensor) -> None:
+        """A ring-layout request's survivors per stream ``[L, H]`` on the host: its ``kept``
+        for the next plan, and the pages its next step needs."""
+        cache.kept = kept
+        self.pages_reports[req_id] = cache.schedule.pages_for(kept.flatten().tolist())
+
     def settle_reports(self) -> dict[str, int]:
-        """The pages each ring-layout request needs next, from its survivors: one read-back
-        for the whole step (after the forward, where the host waits for the step anyway),
-        none inside a layer. Each request's ``kept`` is left on the host for the next plan."""
+        """Reports every request whose survivors wait on the pool's device (the ring decodes,
+        ``kept_pending``): one read-back for the whole step, after the forward (where the host
+        waits for the step anyway), none inside a layer. Returns the step's pages reports."""
         if self.kept_pending:
             req_ids = list(self.kept_pending)
             kept = torch.stack([self.kept_pending[r][1] for r in req_ids]).cpu()
-            for req_id, counts in zip(req_ids, kept):
-                cache = self.kept_pending[req_id][0]
-                cache.kept = counts
-                self.pages_reports[req_id] = cache.schedule.pages_for(counts.flatten().tolist())
+            for req_id, counts in zip(req_ids, kept, strict=True):
+                self.report_kept(req_id, self.kept_pending[req_id][0], counts)
             self.kept_pending.clear()
         return self.pages_reports
 

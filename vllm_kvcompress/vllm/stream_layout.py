@@ -51,7 +51,9 @@ class StreamCompression:
     blocks: list[int]
     kept_rows: list[list[torch.Tensor]] = field(default_factory=list)  # [layer][head] source row ids
     host_pages: torch.Tensor | None = None  # ``pages`` as planned, on the host
-    prompt_scores: list[torch.Tensor] = field(default_factory=list)  # threshold rule: [layer] row scores [H, T]
+    # Threshold rule: each layer's row scores [H, T] on the device until the repack reads them
+    # back at once (L x H x T fp32: about 134 MB for a 128K-token prompt of a Llama-3-8B shape).
+    prompt_scores: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -373,7 +375,7 @@ class StreamRunner:
 
 
 def _record_kept(step, req_id: str, cache, kept: torch.Tensor) -> None:
-    """After a ring-layout step: survivors per stream ``[L, H]``, where they are. The step
+    """After a ring decode: survivors per stream ``[L, H]`` on the pool's device. The step
     reads them back once for all requests after the forward (``StepPlan.settle_reports``:
     the request's ``kept`` and the pages its next step needs, which the runner settles over
     the ranks and hands to the schedule and the scheduler)."""
@@ -411,7 +413,7 @@ def _repack(pool, c: StreamCompression, geometry: PoolGeometry, row_scores, step
     if row_scores is not None:
         row_scores[dest] = row_scores[source].clone()
     c.cache.stream_table = (table, ids)
-    if threshold:
+    if threshold:  # the packing's counts are on the host already: reported now, not with the device's
         ring = c.schedule.ring
-        _record_kept(step, c.req_id, c.cache,
-                     torch.tensor([len(rows) - ring for rows in kept]).view(geometry.num_layers, -1))
+        step.report_kept(c.req_id, c.cache, torch.tensor([len(rows) - ring for rows in kept]).view(
+            geometry.num_layers, -1))
