@@ -15,23 +15,13 @@ from pathlib import Path
 
 import torch
 from triton.testing import do_bench
+
+from benchmarks.kernels_compaction import STEP_HEADS, STEP_LAYERS, STEP_WIDTH, step_case
 from vllm_kvcompress.kernels import compaction_triton as ct
 
-L, H, W, BS = 32, 8, 256, 16
 # (two-phase plan, rows per tile, warps); 32 x 4 was the default before this sweep
 VARIANTS = [(False, 32, 4), (False, 16, 2), (False, 16, 1), (False, 8, 1), (False, 8, 2), (False, 4, 1),
             (False, 32, 2), (False, 32, 1), (True, 16, 2), (True, 8, 1)]
-
-
-def case(batch, held, kept, gen):
-    bpr = -(-held // BS)
-    nb = batch * bpr + 1
-    caches = [torch.randn(nb, H, BS, W, generator=gen).bfloat16().cuda() for _ in range(L)]
-    table = (torch.randperm(nb - 1, generator=gen)[: batch * bpr] + 1).view(batch, -1).int().cuda()
-    scores = torch.rand(L, batch, H, held, generator=gen)
-    keep = torch.sort(torch.topk(scores, kept, dim=-1).indices, dim=-1).values.cuda()
-    lens = torch.full((batch,), kept, dtype=torch.int32).cuda()
-    return caches, table, keep, lens
 
 
 def main(argv: list[str]) -> int:
@@ -40,13 +30,13 @@ def main(argv: list[str]) -> int:
     out = []
     gen = torch.Generator().manual_seed(0)
     for batch, held, kept in [(16, 272, 256), (256, 272, 256), (32, 1040, 1024), (4, 2048, 512), (1, 8208, 8192)]:
-        caches, table, keep, lens = case(batch, held, kept, gen)
+        caches, table, keep, lens = step_case(batch, held, kept, "cuda", gen)
         ref = [c.clone() for c in caches]
         ct.compact_layers(ref, table, keep, lens, two_phase=True)
         variants = {f"{'two-phase' if two_phase else 'in place'} r{rows} w{warps}":
                     functools.partial(ct.compact_layers, block_r=rows, num_warps=warps, two_phase=two_phase)
                     for two_phase, rows, warps in VARIANTS}
-        moved_bytes = L * batch * H * kept * W * 2 * 2
+        moved_bytes = STEP_LAYERS * batch * STEP_HEADS * kept * STEP_WIDTH * 2 * 2
         row = {"batch": batch, "held": held, "kept": kept, "bytes_rw": moved_bytes}
         flat = torch.empty(moved_bytes // 4, dtype=torch.bfloat16, device="cuda")
         row["copy_same_bytes_us"] = do_bench(flat.clone) * 1e3

@@ -271,7 +271,7 @@ def synthetic_artefact(setting: str, folder: Path, model: dict, seed: int = 0) -
         raw = torch.rand(layers, model["num_attention_heads"], generator=generator) ** 3 + 1e-3
         scores = HeadScores(tuple(map(tuple, (raw / raw.sum()).tolist())), kv_heads)
         path = folder / "head_scores.json"
-        path.write_text(json.dumps(scores.to_json(model="llama-3-8b-shape-dummy")))
+        path.write_text(json.dumps(scores.to_json(model="synthetic, dummy weights")))
         return path
     weights = {f"layers.{i}.proj.weight": torch.randn(kv_heads, hidden, generator=generator) / hidden ** 0.5
                for i in range(layers)}

@@ -34,7 +34,8 @@ def warm_up(query: torch.Tensor, pool: torch.Tensor, num_kv_heads: int, page: in
     """Every variant serving can compile, for ``query[1, Hq, D]``: each split count the launch
     plan picks up to ``max_len`` (powers of two; each its own combine block), for each page
     list width Triton specialises the table's row stride on (1, a multiple of 16, other)."""
-    most = partition(1, 1, max_len, tile_tokens(query.shape[-1]), query.device, DEFAULTS)  # one (request, head): the most splits
+    # One (request, head): the most splits.
+    most = partition(1, 1, max_len, tile_tokens(query.shape[-1]), query.device, DEFAULTS)
     lengths = torch.ones(1, num_kv_heads, dtype=torch.long, device=query.device)
     for width in (1, 2, 16):
         pages = torch.zeros(1, num_kv_heads, width, dtype=torch.long, device=query.device)

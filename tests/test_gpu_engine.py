@@ -130,15 +130,9 @@ def test_headkv_triton_path_matches_its_reference_path(monkeypatch, tmp_path, gr
     until this passes): decode on the Triton stream kernel against the same engine on the
     PyTorch ops. Head scores skewed so the streams' budgets differ; a 256-token step budget so
     the 777-token prompt is chunked (bottom-right masks) before its compression."""
-    import json
+    from benchmarks.gpu_engine import synthetic_artefact
 
-    from vllm_kvcompress.methods.headkv import HeadScores
-
-    generator = torch.Generator().manual_seed(0)
-    raw = torch.rand(4, 16, generator=generator) ** 3 + 1e-3
-    scores = HeadScores(tuple(map(tuple, (raw / raw.sum()).tolist())), 4)
-    path = tmp_path / "head_scores.json"
-    path.write_text(json.dumps(scores.to_json(model="small-dummy")))
+    path = synthetic_artefact("head_scores", tmp_path, SMALL)  # skewed, seeded
     monkeypatch.setenv("KVCOMPRESS_CUDA_STREAMS", "experimental")
     compilation = ({"mode": 0} if graphs == "eager" else
                    {"mode": 3, "cudagraph_mode": "PIECEWISE", "cudagraph_capture_sizes": [1, 2, 4, 8]})

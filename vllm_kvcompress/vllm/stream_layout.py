@@ -382,7 +382,7 @@ def _record_kept(step, req_id: str, cache, kept: torch.Tensor) -> None:
     step.kept_pending[req_id] = (cache, kept)
 
 
-def _threshold_kept_rows(c: StreamCompression, page: int) -> list[torch.Tensor]:
+def _threshold_kept_rows(c: StreamCompression) -> list[torch.Tensor]:
     """A threshold rule's packing: each stream's ring (the last tokens, in ring order), then
     the earlier tokens whose score passes, as host row ids in stream order (layer-major).
     The survivor counts set the packed layout, so this reads the scores back: once per
@@ -391,7 +391,7 @@ def _threshold_kept_rows(c: StreamCompression, page: int) -> list[torch.Tensor]:
     order = ring_order(c.length, c.schedule.ring)
     kept = []
     for layer, layer_scores in enumerate(scores):
-        rows = ops.page_rows(c.host_pages[layer], page)[:, : c.length]  # [H, T]
+        rows = ops.page_rows(c.host_pages[layer], c.schedule.page)[:, : c.length]  # [H, T]
         survivors = prompt_survivors(layer_scores, c.schedule.threshold, c.schedule.ring)
         kept += [torch.cat([rows[h, order], rows[h, keep]]) for h, keep in enumerate(survivors)]
     return kept
@@ -401,7 +401,7 @@ def _repack(pool, c: StreamCompression, geometry: PoolGeometry, row_scores, step
     """Move every stream's kept rows into the packed layout (all layers at once)."""
     threshold = isinstance(c.schedule, ThresholdSchedule)
     if threshold:
-        kept = _threshold_kept_rows(c, c.schedule.page)
+        kept = _threshold_kept_rows(c)
     else:
         kept = [rows for layer_rows in c.kept_rows for rows in layer_rows]  # stream order (layer-major)
     spare = 1 if threshold else 0  # threshold mode: room for the next step's leaving token
