@@ -327,7 +327,9 @@ class StreamRunner:
         if self.scorer is None:
             step_scores = meta.step.token_scores.pop(layer)[: meta.num_actual_tokens]
             if self.delayed:
-                scores[meta.write_rows[layer]] = UNDECIDED
+                # index_fill_ passes the value as a kernel argument; ``scores[rows] = UNDECIDED``
+                # would copy it from the host, a synchronizing copy on CUDA.
+                scores.index_fill_(0, meta.write_rows[layer].reshape(-1), UNDECIDED)
                 if meta.decision_rows is not None:
                     scores[meta.decision_rows[layer]] = step_scores[meta.decision_token_index]
             else:
