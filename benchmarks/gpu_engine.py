@@ -173,14 +173,10 @@ def _emit(tag: str, row: dict) -> None:
 PROFILE_BATCH, PROFILE_CONTEXT, PROFILE_SKIP_STEPS, PROFILE_STEPS = 32, 4096, 40, 24
 
 
-def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str | None = None,
-            profile_dir: Path | None = None, profile_shape: tuple[int, int] = (PROFILE_BATCH, PROFILE_CONTEXT)) -> dict:
-    """One config in this process: start, capacity, decode-heavy throughput, TPOT per workload batch and
-    long-context throughput (``profile_dir``: then a profiled decode run, its kernel table
-    ``profile-<config>.txt`` there). Prints ``PARTIAL {json}`` after each stage (what a timeout keeps)."""
-    from vllm import LLM
-
-    from vllm_kvcompress.harness.gpu_generate import engine_facts, model_folder
+def engine_kwargs(name: str, workload: dict, utilization: float, cudagraph_mode: str | None = None) -> dict:
+    """``LLM(**kwargs)`` of config ``name`` (its model folder, synthetic codebooks and artefacts made here);
+    the config's ``env`` is the caller's to set."""
+    from vllm_kvcompress.harness.gpu_generate import model_folder
 
     config = CONFIGS[name]
     folder, codebooks = model_folder(LLAMA_8B, config["codebooks_m"])
@@ -192,14 +188,28 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
         kwargs.update(attention_backend="kvcompress", additional_config={"kvcompress": settings})
     if cudagraph_mode:
         kwargs["compilation_config"] = {"cudagraph_mode": cudagraph_mode}
+    return dict(model=str(folder), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
+                max_model_len=workload["max_model_len"], gpu_memory_utilization=utilization, max_num_seqs=512,
+                **kwargs)
+
+
+def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str | None = None,
+            profile_dir: Path | None = None, profile_shape: tuple[int, int] = (PROFILE_BATCH, PROFILE_CONTEXT)) -> dict:
+    """One config in this process: start, capacity, decode-heavy throughput, TPOT per workload batch and
+    long-context throughput (``profile_dir``: then a profiled decode run, its kernel table
+    ``profile-<config>.txt`` there). Prints ``PARTIAL {json}`` after each stage (what a timeout keeps)."""
+    from vllm import LLM
+
+    from vllm_kvcompress.harness.gpu_generate import engine_facts
+
+    kwargs = engine_kwargs(name, workload, utilization, cudagraph_mode)
     traces = None
     if profile_dir is not None:
         traces = Path(tempfile.mkdtemp(prefix="kvc-profile-"))
         kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": str(traces),
                                      "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True}
     started = time.perf_counter()
-    llm = LLM(model=str(folder), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
-              max_model_len=workload["max_model_len"], gpu_memory_utilization=utilization, max_num_seqs=512, **kwargs)
+    llm = LLM(**kwargs)
     row = {"config": name, "start_s": round(time.perf_counter() - started, 1)}
     facts = engine_facts(llm)
     row.update(capacity_tokens=facts["kv_cache_tokens"], cudagraph_mode=facts["cudagraph_mode"],
