@@ -97,18 +97,82 @@ def test_stream_pages_cost_the_sum_of_budgets():
     assert s.pages_per_block == 6 * 128 // 16
     assert s.pages(500) == sum(cdiv(b, 16) for b in budgets) == 25
     assert s.rows_held(499) == 499 and s.rows_held(500) == 128  # 25 pages fit one block of 48
-    table = StreamPageTable.packed(s.stream_lengths(500), 16)
-    assert table.used == s.pages(500)
-    for logical in range(501, 700):
-        table.grow(s.stream_lengths(logical))
-        assert table.used == s.pages(logical)
-        assert s.rows_held(logical) == cdiv(s.pages(logical), s.pages_per_block) * 128
     geometry = PoolGeometry(num_layers=3, num_blocks=10, heads=2, block_size=128, page=16)
     blocks = [7, 2, 5]
-    pages = [geometry.slot_page(blocks, slot, s.pages_per_block) for slots in table.slots for slot in slots]
+    table = StreamPageTable.packed(torch.tensor(s.stream_lengths(500)), 16, geometry, torch.tensor(blocks),
+                                   s.pages_per_block)
+    assert table.used == s.pages(500)
+    for logical in range(501, 700):
+        table.grow(torch.tensor(s.stream_lengths(logical)))
+        assert table.used == s.pages(logical)
+        assert s.rows_held(logical) == cdiv(s.pages(logical), s.pages_per_block) * 128
+    streams = [list(range(int(table.counts[st]))) for st in range(6)]
+    slots = [int(table.slots[st, j]) for st in range(6) for j in streams[st]]
+    assert sorted(slots) == list(range(table.used))  # every slot taken once
+    pages = [int(table.ids[st, j]) for st in range(6) for j in streams[st]]
+    assert pages == [geometry.slot_page(blocks, slot, s.pages_per_block) for slot in slots]
     assert len(set(pages)) == len(pages)  # no two streams share a page
     owned = {geometry.native_page(l, h, b, k) for l in range(3) for h in range(2) for b in blocks for k in range(8)}
     assert set(pages) <= owned  # and every page lies in the request's own blocks
+
+
+def _sequential_slots(lengths_per_step: list[list[int]], page: int) -> list[list[int]]:
+    """The slot lists a one-stream-at-a-time allocator takes (what StreamPageTable must match)."""
+    slots, used = [[] for _ in lengths_per_step[0]], 0
+    for lengths in lengths_per_step:
+        for stream, length in enumerate(lengths):
+            while len(slots[stream]) * page < length:
+                slots[stream].append(used)
+                used += 1
+    return slots
+
+
+def test_stream_page_table_takes_slots_in_stream_order_and_pads_with_the_first_page():
+    generator = torch.Generator().manual_seed(5)
+    page, streams = 8, 12
+    geometry = PoolGeometry(num_layers=3, num_blocks=40, heads=4, block_size=16, page=page)
+    per_block = streams * 16 // page
+    steps = [torch.randint(1, 40, (streams,), generator=generator)]
+    for _ in range(30):  # streams grow unevenly, some not at all in a step, some by several pages
+        steps.append(steps[-1] + torch.randint(0, 3, (streams,), generator=generator) * torch.randint(
+            0, 9, (streams,), generator=generator))
+    blocks = torch.randperm(40, generator=generator)[:20]
+    table = StreamPageTable.packed(steps[0], page, geometry, blocks, per_block)
+    for lengths in steps[1:]:
+        table.grow(lengths)
+    want = _sequential_slots([x.tolist() for x in steps], page)
+    assert [table.slots[st, : int(table.counts[st])].tolist() for st in range(streams)] == want
+    pages = table.pages()
+    assert pages.shape == (streams, max(map(len, want)))
+    for st, slots in enumerate(want):
+        assert pages[st, : len(slots)].tolist() == [geometry.slot_page(blocks.tolist(), x, per_block) for x in slots]
+        assert (pages[st, len(slots):] == pages[st, 0]).all()  # padding: a page of its own
+    assert (geometry.slot_pages(blocks, torch.arange(table.used), per_block)
+            == torch.tensor([geometry.slot_page(blocks.tolist(), x, per_block) for x in range(table.used)])).all()
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_stream_pages_by_residue_match_the_sum_over_streams(ranks):
+    generator = torch.Generator().manual_seed(ranks)
+    page, per_rank = 16, 24
+    rank_budgets = tuple(tuple(torch.randint(1, 700, (per_rank,), generator=generator).tolist())
+                         for _ in range(ranks))
+    s = StreamSchedule(compress_at=500, budgets=rank_budgets[0], page=page, block_size=16 * 4,
+                       rank_budgets=rank_budgets if ranks > 1 else ())
+    for logical in [500, 501, 515, 516, 517, 900, 4097]:
+        for budgets in rank_budgets:
+            assert s.pages(logical, budgets) == sum(cdiv(n, page) for n in s.stream_lengths(logical, budgets))
+        most = max(sum(cdiv(n, page) for n in s.stream_lengths(logical, b)) for b in rank_budgets)
+        assert s.rows_held(logical) == cdiv(most, s.pages_per_block) * s.block_size
+    assert s.kept_rows.tolist() == s.kept()
+
+
+def test_rows_at_matches_gathering_every_row():
+    from vllm_kvcompress.vllm.stream_layout import rows_at
+
+    pages = torch.randint(0, 100, (3, 2, 5))
+    positions = torch.randint(0, 5 * 8, (3, 2, 4))
+    assert torch.equal(rows_at(pages, positions, 8), ref.page_rows(pages, 8).gather(2, positions))
 
 
 def _naive(query, keys, values, scale, causal_from=None):

@@ -18,7 +18,11 @@ functions (:class:`StreamSchedule`); only the worker keeps the slot lists
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
 
 NEVER = 1 << 40  # "no compression point ahead"
 
@@ -125,15 +129,40 @@ class StreamSchedule:
         grown = logical - self.compress_at
         return [k + grown for k in self.kept(budgets)]
 
+    @cached_property
+    def kept_rows(self) -> torch.Tensor:
+        """This rank's :meth:`kept` as a tensor ``[streams]`` (the worker's plans add to it)."""
+        return torch.tensor(self.kept(), dtype=torch.long)
+
+    def _residue_pages(self, budgets: tuple[int, ...]) -> tuple[int, ...]:
+        # Every stream grows by the same ``g`` rows after the compression, and
+        # cdiv(k + a * page + b, page) = a + cdiv(k + b, page): the sum over the streams
+        # for each residue b < page gives pages(g) = table[g % page] + streams * (g // page).
+        kept = self.kept(budgets)
+        return tuple(sum(cdiv(k + b, self.page) for k in kept) for b in range(self.page))
+
+    @cached_property
+    def _page_tables(self) -> tuple[tuple[int, ...], ...]:
+        """:meth:`_residue_pages` of this rank's budgets, then of every rank's (the scheduler
+        asks for them several times per request and step: O(1) each, not O(streams))."""
+        return tuple(self._residue_pages(b) for b in (self.budgets, *self.rank_budgets))
+
+    def _pages_from(self, table: tuple[int, ...], logical: int) -> int:
+        grown, streams = logical - self.compress_at, len(self.budgets)
+        return table[grown % self.page] + streams * (grown // self.page)
+
     def pages(self, logical: int, budgets: tuple[int, ...] | None = None) -> int:
         """Stream pages in use (packed layout), of this rank or of a rank's ``budgets``."""
+        if budgets is None or budgets == self.budgets:
+            return self._pages_from(self._page_tables[0], logical)
         return sum(cdiv(n, self.page) for n in self.stream_lengths(logical, budgets))
 
     def rows_held(self, logical: int) -> int:
         """vLLM block rows a request holds once ``logical`` tokens are computed and compressed."""
         if not self.packed(logical):
             return logical
-        pages = max(self.pages(logical, budgets) for budgets in self.rank_budgets or (self.budgets,))
+        tables = self._page_tables[1:] or self._page_tables[:1]
+        pages = max(self._pages_from(table, logical) for table in tables)
         return cdiv(pages, self.pages_per_block) * self.block_size
 
     def rows_during(self, computed: int, total: int) -> int:
@@ -174,26 +203,76 @@ class PoolGeometry:
         head, k = divmod(rest, self.subpages)
         return self.native_page(layer, head, block, k)
 
+    def slot_pages(self, blocks, slots, pages_per_block: int):
+        """:meth:`slot_page` of every entry of ``slots`` (``blocks``: the request's block ids;
+        numpy arrays or tensors, both of integers)."""
+        block = blocks[slots // pages_per_block]
+        within = slots % pages_per_block
+        layer, rest = within // (self.heads * self.subpages), within % (self.heads * self.subpages)
+        return ((layer * self.num_blocks + block) * self.heads + rest // self.subpages) * self.subpages \
+            + rest % self.subpages
 
-@dataclass
+
+def _int64(values) -> np.ndarray:
+    return (values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)).astype(np.int64)
+
+
 class StreamPageTable:
-    """The packed layout of one request (worker side): slots per stream, in the order
-    they were taken. Slots index the request's blocks (see :meth:`PoolGeometry.slot_page`)."""
+    """The packed layout of one request (worker side): each stream's pages in the order they
+    were taken, as slots (which index the request's blocks, :meth:`PoolGeometry.slot_pages`)
+    and as global page ids. Both are ``[streams, capacity]`` arrays; past a stream's
+    ``counts`` an entry repeats its first page, a valid id (the kernels' padding). NumPy, not
+    torch: the plan updates a few entries per request and step, where each torch call on
+    small tensors costs several microseconds of dispatch."""
 
-    page: int
-    slots: list[list[int]] = field(default_factory=list)
-    used: int = 0
+    def __init__(self, page: int, geometry: PoolGeometry, blocks, pages_per_block: int, streams: int):
+        self.page, self.geometry, self.pages_per_block = page, geometry, pages_per_block
+        self.blocks = _int64(blocks)  # a copy: the runner's host block table changes
+        self.counts = np.zeros(streams, dtype=np.int64)
+        self.slots = np.zeros((streams, 0), dtype=np.int64)
+        self.ids = np.zeros((streams, 0), dtype=np.int64)
+        self.used = 0
 
     @classmethod
-    def packed(cls, lengths: list[int], page: int) -> "StreamPageTable":
-        table = cls(page, [[] for _ in lengths])
+    def packed(cls, lengths, page: int, geometry: PoolGeometry, blocks, pages_per_block: int) -> "StreamPageTable":
+        table = cls(page, geometry, blocks, pages_per_block, len(lengths))
         table.grow(lengths)
         return table
 
-    def grow(self, lengths: list[int]) -> None:
-        """Give every stream enough pages for ``lengths`` rows (new slots at the end)."""
-        for stream, length in enumerate(lengths):
-            have = self.slots[stream]
-            while len(have) * self.page < length:
-                have.append(self.used)
-                self.used += 1
+    def grow(self, lengths, blocks=None) -> None:
+        """Give every stream enough pages for ``lengths[streams]`` rows: new slots are taken
+        in stream order, each stream's consecutively. ``blocks``: the request's block ids
+        now (a longer list once the scheduler gave it more blocks)."""
+        if blocks is not None:
+            self.blocks = _int64(blocks)
+        need = -(-_int64(lengths) // self.page) - self.counts
+        np.maximum(need, 0, out=need)
+        most = int(need.max()) if need.size else 0
+        if most == 0:
+            return
+        width = int((self.counts + need).max())
+        capacity = self.slots.shape[1]
+        if width > capacity:  # room for twice as many pages: few regrowths per request
+            extra = max(width, 2 * capacity) - capacity
+            self.slots = np.concatenate([self.slots, np.repeat(self.slots[:, :1], extra, axis=1) if capacity else
+                                         np.zeros((len(need), extra), dtype=np.int64)], axis=1)
+            self.ids = np.concatenate([self.ids, np.repeat(self.ids[:, :1], extra, axis=1) if capacity else
+                                       np.zeros((len(need), extra), dtype=np.int64)], axis=1)
+        start = self.used + np.cumsum(need) - need  # each stream's first new slot
+        for j in range(most):
+            streams = np.flatnonzero(need > j)
+            slots = start[streams] + j
+            columns = self.counts[streams] + j
+            self.slots[streams, columns] = slots
+            self.ids[streams, columns] = self.geometry.slot_pages(self.blocks, slots, self.pages_per_block)
+        fresh = self.counts == 0  # their padding repeats the first page, known only now
+        self.counts += need
+        self.used += int(need.sum())
+        if fresh.any():
+            past = np.arange(self.slots.shape[1]) >= self.counts[:, None]
+            self.slots = np.where(past, self.slots[:, :1], self.slots)
+            self.ids = np.where(past, self.ids[:, :1], self.ids)
+
+    def pages(self) -> torch.Tensor:
+        """Global page ids ``[streams, most pages]`` (padded as the kernels expect; a copy)."""
+        return torch.from_numpy(self.ids[:, : int(self.counts.max())].copy())

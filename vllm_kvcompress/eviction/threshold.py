@@ -69,12 +69,14 @@ class ThresholdSchedule:
         request recomputes its output."""
         return self.compress_at if logical < self.compress_at else logical + 1
 
-    def stream_rows(self, kept: int) -> int:
-        """Rows a packed stream with ``kept`` survivors needs for its next step."""
+    def stream_rows(self, kept):
+        """Rows a packed stream with ``kept`` survivors (an int or a tensor) needs for its next step."""
         return self.ring + kept + 1
 
     def pages_for(self, kept_per_stream) -> int:
-        return sum(cdiv(self.stream_rows(int(k)), self.page) for k in kept_per_stream)
+        """Stream pages the next step needs with ``kept_per_stream`` survivors (a tensor or a list)."""
+        kept = torch.as_tensor(kept_per_stream, dtype=torch.long)
+        return int((-(-self.stream_rows(kept) // self.page)).sum())
 
     def rows_held(self, logical: int) -> int:
         if not self.packed(logical) or self.pages_next is None:

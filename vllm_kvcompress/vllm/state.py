@@ -33,7 +33,7 @@ class RequestCache:
     schedule: Any  # CompressionSchedule | StreamSchedule | ThresholdSchedule | None
     length: int = 0  # logical tokens after the request's latest step
     masks: dict[int, torch.Tensor] = field(default_factory=dict)  # eviction_mode mask: visible rows per layer
-    stream_table: tuple | None = None  # packed streams: (StreamPageTable, global page ids per stream)
+    stream_table: Any = None  # packed streams: their StreamPageTable
     kept: torch.Tensor | None = None  # ring layout: survivors per stream [layers, KV heads]
 
 
@@ -57,7 +57,7 @@ class StepPlan:
         """A ring-layout request's survivors per stream ``[L, H]`` on the host: its ``kept``
         for the next plan, and the pages its next step needs."""
         cache.kept = kept
-        self.pages_reports[req_id] = cache.schedule.pages_for(kept.flatten().tolist())
+        self.pages_reports[req_id] = cache.schedule.pages_for(kept.flatten())
 
     def settle_reports(self) -> dict[str, int]:
         """Reports every request whose survivors wait on the pool's device (the ring decodes,

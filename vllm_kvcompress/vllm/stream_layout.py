@@ -48,7 +48,7 @@ class StreamCompression:
     pages: torch.Tensor  # [L, H, P] native pages
     length: int
     schedule: StreamSchedule
-    blocks: list[int]
+    blocks: torch.Tensor  # the request's block ids (a copy: the runner's host table changes)
     kept_rows: list[list[torch.Tensor]] = field(default_factory=list)  # [layer][head] source row ids
     host_pages: torch.Tensor | None = None  # ``pages`` as planned, on the host
     # Threshold rule: each layer's row scores [H, T] on the device until the repack reads them
@@ -104,23 +104,29 @@ def _native_pages(geometry: PoolGeometry, blocks: torch.Tensor, length: int) -> 
     return ((layer * g.num_blocks + block) * g.heads + head) * g.subpages + j % g.subpages
 
 
-def _slot_pages(geometry: PoolGeometry, slots: list[int], blocks: list[int], schedule: StreamSchedule) -> list[int]:
-    return [geometry.slot_page(blocks, slot, schedule.pages_per_block) for slot in slots]
+def _packed_pages(geometry: PoolGeometry, table: StreamPageTable, blocks: torch.Tensor,
+                  lengths: torch.Tensor) -> torch.Tensor:
+    """[L, H, P] pages of a packed request whose streams hold ``lengths[L, H]`` rows after this step."""
+    table.grow(lengths.flatten(), blocks)
+    return table.pages().view(geometry.num_layers, geometry.heads, -1)
 
 
-def _packed_pages(geometry: PoolGeometry, table: StreamPageTable, ids: list[list[int]], blocks: list[int],
-                  schedule: StreamSchedule, lengths: list[int]) -> torch.Tensor:
-    table.grow(lengths)
-    for stream, slots in enumerate(table.slots):  # only slots taken since the last step need ids
-        ids[stream].extend(_slot_pages(geometry, slots[len(ids[stream]):], blocks, schedule))
-    width = max(len(x) for x in ids)
-    padded = torch.tensor([x + [x[0]] * (width - len(x)) for x in ids], dtype=torch.long)
-    return padded.view(geometry.num_layers, geometry.heads, width)
+def packed_table(geometry: PoolGeometry, lengths, blocks, schedule) -> StreamPageTable:
+    """A request's packed layout for streams of ``lengths`` rows in its ``blocks``
+    (``RequestCache.stream_table``)."""
+    return StreamPageTable.packed(lengths, schedule.page, geometry, blocks, schedule.pages_per_block)
+
+
+def rows_at(pages: torch.Tensor, positions: torch.Tensor, page: int) -> torch.Tensor:
+    """Pool rows of stream positions ``positions[..., n]`` in streams of ``pages[..., P]``
+    (what ``ops.page_rows(pages, page).gather(-1, positions)`` gives, without every row)."""
+    return pages.gather(-1, positions.div(page, rounding_mode="floor")) * page + positions % page
 
 
 def _pad_pages(pages: list[torch.Tensor]) -> list[torch.Tensor]:
     width = max(p.shape[-1] for p in pages)
-    return [torch.cat([p, p[..., :1].expand(*p.shape[:-1], width - p.shape[-1])], dim=-1) for p in pages]
+    return [p if p.shape[-1] == width else torch.cat([p, p[..., :1].expand(*p.shape[:-1], width - p.shape[-1])], dim=-1)
+            for p in pages]
 
 
 @dataclass
@@ -142,16 +148,16 @@ def native_layout(g: PoolGeometry, blocks, after: int, q_len: int, schedule, cac
     lengths = torch.full((g.num_layers, g.heads), after, dtype=torch.long)
     compression = None
     if schedule is not None and schedule.compacts_at(after):
-        compression = StreamCompression(req_id, cache, token_end, pages, after, schedule, blocks.tolist())
+        compression = StreamCompression(req_id, cache, token_end, pages, after, schedule,
+                                        blocks.to(torch.long, copy=True))
     return RowPlan(pages, lengths, _appended(lengths, q_len), compression)
 
 
 def packed_budget_layout(g: PoolGeometry, blocks, after: int, q_len: int, schedule: StreamSchedule, cache,
                          req_id: str, token_end: int) -> RowPlan:
     """After a budget compression (HeadKV, KVzap top-k): every stream appends its tokens."""
-    table, ids = cache.stream_table
-    lengths = torch.tensor(schedule.stream_lengths(after), dtype=torch.long).view(g.num_layers, -1)
-    pages = _packed_pages(g, table, ids, blocks.tolist(), schedule, lengths.flatten().tolist())
+    lengths = (schedule.kept_rows + (after - schedule.compress_at)).view(g.num_layers, -1)
+    pages = _packed_pages(g, cache.stream_table, blocks, lengths)
     return RowPlan(pages, lengths, _appended(lengths, q_len))
 
 
@@ -162,12 +168,10 @@ def ring_layout(g: PoolGeometry, blocks, after: int, q_len: int, schedule: Thres
     window; that one goes to the spare row first (:class:`StreamRunner`)."""
     if q_len != 1:
         raise RuntimeError(f"ring layout: request {req_id} got {q_len} tokens in one step after its prompt was packed")
-    table, ids = cache.stream_table
-    lengths = schedule.ring + cache.kept + 1
-    pages = _packed_pages(g, table, ids, blocks.tolist(), schedule, lengths.flatten().tolist())
+    lengths = schedule.stream_rows(cache.kept)
+    pages = _packed_pages(g, cache.stream_table, blocks, lengths)
     positions = torch.full((*lengths.shape, 1), (after - 1) % schedule.ring, dtype=torch.long)
-    all_rows = ops.page_rows(pages, g.page)
-    victim = (all_rows.gather(2, positions)[..., 0], all_rows.gather(2, (lengths - 1)[..., None])[..., 0])
+    victim = (rows_at(pages, positions, g.page)[..., 0], rows_at(pages, (lengths - 1)[..., None], g.page)[..., 0])
     return RowPlan(pages, lengths, positions, victim=victim)
 
 
@@ -210,7 +214,7 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
             compressions.append(row.compression)
         if row.victim is not None:
             victims.append((req_id, *row.victim, cache.kept, cache))
-        writes.append(ops.page_rows(row.pages, geometry.page).gather(2, row.positions).permute(0, 2, 1))  # [L, q, H]
+        writes.append(rows_at(row.pages, row.positions, geometry.page).permute(0, 2, 1))  # [L, q, H]
         delayed = isinstance(schedule, ThresholdSchedule) and schedule.delayed
         native_delayed = delayed and layout is native_layout
         if delayed:
@@ -273,7 +277,7 @@ def _previous_rows(schedule: ThresholdSchedule, pages: torch.Tensor, page: int, 
     previous = torch.arange(max(first - 1, 0), after - 1)  # positions decided this step
     tokens = torch.arange(q_len - len(previous), q_len)
     physical = previous if native else previous % schedule.ring
-    rows = ops.page_rows(pages, page)[..., physical]  # [L, H, n]
+    rows = rows_at(pages, physical.expand(*pages.shape[:-1], -1), page)  # [L, H, n]
     return tokens, rows.permute(0, 2, 1)
 
 
@@ -407,15 +411,18 @@ def _repack(pool, c: StreamCompression, geometry: PoolGeometry, row_scores, step
     else:
         kept = [rows for layer_rows in c.kept_rows for rows in layer_rows]  # stream order (layer-major)
     spare = 1 if threshold else 0  # threshold mode: room for the next step's leaving token
-    table = StreamPageTable.packed([len(rows) + spare for rows in kept], c.schedule.page)
-    ids = [_slot_pages(geometry, slots, c.blocks, c.schedule) for slots in table.slots]
-    dest = [ops.page_rows(torch.tensor(stream_ids), c.schedule.page)[: len(rows)] for stream_ids, rows in zip(ids, kept)]
-    source, dest = ops.to_device(torch.cat(kept), pool.device), ops.to_device(torch.cat(dest), pool.device)
+    counts = torch.tensor([len(rows) for rows in kept])
+    table = packed_table(geometry, counts + spare, c.blocks, c.schedule)
+    # Each stream's first counts[s] rows, streams in order: the rows ``kept`` lists.
+    stream = torch.repeat_interleave(torch.arange(len(kept)), counts)
+    position = torch.arange(len(stream)) - (torch.cumsum(counts, 0) - counts)[stream]
+    dest = torch.from_numpy(table.ids)[stream, position.div(c.schedule.page, rounding_mode="floor")] \
+        * c.schedule.page + position % c.schedule.page
+    source, dest = ops.to_device(torch.cat(kept), pool.device), ops.to_device(dest, pool.device)
     ops.stream_move_rows(pool, source, dest)
     if row_scores is not None:
         row_scores[dest] = row_scores[source].clone()
-    c.cache.stream_table = (table, ids)
+    c.cache.stream_table = table
     if threshold:  # the packing's counts are on the host already: reported now, not with the device's
         ring = c.schedule.ring
-        step.report_kept(c.req_id, c.cache, torch.tensor([len(rows) - ring for rows in kept]).view(
-            geometry.num_layers, -1))
+        step.report_kept(c.req_id, c.cache, (counts - ring).view(geometry.num_layers, -1))

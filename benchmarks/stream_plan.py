@@ -1,0 +1,120 @@
+"""Host cost of the per-(layer, KV head) stream methods' step plan, per decode step: what the
+scheduler asks of each request's schedule (vLLM's block manager calls ``rows_during`` /
+``rows_held`` about five times per request and step) and the metadata builder's plan
+(``stream_layout.build``) for a batch of decoding requests. On the GPU this Python runs before
+every step; where it takes longer than the GPU's step the host is the limit
+(``benchmarks.gpu_host_profile`` shows it inside the engine).
+
+Nothing runs a forward here: every request starts packed (HeadKV-style budgets averaging 1/4
+of its prompt, or a DMS-style ring with survivors), and each step appends one token.
+
+    python3 -m benchmarks.stream_plan --batch 64 320 --out DIR   (any machine; CPU tensors)
+
+Shape: Llama-3-8B's streams (32 layers x 8 KV heads), blocks of 16, pages of 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from vllm_kvcompress.eviction.streams import PoolGeometry, StreamSchedule, cdiv
+from vllm_kvcompress.eviction.threshold import ThresholdSchedule
+from vllm_kvcompress.vllm import stream_layout
+from vllm_kvcompress.vllm.state import PoolState, RequestCache, WorkerState
+
+LAYERS, HEADS, BLOCK, PAGE, WINDOW = 32, 8, 16, 16, 256
+SCHEDULER_CALLS = 5  # rows_during/rows_held per request and step in vLLM's block manager (measured in a profile)
+
+
+class _Metadata:
+    def __init__(self, batch: int, table: torch.Tensor):
+        self.query_start_loc_cpu = torch.arange(batch + 1, dtype=torch.int32)
+        self.block_table_tensor = table
+        self.num_actual_tokens = batch
+
+
+def _requests(method: str, batch: int, context: int, generator: torch.Generator):
+    streams = LAYERS * HEADS
+    blocks_each = cdiv(context + 4096, BLOCK)  # room to grow
+    geometry = PoolGeometry(LAYERS, batch * blocks_each, HEADS, BLOCK, PAGE)
+    table = torch.arange(batch * blocks_each, dtype=torch.int32).view(batch, blocks_each)
+    caches = []
+    for r in range(batch):
+        if method == "headkv":
+            weights = torch.rand(streams, generator=generator) ** 3 + 0.05
+            budgets = tuple(int(b) for b in (weights / weights.sum() * streams * context / 4).clamp(8, context))
+            schedule = StreamSchedule(compress_at=context, budgets=budgets, page=PAGE, block_size=BLOCK)
+            lengths = schedule.stream_lengths(context)
+        else:
+            schedule = ThresholdSchedule(compress_at=context, ring=WINDOW, streams=streams, page=PAGE,
+                                         block_size=BLOCK, threshold=0.0, delayed=True)
+            kept = torch.randint(0, (context - WINDOW) // 2, (LAYERS, HEADS), generator=generator)
+            lengths = (kept.flatten() + WINDOW + 1).tolist()
+        cache = RequestCache(schedule, length=context)
+        blocks = table[r].tolist()
+        cache.stream_table = stream_layout.packed_table(geometry, lengths, blocks, schedule)
+        if method != "headkv":
+            cache.kept = kept
+            schedule.pages_next = schedule.pages_for(kept.flatten().tolist())
+        caches.append(cache)
+    return geometry, table, caches
+
+
+def measure(method: str, batch: int, context: int, steps: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    geometry, table, caches = _requests(method, batch, context, generator)
+    state = WorkerState()
+    state.pool = PoolState(num_blocks=geometry.num_blocks)
+    req_ids = [f"r{i}" for i in range(batch)]
+    state.requests = dict(zip(req_ids, caches))
+    scheduler_ms, build_ms = [], []
+    for i in range(steps):
+        computed = context + i
+        started = time.perf_counter()
+        for cache in caches:
+            for _ in range(SCHEDULER_CALLS):
+                cache.schedule.rows_during(computed, computed + 1)
+        scheduler_ms.append(1000 * (time.perf_counter() - started))
+        step = state.begin_step(req_ids)
+        step.host_block_table = table
+        seq_lens = torch.full((batch,), computed + 1, dtype=torch.int32)
+        started = time.perf_counter()
+        meta = stream_layout.build(_Metadata(batch, table), batch, geometry, step, state.pool, seq_lens)
+        build_ms.append(1000 * (time.perf_counter() - started))
+        assert meta is not None and meta.decode_token_index.numel() == batch
+        state.end_step()
+    return {"method": method, "batch": batch, "context": context, "steps": steps,
+            "scheduler_ms_per_step": round(statistics.median(scheduler_ms), 3),
+            "build_ms_per_step": round(statistics.median(build_ms), 3)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 320])
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--methods", nargs="+", choices=["headkv", "ring"], default=["headkv", "ring"])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.context <= WINDOW:
+        parser.error(f"--context must exceed the ring window {WINDOW} (got {args.context})")
+    torch.set_num_threads(1)  # the engine's planning runs on one host thread
+    rows = []
+    for method in args.methods:
+        for batch in args.batch:
+            row = measure(method, batch, args.context, args.steps)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "stream_plan.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
