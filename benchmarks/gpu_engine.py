@@ -60,8 +60,9 @@ columns (a request holds 1/N of its blocks, so N times as many run at once).
 
 Robustness: each config has ``--config-timeout`` seconds (its process group is killed after that;
 the row holds the tail of its log and the stages it finished: ``PARTIAL`` lines). A config not named
-``vllm-*`` that gives no row is run once more with ``cudagraph_mode=PIECEWISE`` (row: ``fallback``,
-``fallback_reason``), unless it only timed out after a timed stage had run (slow, not broken). With
+``vllm-*`` that runs on CUDA graphs and gives no row is run once more with ``cudagraph_mode=PIECEWISE``
+(row: ``fallback``, ``fallback_reason``), unless it timed out after its engine started (slow, not
+broken; ``graph_fallback_helps``). With
 ``--deadline-s`` (seconds from the sweep's start) no config starts with less than 150 s left; the
 skipped ones are printed and listed in summary.json (``skipped``).
 """
@@ -627,6 +628,18 @@ def _on_signal(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def graph_fallback_helps(name: str, partial: dict | None, timed_out: bool, forced_mode: str | None) -> bool:
+    """Whether a config that gave no row is worth a PIECEWISE retry: only one of the plugin's,
+    on CUDA graphs (not eager, no mode forced), that failed at start-up (capture) or crashed
+    while serving. One that timed out after its engine started is slow, not broken: a retry
+    would spend another timeout on the same outcome (kvzap-4x on 2026-12-04 ran its device call
+    past its limit so)."""
+    if name.startswith("vllm-") or forced_mode is not None or CONFIGS[name]["llm"].get("enforce_eager"):
+        return False
+    started = partial is not None and "start_s" in partial
+    return not (timed_out and started)
+
+
 def run_config(name: str, args, utilization: float, timeout_s: float, log: Path,
                cudagraph_mode: str | None) -> tuple[dict | None, dict | None, str, bool]:
     """One ``--one`` process: (row or None, last partial row or None, its stderr, timed out)."""
@@ -705,9 +718,7 @@ def sweep(args, names: list[str]) -> None:
         t0 = time.monotonic()
         row, partial, stderr, timed_out = run_config(name, args, utilization, timeout_s, out / f"{name}.log",
                                                      args.cudagraph_mode)
-        # Slow rather than broken: it timed out after a timed stage ran on the graphs it captured.
-        slow = timed_out and partial is not None and any(k.startswith("tpot_ms") for k in partial)
-        if row is None and not name.startswith("vllm-") and args.cudagraph_mode is None and not slow:
+        if row is None and graph_fallback_helps(name, partial, timed_out, args.cudagraph_mode):
             reason = ("timed out; " if timed_out else "") + stderr[-600:]
             if left_s() < MIN_LEFT_S:
                 row = _error_row(name, partial, stderr, timed_out, timeout_s)

@@ -81,6 +81,17 @@ def test_a_leak_shows_in_the_summary_and_fails_the_sweep(tmp_path, monkeypatch):
         gpu_engine.sweep(args, ["vllm-bf16", "knorm-4x"])
 
 
+def test_the_graph_fallback_runs_only_where_graphs_may_be_the_cause():
+    helps = gpu_engine.graph_fallback_helps
+    assert helps("knorm-4x", None, False, None)  # died before it started: capture may be why
+    assert helps("knorm-4x", {"start_s": 80.0}, False, None)  # crashed while serving
+    assert helps("knorm-4x", None, True, None)  # timed out during start-up
+    assert not helps("knorm-4x", {"start_s": 80.0}, True, None)  # started, then slow
+    assert not helps("kvzap-4x", None, False, None)  # eager: no graphs to fall back from
+    assert not helps("vllm-bf16", None, False, None)  # vLLM's own
+    assert not helps("knorm-4x", None, False, "PIECEWISE")  # already forced
+
+
 def test_range_time_comes_from_the_worker_trace(tmp_path):
     """--profile: a worker profiler range (compaction, predictor) in the worker's trace, host
     and GPU time per step; the other range's events are not counted."""
