@@ -167,6 +167,35 @@ def test_stream_pages_by_residue_match_the_sum_over_streams(ranks):
     assert s.kept_rows.tolist() == s.kept()
 
 
+def test_packed_slots_have_a_closed_form():
+    """docs/design/stream-tables-on-device.md §2: after a budget compression, the slot of each
+    stream's page is a pure function of the budgets and the page index, so a device kernel can
+    compute it from the logical length alone. Checked against the table the worker grows."""
+    generator = torch.Generator().manual_seed(7)
+    page, streams, compress_at = 8, 20, 300
+    budgets = tuple(torch.randint(1, 400, (streams,), generator=generator).tolist())
+    s = StreamSchedule(compress_at=compress_at, budgets=budgets, page=page, block_size=16)
+    geometry = PoolGeometry(num_layers=4, num_blocks=50, heads=5, block_size=16, page=page)
+    table = StreamPageTable.packed(torch.tensor(s.stream_lengths(compress_at)), page, geometry,
+                                   torch.arange(50), s.pages_per_block)
+    for logical in range(compress_at + 1, compress_at + 90):
+        table.grow(torch.tensor(s.stream_lengths(logical)))
+    kept = s.kept()
+    first = [cdiv(k, page) for k in kept]
+    prefix = [sum(first[:i]) for i in range(streams)]
+    rank = [sum(1 for o in range(i) if kept[o] % page == kept[i] % page) for i in range(streams)]
+
+    def slot(stream: int, j: int) -> int:
+        if j < first[stream]:
+            return prefix[stream] + j
+        growth = j * page + 1 - kept[stream]
+        return s.pages(compress_at + growth - 1) + rank[stream]
+
+    for stream in range(streams):
+        have = table.slots[stream, : int(table.counts[stream])].tolist()
+        assert have == [slot(stream, j) for j in range(len(have))]
+
+
 def test_rows_at_matches_gathering_every_row():
     from vllm_kvcompress.vllm.stream_layout import rows_at
 
