@@ -4,7 +4,9 @@
     PYTHONPATH=$PWD python3 -m benchmarks.compaction_tiles OUT.json
 
 Each variant's result is compared with the two-phase plan's (byte for byte), and timed against
-a plain copy of the same bytes. Chose
+a plain copy of the same bytes. Then knorm's key norms per tile shape (against the default's
+result, timed against a plain read of the keys' bytes) and the selection of the kept rows.
+Chose
 ``compaction_triton.BLOCK_ROWS``/``NUM_WARPS`` (results/2026-12-04/h200-eviction-6/compaction-tiles).
 The sweeps run at f848a9c (their JSON) also had 64-128-row tiles with 8 warps (slower still)
 and a kernel that skipped loading the rows that stay in place (no faster)."""
@@ -49,8 +51,50 @@ def main(argv: list[str]) -> int:
         out.append(row)
         del caches, ref
         torch.cuda.empty_cache()
+    out += norm_tiles(gen) + selection(gen)
     Path(argv[0]).write_text(json.dumps(out, indent=1))
     return 0
+
+
+# knorm's scores: (rows per tile, warps); 64 x 4 is the default. The B=256 profile at fcec862 had
+# them at 255 us per step for 16 requests x 272 rows, about 1/3 of the bandwidth their bytes need.
+NORM_VARIANTS = [(64, 4), (32, 4), (32, 2), (16, 2), (16, 1), (8, 1), (128, 4), (128, 8)]
+
+
+def norm_tiles(gen: torch.Generator) -> list[dict]:
+    rows = []
+    for batch, held in [(16, 272), (256, 272), (4, 2048)]:
+        caches, table, _, _ = step_case(batch, held, held, "cuda", gen)
+        ref = ct.key_norms(caches, table, held, block_t=64, num_warps=4)
+        key_bytes = STEP_LAYERS * batch * STEP_HEADS * held * (STEP_WIDTH // 2) * 2
+        row = {"norms": True, "batch": batch, "held": held, "key_bytes": key_bytes,
+               "read_same_bytes_us": do_bench(torch.empty(key_bytes // 2, dtype=torch.bfloat16, device="cuda").sum)
+               * 1e3}
+        for block_t, warps in NORM_VARIANTS:
+            fn = functools.partial(ct.key_norms, caches, table, held, block_t=block_t, num_warps=warps)
+            row[f"t{block_t} w{warps}"] = {"us": do_bench(fn) * 1e3,
+                                            "matches": bool(torch.allclose(fn(), ref, rtol=1e-5, atol=1e-5))}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del caches
+        torch.cuda.empty_cache()
+    return rows
+
+
+def selection(gen: torch.Generator) -> list[dict]:
+    """The kept rows of a step's compactions from the scores (every layer): the sort-based
+    selection against its reference, at decode and prompt-end shapes."""
+    from vllm_kvcompress.eviction.selection import BatchTargets, keep_indices_batch
+
+    rows = []
+    for batch, held, kept in [(16, 272, 256), (256, 272, 256), (4, 2048, 512)]:
+        scores = torch.rand(STEP_LAYERS, batch, STEP_HEADS, held, generator=gen).cuda()
+        targets = BatchTargets.of([held] * batch, [kept] * batch, "cuda")
+        fn = functools.partial(keep_indices_batch, scores, targets, 4, 16)
+        row = {"selection": True, "batch": batch, "held": held, "kept": kept, "us": do_bench(fn) * 1e3}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

@@ -142,6 +142,17 @@ def test_batched_selection_keeps_what_each_request_keeps(sink, recent):
         assert torch.equal(keep[r, :, : batch.keep_lens[r]], want), r
 
 
+def test_ascending_is_a_sort_with_padding_last():
+    from vllm_kvcompress.eviction.selection import ascending
+
+    gen = torch.Generator().manual_seed(6)
+    width, most = 50, 20
+    chosen = torch.stack([torch.randperm(width, generator=gen)[:most] for _ in range(12)]).view(3, 4, most)
+    chosen[0, 1, 7:] = width  # padding past a shorter request's count
+    chosen[2, 3, :] = width  # a request keeping nothing
+    assert torch.equal(ascending(chosen, width), torch.sort(chosen, dim=-1).values)
+
+
 def test_selection_of_every_layer_at_once_is_each_layer_alone():
     """The step's selection for all layers (``scores[L, R, H, T]``) keeps what each
     layer's own selection keeps."""

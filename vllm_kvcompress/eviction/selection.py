@@ -69,4 +69,18 @@ def keep_indices_batch(scores: torch.Tensor, targets: BatchTargets, sink_tokens:
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))  # padding sorts after every real row
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : targets.max_keep]  # ties: earlier
     beyond = torch.arange(targets.max_keep, device=scores.device)[None, None, :] >= targets.keep_lens[:, None, None]
-    return torch.sort(order.masked_fill(beyond, width), dim=-1).values  # kept rows ascending, padding last
+    return ascending(order.masked_fill(beyond, width), width)
+
+
+def ascending(chosen: torch.Tensor, width: int) -> torch.Tensor:
+    """``chosen[..., K]``: distinct row ids below ``width``, or ``width`` for padding -> the same ids
+    ascending, padding last. What a sort gives, by marking the rows and counting them (a cumulative
+    sum and a scatter: elementwise passes instead of a second segmented sort)."""
+    shape, most = chosen.shape, chosen.shape[-1]
+    marked = torch.zeros(*shape[:-1], width + 1, dtype=torch.bool, device=chosen.device)
+    marked.scatter_(-1, chosen, True)
+    marked = marked[..., :width]
+    slot = torch.where(marked, marked.cumsum(-1) - 1, most)  # rows not chosen go to a column dropped below
+    rows = torch.arange(width, device=chosen.device).expand(*shape[:-1], width)
+    out = torch.full((*shape[:-1], most + 1), width, dtype=chosen.dtype, device=chosen.device)
+    return out.scatter_(-1, slot, rows)[..., :most]
