@@ -165,6 +165,8 @@ def test_stream_pages_by_residue_match_the_sum_over_streams(ranks):
         most = max(sum(cdiv(n, page) for n in s.stream_lengths(logical, b)) for b in rank_budgets)
         assert s.rows_held(logical) == cdiv(most, s.pages_per_block) * s.block_size
     assert s.kept_rows.tolist() == s.kept()
+    for logical in [1, 17, 499]:  # before the compression every stream holds the whole prefix
+        assert s.pages(logical) == s.pages(logical, rank_budgets[-1]) == per_rank * cdiv(logical, page)
 
 
 def test_packed_slots_have_a_closed_form():

@@ -80,7 +80,8 @@ def ascending(chosen: torch.Tensor, width: int) -> torch.Tensor:
     marked = torch.zeros(*shape[:-1], width + 1, dtype=torch.bool, device=chosen.device)
     marked.scatter_(-1, chosen, True)
     marked = marked[..., :width]
-    slot = torch.where(marked, marked.cumsum(-1) - 1, most)  # rows not chosen go to a column dropped below
+    slot = marked.cumsum(-1)  # one int64 temporary, changed in place: the evictor bounds this memory
+    slot.sub_(1).masked_fill_(~marked, most)  # rows not chosen go to a column dropped below
     rows = torch.arange(width, device=chosen.device).expand(*shape[:-1], width)
     out = torch.full((*shape[:-1], most + 1), width, dtype=chosen.dtype, device=chosen.device)
     return out.scatter_(-1, slot, rows)[..., :most]

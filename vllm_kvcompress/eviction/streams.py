@@ -153,6 +153,8 @@ class StreamSchedule:
 
     def pages(self, logical: int, budgets: tuple[int, ...] | None = None) -> int:
         """Stream pages in use (packed layout), of this rank or of a rank's ``budgets``."""
+        if not self.packed(logical):  # every stream holds the whole prefix (the residue table is for growth)
+            return self.streams * cdiv(logical, self.page)
         if budgets is None or budgets == self.budgets:
             return self._pages_from(self._page_tables[0], logical)
         return sum(cdiv(n, self.page) for n in self.stream_lengths(logical, budgets))
@@ -250,14 +252,7 @@ class StreamPageTable:
         most = int(need.max()) if need.size else 0
         if most == 0:
             return
-        width = int((self.counts + need).max())
-        capacity = self.slots.shape[1]
-        if width > capacity:  # room for twice as many pages: few regrowths per request
-            extra = max(width, 2 * capacity) - capacity
-            self.slots = np.concatenate([self.slots, np.repeat(self.slots[:, :1], extra, axis=1) if capacity else
-                                         np.zeros((len(need), extra), dtype=np.int64)], axis=1)
-            self.ids = np.concatenate([self.ids, np.repeat(self.ids[:, :1], extra, axis=1) if capacity else
-                                       np.zeros((len(need), extra), dtype=np.int64)], axis=1)
+        self._reserve(int((self.counts + need).max()))
         start = self.used + np.cumsum(need) - need  # each stream's first new slot
         for j in range(most):
             streams = np.flatnonzero(need > j)
@@ -272,6 +267,24 @@ class StreamPageTable:
             past = np.arange(self.slots.shape[1]) >= self.counts[:, None]
             self.slots = np.where(past, self.slots[:, :1], self.slots)
             self.ids = np.where(past, self.ids[:, :1], self.ids)
+
+    def _reserve(self, width: int) -> None:
+        capacity = self.slots.shape[1]
+        if width <= capacity:
+            return
+        extra = max(width, 2 * capacity) - capacity  # room for twice as many pages: few regrowths
+        if capacity:  # the padding repeats each stream's first page
+            pad_slots, pad_ids = np.repeat(self.slots[:, :1], extra, axis=1), np.repeat(self.ids[:, :1], extra, axis=1)
+        else:
+            pad_slots = pad_ids = np.zeros((len(self.counts), extra), dtype=np.int64)
+        self.slots = np.concatenate([self.slots, pad_slots], axis=1)
+        self.ids = np.concatenate([self.ids, pad_ids], axis=1)
+
+    def padded(self, width: int) -> np.ndarray:
+        """Global page ids ``[streams, width]`` (``width`` at least every stream's count), padded
+        with each stream's first page: a view, for the caller to copy (a batch's stack)."""
+        self._reserve(width)
+        return self.ids[:, :width]
 
     def pages(self) -> torch.Tensor:
         """Global page ids ``[streams, most pages]`` (padded as the kernels expect; a copy)."""

@@ -121,9 +121,10 @@ class DecodeBuffers:
 
 
 # The selection of a group of layers holds, per scored row, its score, two masked copies and
-# a sort's values and indices (fp32 and int64): about 32 bytes. Groups of layers stay under
+# a sort's values and indices (fp32 and int64), then the ascending order's mark and slot (bool,
+# int64) while the sort's indices are still alive: about 48 bytes. Groups of layers stay under
 # a bound, since a compaction runs outside the memory vLLM profiled at start-up.
-SELECTION_ROW_BYTES = 32
+SELECTION_ROW_BYTES = 48
 SELECTION_BYTES = 256 << 20
 
 

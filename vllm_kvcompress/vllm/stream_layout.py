@@ -2,14 +2,17 @@
 its own page list in one pool shared by all layers (:mod:`vllm_kvcompress.eviction.streams`).
 
 Plan (builder, once per step): each request is in one of three layouts, chosen by its
-schedule's type and its length (:func:`layout_of`), and each layout plans its rows:
+schedule's type and its length, and each layout plans its rows:
 
 * :func:`native_layout`: until the compression point, vLLM's own layout (so chunked
   prefill is vLLM's); the step that ends on the point carries a compression;
-* :func:`packed_budget_layout`: after a budget compression (:class:`StreamSchedule`),
-  every stream appends to its :class:`~vllm_kvcompress.eviction.streams.StreamPageTable`;
-* :func:`ring_layout`: after a threshold rule packed the prompt (:class:`ThresholdSchedule`),
-  a ring of the newest tokens, the survivors and a spare row.
+* packed budgets: after a budget compression (:class:`StreamSchedule`), every stream
+  appends to its :class:`~vllm_kvcompress.eviction.streams.StreamPageTable`;
+* ring: after a threshold rule packed the prompt (:class:`ThresholdSchedule`), a ring of
+  the newest tokens, the survivors and a spare row.
+
+A packed request's step is one decode token; the step's packed decodes, of both kinds, are
+planned together (:func:`packed_decodes`), the rest one request at a time (:func:`layout_of`).
 
 Run (impl, every layer): write, attend, and at a compression score the prompt with the
 last window's queries (SnapKV-style) and keep each stream's budget. The repack into the
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from vllm_kvcompress.eviction.selection import keep_indices_per_head
@@ -124,6 +128,7 @@ def rows_at(pages: torch.Tensor, positions: torch.Tensor, page: int) -> torch.Te
 
 
 def _pad_pages(pages: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Page tables ``[..., P_i]`` padded to the widest, each with its streams' first page."""
     width = max(p.shape[-1] for p in pages)
     return [p if p.shape[-1] == width else torch.cat([p, p[..., :1].expand(*p.shape[:-1], width - p.shape[-1])], dim=-1)
             for p in pages]
@@ -138,7 +143,6 @@ class RowPlan:
     lengths: torch.Tensor  # [L, H]
     positions: torch.Tensor  # [L, H, q] row of each new token in each stream
     compression: StreamCompression | None = None  # the step ends on the compression point
-    victim: tuple | None = None  # ring: (leaving token's row, spare row) [L, H] each
 
 
 def native_layout(g: PoolGeometry, blocks, after: int, q_len: int, schedule, cache, req_id: str,
@@ -161,26 +165,78 @@ def packed_budget_layout(g: PoolGeometry, blocks, after: int, q_len: int, schedu
     return RowPlan(pages, lengths, _appended(lengths, q_len))
 
 
-def ring_layout(g: PoolGeometry, blocks, after: int, q_len: int, schedule: ThresholdSchedule, cache, req_id: str,
-                token_end: int) -> RowPlan:
-    """After the packing point of a threshold rule: a ring of the newest tokens, the
-    survivors, and a spare row. The new token takes the ring row of the token leaving the
-    window; that one goes to the spare row first (:class:`StreamRunner`)."""
-    if q_len != 1:
-        raise RuntimeError(f"ring layout: request {req_id} got {q_len} tokens in one step after its prompt was packed")
-    lengths = schedule.stream_rows(cache.kept)
-    pages = _packed_pages(g, cache.stream_table, blocks, lengths)
-    positions = torch.full((*lengths.shape, 1), (after - 1) % schedule.ring, dtype=torch.long)
-    victim = (rows_at(pages, positions, g.page)[..., 0], rows_at(pages, (lengths - 1)[..., None], g.page)[..., 0])
-    return RowPlan(pages, lengths, positions, victim=victim)
+@dataclass
+class PackedDecode:
+    """A packed request's single-token decode (budget or ring layout), planned with the
+    step's others by :func:`packed_decodes`."""
+
+    token: int  # its token's index in the step
+    after: int  # logical length after the step
+    schedule: object  # StreamSchedule | ThresholdSchedule
+    cache: object  # RequestCache (its stream table grows here)
+    blocks: torch.Tensor  # its block ids (host)
+    req_id: str
+
+
+@dataclass
+class PackedDecodes:
+    """The step's packed single-token decodes, planned together: a few tensor operations for
+    the batch instead of a dozen per request (with 256 streams each, per-request planning
+    was the host's main cost of a stream step)."""
+
+    tokens: list[int]
+    pages: torch.Tensor  # [L, D, H, P]
+    lengths: torch.Tensor  # [L, D, H] rows after the step's write
+    writes: torch.Tensor  # [L, D, H] each new token's row
+    ring: list[int]  # which of the D are ring layouts (threshold rules) ...
+    victim_src: torch.Tensor  # [L, V, H] ... the row of the token leaving each stream's window
+    victim_dst: torch.Tensor  # [L, V, H] ... and the spare row it goes to first
+    delayed: list[int]  # which of the ring ones decide one token late (DMS) ...
+    decision_rows: torch.Tensor  # [L, V', H] ... the previous token's row, which the new token's score decides
+
+
+def packed_decodes(g: PoolGeometry, decodes: list[PackedDecode]) -> PackedDecodes:
+    """Budget layouts append the new token to every stream (row ``length - 1``); ring layouts
+    write it over the ring row of the token leaving the window (``(after - 1) % ring``), whose
+    row is first copied to the spare row (``ring + kept``; :class:`StreamRunner`)."""
+    lengths = []
+    for d in decodes:
+        schedule = d.schedule
+        if isinstance(schedule, ThresholdSchedule):
+            rows = schedule.stream_rows(d.cache.kept).flatten()
+        else:
+            rows = schedule.kept_rows + (d.after - schedule.compress_at)
+        d.cache.stream_table.grow(rows, d.blocks)
+        lengths.append(rows)
+    width = max(int(d.cache.stream_table.counts.max()) for d in decodes)
+    count, layers, heads = len(decodes), g.num_layers, g.heads
+    # Stacked straight into [L, D, H, W]: one copy of the batch's tables (tens of MB at B=320).
+    pages = torch.from_numpy(np.stack([d.cache.stream_table.padded(width).reshape(layers, heads, width)
+                                       for d in decodes], axis=1))
+    lengths = torch.stack(lengths).view(count, layers, heads).transpose(0, 1).contiguous()  # [L, D, H]
+    ring = [i for i, d in enumerate(decodes) if isinstance(d.schedule, ThresholdSchedule)]
+    delayed = [i for i in ring if decodes[i].schedule.delayed]
+    in_ring = torch.zeros(count, dtype=torch.bool)
+    in_ring[ring] = True
+    ring_set, delayed_set = set(ring), set(delayed)
+    ring_row = torch.tensor([(d.after - 1) % d.schedule.ring if i in ring_set else 0 for i, d in enumerate(decodes)])
+    previous = torch.tensor([(d.after - 2) % d.schedule.ring if i in delayed_set else 0
+                             for i, d in enumerate(decodes)])
+
+    def rows(positions: torch.Tensor) -> torch.Tensor:  # [L, D, H] positions -> pool rows (every decode)
+        return rows_at(pages, positions[..., None], g.page)[..., 0]
+
+    writes = rows(torch.where(in_ring[None, :, None], ring_row[None, :, None], lengths - 1))
+    spare = rows(lengths - 1)[:, ring]  # a ring's last row is its spare row
+    decision_rows = rows(previous[None, :, None].expand(layers, -1, heads))[:, delayed]
+    return PackedDecodes([d.token for d in decodes], pages, lengths, writes, ring, writes[:, ring], spare, delayed,
+                         decision_rows)
 
 
 def layout_of(schedule, computed: int):
-    """The layout a request's streams are in before this step, by its schedule's type."""
+    """The layout of a request that is not a packed single-token decode, before this step."""
     if schedule is None or not schedule.packed(computed):
         return native_layout
-    if isinstance(schedule, ThresholdSchedule):
-        return ring_layout
     return packed_budget_layout
 
 
@@ -199,47 +255,63 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
     host_table = step.host_block_table
     table_rows = (host_table if host_table is not None else m.block_table_tensor.cpu())[:num_reqs]
     schedules = step.schedules
-    writes, decode_rows, decode_pages, decode_lengths, prefills, compressions = [], [], [], [], [], []
-    victims: list[tuple] = []
+    writes = torch.empty(geometry.num_layers, starts[num_reqs], geometry.heads, dtype=torch.long)  # [L, T, H]
+    decode_tokens, decode_pages, decode_lengths, prefills, compressions = [], [], [], [], []  # pages: [L, n, H, P] chunks
     decision_tokens, decision_rows = [], []
+    packed: list[PackedDecode] = []
     for r in range(num_reqs):
         q_len, after = starts[r + 1] - starts[r], seq_lens[r]
         if q_len == 0:
             continue
         schedule, req_id, cache = schedules[r], step.req_ids[r], step.caches[r]
         needed = cdiv(schedule.rows_during(after - q_len, after) if schedule else after, geometry.block_size)
+        blocks = table_rows[r, :needed]
+        threshold = isinstance(schedule, ThresholdSchedule)
+        if schedule is not None and schedule.packed(after - q_len):
+            if q_len == 1:
+                packed.append(PackedDecode(starts[r], after, schedule, cache, blocks, req_id))
+                continue
+            if threshold:
+                raise RuntimeError(f"ring layout: request {req_id} got {q_len} tokens in one step after its "
+                                   "prompt was packed")
         layout = layout_of(schedule, after - q_len)
-        row = layout(geometry, table_rows[r, :needed], after, q_len, schedule, cache, req_id, starts[r + 1])
+        row = layout(geometry, blocks, after, q_len, schedule, cache, req_id, starts[r + 1])
         if row.compression is not None:
             compressions.append(row.compression)
-        if row.victim is not None:
-            victims.append((req_id, *row.victim, cache.kept, cache))
-        writes.append(rows_at(row.pages, row.positions, geometry.page).permute(0, 2, 1))  # [L, q, H]
-        delayed = isinstance(schedule, ThresholdSchedule) and schedule.delayed
-        native_delayed = delayed and layout is native_layout
-        if delayed:
-            tokens, rows_prev = _previous_rows(schedule, row.pages, geometry.page, after, q_len, native_delayed)
+        writes[:, starts[r]:starts[r + 1]] = rows_at(row.pages, row.positions, geometry.page).permute(0, 2, 1)
+        native_delayed = threshold and schedule.delayed  # a DMS prompt still in vLLM's layout
+        if native_delayed:
+            tokens, rows_prev = _previous_rows(row.pages, geometry.page, after, q_len)
             decision_tokens.append(starts[r] + tokens)
             decision_rows.append(rows_prev)
         if q_len == 1 and not native_delayed:
-            decode_rows.append(starts[r])
-            decode_pages.append(row.pages)
-            decode_lengths.append(row.lengths)
+            decode_tokens.append(starts[r])
+            decode_pages.append(row.pages[:, None])
+            decode_lengths.append(row.lengths[:, None])
         else:
             prefills.append(StreamSpan(starts[r], starts[r + 1], row.pages, row.lengths,
                                        schedule.ring if native_delayed else None))
-    if decode_pages:
-        decode_pages_t = torch.stack(_pad_pages(decode_pages), dim=1)
-        decode_lengths_t = torch.stack(decode_lengths, dim=1)
+    victim_fields = {}
+    if packed:
+        plan = packed_decodes(geometry, packed)
+        writes[:, plan.tokens] = plan.writes
+        decode_tokens += plan.tokens
+        decode_pages.append(plan.pages)
+        decode_lengths.append(plan.lengths)
+        if plan.ring:
+            victim_fields = dict(victim_req_ids=[packed[i].req_id for i in plan.ring],
+                                 victim_caches=[packed[i].cache for i in plan.ring],
+                                 victim_src=plan.victim_src, victim_dst=plan.victim_dst,
+                                 victim_kept=torch.stack([packed[i].cache.kept for i in plan.ring], dim=1))
+        if plan.delayed:
+            decision_tokens.append(torch.tensor([packed[i].token for i in plan.delayed], dtype=torch.long))
+            decision_rows.append(plan.decision_rows)
+    if decode_pages:  # one chunk (every decode packed): no copy
+        decode_pages_t = torch.cat(_pad_pages(decode_pages), dim=1) if len(decode_pages) > 1 else decode_pages[0]
+        decode_lengths_t = torch.cat(decode_lengths, dim=1) if len(decode_lengths) > 1 else decode_lengths[0]
     else:
         decode_pages_t = torch.zeros(geometry.num_layers, 0, geometry.heads, 1, dtype=torch.long)
         decode_lengths_t = torch.zeros(geometry.num_layers, 0, geometry.heads, dtype=torch.long)
-    victim_fields = {}
-    if victims:
-        victim_fields = dict(victim_req_ids=[v[0] for v in victims], victim_caches=[v[4] for v in victims],
-                             victim_src=torch.stack([v[1] for v in victims], dim=1),
-                             victim_dst=torch.stack([v[2] for v in victims], dim=1),
-                             victim_kept=torch.stack([v[3] for v in victims], dim=1).clone())
     if decision_tokens:
         victim_fields.update(decision_token_index=torch.cat(decision_tokens), decision_rows=torch.cat(decision_rows, 1))
     device = m.block_table_tensor.device
@@ -254,9 +326,8 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
     return StreamMetadata(
         **victim_fields,
         num_actual_tokens=m.num_actual_tokens,
-        write_rows=ops.to_device(torch.cat(writes, dim=1) if writes else
-                                 torch.zeros(geometry.num_layers, 0, geometry.heads, dtype=torch.long), device),
-        decode_token_index=ops.to_device(torch.tensor(decode_rows, dtype=torch.long), device),
+        write_rows=ops.to_device(writes, device),
+        decode_token_index=ops.to_device(torch.tensor(decode_tokens, dtype=torch.long), device),
         decode_pages=ops.to_device(decode_pages_t, device),
         decode_lengths=ops.to_device(decode_lengths_t, device),
         max_decode_len=int(decode_lengths_t.max()) if decode_lengths_t.numel() else 0,
@@ -268,16 +339,14 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
     )
 
 
-def _previous_rows(schedule: ThresholdSchedule, pages: torch.Tensor, page: int, after: int, q_len: int,
-                   native: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """DMS: (offsets in the step of the request's tokens that carry a decision, the rows of
-    the tokens those decisions are about ``[L, n, H]``): every new token but one at
-    position 0 decides the token before it (in vLLM's layout, or in the ring)."""
+def _previous_rows(pages: torch.Tensor, page: int, after: int, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DMS, a prompt still in vLLM's layout: (offsets in the step of the request's tokens that
+    carry a decision, the rows of the tokens those decisions are about ``[L, n, H]``): every new
+    token but one at position 0 decides the token before it. (Packed decodes: :func:`packed_decodes`.)"""
     first = after - q_len
     previous = torch.arange(max(first - 1, 0), after - 1)  # positions decided this step
     tokens = torch.arange(q_len - len(previous), q_len)
-    physical = previous if native else previous % schedule.ring
-    rows = rows_at(pages, physical.expand(*pages.shape[:-1], -1), page)  # [L, H, n]
+    rows = rows_at(pages, previous.expand(*pages.shape[:-1], -1), page)  # [L, H, n]
     return tokens, rows.permute(0, 2, 1)
 
 

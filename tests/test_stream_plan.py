@@ -1,0 +1,138 @@
+"""The stream step plan of a mixed batch (``stream_layout.build``): packed decodes are planned
+together (``packed_decodes``); each request must get what it gets when it is planned alone
+(a batch of one, the path the single-request engine and reference tests drive)."""
+
+from types import SimpleNamespace
+
+import torch
+
+from vllm_kvcompress.eviction.streams import PoolGeometry, StreamSchedule
+from vllm_kvcompress.eviction.threshold import ThresholdSchedule
+from vllm_kvcompress.vllm import stream_layout
+from vllm_kvcompress.vllm.state import RequestCache, WorkerState
+
+LAYERS, HEADS, BLOCK, PAGE, BLOCKS_EACH = 3, 2, 16, 8, 12
+STREAMS = LAYERS * HEADS
+
+
+def _requests(generator):
+    """(req_id, cache, logical length before the step, tokens this step) of five requests in
+    every layout: packed budgets (two), a DMS ring, a KVzap ring, a prompt chunk in vLLM's layout."""
+    geometry = PoolGeometry(LAYERS, 5 * BLOCKS_EACH, HEADS, BLOCK, PAGE)
+    table = torch.randperm(5 * BLOCKS_EACH, generator=generator).view(5, BLOCKS_EACH).int()
+    made = []
+    for r, kind in enumerate(["native", "budget", "dms", "budget", "kvzap"]):
+        if kind in ("native", "budget"):
+            budgets = tuple(torch.randint(4, 60, (STREAMS,), generator=generator).tolist())
+            schedule = StreamSchedule(compress_at=80, budgets=budgets, page=PAGE, block_size=BLOCK)
+        else:
+            schedule = ThresholdSchedule(compress_at=80, ring=16, streams=STREAMS, page=PAGE, block_size=BLOCK,
+                                         threshold=0.0, delayed=kind == "dms")
+        cache = RequestCache(schedule)
+        if kind == "native":
+            made.append((f"r{r}", cache, 40, 5))
+            continue
+        computed = 80 + int(torch.randint(1, 30, (1,), generator=generator))
+        if kind == "budget":
+            lengths = schedule.stream_lengths(computed)
+        else:
+            cache.kept = torch.randint(0, 40, (LAYERS, HEADS), generator=generator)
+            lengths = schedule.stream_rows(cache.kept).flatten()
+            schedule.pages_next = schedule.pages_for(cache.kept)
+        cache.stream_table = stream_layout.packed_table(geometry, lengths, table[r], schedule)
+        made.append((f"r{r}", cache, computed, 1))
+    return geometry, table, made
+
+
+def _build(geometry, table, requests):
+    state = WorkerState()
+    state.requests = {req_id: cache for req_id, cache, _, _ in requests}
+    step = state.begin_step([req_id for req_id, *_ in requests])
+    step.host_block_table = table
+    q_lens = [q for *_, q in requests]
+    m = SimpleNamespace(query_start_loc_cpu=torch.tensor([0] + q_lens).cumsum(0), block_table_tensor=table,
+                        num_actual_tokens=sum(q_lens))
+    seq_lens = torch.tensor([computed + q for _, _, computed, q in requests])
+    return stream_layout.build(m, len(requests), geometry, step, state.pool, seq_lens)
+
+
+def _per_request(meta, tokens: range) -> dict:
+    """What the plan holds for one request whose tokens are ``tokens`` of the step."""
+    got = {"writes": meta.write_rows[:, tokens.start:tokens.stop]}
+    decode = meta.decode_token_index.tolist()
+    if tokens.start in decode and len(tokens) == 1:
+        i = decode.index(tokens.start)
+        width = meta.decode_pages.shape[-1]
+        got.update(pages=meta.decode_pages[:, i], lengths=meta.decode_lengths[:, i], width=width)
+    if meta.decision_token_index is not None:
+        picked = [i for i, t in enumerate(meta.decision_token_index.tolist()) if t in tokens]
+        got["decisions"] = ([meta.decision_token_index[i] - tokens.start for i in picked],
+                            meta.decision_rows[:, picked])
+    return got
+
+
+def test_a_mixed_batch_plans_each_request_as_alone():
+    geometry, table, requests = _requests(torch.Generator().manual_seed(0))
+    # Alone first: their table rows, in a batch of one each (the tables grow once; growing again
+    # to the same lengths takes nothing).
+    alone, alone_victims = [], []
+    for r, request in enumerate(requests):
+        meta = _build(geometry, table[r:r + 1], [request])
+        alone.append(_per_request(meta, range(0, request[3])))
+        alone_victims.append(None if meta.victim_src is None else
+                             (meta.victim_src[:, 0], meta.victim_dst[:, 0], meta.victim_kept[:, 0]))
+    meta = _build(geometry, table, requests)
+    assert meta.decode_pages.shape[1] == 4 and len(meta.prefills) == 1  # four packed decodes, one prompt chunk
+    assert meta.victim_req_ids == ["r2", "r4"]
+    start = 0
+    for r, (req_id, cache, computed, q_len) in enumerate(requests):
+        got, want = _per_request(meta, range(start, start + q_len)), alone[r]
+        assert torch.equal(got["writes"], want["writes"]), req_id
+        if "pages" in want:
+            width = want["width"]
+            assert torch.equal(got["pages"][..., :width], want["pages"]), req_id
+            assert (got["pages"][..., width:] == got["pages"][..., :1]).all(), req_id  # padding: its first page
+            assert torch.equal(got["lengths"], want["lengths"]), req_id
+        if "decisions" in want and want["decisions"][0]:
+            assert [int(t) for t in got["decisions"][0]] == [int(t) for t in want["decisions"][0]], req_id
+            assert torch.equal(got["decisions"][1], want["decisions"][1]), req_id
+        if alone_victims[r] is not None:
+            v = meta.victim_req_ids.index(req_id)
+            for have, expect in zip((meta.victim_src[:, v], meta.victim_dst[:, v], meta.victim_kept[:, v]),
+                                    alone_victims[r]):
+                assert torch.equal(have, expect), req_id
+        start += q_len
+
+
+def test_packed_decode_rows_are_where_each_layout_puts_the_new_token():
+    """Budget layouts append (row ``length - 1`` of the stream); ring layouts overwrite the ring
+    row of the token leaving the window, whose row first goes to the spare row ``ring + kept``;
+    DMS decides the previous token, at ring row ``(after - 2) % ring``."""
+    geometry, table, requests = _requests(torch.Generator().manual_seed(1))
+    meta = _build(geometry, table, requests)
+    decode = meta.decode_token_index.tolist()
+    start = 0
+    for req_id, cache, computed, q_len in requests:
+        if q_len == 1:
+            i = decode.index(start)
+            pages = meta.decode_pages[:, i]  # [L, H, P]
+            schedule, after = cache.schedule, computed + 1
+
+            def row(position):
+                return stream_layout.rows_at(pages, torch.as_tensor(position).expand(LAYERS, HEADS, 1), PAGE)[..., 0]
+
+            if isinstance(schedule, StreamSchedule):
+                lengths = torch.tensor(schedule.stream_lengths(after)).view(LAYERS, HEADS)
+                assert torch.equal(meta.decode_lengths[:, i], lengths)
+                want = stream_layout.rows_at(pages, (lengths - 1)[..., None], PAGE)[..., 0]
+                assert torch.equal(meta.write_rows[:, start], want), req_id
+            else:
+                assert torch.equal(meta.write_rows[:, start], row((after - 1) % schedule.ring)), req_id
+                v = meta.victim_req_ids.index(req_id)
+                spare = stream_layout.rows_at(pages, (schedule.ring + cache.kept)[..., None], PAGE)[..., 0]
+                assert torch.equal(meta.victim_dst[:, v], spare) and torch.equal(meta.victim_src[:, v],
+                                                                               meta.write_rows[:, start])
+                if schedule.delayed:
+                    d = meta.decision_token_index.tolist().index(start)
+                    assert torch.equal(meta.decision_rows[:, d], row((after - 2) % schedule.ring)), req_id
+        start += q_len
