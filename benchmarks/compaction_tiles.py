@@ -82,16 +82,25 @@ def norm_tiles(gen: torch.Generator) -> list[dict]:
 
 
 def selection(gen: torch.Generator) -> list[dict]:
-    """The kept rows of a step's compactions from the scores (every layer): the sort-based
-    selection against its reference, at decode and prompt-end shapes."""
-    from vllm_kvcompress.eviction.selection import BatchTargets, keep_indices_batch
+    """The kept rows of a step's compactions from the scores (every layer, ``keep_indices_batch``),
+    and its last part on its own: the chosen rows put in ascending order by ``ascending`` (mark and
+    count) against the segmented sort it replaced (whether both agree is recorded: `identical`)."""
+    from vllm_kvcompress.eviction.selection import BatchTargets, ascending, keep_indices_batch
 
     rows = []
     for batch, held, kept in [(16, 272, 256), (256, 272, 256), (4, 2048, 512)]:
         scores = torch.rand(STEP_LAYERS, batch, STEP_HEADS, held, generator=gen).cuda()
         targets = BatchTargets.of([held] * batch, [kept] * batch, "cuda")
-        fn = functools.partial(keep_indices_batch, scores, targets, 4, 16)
-        row = {"selection": True, "batch": batch, "held": held, "kept": kept, "us": do_bench(fn) * 1e3}
+        chosen = torch.sort(scores, dim=-1, descending=True).indices[..., :kept]
+
+        def by_sort(chosen=chosen):
+            return torch.sort(chosen, dim=-1).values
+
+        by_count = functools.partial(ascending, chosen, held)
+        row = {"selection": True, "batch": batch, "held": held, "kept": kept,
+               "keep_indices_batch_us": do_bench(functools.partial(keep_indices_batch, scores, targets, 4, 16)) * 1e3,
+               "order_by_sort_us": do_bench(by_sort) * 1e3, "order_by_count_us": do_bench(by_count) * 1e3,
+               "identical": bool(torch.equal(by_sort(), by_count()))}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

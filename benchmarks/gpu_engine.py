@@ -628,6 +628,15 @@ def _on_signal(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def apply_config_env(name: str, env) -> None:
+    """Config ``name``'s environment into ``env`` (a dict, or ``os.environ``): set, or removed where None."""
+    for key, value in CONFIGS[name]["env"].items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+
+
 def graph_fallback_helps(name: str, partial: dict | None, timed_out: bool, forced_mode: str | None) -> bool:
     """Whether a config that gave no row is worth a PIECEWISE retry: only one of the plugin's,
     on CUDA graphs (not eager, no mode forced), that failed at start-up (capture) or crashed
@@ -650,11 +659,7 @@ def run_config(name: str, args, utilization: float, timeout_s: float, log: Path,
     if args.profile:
         command += ["--profile", "--profile-shape", args.profile_shape]
     env = os.environ.copy()
-    for key, value in CONFIGS[name]["env"].items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
+    apply_config_env(name, env)
     timed_out = False
     with tempfile.TemporaryFile("w+") as stdout, log.open("w") as stderr:
         proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=env, start_new_session=True)

@@ -20,17 +20,13 @@ import pstats
 import time
 from pathlib import Path
 
-from benchmarks.gpu_engine import CONFIGS, SEED_DECODE_HEAVY, WORKLOADS, _prompts, engine_kwargs
+from benchmarks.gpu_engine import CONFIGS, SEED_DECODE_HEAVY, WORKLOADS, _prompts, apply_config_env, engine_kwargs
 
 
 def profile(name: str, batch: int, context: int, tokens: int, utilization: float, top: int = 45) -> tuple[str, dict]:
     from vllm import LLM, SamplingParams
 
-    for key, value in CONFIGS[name]["env"].items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    apply_config_env(name, os.environ)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     llm = LLM(**engine_kwargs(name, WORKLOADS["quick"], utilization))
     prompts = _prompts(batch, context, SEED_DECODE_HEAVY)

@@ -288,4 +288,4 @@ class StreamPageTable:
 
     def pages(self) -> torch.Tensor:
         """Global page ids ``[streams, most pages]`` (padded as the kernels expect; a copy)."""
-        return torch.from_numpy(self.ids[:, : int(self.counts.max())].copy())
+        return torch.from_numpy(self.padded(int(self.counts.max())).copy())
