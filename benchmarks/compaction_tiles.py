@@ -7,7 +7,7 @@ Each variant's result is compared with the two-phase plan's (byte for byte), and
 a plain copy of the same bytes. Then knorm's key norms per tile shape (against the default's
 result, timed against a plain read of the keys' bytes) and the selection of the kept rows.
 Chose
-``compaction_triton.BLOCK_ROWS``/``NUM_WARPS`` (results/2026-12-04/h200-eviction-6/compaction-tiles).
+``compaction_triton.BLOCK_ROWS``/``NUM_WARPS`` and ``key_norms``' tile (results/2026-12-04/h200-eviction-6/compaction-tiles).
 The sweeps run at f848a9c (their JSON) also had 64-128-row tiles with 8 warps (slower still)
 and a kernel that skipped loading the rows that stay in place (no faster)."""
 import functools
@@ -29,8 +29,8 @@ VARIANTS = [(False, 32, 4), (False, 16, 2), (False, 16, 1), (False, 8, 1), (Fals
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         raise SystemExit("usage: python3 -m benchmarks.compaction_tiles OUT.json")
-    out = []
     gen = torch.Generator().manual_seed(0)
+    out = norm_tiles(gen) + selection(gen)  # first: the move's sweep is the long one
     for batch, held, kept in [(16, 272, 256), (256, 272, 256), (32, 1040, 1024), (4, 2048, 512), (1, 8208, 8192)]:
         caches, table, keep, lens = step_case(batch, held, kept, "cuda", gen)
         ref = [c.clone() for c in caches]
@@ -51,13 +51,13 @@ def main(argv: list[str]) -> int:
         out.append(row)
         del caches, ref
         torch.cuda.empty_cache()
-    out += norm_tiles(gen) + selection(gen)
     Path(argv[0]).write_text(json.dumps(out, indent=1))
     return 0
 
 
-# knorm's scores: (rows per tile, warps); 64 x 4 is the default. The B=256 profile at fcec862 had
-# them at 255 us per step for 16 requests x 272 rows, about 1/3 of the bandwidth their bytes need.
+# knorm's scores: (rows per tile, warps); 16 x 1 is the default since results/2026-12-04/h200-eviction-8
+# (64 x 4 before: 255 us per step for 16 requests x 272 rows in the B=256 profile at fcec862, about
+# 1/3 of the bandwidth their bytes need; 16 x 1 reads them at a plain read's speed).
 NORM_VARIANTS = [(64, 4), (32, 4), (32, 2), (16, 2), (16, 1), (8, 1), (128, 4), (128, 8)]
 
 
@@ -65,7 +65,7 @@ def norm_tiles(gen: torch.Generator) -> list[dict]:
     rows = []
     for batch, held in [(16, 272), (256, 272), (4, 2048)]:
         caches, table, _, _ = step_case(batch, held, held, "cuda", gen)
-        ref = ct.key_norms(caches, table, held, block_t=64, num_warps=4)
+        ref = ct.key_norms(caches, table, held, block_t=64, num_warps=4)  # the tile before
         key_bytes = STEP_LAYERS * batch * STEP_HEADS * held * (STEP_WIDTH // 2) * 2
         row = {"norms": True, "batch": batch, "held": held, "key_bytes": key_bytes,
                "read_same_bytes_us": do_bench(torch.empty(key_bytes // 2, dtype=torch.bfloat16, device="cuda").sum)
