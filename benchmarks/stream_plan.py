@@ -9,6 +9,8 @@ Nothing runs a forward here: every request starts packed (HeadKV-style budgets a
 of its prompt, or a DMS-style ring with survivors), and each step appends one token.
 
     python3 -m benchmarks.stream_plan --batch 64 320 --out DIR   (any machine; CPU tensors)
+    python3 -m benchmarks.stream_plan --device cuda ...           (the plan for a CUDA pool: pinned
+                                                                   tables, copies to the GPU; host time)
 
 Shape: Llama-3-8B's streams (32 layers x 8 KV heads), blocks of 16, pages of 16.
 """
@@ -66,9 +68,10 @@ def _requests(method: str, batch: int, context: int, generator: torch.Generator)
     return geometry, table, caches
 
 
-def measure(method: str, batch: int, context: int, steps: int) -> dict:
+def measure(method: str, batch: int, context: int, steps: int, device: str = "cpu") -> dict:
     generator = torch.Generator().manual_seed(0)
     geometry, table, caches = _requests(method, batch, context, generator)
+    metadata = _Metadata(batch, table.to(device))
     state = WorkerState()
     state.pool = PoolState(num_blocks=geometry.num_blocks)
     req_ids = [f"r{i}" for i in range(batch)]
@@ -85,11 +88,11 @@ def measure(method: str, batch: int, context: int, steps: int) -> dict:
         step.host_block_table = table
         seq_lens = torch.full((batch,), computed + 1, dtype=torch.int32)
         started = time.perf_counter()
-        meta = stream_layout.build(_Metadata(batch, table), batch, geometry, step, state.pool, seq_lens)
+        meta = stream_layout.build(metadata, batch, geometry, step, state.pool, seq_lens)
         build_ms.append(1000 * (time.perf_counter() - started))
         assert meta is not None and meta.decode_token_index.numel() == batch
         state.end_step()
-    return {"method": method, "batch": batch, "context": context, "steps": steps,
+    return {"method": method, "batch": batch, "context": context, "steps": steps, "device": device,
             "scheduler_ms_per_step": round(statistics.median(scheduler_ms), 3),
             "build_ms_per_step": round(statistics.median(build_ms), 3)}
 
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--methods", nargs="+", choices=["headkv", "ring"], default=["headkv", "ring"])
+    parser.add_argument("--device", default="cpu", help="the pool's device (cpu, cuda)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.context <= WINDOW:
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for method in args.methods:
         for batch in args.batch:
-            row = measure(method, batch, args.context, args.steps)
+            row = measure(method, batch, args.context, args.steps, args.device)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:

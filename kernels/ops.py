@@ -355,7 +355,15 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     on CUDA (a copy from pageable memory may synchronise the stream first)."""
     if host.device == device or device.type != "cuda":
         return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    return (host if host.is_pinned() else host.pin_memory()).to(device, non_blocking=True)
+
+
+def host_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host tensor to fill and then send to ``device`` by :func:`to_device`: pinned when the
+    device is CUDA, from torch's caching host allocator (a large step table written into it
+    skips fresh pages and the pinned copy; the allocator reuses a block only once its copy to
+    the device has run)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=torch.device(device).type == "cuda")
 
 
 def compact(cache: torch.Tensor, blocks: torch.Tensor, keep: torch.Tensor) -> None:

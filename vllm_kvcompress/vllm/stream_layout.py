@@ -195,10 +195,11 @@ class PackedDecodes:
     decision_rows: torch.Tensor  # [L, V', H] ... the previous token's row, which the new token's score decides
 
 
-def packed_decodes(g: PoolGeometry, decodes: list[PackedDecode]) -> PackedDecodes:
+def packed_decodes(g: PoolGeometry, decodes: list[PackedDecode], device: torch.device | str = "cpu") -> PackedDecodes:
     """Budget layouts append the new token to every stream (row ``length - 1``); ring layouts
     write it over the ring row of the token leaving the window (``(after - 1) % ring``), whose
-    row is first copied to the spare row (``ring + kept``; :class:`StreamRunner`)."""
+    row is first copied to the spare row (``ring + kept``; :class:`StreamRunner`). The page
+    table is made on the host for ``device`` (pinned for a CUDA one)."""
     lengths = []
     for d in decodes:
         schedule = d.schedule
@@ -210,9 +211,11 @@ def packed_decodes(g: PoolGeometry, decodes: list[PackedDecode]) -> PackedDecode
         lengths.append(rows)
     width = max(int(d.cache.stream_table.counts.max()) for d in decodes)
     count, layers, heads = len(decodes), g.num_layers, g.heads
-    # Stacked straight into [L, D, H, W]: one copy of the batch's tables (tens of MB at B=320).
-    pages = torch.from_numpy(np.stack([d.cache.stream_table.padded(width).reshape(layers, heads, width)
-                                       for d in decodes], axis=1))
+    # Stacked straight into [L, D, H, W]: one copy of the batch's tables (tens of MB at B=320),
+    # into memory the copy to the device reads from.
+    pages = ops.host_empty((layers, count, heads, width), torch.long, device)
+    np.stack([d.cache.stream_table.padded(width).reshape(layers, heads, width) for d in decodes], axis=1,
+             out=pages.numpy())
     lengths = torch.stack(lengths).view(count, layers, heads).transpose(0, 1).contiguous()  # [L, D, H]
     ring = [i for i, d in enumerate(decodes) if isinstance(d.schedule, ThresholdSchedule)]
     delayed = [i for i in ring if decodes[i].schedule.delayed]
@@ -227,8 +230,9 @@ def packed_decodes(g: PoolGeometry, decodes: list[PackedDecode]) -> PackedDecode
         return rows_at(pages, positions[..., None], g.page)[..., 0]
 
     writes = rows(torch.where(in_ring[None, :, None], ring_row[None, :, None], lengths - 1))
-    spare = rows(lengths - 1)[:, ring]  # a ring's last row is its spare row
-    decision_rows = rows(previous[None, :, None].expand(layers, -1, heads))[:, delayed]
+    # Rows only the ring layouts need (each a gather over the batch's table: skipped without them).
+    spare = rows(lengths - 1)[:, ring] if ring else writes[:, :0]  # a ring's last row is its spare row
+    decision_rows = rows(previous[None, :, None].expand(layers, -1, heads))[:, delayed] if delayed else writes[:, :0]
     return PackedDecodes([d.token for d in decodes], pages, lengths, writes, ring, writes[:, ring], spare, delayed,
                          decision_rows)
 
@@ -293,7 +297,7 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
                                        schedule.ring if native_delayed else None))
     victim_fields = {}
     if packed:
-        plan = packed_decodes(geometry, packed)
+        plan = packed_decodes(geometry, packed, m.block_table_tensor.device)
         writes[:, plan.tokens] = plan.writes
         decode_tokens += plan.tokens
         decode_pages.append(plan.pages)
