@@ -78,8 +78,8 @@ def dequantize_keys(codes: torch.Tensor, positions: torch.Tensor, ranges: torch.
     if key_bits == 4:
         codes = torch.stack([codes & 15, codes >> 4], -1).flatten(-2)
     low, step = key_steps(ranges, key_bits)
-    base = codes.float() * step[:, None, :] + low[:, None, :]
-    return rotate(base, positions, theta)
+    base = torch.addcmul(low[:, None, :], codes.float(), step[:, None, :])
+    return rotate(base, positions, theta, nonnegative=True)
 
 
 def encode_rows(key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, ranges: torch.Tensor,
@@ -116,9 +116,11 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
     values = dequantize_values(data[..., rows.m :], rows)
     group = num_q_heads // num_kv_heads
     q = query.float().view(batch, num_kv_heads, group, head_dim)
-    logits = torch.einsum("bhgd,bhld->bhgl", q, keys) * scale
-    valid = torch.arange(max_len, device=cache.device).unsqueeze(0) < kv_lens.to(cache.device).unsqueeze(1)
-    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    logits = (q * scale) @ keys.transpose(-1, -2)  # [B, Hkv, g, L]
+    # No mask where every request has ``max_len`` rows (batch 1); reading that back is free on the CPU only.
+    if cache.device.type != "cpu" or int(kv_lens.min()) < max_len:
+        valid = torch.arange(max_len, device=cache.device).unsqueeze(0) < kv_lens.to(cache.device).unsqueeze(1)
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
     out = torch.matmul(torch.softmax(logits, -1), values)  # [B, Hkv, g, D]
     return out.reshape(batch, num_q_heads, head_dim)
 

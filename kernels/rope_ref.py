@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-# (theta, head_dim, device) -> (cos, sin) [P, D/2] fp32 of positions 0..P-1, grown on demand:
-# a decode step re-rotates every kept key, and the float64 trigonometry of each angle would
-# otherwise be recomputed at every step and layer.
-_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# (theta, head_dim, device) -> [P, D] fp32 table, cos of positions 0..P-1 in its first half and sin
+# in its second (one gather per lookup), grown on demand: a decode step re-rotates every kept key,
+# and the float64 trigonometry of each angle would otherwise be recomputed at every step and layer.
+_TABLES: dict[tuple, torch.Tensor] = {}
 MAX_TABLE = 1 << 17  # positions; farther ones (calibration over long position ranges) are computed directly
 
 
@@ -23,28 +23,37 @@ def _direct(delta: torch.Tensor, head_dim: int, theta: float, device) -> tuple[t
     return angle.cos().float(), angle.sin().float()
 
 
-def cos_sin(delta: torch.Tensor, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin`` ``[T, D/2]`` fp32 of the angles ``delta[T] * theta^(-2i/D)``, each computed in
-    float64 and rounded once. Whole-number deltas are looked up in a table (the same values)."""
+def cos_sin(delta: torch.Tensor, head_dim: int, theta: float, device,
+            nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` ``[..., D/2]`` fp32 of the angles ``delta[...] * theta^(-2i/D)``, each computed
+    in float64 and rounded once. Whole-number deltas are looked up in a table (the same values);
+    ``nonnegative``: the caller knows every delta is >= 0 (a key's position), no sign to apply."""
     if delta.dtype.is_floating_point or delta.numel() == 0:
         return _direct(delta, head_dim, theta, device)
     delta = delta.to(device=device, dtype=torch.long)
-    index = delta.abs()
+    index = delta if nonnegative else delta.abs()
     farthest = int(index.max())
     if farthest >= MAX_TABLE:
         return _direct(delta, head_dim, theta, device)
     key = (float(theta), head_dim, str(torch.device(device)))
     table = _TABLES.get(key)
-    if table is None or table[0].shape[0] <= farthest:
-        table = _TABLES[key] = _direct(torch.arange(1 << max(10, farthest.bit_length()), device=device), head_dim,
-                                       theta, device)
-    cos, sin = table[0][index], table[1][index]
-    return cos, torch.where((delta < 0).unsqueeze(-1), -sin, sin)  # cos(-a) = cos a, sin(-a) = -sin a
+    if table is None or table.shape[0] <= farthest:
+        cos, sin = _direct(torch.arange(1 << max(10, farthest.bit_length()), device=device), head_dim, theta, device)
+        table = _TABLES[key] = torch.cat([cos, sin], -1)
+    both = table[index]
+    cos, sin = both[..., : head_dim // 2], both[..., head_dim // 2 :]
+    return (cos, sin) if nonnegative else (cos, torch.where((delta < 0).unsqueeze(-1), -sin, sin))  # sin(-a) = -sin a
 
 
-def rotate(keys: torch.Tensor, delta: torch.Tensor, theta: float) -> torch.Tensor:
-    """Turn keys ``[..., T, D]`` by ``delta[T]`` positions (negative: back); fp32 result."""
-    head_dim = keys.shape[-1]
-    cos, sin = cos_sin(delta, head_dim, theta, keys.device)
-    x1, x2 = keys[..., : head_dim // 2].float(), keys[..., head_dim // 2 :].float()
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+def rotate(keys: torch.Tensor, delta: torch.Tensor, theta: float, nonnegative: bool = False) -> torch.Tensor:
+    """Turn keys ``[..., T, D]`` by ``delta[..., T]`` positions (negative: back); fp32 result.
+    ``nonnegative``: every delta is a whole number >= 0 (keys turned to their positions)."""
+    head_dim, half = keys.shape[-1], keys.shape[-1] // 2
+    cos, sin = cos_sin(delta, head_dim, theta, keys.device, nonnegative)
+    x1, x2 = keys[..., :half].float(), keys[..., half:].float()
+    out = torch.empty(torch.broadcast_shapes(keys.shape, (*cos.shape[:-1], head_dim)), dtype=torch.float32,
+                      device=keys.device)
+    # Written in place, half by half: no temporaries for the four products and the concatenation.
+    torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=out[..., half:]).addcmul_(x1, sin)
+    return out
