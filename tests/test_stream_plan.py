@@ -39,7 +39,12 @@ def _requests(generator):
             cache.kept = torch.randint(0, 40, (LAYERS, HEADS), generator=generator)
             lengths = schedule.stream_rows(cache.kept).flatten()
             schedule.pages_next = schedule.pages_for(cache.kept)
-        cache.stream_table = stream_layout.packed_table(geometry, lengths, table[r], schedule)
+        if kind == "budget":  # packed at the prompt end, then grown a step at a time, as decoding does
+            cache.stream_table = stream_layout.packed_table(geometry, schedule.stream_lengths(80), table[r], schedule)
+            for length in range(81, computed + 1):
+                cache.stream_table.grow(torch.tensor(schedule.stream_lengths(length)))
+        else:
+            cache.stream_table = stream_layout.packed_table(geometry, lengths, table[r], schedule)
         made.append((f"r{r}", cache, computed, 1))
     return geometry, table, made
 
@@ -136,3 +141,86 @@ def test_packed_decode_rows_are_where_each_layout_puts_the_new_token():
                     d = meta.decision_token_index.tolist().index(start)
                     assert torch.equal(meta.decision_rows[:, d], row((after - 2) % schedule.ring)), req_id
         start += q_len
+
+
+def _budget_requests(seed: int):
+    """Six packed budget requests (two share a schedule) at staggered lengths, with their tables."""
+    generator = torch.Generator().manual_seed(seed)
+    geometry = PoolGeometry(LAYERS, 6 * BLOCKS_EACH, HEADS, BLOCK, PAGE)
+    table = torch.randperm(6 * BLOCKS_EACH, generator=generator).view(6, BLOCKS_EACH).int()
+    shared = None
+    made = []
+    for r in range(6):
+        budgets = tuple(torch.randint(0, 60, (STREAMS,), generator=generator).tolist())
+        schedule = StreamSchedule(compress_at=70 + 3 * r, budgets=budgets, page=PAGE, block_size=BLOCK)
+        if r == 4:
+            schedule = shared
+        shared = schedule
+        computed = schedule.compress_at + int(torch.randint(0, 20, (1,), generator=generator))
+        cache = RequestCache(schedule)
+        cache.stream_table = stream_layout.packed_table(geometry, schedule.stream_lengths(schedule.compress_at),
+                                                        table[r], schedule)
+        for length in range(schedule.compress_at + 1, computed + 1):  # a step at a time, as decoding grows them
+            cache.stream_table.grow(torch.tensor(schedule.stream_lengths(length)))
+        made.append((cache, computed))
+    return geometry, table, made
+
+
+def test_budget_decodes_planned_on_the_device_equal_the_host_plan():
+    """docs/design/stream-tables-on-device.md §2: the closed form (``budget_decodes``, run here on
+    CPU tensors) gives the host plan's pages, lengths and write rows, step after step across page
+    boundaries, and leaves each request's host table as the host plan does."""
+    runs = {}
+    for name in ("host", "closed form"):
+        geometry, table, requests = _budget_requests(3)
+        steps = []
+        for step in range(2 * PAGE + 3):
+            decodes = [stream_layout.PackedDecode(i, computed + step + 1, cache.schedule, cache,
+                                                  table[r, :BLOCKS_EACH], f"r{r}", r)
+                       for i, (r, (cache, computed)) in enumerate(enumerate(requests))]
+            plan = stream_layout.packed_decodes(geometry, decodes) if name == "host" else \
+                stream_layout.budget_decodes(geometry, decodes, table)
+            steps.append(plan)
+        runs[name] = (steps, [cache.stream_table for cache, _ in requests])
+    for step, (want, got) in enumerate(zip(*(runs[n][0] for n in ("host", "closed form")))):
+        assert got.longest == want.longest and got.tokens == want.tokens, step
+        assert torch.equal(got.lengths, want.lengths), step
+        assert torch.equal(got.writes, want.writes), step
+        assert torch.equal(got.pages, want.pages), step  # the padding too: each stream's first page
+    for want, got in zip(*(runs[n][1] for n in ("host", "closed form"))):
+        assert (got.counts == want.counts).all() and (got.ids[:, : got.counts.max()] ==
+                                                      want.ids[:, : want.counts.max()]).all()
+
+
+def test_the_builder_plans_budget_decodes_on_a_cuda_pool_only():
+    calls = []
+    geometry, table, requests = _budget_requests(4)
+    decodes = [stream_layout.PackedDecode(i, computed + 1, cache.schedule, cache, table[i], f"r{i}", i)
+               for i, (cache, computed) in enumerate(requests)]
+    original = stream_layout.budget_decodes
+    try:
+        stream_layout.budget_decodes = lambda *args: calls.append(args) or "device plan"
+        assert stream_layout.packed_decodes(geometry, decodes, "cpu", table) != "device plan"
+        assert stream_layout.packed_decodes(geometry, decodes, "cuda", table) == "device plan"
+    finally:
+        stream_layout.budget_decodes = original
+    assert len(calls) == 1
+
+
+def test_a_batch_with_budget_decodes_planned_on_the_device_builds_the_host_plan(monkeypatch):
+    """The builder's path for a CUDA pool (packed budget decodes planned by ``budget_decodes``,
+    joined with the host's chunks after the copy), run on CPU tensors: the same metadata as the
+    host plan, for a batch with a prompt chunk and packed budget decodes."""
+    def batch(seed):
+        geometry, table, requests = _requests(torch.Generator().manual_seed(seed))
+        keep = [0, 1, 3]  # the prompt chunk and the two packed budget requests
+        return geometry, table[keep], [requests[i] for i in keep]
+
+    want = _build(*batch(5))
+    host_plan = stream_layout.packed_decodes
+    monkeypatch.setattr(stream_layout, "packed_decodes",
+                        lambda g, decodes, device="cpu", block_table=None: host_plan(g, decodes, "cuda", block_table))
+    got = _build(*batch(5))
+    for name in ("write_rows", "decode_token_index", "decode_pages", "decode_lengths"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.max_decode_len == want.max_decode_len > 0

@@ -159,6 +159,23 @@ class StreamSchedule:
             return self._pages_from(self._page_tables[0], logical)
         return sum(cdiv(n, self.page) for n in self.stream_lengths(logical, budgets))
 
+    @cached_property
+    def slot_form(self) -> tuple[np.ndarray, np.ndarray]:
+        """The packed layout's slots as a pure function of growth (design/stream-tables-on-device.md
+        §2): ``[4, streams]`` int64 rows (kept rows ``k``, pages taken at the packing
+        ``cdiv(k, page)``, the slots before them ``prefix``, the streams before with the same
+        ``k % page`` ``rank``) and the residue table ``[page]`` (pages in use at growth ``g``:
+        ``table[g % page] + streams * (g // page)``). Page ``j`` of stream ``s`` is slot
+        ``prefix + j`` for ``j < first``, else ``pages(g_j - 1) + rank`` with ``g_j = j * page + 1 - k``,
+        the growth at which the stream took it (:class:`StreamPageTable` takes them so)."""
+        kept = np.asarray(self.kept(), dtype=np.int64)
+        first = -(-kept // self.page)
+        prefix = np.cumsum(first) - first
+        residue = kept % self.page
+        same = residue[None, :] == residue[:, None]  # [s, o]
+        rank = np.tril(same, k=-1).sum(axis=1)
+        return np.stack([kept, first, prefix, rank]), np.asarray(self._page_tables[0], dtype=np.int64)
+
     def rows_held(self, logical: int) -> int:
         """vLLM block rows a request holds once ``logical`` tokens are computed and compressed."""
         if not self.packed(logical):
@@ -208,7 +225,10 @@ class PoolGeometry:
     def slot_pages(self, blocks, slots, pages_per_block: int):
         """:meth:`slot_page` of every entry of ``slots`` (``blocks``: the request's block ids;
         numpy arrays or tensors, both of integers)."""
-        block = blocks[slots // pages_per_block]
+        return self.block_pages(blocks[slots // pages_per_block], slots, pages_per_block)
+
+    def block_pages(self, block, slots, pages_per_block: int):
+        """Global pages of ``slots`` whose blocks (``blocks[slots // pages_per_block]``) are ``block``."""
         within = slots % pages_per_block
         layer, rest = within // (self.heads * self.subpages), within % (self.heads * self.subpages)
         return ((layer * self.num_blocks + block) * self.heads + rest // self.subpages) * self.subpages \

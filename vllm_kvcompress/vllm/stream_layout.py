@@ -176,6 +176,7 @@ class PackedDecode:
     cache: object  # RequestCache (its stream table grows here)
     blocks: torch.Tensor  # its block ids (host)
     req_id: str
+    row: int = 0  # its row of the step's block table (on the device: the closed form reads it there)
 
 
 @dataclass
@@ -193,13 +194,22 @@ class PackedDecodes:
     victim_dst: torch.Tensor  # [L, V, H] ... and the spare row it goes to first
     delayed: list[int]  # which of the ring ones decide one token late (DMS) ...
     decision_rows: torch.Tensor  # [L, V', H] ... the previous token's row, which the new token's score decides
+    longest: int  # the longest stream after the step (a host bound on ``lengths``)
+    on_device: bool = False  # planned on the pool's device (:func:`budget_decodes`), the rest on the host
 
 
-def packed_decodes(g: PoolGeometry, decodes: list[PackedDecode], device: torch.device | str = "cpu") -> PackedDecodes:
+def packed_decodes(g: PoolGeometry, decodes: list[PackedDecode], device: torch.device | str = "cpu",
+                   block_table: torch.Tensor | None = None) -> PackedDecodes:
     """Budget layouts append the new token to every stream (row ``length - 1``); ring layouts
     write it over the ring row of the token leaving the window (``(after - 1) % ring``), whose
-    row is first copied to the spare row (``ring + kept``; :class:`StreamRunner`). The page
-    table is made on the host for ``device`` (pinned for a CUDA one)."""
+    row is first copied to the spare row (``ring + kept``; :class:`StreamRunner`). On a CUDA
+    device a batch of budget layouts is planned there (:func:`budget_decodes`, from the step's
+    ``block_table`` on the device); otherwise the page table is made on the host for ``device``
+    (pinned for a CUDA one)."""
+    device = torch.device(device)
+    if device.type == "cuda" and block_table is not None and \
+            not any(isinstance(d.schedule, ThresholdSchedule) for d in decodes):
+        return budget_decodes(g, decodes, block_table)
     lengths = []
     for d in decodes:
         schedule = d.schedule
@@ -234,7 +244,58 @@ def packed_decodes(g: PoolGeometry, decodes: list[PackedDecode], device: torch.d
     spare = rows(lengths - 1)[:, ring] if ring else writes[:, :0]  # a ring's last row is its spare row
     decision_rows = rows(previous[None, :, None].expand(layers, -1, heads))[:, delayed] if delayed else writes[:, :0]
     return PackedDecodes([d.token for d in decodes], pages, lengths, writes, ring, writes[:, ring], spare, delayed,
-                         decision_rows)
+                         decision_rows, int(lengths.max()))
+
+
+def budget_decodes(g: PoolGeometry, decodes: list[PackedDecode], block_table: torch.Tensor) -> PackedDecodes:
+    """:func:`packed_decodes` of budget layouts, planned on ``block_table``'s device: each page
+    is a pure function of its stream's budget and the logical length
+    (:attr:`StreamSchedule.slot_form`), so the host sends ``O(batch)`` numbers instead of the
+    ``[L, D, H, P]`` table (tens of MB at B=320). The result equals the host plan's (tested).
+    The host tables still take their pages, at the steps that take any (O(1) to check), so a
+    later host plan of the request finds them as it would have."""
+    for d in decodes:
+        schedule = d.schedule
+        if schedule.pages(d.after) != schedule.pages(d.after - 1):
+            d.cache.stream_table.grow(schedule.kept_rows + (d.after - schedule.compress_at), d.blocks)
+    device, page, layers, heads = block_table.device, g.page, g.num_layers, g.heads
+    forms: dict[int, int] = {}
+    distinct, which, growth, longest = [], [], [], 0
+    for d in decodes:
+        index = forms.setdefault(id(d.schedule), len(forms))
+        if index == len(distinct):
+            distinct.append(d.schedule)
+        which.append(index)
+        grown = d.after - d.schedule.compress_at
+        growth.append(grown)
+        longest = max(longest, int(d.schedule.slot_form[0][0].max()) + grown)
+    width = cdiv(longest, page)
+    static = ops.to_device(torch.from_numpy(np.stack([s.slot_form[0] for s in distinct])), device)  # [U, 4, S]
+    residue = ops.to_device(torch.from_numpy(np.stack([s.slot_form[1] for s in distinct])), device)  # [U, page]
+    which_d = ops.to_device(torch.tensor(which), device)
+    growth_d = ops.to_device(torch.tensor(growth), device)[:, None, None]  # [D, 1, 1]
+    rows = ops.to_device(torch.tensor([d.row for d in decodes]), device)
+    kept, first, prefix, rank = (part[..., None] for part in static[which_d].unbind(1))  # [D, S, 1] each
+    count, streams = -(-(kept + growth_d) // page), kept.shape[1]
+    j = torch.arange(width, device=device)
+    before = (j * page - kept).clamp_(min=0)  # g_j - 1, the growth just before page j was taken
+    taken = residue[which_d].gather(1, (before % page).flatten(1)).view_as(before) + streams * (before // page)
+    slots = torch.where(j < first, prefix + j, taken + rank)
+    slots = torch.where(j < count, slots, slots[..., :1])  # padding: the stream's first page
+    pages_per_block = distinct[0].pages_per_block
+    blocks = block_table[rows].long().gather(1, (slots // pages_per_block).flatten(1)).view_as(slots)
+    ids = g.block_pages(blocks, slots, pages_per_block)  # [D, S, W]
+    lengths = kept[..., 0] + growth_d[..., 0]  # [D, S]
+    last = lengths - 1
+    writes = ids.gather(-1, (last // page)[..., None])[..., 0] * page + last % page
+    count_d = len(decodes)
+
+    def batch_major(x: torch.Tensor) -> torch.Tensor:  # [D, S, ...] -> [L, D, H, ...]
+        return x.view(count_d, layers, heads, *x.shape[2:]).transpose(0, 1).contiguous()
+
+    empty = torch.zeros(layers, 0, heads, dtype=torch.long, device=device)
+    return PackedDecodes([d.token for d in decodes], batch_major(ids), batch_major(lengths), batch_major(writes),
+                         [], empty, empty, [], empty, longest, on_device=True)
 
 
 def layout_of(schedule, computed: int):
@@ -273,7 +334,7 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
         threshold = isinstance(schedule, ThresholdSchedule)
         if schedule is not None and schedule.packed(after - q_len):
             if q_len == 1:
-                packed.append(PackedDecode(starts[r], after, schedule, cache, blocks, req_id))
+                packed.append(PackedDecode(starts[r], after, schedule, cache, blocks, req_id, r))
                 continue
             if threshold:
                 raise RuntimeError(f"ring layout: request {req_id} got {q_len} tokens in one step after its "
@@ -296,9 +357,16 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
             prefills.append(StreamSpan(starts[r], starts[r + 1], row.pages, row.lengths,
                                        schedule.ring if native_delayed else None))
     victim_fields = {}
+    device = m.block_table_tensor.device
+    longest_decode = max((int(lengths.max()) for lengths in decode_lengths), default=0)  # host bounds
+    planned_on_device = None  # packed decodes planned on the device: their write rows go in after the copy
     if packed:
-        plan = packed_decodes(geometry, packed, m.block_table_tensor.device)
-        writes[:, plan.tokens] = plan.writes
+        plan = packed_decodes(geometry, packed, device, m.block_table_tensor)
+        longest_decode = max(longest_decode, plan.longest)
+        if plan.on_device:
+            planned_on_device = plan
+        else:
+            writes[:, plan.tokens] = plan.writes
         decode_tokens += plan.tokens
         decode_pages.append(plan.pages)
         decode_lengths.append(plan.lengths)
@@ -310,6 +378,9 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
         if plan.delayed:
             decision_tokens.append(torch.tensor([packed[i].token for i in plan.delayed], dtype=torch.long))
             decision_rows.append(plan.decision_rows)
+    if planned_on_device is not None:  # the host's chunks join the device's
+        decode_pages = [ops.to_device(p, device) for p in decode_pages]
+        decode_lengths = [ops.to_device(p, device) for p in decode_lengths]
     if decode_pages:  # one chunk (every decode packed): no copy
         decode_pages_t = torch.cat(_pad_pages(decode_pages), dim=1) if len(decode_pages) > 1 else decode_pages[0]
         decode_lengths_t = torch.cat(decode_lengths, dim=1) if len(decode_lengths) > 1 else decode_lengths[0]
@@ -318,7 +389,6 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
         decode_lengths_t = torch.zeros(geometry.num_layers, 0, geometry.heads, dtype=torch.long)
     if decision_tokens:
         victim_fields.update(decision_token_index=torch.cat(decision_tokens), decision_rows=torch.cat(decision_rows, 1))
-    device = m.block_table_tensor.device
     for span in prefills:
         longest = span.lengths.amax(dim=1)
         span.max_len, span.uniform = longest.tolist(), (span.lengths == longest[:, None]).all(dim=1).tolist()
@@ -327,14 +397,18 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
         c.host_pages, c.pages = c.pages, ops.to_device(c.pages, device)
     victim_fields = {name: ops.to_device(value, device) if isinstance(value, torch.Tensor) else value
                      for name, value in victim_fields.items()}
+    write_rows = ops.to_device(writes, device)
+    if planned_on_device is not None:
+        tokens = ops.to_device(torch.tensor(planned_on_device.tokens, dtype=torch.long), device)
+        write_rows.index_copy_(1, tokens, planned_on_device.writes)
     return StreamMetadata(
         **victim_fields,
         num_actual_tokens=m.num_actual_tokens,
-        write_rows=ops.to_device(writes, device),
+        write_rows=write_rows,
         decode_token_index=ops.to_device(torch.tensor(decode_tokens, dtype=torch.long), device),
         decode_pages=ops.to_device(decode_pages_t, device),
         decode_lengths=ops.to_device(decode_lengths_t, device),
-        max_decode_len=int(decode_lengths_t.max()) if decode_lengths_t.numel() else 0,
+        max_decode_len=longest_decode,
         prefills=prefills,
         compressions=compressions,
         geometry=geometry,
