@@ -192,18 +192,22 @@ def test_budget_decodes_planned_on_the_device_equal_the_host_plan():
                                                       want.ids[:, : want.counts.max()]).all()
 
 
-def test_the_builder_plans_budget_decodes_on_a_cuda_pool_only():
+def test_the_builder_plans_budget_decodes_on_a_cuda_pool_only(monkeypatch):
+    """On the device: budget layouts of a CUDA pool given its block table; a CPU pool, a batch
+    with a ring layout or no device table: the host plan."""
     calls = []
     geometry, table, requests = _budget_requests(4)
     decodes = [stream_layout.PackedDecode(i, computed + 1, cache.schedule, cache, table[i], f"r{i}", i)
                for i, (cache, computed) in enumerate(requests)]
-    original = stream_layout.budget_decodes
-    try:
-        stream_layout.budget_decodes = lambda *args: calls.append(args) or "device plan"
-        assert stream_layout.packed_decodes(geometry, decodes, "cpu", table) != "device plan"
-        assert stream_layout.packed_decodes(geometry, decodes, "cuda", table) == "device plan"
-    finally:
-        stream_layout.budget_decodes = original
+    monkeypatch.setattr(stream_layout, "budget_decodes", lambda *args: calls.append(args) or "device plan")
+    monkeypatch.setattr(stream_layout.ops, "host_empty", lambda shape, dtype, device: torch.empty(shape, dtype=dtype))
+    assert stream_layout.packed_decodes(geometry, decodes, "cpu", table) != "device plan"
+    assert stream_layout.packed_decodes(geometry, decodes, "cuda") != "device plan"
+    assert stream_layout.packed_decodes(geometry, decodes, "cuda", table) == "device plan"
+    _, ring_table, mixed = _requests(torch.Generator().manual_seed(4))
+    _, cache, computed, _ = mixed[2]  # a DMS ring
+    ring = stream_layout.PackedDecode(len(decodes), computed + 1, cache.schedule, cache, ring_table[2], "ring", 2)
+    assert stream_layout.packed_decodes(geometry, decodes + [ring], "cuda", table) != "device plan"
     assert len(calls) == 1
 
 
@@ -213,14 +217,34 @@ def test_a_batch_with_budget_decodes_planned_on_the_device_builds_the_host_plan(
     host plan, for a batch with a prompt chunk and packed budget decodes."""
     def batch(seed):
         geometry, table, requests = _requests(torch.Generator().manual_seed(seed))
-        keep = [0, 1, 3]  # the prompt chunk and the two packed budget requests
-        return geometry, table[keep], [requests[i] for i in keep]
+        native = requests[0][:3] + (1,)  # a single-token decode still in vLLM's layout: a host chunk, narrower
+        return geometry, table[[1, 0, 3]], [requests[1], native, requests[3]]
 
     want = _build(*batch(5))
     host_plan = stream_layout.packed_decodes
     monkeypatch.setattr(stream_layout, "packed_decodes",
                         lambda g, decodes, device="cpu", block_table=None: host_plan(g, decodes, "cuda", block_table))
     got = _build(*batch(5))
+    assert got.decode_token_index.tolist() == [1, 0, 2]  # the host's decode chunk first, then the packed ones
     for name in ("write_rows", "decode_token_index", "decode_pages", "decode_lengths"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     assert got.max_decode_len == want.max_decode_len > 0
+
+
+def test_a_step_of_several_tokens_keeps_the_closed_form():
+    """A resumed request recomputes its output in steps of several tokens after its prompt was
+    packed (``packed_budget_layout``); its table must still take its pages a growth at a time, or
+    the device plan of its next decodes (the closed form) would read other pages than the host put
+    its rows in."""
+    plans = []
+    for planner in ("host", "closed form"):
+        geometry, table, requests = _budget_requests(6)
+        cache, computed = requests[2]
+        schedule = cache.schedule
+        row = stream_layout.packed_budget_layout(geometry, table[2], computed + 2 * PAGE + 3, 2 * PAGE + 3, schedule,
+                                                 cache, "r2", 0)
+        assert row.positions.shape[-1] == 2 * PAGE + 3
+        decode = [stream_layout.PackedDecode(0, computed + 2 * PAGE + 4, schedule, cache, table[2], "r2", 2)]
+        plans.append(stream_layout.packed_decodes(geometry, decode) if planner == "host" else
+                     stream_layout.budget_decodes(geometry, decode, table))
+    assert torch.equal(plans[0].pages, plans[1].pages) and torch.equal(plans[0].writes, plans[1].writes)

@@ -176,6 +176,10 @@ class StreamSchedule:
         rank = np.tril(same, k=-1).sum(axis=1)
         return np.stack([kept, first, prefix, rank]), np.asarray(self._page_tables[0], dtype=np.int64)
 
+    @cached_property
+    def longest_kept(self) -> int:
+        return max(self.kept())
+
     def rows_held(self, logical: int) -> int:
         """vLLM block rows a request holds once ``logical`` tokens are computed and compressed."""
         if not self.packed(logical):

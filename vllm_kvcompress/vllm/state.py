@@ -35,6 +35,7 @@ class RequestCache:
     masks: dict[int, torch.Tensor] = field(default_factory=dict)  # eviction_mode mask: visible rows per layer
     stream_table: Any = None  # packed streams: their StreamPageTable
     kept: torch.Tensor | None = None  # ring layout: survivors per stream [layers, KV heads]
+    device_form: torch.Tensor | None = None  # budget layout on CUDA: its schedule's slot form on the device
 
 
 @dataclass

@@ -157,10 +157,22 @@ def native_layout(g: PoolGeometry, blocks, after: int, q_len: int, schedule, cac
     return RowPlan(pages, lengths, _appended(lengths, q_len), compression)
 
 
+def grow_budget_table(table: StreamPageTable, schedule: StreamSchedule, before: int, after: int, blocks) -> None:
+    """A budget layout's table from ``before`` to ``after`` logical tokens, one growth at a time
+    (at each, the streams that start a page take one, in stream order): the order
+    :attr:`StreamSchedule.slot_form` describes, so the device plan (:func:`budget_decodes`) finds
+    the pages where the host put them, also after a step of several tokens (a resumed request
+    recomputing its output). Only the growths that take pages touch the table."""
+    for logical in range(before + 1, after + 1):
+        if schedule.pages(logical) != schedule.pages(logical - 1):
+            table.grow(schedule.kept_rows + (logical - schedule.compress_at), blocks)
+
+
 def packed_budget_layout(g: PoolGeometry, blocks, after: int, q_len: int, schedule: StreamSchedule, cache,
                          req_id: str, token_end: int) -> RowPlan:
     """After a budget compression (HeadKV, KVzap top-k): every stream appends its tokens."""
     lengths = (schedule.kept_rows + (after - schedule.compress_at)).view(g.num_layers, -1)
+    grow_budget_table(cache.stream_table, schedule, after - q_len, after, blocks)
     pages = _packed_pages(g, cache.stream_table, blocks, lengths)
     return RowPlan(pages, lengths, _appended(lengths, q_len))
 
@@ -254,35 +266,31 @@ def budget_decodes(g: PoolGeometry, decodes: list[PackedDecode], block_table: to
     ``[L, D, H, P]`` table (tens of MB at B=320). The result equals the host plan's (tested).
     The host tables still take their pages, at the steps that take any (O(1) to check), so a
     later host plan of the request finds them as it would have."""
+    device, page, layers, heads = block_table.device, g.page, g.num_layers, g.heads
+    growth, longest = [], 0
     for d in decodes:
         schedule = d.schedule
-        if schedule.pages(d.after) != schedule.pages(d.after - 1):
-            d.cache.stream_table.grow(schedule.kept_rows + (d.after - schedule.compress_at), d.blocks)
-    device, page, layers, heads = block_table.device, g.page, g.num_layers, g.heads
-    forms: dict[int, int] = {}
-    distinct, which, growth, longest = [], [], [], 0
-    for d in decodes:
-        index = forms.setdefault(id(d.schedule), len(forms))
-        if index == len(distinct):
-            distinct.append(d.schedule)
-        which.append(index)
-        grown = d.after - d.schedule.compress_at
+        grow_budget_table(d.cache.stream_table, schedule, d.after - 1, d.after, d.blocks)
+        if d.cache.device_form is None:  # uploaded once per request: [4 * S + page]
+            form, residue = schedule.slot_form
+            d.cache.device_form = ops.to_device(torch.from_numpy(np.concatenate([form.ravel(), residue])), device)
+        grown = d.after - schedule.compress_at
         growth.append(grown)
-        longest = max(longest, int(d.schedule.slot_form[0][0].max()) + grown)
+        longest = max(longest, schedule.longest_kept + grown)
     width = cdiv(longest, page)
-    static = ops.to_device(torch.from_numpy(np.stack([s.slot_form[0] for s in distinct])), device)  # [U, 4, S]
-    residue = ops.to_device(torch.from_numpy(np.stack([s.slot_form[1] for s in distinct])), device)  # [U, page]
-    which_d = ops.to_device(torch.tensor(which), device)
+    streams = decodes[0].schedule.streams
+    forms = torch.stack([d.cache.device_form for d in decodes])  # [D, 4 * S + page]
     growth_d = ops.to_device(torch.tensor(growth), device)[:, None, None]  # [D, 1, 1]
     rows = ops.to_device(torch.tensor([d.row for d in decodes]), device)
-    kept, first, prefix, rank = (part[..., None] for part in static[which_d].unbind(1))  # [D, S, 1] each
-    count, streams = -(-(kept + growth_d) // page), kept.shape[1]
+    kept, first, prefix, rank = (part[..., None] for part in forms[:, : 4 * streams].view(-1, 4, streams).unbind(1))
+    residue = forms[:, 4 * streams:]  # [D, page]
+    count = -(-(kept + growth_d) // page)  # [D, S, 1] each
     j = torch.arange(width, device=device)
     before = (j * page - kept).clamp_(min=0)  # g_j - 1, the growth just before page j was taken
-    taken = residue[which_d].gather(1, (before % page).flatten(1)).view_as(before) + streams * (before // page)
+    taken = residue.gather(1, (before % page).flatten(1)).view_as(before) + streams * (before // page)
     slots = torch.where(j < first, prefix + j, taken + rank)
     slots = torch.where(j < count, slots, slots[..., :1])  # padding: the stream's first page
-    pages_per_block = distinct[0].pages_per_block
+    pages_per_block = decodes[0].schedule.pages_per_block
     blocks = block_table[rows].long().gather(1, (slots // pages_per_block).flatten(1)).view_as(slots)
     ids = g.block_pages(blocks, slots, pages_per_block)  # [D, S, W]
     lengths = kept[..., 0] + growth_d[..., 0]  # [D, S]
