@@ -466,7 +466,9 @@ def error_line(row: dict, width: int = 120) -> str:
 def summarise(rows: list[dict], meta: dict) -> tuple[dict, str]:
     """summary.json's object and summary.md's text. Rows of another workload or utilization than
     ``meta``'s are left out; of several rows of one config the newest wins. Ratios against the
-    newest vllm-bf16 row (without error); ``tpot_ratio_*`` = config / bf16 (lower is better)."""
+    newest vllm-bf16 row, stage by stage: a bf16 row that ran out of time after some stages still
+    gives those stages' ratios (its error shows in its row); ``tpot_ratio_*`` = config / bf16
+    (lower is better)."""
     workload, utilization = meta["workload"], meta["gpu_memory_utilization"]
     latest: dict[str, dict] = {}
     left_out = 0
@@ -477,8 +479,6 @@ def summarise(rows: list[dict], meta: dict) -> tuple[dict, str]:
         latest[r["config"]] = dict(r)  # the newest row, in the place of the config's first
     rows = list(latest.values())
     base = latest.get(BASE)
-    if base is not None and "error" in base:
-        base = None
     for r in rows:
         for ratio, field in RATIOS.items():
             value = _ratio(r.get(field), base.get(field)) if base is not None else None

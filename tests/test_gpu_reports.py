@@ -168,3 +168,16 @@ def test_stream_rows_synthetic_artefacts_load_for_the_benchmark_model(tmp_path):
         evicted = (decisions.adapters[3](states) > 0).float().mean().item()
     assert decisions.window == gpu_engine.DMS_WINDOW
     assert abs(evicted - gpu_engine.DMS_EVICTED) < 0.03  # the stated share, on unit-RMS states
+
+
+def test_a_bf16_row_cut_short_still_gives_the_ratios_of_the_stages_it_measured():
+    meta = {"device": "H200", "date": "2026-12-04", "workload": "full", "gpu_memory_utilization": 0.85,
+            "model": "m", "command": "c"}
+    bf16 = {"config": "vllm-bf16", "capacity_tokens": 800, "throughput_tok_s": 100.0, "tpot_ms_b1": 6.0,
+            "timed_out": True, "error": "timed out after 330 s"}
+    other = {"config": "headkv-4x", "capacity_tokens": 808, "throughput_tok_s": 47.0, "tpot_ms_b1": 16.0,
+             "long_context_tok_s": 9.0}
+    summary, text = gpu_engine.summarise([bf16, other], meta)
+    row = next(r for r in summary["rows"] if r["config"] == "headkv-4x")
+    assert (row["capacity_ratio"], row["throughput_ratio"], row["tpot_ratio_b1"]) == (1.01, 0.47, 2.67)
+    assert "long_context_ratio" not in row and "| 0.47 |" in text
