@@ -40,7 +40,7 @@ def cos_sin(delta: torch.Tensor, head_dim: int, theta: float, device,
     if table is None or table.shape[0] <= farthest:
         cos, sin = _direct(torch.arange(1 << max(10, farthest.bit_length()), device=device), head_dim, theta, device)
         table = _TABLES[key] = torch.cat([cos, sin], -1)
-    both = table[index]
+    both = table.index_select(0, index.flatten()).view(*index.shape, head_dim)  # faster than table[index] on the CPU
     cos, sin = both[..., : head_dim // 2], both[..., head_dim // 2 :]
     return (cos, sin) if nonnegative else (cos, torch.where((delta < 0).unsqueeze(-1), -sin, sin))  # sin(-a) = -sin a
 
