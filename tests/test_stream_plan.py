@@ -41,8 +41,7 @@ def _requests(generator):
             schedule.pages_next = schedule.pages_for(cache.kept)
         if kind == "budget":  # packed at the prompt end, then grown a step at a time, as decoding does
             cache.stream_table = stream_layout.packed_table(geometry, schedule.stream_lengths(80), table[r], schedule)
-            for length in range(81, computed + 1):
-                cache.stream_table.grow(torch.tensor(schedule.stream_lengths(length)))
+            stream_layout.grow_budget_table(cache.stream_table, schedule, 80, computed, table[r])
         else:
             cache.stream_table = stream_layout.packed_table(geometry, lengths, table[r], schedule)
         made.append((f"r{r}", cache, computed, 1))
@@ -160,8 +159,7 @@ def _budget_requests(seed: int):
         cache = RequestCache(schedule)
         cache.stream_table = stream_layout.packed_table(geometry, schedule.stream_lengths(schedule.compress_at),
                                                         table[r], schedule)
-        for length in range(schedule.compress_at + 1, computed + 1):  # a step at a time, as decoding grows them
-            cache.stream_table.grow(torch.tensor(schedule.stream_lengths(length)))
+        stream_layout.grow_budget_table(cache.stream_table, schedule, schedule.compress_at, computed, table[r])
         made.append((cache, computed))
     return geometry, table, made
 

@@ -108,13 +108,6 @@ def _native_pages(geometry: PoolGeometry, blocks: torch.Tensor, length: int) -> 
     return ((layer * g.num_blocks + block) * g.heads + head) * g.subpages + j % g.subpages
 
 
-def _packed_pages(geometry: PoolGeometry, table: StreamPageTable, blocks: torch.Tensor,
-                  lengths: torch.Tensor) -> torch.Tensor:
-    """[L, H, P] pages of a packed request whose streams hold ``lengths[L, H]`` rows after this step."""
-    table.grow(lengths.flatten(), blocks)
-    return table.pages().view(geometry.num_layers, geometry.heads, -1)
-
-
 def packed_table(geometry: PoolGeometry, lengths, blocks, schedule) -> StreamPageTable:
     """A request's packed layout for streams of ``lengths`` rows in its ``blocks``
     (``RequestCache.stream_table``)."""
@@ -173,7 +166,7 @@ def packed_budget_layout(g: PoolGeometry, blocks, after: int, q_len: int, schedu
     """After a budget compression (HeadKV, KVzap top-k): every stream appends its tokens."""
     lengths = (schedule.kept_rows + (after - schedule.compress_at)).view(g.num_layers, -1)
     grow_budget_table(cache.stream_table, schedule, after - q_len, after, blocks)
-    pages = _packed_pages(g, cache.stream_table, blocks, lengths)
+    pages = cache.stream_table.pages().view(g.num_layers, g.heads, -1)
     return RowPlan(pages, lengths, _appended(lengths, q_len))
 
 
