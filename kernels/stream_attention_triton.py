@@ -33,12 +33,13 @@ def stream_decode(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, 
 def warm_up(query: torch.Tensor, pool: torch.Tensor, num_kv_heads: int, page: int, max_len: int) -> None:
     """Every variant serving can compile, for ``query[1, Hq, D]``: each split count the launch
     plan picks up to ``max_len`` (powers of two; each its own combine block), for each page
-    list width Triton specialises the table's row stride on (1, a multiple of 16, other)."""
+    list width Triton specialises the table's row stride on (1, a multiple of 16, other), in
+    int64 (a step's plan) and int32 (the CUDA graph buffers, a multiple of 16 wide)."""
     # One (request, head): the most splits.
     most = partition(1, 1, max_len, tile_tokens(query.shape[-1]), query.device, DEFAULTS)
     lengths = torch.ones(1, num_kv_heads, dtype=torch.long, device=query.device)
-    for width in (1, 2, 16):
-        pages = torch.zeros(1, num_kv_heads, width, dtype=torch.long, device=query.device)
+    for width, dtype in ((1, torch.long), (2, torch.long), (16, torch.long), (16, torch.int32)):
+        pages = torch.zeros(1, num_kv_heads, width, dtype=dtype, device=query.device)
         splits = 1
         while splits <= most:
             stream_decode(query, pool, pages, lengths, page, 1.0, max_kv_len=max_len, num_splits=splits)

@@ -124,18 +124,22 @@ def test_eviction_triton_path_matches_its_reference_path(monkeypatch, method):
     assert not result["splits"] and result["gap"] <= GAP_NATS
 
 
-@pytest.mark.parametrize("graphs", ["eager", "piecewise"])
+@pytest.mark.parametrize("graphs", ["eager", "piecewise", "full"])
 def test_headkv_triton_path_matches_its_reference_path(monkeypatch, tmp_path, graphs):
     """HeadKV's per-(layer, KV head) streams on CUDA (``KVCOMPRESS_CUDA_STREAMS=experimental``
     until this passes): decode on the Triton stream kernel against the same engine on the
-    PyTorch ops. Head scores skewed so the streams' budgets differ; a 256-token step budget so
-    the 777-token prompt is chunked (bottom-right masks) before its compression."""
+    PyTorch ops (which never capture). Head scores skewed so the streams' budgets differ; a
+    256-token step budget so the 777-token prompt is chunked (bottom-right masks) before its
+    compression. ``full``: decode batches replay FULL graphs from the stream buffers, and the
+    steps that compress run eagerly."""
     from benchmarks.gpu_engine import synthetic_artefact
 
     path = synthetic_artefact("head_scores", tmp_path, SMALL)  # skewed, seeded
     monkeypatch.setenv("KVCOMPRESS_CUDA_STREAMS", "experimental")
-    compilation = ({"mode": 0} if graphs == "eager" else
-                   {"mode": 3, "cudagraph_mode": "PIECEWISE", "cudagraph_capture_sizes": [1, 2, 4, 8]})
+    compilation = {"eager": {"mode": 0},
+                   "piecewise": {"mode": 3, "cudagraph_mode": "PIECEWISE", "cudagraph_capture_sizes": [1, 2, 4, 8]},
+                   "full": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": [1, 2, 4, 8]},
+                   }[graphs]
     triton, _, result = _triton_and_reference(
         monkeypatch, "small", {"method": "headkv", "head_scores": str(path), "max_kv_tokens": 256},
         max_num_batched_tokens=256, compilation_config=compilation)
@@ -143,6 +147,8 @@ def test_headkv_triton_path_matches_its_reference_path(monkeypatch, tmp_path, gr
           f"{_describe(result)} ({triton['distinct_tokens']} distinct tokens); cudagraph {triton['cudagraph_mode']}, "
           f"start {triton['start_s']} s")
     assert not result["splits"] and result["gap"] <= GAP_NATS
+    if graphs == "full":  # not degraded to eager: the backend supports decode graphs
+        assert "FULL" in triton["cudagraph_mode"]
 
 
 # KVzap's threshold rule and DMS: ring layouts whose decisions come from learned scores

@@ -50,9 +50,11 @@ def test_stream_warm_up_leaves_nothing_to_compile_while_serving(tmp_path):
     assert ops.warm_up_stream_decode(pool, PAGE, Q_HEADS, HEADS, DIM, torch.bfloat16, max_len=4096)
     warmed = _compiled()
     assert warmed > before  # it compiled something, so the check below is not vacuous
-    for batch, length, width in [(1, 3000, 375), (3, 200, 25), (2, 16, 2), (4, 9, 2), (1, 8, 1), (8, 1000, 128)]:
+    shapes = [(1, 3000, 375, torch.long), (3, 200, 25, torch.long), (2, 16, 2, torch.long), (4, 9, 2, torch.long),
+              (1, 8, 1, torch.long), (8, 1000, 128, torch.long), (5, 4000, 512, torch.int32)]  # int32: graph buffers
+    for batch, length, width, dtype in shapes:
         query = torch.randn(batch, Q_HEADS, DIM, dtype=torch.bfloat16, device="cuda")
-        pages = torch.randint(0, pool.shape[0] // PAGE, (batch, HEADS, width), device="cuda")
+        pages = torch.randint(0, pool.shape[0] // PAGE, (batch, HEADS, width), device="cuda", dtype=dtype)
         lengths = torch.randint(1, length + 1, (batch, HEADS), device="cuda")
         ops.stream_decode(query, pool, pages, lengths, PAGE, DIM ** -0.5, max_kv_len=length)
     torch.cuda.synchronize()

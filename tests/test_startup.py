@@ -382,7 +382,7 @@ def test_method_none_hands_attention_to_flash_attention_on_cuda(smollm2_dir, mon
     assert config.attention_config.backend.name == "FLASH_ATTN"
 
 
-def test_decode_graphs_declared_except_for_streams_and_masks():
+def test_decode_graphs_declared_except_for_learned_streams_and_masks():
     from vllm.v1.attention.backend import AttentionCGSupport
 
     from vllm_kvcompress.vllm.backend import KVCompressMetadataBuilder
@@ -396,7 +396,9 @@ def test_decode_graphs_declared_except_for_streams_and_masks():
     # Whole-row eviction compacts after the forward: its decode steps replay graphs.
     assert support({"method": "knorm", "compression_ratio": 0.5}) == graphs
     assert support({"method": "knorm", "compression_ratio": 0.5, "eviction_mode": "mask"}) == never
-    assert support({"method": "headkv", "compression_ratio": 0.5, "head_scores": "uniform"}) == never
+    # HeadKV's streams replay from the stream buffers; learned methods' hooks need eager mode.
+    assert support({"method": "headkv", "compression_ratio": 0.5, "head_scores": "uniform"}) == graphs
+    assert support({"method": "kvzap", "kvzap_predictor": "p.safetensors", "compression_ratio": 0.5}) == never
     # Only the Triton kernels are captured (a graph is sized for max_model_len).
     from vllm_kvcompress.kernels import ops
 

@@ -35,7 +35,7 @@ def test_stream_warm_up_runs_each_launch_plan_and_leaves_the_pool_alone(monkeypa
     seen, dense_decode = set(), stream_attention_triton.dense_decode
 
     def recording(query, cache, table, lengths, scale, **kwargs):
-        seen.add((table.shape[1], kwargs["num_splits"]))
+        seen.add((table.shape[1], table.dtype, kwargs["num_splits"]))
         return dense_decode(query, cache, table, lengths, scale, **kwargs)
 
     monkeypatch.setattr(stream_attention_triton, "dense_decode", recording)
@@ -44,7 +44,9 @@ def test_stream_warm_up_runs_each_launch_plan_and_leaves_the_pool_alone(monkeypa
     before = pool.clone()
     query = torch.zeros(1, 2 * heads, head_dim, dtype=torch.bfloat16, device=DEV)
     stream_attention_triton.warm_up(query, pool, heads, page, max_len=1024)  # 1024 / 256 tokens a split: 4
-    assert seen == {(width, splits) for width in (1, 2, 16) for splits in (1, 2, 4)}
+    # int32 pages: the CUDA graph buffers' (StreamDecodeBuffers), a multiple of 16 wide.
+    plans = [(1, torch.long), (2, torch.long), (16, torch.long), (16, torch.int32)]
+    assert seen == {(width, dtype, splits) for width, dtype in plans for splits in (1, 2, 4)}
     assert torch.equal(pool, before)
 
 

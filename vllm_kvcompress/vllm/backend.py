@@ -160,6 +160,11 @@ def token_positions(m: CommonAttentionMetadata, seq_lens: torch.Tensor) -> torch
     return torch.repeat_interleave(seq_lens.long() - q_lens, q_lens, output_size=m.num_actual_tokens) + offsets
 
 
+def _uniform_decode(m: CommonAttentionMetadata) -> bool:
+    """A batch vLLM may run as a FULL decode graph: one token per request."""
+    return m.max_query_len == 1 and m.num_actual_tokens == m.num_reqs
+
+
 class KVCompressMetadataBuilder(AttentionMetadataBuilder):
     """``worker_state``: the eviction runner's :class:`~vllm_kvcompress.vllm.state.WorkerState`,
     handed over when the runner allocates the KV cache (None without eviction).
@@ -169,8 +174,11 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
     the builder's :class:`DecodeBuffers` of physical lengths and slots, refilled every
     step) and is sized by ``max_seq_len``, which vLLM sets to ``max_model_len`` when it
     captures, so one graph per batch size replays for any lengths. Compactions run after
-    the forward (the runner), outside any graph. The per-(layer, KV head) stream layouts
-    and eviction's mask mode are not captured (PIECEWISE)."""
+    the forward (the runner), outside any graph. Per-(layer, KV head) streams (HeadKV)
+    replay from :class:`~vllm_kvcompress.vllm.stream_layout.StreamDecodeBuffers`; a step
+    that compresses runs eagerly (the runner forces it: the compression scores inside the
+    layers). Not captured (PIECEWISE): eviction's mask mode, and the learned methods, whose
+    hooks need eager mode anyway."""
 
     worker_state = None
 
@@ -178,7 +186,9 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
     def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
         config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
         method = config.build()
-        capturable = not method.evicts or not (isinstance(config.settings, PagedSettings) or method.masks)
+        # Streams replay from StreamDecodeBuffers; learned methods' hooks run eagerly anyway.
+        paged = isinstance(config.settings, PagedSettings)
+        capturable = not method.evicts or not (method.masks or (paged and method.learned))
         # A graph is sized for max_model_len: the PyTorch decode ops would gather that many
         # rows per request at every replay, so only the Triton kernels are captured.
         capturable = capturable and ops.current_kind() != "reference" and (
@@ -201,6 +211,16 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
                                if self.evicts and self.compact and not self.paged else None)
         # Decode positions in a persistent buffer too: a replayed graph reads the captured address.
         self.decode_positions = torch.zeros(max_tokens, dtype=torch.long, device=device) if self.positions else None
+        self.stream_buffers = None
+        if self.paged and torch.device(device).type == "cuda" and \
+                vllm_config.compilation_config.cudagraph_mode.has_full_cudagraphs() and \
+                self.get_cudagraph_support(vllm_config, kv_cache_spec) != AttentionCGSupport.NEVER:
+            from vllm_kvcompress.vllm.stream_layout import StreamDecodeBuffers
+
+            max_reqs = max(vllm_config.scheduler_config.max_num_seqs,
+                           vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+            self.stream_buffers = StreamDecodeBuffers(self.num_layers, kv_cache_spec.num_kv_heads, max_reqs,
+                                                      vllm_config.model_config.max_model_len, self.page_tokens, device)
         logger.info("kvcompress attention active: method=%s, %d layers, block_size=%d, page %d bytes, "
                     "CUDA graphs for decode: %s", config.method, len(layer_names), kv_cache_spec.block_size,
                     kv_cache_spec.page_size_bytes,
@@ -213,12 +233,15 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
         state = self.worker_state
         step = None if state is None else state.step
         if self.paged and state is not None:
-            from vllm_kvcompress.eviction.streams import PoolGeometry
             from vllm_kvcompress.vllm import stream_layout
 
-            geometry = PoolGeometry(self.num_layers, state.pool.num_blocks, self.kv_cache_spec.num_kv_heads,
-                                    self.kv_cache_spec.block_size, self.page_tokens)
-            planned = stream_layout.build(m, num_reqs, geometry, step, state.pool, host_seq_lens(m))
+            geometry = self._geometry()
+            buffers = self.stream_buffers if _uniform_decode(m) else None
+            # A graph's batch: rows past the step's requests are padding.
+            real = num_reqs if buffers is None or step is None else min(num_reqs, len(step.req_ids))
+            planned = stream_layout.build(m, real, geometry, step, state.pool, host_seq_lens(m))
+            if planned is not None and buffers is not None and not planned.python_only:
+                return buffers.fill(planned, num_reqs, geometry, step, state.pool, planned.max_decode_len)
             if planned is not None:
                 return planned
         if m.max_query_len == 1 and (not self.evicts or self.decode_buffers is not None):
@@ -249,6 +272,21 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
             eviction=plan,
             positions=None if positions is None else ops.to_device(positions, device),
         )
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata):
+        """Streams: the capture reads the persistent buffers, every row padding, with launches
+        sized for ``max_seq_len`` (``max_model_len`` when vLLM captures)."""
+        m = common_attn_metadata
+        if self.stream_buffers is None or self.worker_state is None:
+            return super().build_for_cudagraph_capture(m)
+        return self.stream_buffers.fill(None, m.num_reqs, self._geometry(), None, self.worker_state.pool,
+                                        int(m.max_seq_len))
+
+    def _geometry(self):
+        from vllm_kvcompress.eviction.streams import PoolGeometry
+
+        return PoolGeometry(self.num_layers, self.worker_state.pool.num_blocks, self.kv_cache_spec.num_kv_heads,
+                            self.kv_cache_spec.block_size, self.page_tokens)
 
     def _decodes(self, m: CommonAttentionMetadata, step) -> KVCompressMetadata:
         """Every request decodes one token: token ``r`` is request ``r``'s. Views of

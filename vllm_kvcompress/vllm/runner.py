@@ -25,6 +25,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.utils.math_utils import cdiv
 
 from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.methods.base import PagedSettings
 from vllm_kvcompress.vllm.policy import EvictionPolicy, model_shape
 from vllm_kvcompress.vllm import parallel
 from vllm_kvcompress.vllm.runner_output import KVCompressRunnerOutput
@@ -40,7 +41,22 @@ class EvictionRunnerMixin:
         self.kvc_policy = EvictionPolicy(config, self.cache_config.block_size, model_shape(self.vllm_config),
                                          self.kvc_rank, self.kvc_tp_size)
         self.kvc_method = self.kvc_policy.method
+        self.kvc_streams = isinstance(config.settings, PagedSettings)  # per-(layer, KV head) streams
         self.kvc = WorkerState()
+
+    def _determine_batch_execution_and_padding(self, *args, **kwargs):
+        if self._kvc_step_compresses_streams():
+            kwargs["force_eager"] = True
+        return super()._determine_batch_execution_and_padding(*args, **kwargs)
+
+    def _kvc_step_compresses_streams(self) -> bool:
+        """Whether a request's stream compression runs in this step: it scores with the step's
+        queries inside every layer, which a replayed decode graph would skip (whole-row
+        compactions run after the forward and need no such step)."""
+        step = self.kvc.step
+        return self.kvc_streams and step is not None and any(
+            cache is not None and cache.schedule is not None and cache.schedule.compacts_at(cache.length)
+            for cache in step.caches)
 
     def _kvc_truncate(self, req_id: str, num_computed: int) -> None:
         cache = self.kvc.requests.get(req_id)

@@ -76,7 +76,7 @@ class StreamSpan:
 class StreamMetadata:
     num_actual_tokens: int
     write_rows: torch.Tensor  # [L, T, H] pool row of each new token in each stream
-    decode_token_index: torch.Tensor  # [D]
+    decode_token_index: torch.Tensor | None  # [D]; None: tokens 0..D-1 (:class:`StreamDecodeBuffers`)
     decode_pages: torch.Tensor  # [L, D, H, P]
     decode_lengths: torch.Tensor  # [L, D, H]
     max_decode_len: int  # host bound on decode_lengths
@@ -96,6 +96,68 @@ class StreamMetadata:
     # decision of the token before it, stored at ``decision_rows[:, i]``.
     decision_token_index: torch.Tensor | None = None  # [T']
     decision_rows: torch.Tensor | None = None  # [L, T', H]
+
+    @property
+    def python_only(self) -> bool:
+        """Whether the step does work a replayed CUDA graph would skip: prompts, compressions,
+        ring victims or DMS decisions (their shapes and host loops change every step)."""
+        return bool(self.prefills or self.compressions or self.victim_caches or self.decision_token_index is not None)
+
+
+class StreamDecodeBuffers:
+    """A batch of single-token stream decodes in persistent device buffers (one set per
+    metadata builder), so that the step can replay a CUDA graph (vLLM's FULL decode graphs):
+    the builder plans the step as usual, then copies its write rows, page lists and lengths
+    here, row ``r`` for token ``r``; the captured kernels read these addresses at every
+    replay. Rows past the step's requests are padding (a graph's batch size): length 0,
+    writes to row 0, which is vLLM's null block in layer 0 (never a request's).
+
+    Sized for the longest stream ``max_model_len`` allows: ``L x max_reqs x H x
+    cdiv(max_model_len, page)`` int32 page ids (about 1.1 GB for a Llama-3-8B shape at 512
+    requests and 34K tokens), allocated once, outside the KV pool vLLM profiled."""
+
+    def __init__(self, geometry_layers: int, heads: int, max_reqs: int, max_len: int, page: int,
+                 device: torch.device):
+        self.width = cdiv(cdiv(max_len, page), 16) * 16  # the row stride the warm-up compiled (int32, 16k)
+        self.write_rows = torch.zeros(geometry_layers, max_reqs, heads, dtype=torch.long, device=device)
+        self.pages = torch.zeros(geometry_layers, max_reqs, heads, self.width, dtype=torch.int32, device=device)
+        self.lengths = torch.zeros(geometry_layers, max_reqs, heads, dtype=torch.int32, device=device)
+
+    def fill(self, planned: StreamMetadata | None, num_reqs: int, geometry: PoolGeometry, step, pool,
+             max_len: int) -> StreamMetadata:
+        """``planned``: the step's plan (:func:`build`) of its first requests, every one a
+        single-token decode; None on graph capture and dummy runs (every row padding).
+        ``max_len``: the host bound the eager launches use (a capture's ``max_model_len``)."""
+        real = 0
+        if planned is not None:
+            if planned.python_only:
+                raise RuntimeError("kvcompress: a stream step with prompts, compressions or ring decisions cannot "
+                                   "use the CUDA graph buffers")
+            real = planned.write_rows.shape[1]
+            width = planned.decode_pages.shape[-1]
+            if width > self.width:
+                raise RuntimeError(f"kvcompress: a stream of {width} pages is longer than max_model_len allows "
+                                   f"({self.width} pages)")
+            self.write_rows[:, :real].copy_(planned.write_rows)
+            index = planned.decode_token_index
+            self.pages[:, :, :, :width].index_copy_(1, index, planned.decode_pages.to(torch.int32))
+            self.lengths.index_copy_(1, index, planned.decode_lengths.to(torch.int32))
+            max_len = planned.max_decode_len
+        self.write_rows[:, real:num_reqs].zero_()
+        self.lengths[:, real:num_reqs].zero_()
+        return StreamMetadata(
+            num_actual_tokens=num_reqs,
+            write_rows=self.write_rows[:, :num_reqs],
+            decode_token_index=None,
+            decode_pages=self.pages[:, :num_reqs],
+            decode_lengths=self.lengths[:, :num_reqs],
+            max_decode_len=max_len,
+            prefills=[],
+            compressions=[],
+            geometry=geometry,
+            step=step,
+            pool=pool,
+        )
 
 
 def _native_pages(geometry: PoolGeometry, blocks: torch.Tensor, length: int) -> torch.Tensor:
@@ -486,8 +548,8 @@ class StreamRunner:
                     scores[meta.decision_rows[layer]] = step_scores[meta.decision_token_index]
             else:
                 scores[meta.write_rows[layer]] = step_scores
-        if meta.decode_token_index.numel():
-            idx = meta.decode_token_index
+        if meta.decode_pages.shape[1]:
+            idx = slice(0, meta.decode_pages.shape[1]) if meta.decode_token_index is None else meta.decode_token_index
             result = ops.stream_decode(query[idx], pool, meta.decode_pages[layer], meta.decode_lengths[layer], page,
                                        scale, meta.max_decode_len)
             out[idx] = result.to(out.dtype)
