@@ -10,7 +10,9 @@ of its prompt, or a DMS-style ring with survivors), and each step appends one to
 
     python3 -m benchmarks.stream_plan --batch 64 320 --out DIR   (any machine; CPU tensors)
     python3 -m benchmarks.stream_plan --device cuda ...           (the plan for a CUDA pool: pinned
-                                                                   tables, copies to the GPU; host time)
+                                                                   tables, copies to the GPU; host time;
+                                                                   budgets: also the copy into the CUDA
+                                                                   graph buffers)
 
 Shape: Llama-3-8B's streams (32 layers x 8 KV heads), blocks of 16, pages of 16.
 """
@@ -76,7 +78,10 @@ def measure(method: str, batch: int, context: int, steps: int, device: str = "cp
     state.pool = PoolState(num_blocks=geometry.num_blocks)
     req_ids = [f"r{i}" for i in range(batch)]
     state.requests = dict(zip(req_ids, caches))
-    scheduler_ms, build_ms = [], []
+    # Budget layouts replay CUDA graphs from persistent buffers: the plan is copied there too.
+    buffers = stream_layout.StreamDecodeBuffers(LAYERS, HEADS, batch, context + steps, PAGE, torch.device(device)) \
+        if method == "headkv" else None
+    scheduler_ms, build_ms, fill_ms = [], [], []
     for i in range(steps):
         computed = context + i
         started = time.perf_counter()
@@ -91,10 +96,15 @@ def measure(method: str, batch: int, context: int, steps: int, device: str = "cp
         meta = stream_layout.build(metadata, batch, geometry, step, state.pool, seq_lens)
         build_ms.append(1000 * (time.perf_counter() - started))
         assert meta is not None and meta.decode_token_index.numel() == batch
+        if buffers is not None:
+            started = time.perf_counter()
+            buffers.fill(meta, batch, geometry, step, state.pool, meta.max_decode_len)
+            fill_ms.append(1000 * (time.perf_counter() - started))
         state.end_step()
     return {"method": method, "batch": batch, "context": context, "steps": steps, "device": device,
             "scheduler_ms_per_step": round(statistics.median(scheduler_ms), 3),
-            "build_ms_per_step": round(statistics.median(build_ms), 3)}
+            "build_ms_per_step": round(statistics.median(build_ms), 3),
+            "graph_buffers_fill_ms_per_step": round(statistics.median(fill_ms), 3) if fill_ms else None}
 
 
 def main(argv: list[str] | None = None) -> None:
