@@ -115,13 +115,16 @@ CONFIGS = {
     # 16 more rows per request.
     "knorm-4x-b2": {"llm": {}, "kvcompress": {"method": "knorm", "compression_ratio": 0.75, "buffer_blocks": 2},
                     "codebooks_m": None, "env": {}},
-    # The per-(layer, KV head) stream methods (synchronous scheduling), still behind
-    # KVCOMPRESS_CUDA_STREAMS=experimental. Their artefacts are synthetic (seeded; no real model
+    # The per-(layer, KV head) stream methods, still behind KVCOMPRESS_CUDA_STREAMS=experimental:
+    # HeadKV with async scheduling and FULL decode graphs (headkv-4x-sync: without async), the
+    # learned ones synchronous and eager. Their artefacts are synthetic (seeded; no real model
     # to calibrate or train on, see synthetic_artefact): HeadKV's budgets differ per stream as
     # they would; KVzap keeps exactly 1/4 (top-k); DMS evicts about 3/4 of what leaves its window.
     # The learned ones run eager (--enforce-eager, as the plugin requires for them).
     "headkv-4x": {"llm": {}, "kvcompress": {"method": "headkv", "compression_ratio": 0.75}, "codebooks_m": None,
                   "artefact": "head_scores", "env": {STREAMS_ENV: "experimental"}},
+    "headkv-4x-sync": {"llm": {"async_scheduling": False}, "kvcompress": {"method": "headkv", "compression_ratio": 0.75},
+                       "codebooks_m": None, "artefact": "head_scores", "env": {STREAMS_ENV: "experimental"}},
     "kvzap-4x": {"llm": {"enforce_eager": True}, "kvcompress": {"method": "kvzap", "compression_ratio": 0.75},
                  "codebooks_m": None, "artefact": "kvzap_predictor", "env": {STREAMS_ENV: "experimental"}},
     "dms-4x": {"llm": {"enforce_eager": True}, "kvcompress": {"method": "dms"}, "codebooks_m": None,

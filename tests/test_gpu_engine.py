@@ -176,18 +176,28 @@ def test_ring_stream_triton_path_matches_its_reference_path(monkeypatch, tmp_pat
     assert not result["splits"] and result["gap"] <= GAP_NATS
 
 
-def test_async_scheduling_gives_the_sync_tokens(monkeypatch):
-    """Whole-row eviction with vLLM's async scheduling (``--async-scheduling``): step N+1 is
-    scheduled while step N runs and compacts. In a pool of 64 blocks that 12 requests share (each prompt needs
-    up to 49 blocks before its compaction to 17), freed blocks go to the next request at once,
-    so a block freed while the worker still reads it would change tokens. The tokens are those
-    of synchronous scheduling (``--no-async-scheduling``), up to near ties."""
+@pytest.mark.parametrize("method", ["knorm", "headkv"])
+def test_async_scheduling_gives_the_sync_tokens(monkeypatch, tmp_path, method):
+    """Whole-row eviction and HeadKV's budget streams with vLLM's async scheduling
+    (``--async-scheduling``): step N+1 is scheduled while step N runs and compacts (HeadKV:
+    repacks its prompt). In a pool of 64 blocks that 12 requests share (each prompt needs up to
+    57 blocks before its compression), freed blocks go to the next request at once, so a block
+    freed while the worker still reads it would change tokens. The tokens are those of
+    synchronous scheduling (``--no-async-scheduling``), up to near ties."""
+    settings = dict(EVICTIONS["knorm"])
+    if method == "headkv":
+        from benchmarks.gpu_engine import synthetic_artefact
+
+        monkeypatch.setenv("KVCOMPRESS_CUDA_STREAMS", "experimental")
+        settings = {"method": "headkv", "max_kv_tokens": 256,
+                    "head_scores": str(synthetic_artefact("head_scores", tmp_path, SMALL))}
     lengths = (300, 41, 777, 129, 640, 513, 255, 900, 64, 700, 333, 480)
     runs = [_generate(monkeypatch, "small", attention_backend="kvcompress", async_scheduling=asynchronous,
                       prompt_lengths=lengths, num_gpu_blocks_override=64, max_model_len=1000,
-                      additional_config={"kvcompress": dict(EVICTIONS["knorm"])}) for asynchronous in (False, True)]
+                      additional_config={"kvcompress": settings}) for asynchronous in (False, True)]
     result = _compare(*runs)
-    print(f"small: knorm (256-token budget), 12 requests in 64 blocks, async vs sync scheduling: {_describe(result)}")
+    print(f"small: {method} (256-token budget), 12 requests in 64 blocks, async vs sync scheduling: "
+          f"{_describe(result)}; cudagraph {runs[1]['cudagraph_mode']}")
     assert [run["async_scheduling"] for run in runs] == [False, True]
     assert runs[1]["attention_impls"] == ["KVCompressImpl"]
     assert not result["splits"] and result["gap"] <= GAP_NATS

@@ -216,15 +216,23 @@ def test_eviction_on_cuda_wires_the_gpu_worker_on_vllms_v1_runner(smollm2_dir, m
     startup.wire_eviction(sync, config, async_requested=False)
     assert sync.scheduler_config.async_scheduling is False
     assert sync.scheduler_config.scheduler_cls == startup.SCHEDULER_CLS
-    streams = KVCompressConfig.from_dict({"method": "headkv", "max_kv_tokens": 256, "head_scores": "s.json"})
+    # HeadKV's budget streams: rows a function of the logical length, as whole-row eviction's.
+    budgets = KVCompressConfig.from_dict({"method": "headkv", "max_kv_tokens": 256, "head_scores": "s.json"})
+    kept = engine_config(smollm2_dir)
+    kept.scheduler_config.async_scheduling = True
+    startup.wire_eviction(kept, budgets, async_requested=True)
+    assert kept.scheduler_config.async_scheduling is True
+    assert kept.scheduler_config.scheduler_cls == startup.ASYNC_SCHEDULER_CLS
+    # Ring layouts report each step's pages to the scheduler: synchronous only.
+    rings = KVCompressConfig.from_dict({"method": "dms", "dms_adapters": "a.safetensors"})
     asked = engine_config(smollm2_dir)
     asked.scheduler_config.async_scheduling = True
     with pytest.raises(KVCompressConfigError, match=r"async scheduling cannot be combined with kvcompress method "
-                                                    r"'headkv' yet \(only whole-row eviction on CUDA.*drop --async"):
-        startup.wire_eviction(asked, streams, async_requested=True)
-    left = engine_config(smollm2_dir)  # vLLM's default, not asked for: turned off for the streams
+                                                    r"'dms' yet \(on CUDA it takes whole-row eviction.*drop --async"):
+        startup.wire_eviction(asked, rings, async_requested=True)
+    left = engine_config(smollm2_dir)  # vLLM's default, not asked for: turned off for the rings
     left.scheduler_config.async_scheduling = True
-    startup.wire_eviction(left, streams)
+    startup.wire_eviction(left, rings)
     assert left.scheduler_config.async_scheduling is False
     assert left.scheduler_config.scheduler_cls == startup.SCHEDULER_CLS
     v2 = engine_config(smollm2_dir)

@@ -99,6 +99,12 @@ class KVCompressConfig:
         return spec.evicts and not spec.learned and not isinstance(self.settings, PagedSettings)
 
     @property
+    def budget_streams(self) -> bool:
+        """Per-(layer, KV head) streams under budgets (HeadKV): every stream's pages are a pure
+        function of the logical length, as whole-row eviction's rows are (no worker report)."""
+        return self.spec.evicts and isinstance(self.settings, PagedSettings) and self.build().rule() is None
+
+    @property
     def takes_request_budget(self) -> bool:
         """Whether requests may set their own budget: an eviction method that keeps a
         budget (not one whose threshold rule decides)."""

@@ -165,11 +165,12 @@ class KVCompressScheduler(Scheduler):
 
 
 class KVCompressAsyncScheduler(KVCompressScheduler, AsyncScheduler):
-    """Whole-row eviction under vLLM's async scheduling (asked for with ``--async-scheduling``,
-    CUDA only): step N+1 is scheduled while step N runs. That changes nothing the eviction
+    """Whole-row eviction and HeadKV's budget streams under vLLM's async scheduling (CUDA
+    only): step N+1 is scheduled while step N runs. That changes nothing the eviction
     relies on. Compression points are a function of logical length, which the scheduler
     advances when it schedules a step, async or not, so both sides cut at the same points.
-    The blocks freed when N+1 is scheduled were emptied by step N's compaction, which the
-    worker runs before step N+1 on the same stream, so another request writes them only
-    after it. Ring layouts (KVzap threshold, DMS) are not allowed here: their worker reports
-    would reach the scheduler a step late."""
+    The blocks freed when N+1 is scheduled were emptied by step N's compaction (HeadKV: the
+    repack at the prompt end, inside step N's forward), which the worker runs before step N+1
+    on the same stream, so another request writes them only after it. Ring layouts (KVzap
+    threshold, DMS) are not allowed here: their worker reports would reach the scheduler a
+    step late."""

@@ -231,16 +231,19 @@ def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_req
             f"--scheduler-cls {scheduler.scheduler_cls} cannot be combined with kvcompress method {config.method!r}: "
             "eviction brings its own scheduler (leave --scheduler-cls unset)"
         )
-    # Whole-row eviction on CUDA keeps vLLM's async scheduling (its default there): the
-    # scheduler cuts block lists on schedule-time lengths (EvictingBlockManager.cut_length), and
-    # tests/test_gpu_engine.py::test_async_scheduling_gives_the_sync_tokens checks it on the GPU.
-    # Ring layouts (KVzap threshold mode, DMS) and HeadKV's streams need the worker's report of
-    # a step before the next one is scheduled; on the CPU vLLM turns async scheduling off itself.
-    takes_async = on_cuda and config.whole_row_eviction
+    # Whole-row eviction and HeadKV's budget streams on CUDA keep vLLM's async scheduling (its
+    # default there): their rows are a function of the logical length, the scheduler cuts block
+    # lists on schedule-time lengths (EvictingBlockManager.cut_length), and
+    # tests/test_gpu_engine.py::test_async_scheduling_gives_the_sync_tokens checks both on the GPU.
+    # Ring layouts (KVzap threshold mode, DMS) need the worker's report of a step before the
+    # next one is scheduled, and the learned methods run eager; on the CPU vLLM turns async
+    # scheduling off itself.
+    takes_async = on_cuda and (config.whole_row_eviction or (not config.spec.learned and config.budget_streams))
     if scheduler.async_scheduling and async_requested and not takes_async:
         raise KVCompressConfigError(
-            f"async scheduling cannot be combined with kvcompress method {config.method!r} yet (only whole-row "
-            "eviction on CUDA takes it: knorm, snapkv and compositions over them); drop --async-scheduling"
+            f"async scheduling cannot be combined with kvcompress method {config.method!r} yet (on CUDA it "
+            "takes whole-row eviction: knorm, snapkv and compositions over them, and headkv); drop "
+            "--async-scheduling"
         )
     keep_async = bool(scheduler.async_scheduling and takes_async)
     if keep_async:
