@@ -67,7 +67,7 @@ def quantize_keys(key: torch.Tensor, positions: torch.Tensor, ranges: torch.Tens
     """Keys ``[T, Hkv, D]`` (post-RoPE, token t at ``positions[t]``) -> codes ``[T, Hkv, D * bits / 8]``
     uint8. Values outside the calibrated range are clamped to it."""
     low, step = key_steps(ranges, key_bits)
-    base = rotate(key.transpose(0, 1), -positions, theta).transpose(0, 1)  # [T, Hkv, D], position 0
+    base = rotate(key.transpose(0, 1), positions, theta, nonnegative=True, back=True).transpose(0, 1)  # position 0
     q = torch.round((base - low) / step).clamp_(0, 2 ** key_bits - 1).to(torch.uint8)
     return q if key_bits == 8 else q[..., 0::2] | (q[..., 1::2] << 4)
 

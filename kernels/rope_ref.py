@@ -35,7 +35,7 @@ def cos_sin(delta: torch.Tensor, head_dim: int, theta: float, device,
     farthest = int(index.max())
     if farthest >= MAX_TABLE:
         return _direct(delta, head_dim, theta, device)
-    key = (float(theta), head_dim, str(torch.device(device)))
+    key = (float(theta), head_dim, delta.device)
     table = _TABLES.get(key)
     if table is None or table.shape[0] <= farthest:
         cos, sin = _direct(torch.arange(1 << max(10, farthest.bit_length()), device=device), head_dim, theta, device)
@@ -45,15 +45,19 @@ def cos_sin(delta: torch.Tensor, head_dim: int, theta: float, device,
     return (cos, sin) if nonnegative else (cos, torch.where((delta < 0).unsqueeze(-1), -sin, sin))  # sin(-a) = -sin a
 
 
-def rotate(keys: torch.Tensor, delta: torch.Tensor, theta: float, nonnegative: bool = False) -> torch.Tensor:
+def rotate(keys: torch.Tensor, delta: torch.Tensor, theta: float, nonnegative: bool = False,
+           back: bool = False) -> torch.Tensor:
     """Turn keys ``[..., T, D]`` by ``delta[..., T]`` positions (negative: back); fp32 result.
-    ``nonnegative``: every delta is a whole number >= 0 (keys turned to their positions)."""
+    ``nonnegative``: every delta is a whole number >= 0 (keys turned to their positions);
+    ``back``: turn by ``-delta`` instead (keys at positions ``delta`` turned to 0), sparing the
+    signs of a negated table lookup (the cache write turns one token per layer and step)."""
     head_dim, half = keys.shape[-1], keys.shape[-1] // 2
     cos, sin = cos_sin(delta, head_dim, theta, keys.device, nonnegative)
     x1, x2 = keys[..., :half].float(), keys[..., half:].float()
     out = torch.empty(torch.broadcast_shapes(keys.shape, (*cos.shape[:-1], head_dim)), dtype=torch.float32,
                       device=keys.device)
     # Written in place, half by half: no temporaries for the four products and the concatenation.
-    torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1)
-    torch.mul(x2, cos, out=out[..., half:]).addcmul_(x1, sin)
+    sign = 1 if back else -1  # sin(-a) = -sin(a)
+    torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=sign)
+    torch.mul(x2, cos, out=out[..., half:]).addcmul_(x1, sin, value=-sign)
     return out

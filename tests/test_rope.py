@@ -67,3 +67,11 @@ def test_rotation_tables_give_the_directly_computed_angles():
     fractional = torch.tensor([0.5, -2.25])
     cos, sin = rope_ref.cos_sin(fractional, 64, 1e4, "cpu")
     assert torch.equal(sin, rope_ref._angles(fractional, 64, 1e4, "cpu").sin().float())
+
+
+def test_turning_back_equals_turning_by_the_negated_positions():
+    k = torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(3))
+    positions = torch.randint(0, 5000, (50,), generator=torch.Generator().manual_seed(4))
+    back = rope.rotate(k, positions, 1e6, nonnegative=True, back=True)
+    torch.testing.assert_close(back, rope.rotate(k, -positions, 1e6), atol=0, rtol=0)
+    torch.testing.assert_close(rope.rotate(back, positions, 1e6, nonnegative=True), k, atol=1e-4, rtol=1e-4)
