@@ -125,7 +125,17 @@ def _load_rows(pos, valid, page, h, num_kv_heads, cache_ptr, cache_i8_ptr, cache
     # and issued misaligned 4-byte copies.
     row = tl.multiple_of(slot * ROW_BYTES, ALIGN)
     codes = tl.load(cache_ptr + row[:, None] + tl.arange(0, M)[None, :], mask=valid[:, None], other=0)
-    zero = tl.zeros(pos.shape, tl.float32)
+    x, sc, lo = _load_values(row, slot, valid, cache_ptr, cache_i8_ptr, cache_16_ptr, cache_f16_ptr, M, D, ROW_BYTES,
+                             VALUE_BITS)
+    return codes, x, sc, lo
+
+
+@triton.jit
+def _load_values(row, slot, valid, cache_ptr, cache_i8_ptr, cache_16_ptr, cache_f16_ptr,
+                 M: tl.constexpr, D: tl.constexpr, ROW_BYTES: tl.constexpr, VALUE_BITS: tl.constexpr):
+    """Value payload / scale / minimum of rows ``slot`` (byte offsets ``row``) whose values
+    start at byte ``M`` (:class:`lookat_ref.LookatLayout`, shared with :mod:`kvquant_triton`)."""
+    zero = tl.zeros(slot.shape, tl.float32)
     if VALUE_BITS == 16:
         d = tl.arange(0, D)
         x = tl.load(cache_16_ptr + (slot * (ROW_BYTES // 2) + M // 2)[:, None] + d[None, :],
@@ -143,7 +153,7 @@ def _load_rows(pos, valid, page, h, num_kv_heads, cache_ptr, cache_i8_ptr, cache
         prm = slot * (ROW_BYTES // 2) + (M + D // 2) // 2
         sc = tl.load(cache_f16_ptr + prm, mask=valid, other=0.0).to(tl.float32)
         lo = tl.load(cache_f16_ptr + prm + 1, mask=valid, other=0.0).to(tl.float32)
-    return codes, x, sc, lo
+    return x, sc, lo
 
 
 @triton.jit

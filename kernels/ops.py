@@ -20,6 +20,7 @@ Ops with a Triton twin (the rest are always the reference):
 * ``compact_layers`` -> ``compaction_triton.compact_layers`` (every layer in one launch).
 * ``dense_key_norms`` -> ``compaction_triton.key_norms`` (every layer in one launch).
 * ``stream_decode`` -> ``stream_attention_triton.stream_decode``.
+* ``kvquant_decode`` -> ``kvquant_triton.kvquant_decode``.
 
 Each also needs shapes and dtypes its kernel handles (power-of-two ``head_dim >= 16``,
 16-bit dense rows, contiguous caches); a call outside them runs the reference. Results
@@ -65,6 +66,7 @@ TRITON_OPS: dict[str, tuple[str, ...]] = {
     "compact_layers": (),
     "dense_key_norms": (),
     "stream_decode": (),
+    "kvquant_decode": (),
 }
 OPS = frozenset(TRITON_OPS) | {
     "dense_write", "dense_prefill", "dense_gather", "dense_gather_batch", "lookat_encode_rows", "lookat_write_rows",
@@ -289,7 +291,8 @@ def lookat_key_norms(caches: list[torch.Tensor], block_table: torch.Tensor, leng
 
 
 # ----------------------------------------------------------------- KVQuant-style keys
-# PyTorch only: no Triton twin yet, and the method is refused on CUDA (Method.cuda_refusal).
+# The decode has a Triton twin (tests/test_kvquant_triton.py); the method is still refused on
+# CUDA (Method.cuda_refusal) until its engine checks have run on a GPU.
 
 
 def kvquant_encode_rows(key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, ranges: torch.Tensor,
@@ -300,8 +303,19 @@ def kvquant_encode_rows(key: torch.Tensor, value: torch.Tensor, positions: torch
 def kvquant_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor,
                    ranges: torch.Tensor, key_bits: int, theta: float, layout: LookatLayout, scale: float,
                    max_kv_len: int | None = None) -> torch.Tensor:
+    if implementation("kvquant_decode", query, cache, block_table, kv_lens,
+                      fits=_kvquant_fits(query, cache, layout)) == "triton":
+        return _twin("kvquant_triton").kvquant_decode(query, cache, _table(block_table), kv_lens, ranges, key_bits,
+                                                      theta, layout, scale, max_kv_len=max_kv_len)
     return kvquant_ref.decode_attention(query, cache, block_table, kv_lens, ranges, key_bits, theta, layout, scale,
                                         max_kv_len)
+
+
+def _kvquant_fits(query: torch.Tensor, cache: torch.Tensor, layout: LookatLayout) -> bool:
+    # Two tl.dot halves of head_dim / 2 >= 16 columns; 16-bit views of even-length rows.
+    return (query.dim() == 3 and query.shape[-1] >= 32 and _pow2_head_dim(query.shape[-1])
+            and query.dtype in (torch.bfloat16, torch.float16) and cache.dtype == torch.uint8
+            and cache.is_contiguous() and layout.row_bytes % 2 == 0 and layout.m % 2 == 0)
 
 
 def kvquant_prefill(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, kv_len: int,

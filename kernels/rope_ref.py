@@ -45,6 +45,18 @@ def cos_sin(delta: torch.Tensor, head_dim: int, theta: float, device,
     return (cos, sin) if nonnegative else (cos, torch.where((delta < 0).unsqueeze(-1), -sin, sin))  # sin(-a) = -sin a
 
 
+def table(theta: float, head_dim: int, device, positions: int) -> torch.Tensor:
+    """The ``[P, D]`` fp32 table :func:`cos_sin` looks up (cos of positions ``0..P-1`` in its
+    first half, sin in its second), ``P >= positions``, for kernels that look up on their own."""
+    if positions > MAX_TABLE:
+        raise ValueError(f"{positions} positions: tables hold at most {MAX_TABLE}")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    cos_sin(torch.tensor([max(positions - 1, 0)], device=device), head_dim, theta, device, nonnegative=True)
+    return _TABLES[(float(theta), head_dim, device)]
+
+
 def rotate(keys: torch.Tensor, delta: torch.Tensor, theta: float, nonnegative: bool = False,
            back: bool = False) -> torch.Tensor:
     """Turn keys ``[..., T, D]`` by ``delta[..., T]`` positions (negative: back); fp32 result.

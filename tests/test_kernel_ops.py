@@ -172,7 +172,7 @@ def test_auto_picks_the_reference_for_cpu_tensors():
 
 def test_auto_picks_triton_for_cuda_tensors_where_a_twin_fits(triton_installed):
     assert ops.TRITON_OPS.keys() == {"dense_decode", "lookat_decode", "lookat_write", "compact", "compact_batch",
-                                     "compact_layers", "dense_key_norms", "stream_decode"}
+                                     "compact_layers", "dense_key_norms", "stream_decode", "kvquant_decode"}
     for op in ops.TRITON_OPS:
         assert ops.implementation(op, CUDA, CUDA, None) == "triton"
         assert ops.implementation(op, CUDA, CPU) == "reference"  # not all on CUDA
