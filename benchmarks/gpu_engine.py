@@ -90,6 +90,8 @@ LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidde
 
 NONE_BACKEND_ENV = "KVCOMPRESS_NONE_CUDA_BACKEND"
 STREAMS_ENV = "KVCOMPRESS_CUDA_STREAMS"
+KVQUANT_ENV = "KVCOMPRESS_CUDA_KVQUANT"
+DUMMY_WEIGHT_STD = 1e-3 / 3 ** 0.5  # vLLM's dummy weights: uniform in +-1e-3
 
 # name -> llm: LLM kwargs; kvcompress: plugin settings or None (vLLM's own caches); codebooks_m: LOOKAT m
 # (synthetic codebooks); env: set in the config's process (None = removed from it)
@@ -129,6 +131,12 @@ CONFIGS = {
                  "codebooks_m": None, "artefact": "kvzap_predictor", "env": {STREAMS_ENV: "experimental"}},
     "dms-4x": {"llm": {"enforce_eager": True}, "kvcompress": {"method": "dms"}, "codebooks_m": None,
                "artefact": "dms_adapters", "env": {STREAMS_ENV: "experimental"}},
+    # kvquant rows (8-bit pre-RoPE keys and values) under SnapKV at 4x, the `balanced` preset's
+    # composition at its eviction ratio, behind KVCOMPRESS_CUDA_KVQUANT=experimental; synthetic
+    # key ranges for the dummy weights.
+    "kvquant8-snapkv-4x": {"llm": {}, "kvcompress": {"method": "kvquant+snapkv", "key_bits": 8, "value_bits": 8,
+                                                     "compression_ratio": 0.75},
+                           "codebooks_m": None, "artefact": "key_ranges", "env": {KVQUANT_ENV: "experimental"}},
     "lookat-m16-v4+knorm-2x": {"llm": {}, "kvcompress": {"method": "lookat+knorm", "value_bits": 4,
                                                          "compression_ratio": 0.5},
                                "codebooks_m": 16, "env": {}},
@@ -262,9 +270,11 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
 DMS_WINDOW, DMS_EVICTED = 256, 0.75  # the synthetic DMS adapters' window and target share evicted
 
 
-def synthetic_artefact(setting: str, folder: Path, model: dict, seed: int = 0) -> Path:
+def synthetic_artefact(setting: str, folder: Path, model: dict, seed: int = 0,
+                       weight_std: float = DUMMY_WEIGHT_STD) -> Path:
     """A seeded artefact for a dummy model, in the format the offline tools write, for the
-    setting ``setting`` (``head_scores``, ``kvzap_predictor``, ``dms_adapters``):
+    setting ``setting`` (``head_scores``, ``kvzap_predictor``, ``dms_adapters``, ``key_ranges``;
+    ``weight_std``: the model's weights, for the key ranges):
 
     * head scores: cubes of uniforms (a few heads score high), so HeadKV's budgets differ;
     * KVzap: linear predictors with N(0, 1/hidden) weights (top-k keeps a fixed share anyway);
@@ -305,7 +315,31 @@ def synthetic_artefact(setting: str, folder: Path, model: dict, seed: int = 0) -
         path = folder / "dms-adapters.safetensors"
         save_file(tensors, str(path), metadata={"format": FORMAT, "window": str(DMS_WINDOW), **shape_meta})
         return path
+    if setting == "key_ranges":
+        return _synthetic_key_ranges(folder, model, weight_std)
     raise ValueError(f"no synthetic artefact for setting {setting!r}")
+
+
+def _synthetic_key_ranges(folder: Path, model: dict, weight_std: float) -> Path:
+    """kvquant's per-channel key ranges for a dummy model: +-5 standard deviations of a key
+    channel, ``weight_std * sqrt(hidden)`` for unit-RMS states (vLLM's dummy weights are
+    uniform in +-1e-3: std 1e-3 / sqrt(3))."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from vllm_kvcompress.methods.artefacts import model_signature
+    from vllm_kvcompress.methods.kvquant import RANGES_FORMAT
+
+    reach = 5 * weight_std * model["hidden_size"] ** 0.5
+    head_dim = model["hidden_size"] // model["num_attention_heads"]
+    one = torch.stack([torch.full((model["num_key_value_heads"], head_dim), -reach),
+                       torch.full((model["num_key_value_heads"], head_dim), reach)], 1)
+    tensors = {f"layer.{i}": one.clone() for i in range(model["num_hidden_layers"])}
+    path = folder / "key-ranges.safetensors"
+    save_file(tensors, str(path), metadata={"format": RANGES_FORMAT, "model": "synthetic, dummy weights",
+                                            **model_signature(LlamaConfig(**model))})
+    return path
 
 
 def parse_profile_shape(text: str) -> tuple[int, int]:

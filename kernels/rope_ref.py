@@ -32,15 +32,20 @@ def cos_sin(delta: torch.Tensor, head_dim: int, theta: float, device,
         return _direct(delta, head_dim, theta, device)
     delta = delta.to(device=device, dtype=torch.long)
     index = delta if nonnegative else delta.abs()
+    if nonnegative and delta.device.type == "cuda":
+        # Reading the farthest position back would synchronise (and break a CUDA graph's
+        # capture): the whole table, positions clamped (start-up bounds max_model_len by it;
+        # a graph's padding rows carry position -1).
+        index = index.clamp(0, MAX_TABLE - 1)
+        both = table(theta, head_dim, delta.device, MAX_TABLE).index_select(0, index.flatten())
+        both = both.view(*index.shape, head_dim)
+        return both[..., : head_dim // 2], both[..., head_dim // 2 :]
     farthest = int(index.max())
     if farthest >= MAX_TABLE:
         return _direct(delta, head_dim, theta, device)
-    key = (float(theta), head_dim, delta.device)
-    table = _TABLES.get(key)
-    if table is None or table.shape[0] <= farthest:
-        cos, sin = _direct(torch.arange(1 << max(10, farthest.bit_length()), device=device), head_dim, theta, device)
-        table = _TABLES[key] = torch.cat([cos, sin], -1)
-    both = table.index_select(0, index.flatten()).view(*index.shape, head_dim)  # faster than table[index] on the CPU
+    # index_select: faster than table[index] on the CPU
+    both = table(theta, head_dim, delta.device, farthest + 1).index_select(0, index.flatten())
+    both = both.view(*index.shape, head_dim)
     cos, sin = both[..., : head_dim // 2], both[..., head_dim // 2 :]
     return (cos, sin) if nonnegative else (cos, torch.where((delta < 0).unsqueeze(-1), -sin, sin))  # sin(-a) = -sin a
 
@@ -53,8 +58,13 @@ def table(theta: float, head_dim: int, device, positions: int) -> torch.Tensor:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    cos_sin(torch.tensor([max(positions - 1, 0)], device=device), head_dim, theta, device, nonnegative=True)
-    return _TABLES[(float(theta), head_dim, device)]
+    key = (float(theta), head_dim, device)
+    found = _TABLES.get(key)
+    if found is None or found.shape[0] < positions:  # grown by powers of two
+        cos, sin = _direct(torch.arange(1 << max(10, (positions - 1).bit_length()), device=device), head_dim, theta,
+                           device)
+        found = _TABLES[key] = torch.cat([cos, sin], -1)
+    return found
 
 
 def rotate(keys: torch.Tensor, delta: torch.Tensor, theta: float, nonnegative: bool = False,

@@ -151,6 +151,25 @@ def test_headkv_triton_path_matches_its_reference_path(monkeypatch, tmp_path, gr
         assert "FULL" in triton["cudagraph_mode"]
 
 
+@pytest.mark.parametrize("method", ["kvquant", "kvquant+snapkv"])
+def test_kvquant_triton_path_matches_its_reference_path(monkeypatch, tmp_path, method):
+    """kvquant rows on CUDA (``KVCOMPRESS_CUDA_KVQUANT=experimental`` until this passes): the
+    Triton decode (keys turned to their stored positions in the kernel; FULL decode graphs)
+    against the same engine on the PyTorch ops; alone, and under SnapKV at a 256-token budget
+    (rows compacted, positions stored). Key ranges synthetic for the re-drawn weights."""
+    from benchmarks.gpu_engine import synthetic_artefact
+
+    monkeypatch.setenv("KVCOMPRESS_CUDA_KVQUANT", "experimental")
+    path = synthetic_artefact("key_ranges", tmp_path, SMALL, weight_std=0.02)  # _generate's init_std
+    settings = {"method": method, "key_ranges": str(path), **({"max_kv_tokens": 256} if "+" in method else {})}
+    triton, _, result = _triton_and_reference(monkeypatch, "small", settings)
+    print(f"small: {method} (8-bit keys and values), Triton vs PyTorch ops on the GPU: {_describe(result)} "
+          f"({triton['distinct_tokens']} distinct tokens); cudagraph {triton['cudagraph_mode']}, start "
+          f"{triton['start_s']} s")
+    assert not result["splits"] and result["gap"] <= GAP_NATS
+    assert "FULL" in triton["cudagraph_mode"]
+
+
 # KVzap's threshold rule and DMS: ring layouts whose decisions come from learned scores
 # (synthetic artefacts for the dummy model, as the benchmark rows use: benchmarks.gpu_engine).
 RING_METHODS = {"kvzap": ("kvzap_predictor", {"method": "kvzap", "kvzap_threshold": 0.0, "kvzap_window": 64}),

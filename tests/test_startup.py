@@ -136,6 +136,26 @@ def test_cuda_needs_ampere_and_refuses_stream_eviction_for_now(smollm2_dir, monk
                                                     r"'experimental'"):
         startup.check_platform(headkv)
     monkeypatch.delenv(startup.CUDA_STREAMS_ENV)
+    # kvquant rows start on CUDA for their GPU checks only (KVCOMPRESS_CUDA_KVQUANT=experimental).
+    kvquant = KVCompressConfig.from_dict({"method": "kvquant+snapkv", "key_ranges": "r.safetensors",
+                                          "max_kv_tokens": 256})
+    with pytest.raises(KVCompressConfigError, match=r"method 'kvquant\+snapkv' on CUDA: method 'kvquant' has not "
+                                                    r"run on a GPU yet"):
+        startup.check_platform(kvquant)
+    monkeypatch.setenv(startup.CUDA_KVQUANT_ENV, "experimental")
+    startup.check_platform(kvquant)
+    with pytest.raises(KVCompressConfigError, match=r"KVCOMPRESS_CUDA_KVQUANT=experimental runs kvquant rows on "
+                                                    r"CUDA; method 'knorm' has none"):
+        startup.experimental_cuda_kvquant(KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5}))
+    long_context = engine_config(smollm2_dir, attention_backend="kvcompress")
+    long_context.model_config.max_model_len = 200_000
+    with pytest.raises(KVCompressConfigError, match=r"on CUDA holds positions up to 131072: --max-model-len 200000"):
+        startup.check_positions(long_context, kvquant)
+    startup.check_positions(long_context, KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5}))
+    monkeypatch.setenv(startup.CUDA_KVQUANT_ENV, "yes")
+    with pytest.raises(KVCompressConfigError, match=r"KVCOMPRESS_CUDA_KVQUANT='yes': the only allowed value"):
+        startup.check_platform(kvquant)
+    monkeypatch.delenv(startup.CUDA_KVQUANT_ENV)
     monkeypatch.setattr(platform, "is_cuda", lambda self: False)
     with pytest.raises(KVCompressConfigError, match="runs on CPU and on NVIDIA GPUs only"):
         startup.validate_vllm_config(config)

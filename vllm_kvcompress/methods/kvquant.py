@@ -102,7 +102,8 @@ class KVQuant(Method):
                "ranges) and values at 16/8/4 bits")
 
     def cuda_refusal(self) -> str | None:
-        return "method 'kvquant' has no GPU kernels yet (PyTorch reference ops only); it runs on the CPU build"
+        return ("method 'kvquant' has not run on a GPU yet (its Triton decode is new and unchecked there); it runs "
+                "on the CPU build")
 
     def check_model(self, shape, hf_config, block_size, tp_size) -> None:
         _, why = plain_rope_theta(hf_config)

@@ -73,7 +73,7 @@ def check_platform(config: KVCompressConfig) -> None:
             f"{'.'.join(map(str, MIN_CUDA_CAPABILITY))} (Ampere or newer); this one has "
             f"{'unknown' if have is None else '.'.join(map(str, have))}")
     refusal = config.build().cuda_refusal()
-    if refusal:
+    if refusal and not (kvquant_rows(config) and experimental_cuda_kvquant(config)):
         raise KVCompressConfigError(f"kvcompress method {config.method!r} on CUDA: {refusal}")
     if config.spec.evicts and not config.whole_row_eviction and not experimental_cuda_streams(config):
         raise KVCompressConfigError(
@@ -107,6 +107,32 @@ def experimental_cuda_streams(config: KVCompressConfig) -> bool:
         raise KVCompressConfigError(f"{CUDA_STREAMS_ENV}=experimental runs the streams of methods "
                                     f"{', '.join(CUDA_STREAM_METHODS)} on CUDA; method {config.method!r} stays on "
                                     "the CPU engine")
+    return True
+
+
+# kvquant rows on CUDA (its Triton decode, kernels/kvquant_triton.py), before its engine checks
+# have run on a GPU (tests/test_gpu_kvquant.py, the kvquant oracle in tests/test_gpu_engine.py):
+# for those only, never a user's default.
+CUDA_KVQUANT_ENV = "KVCOMPRESS_CUDA_KVQUANT"
+
+
+def kvquant_rows(config: KVCompressConfig) -> bool:
+    """Whether the cache rows are kvquant's (the method alone or composed with eviction)."""
+    return config.method.split("+")[0] == "kvquant"
+
+
+def experimental_cuda_kvquant(config: KVCompressConfig) -> bool:
+    """Whether kvquant rows may start on CUDA: ``KVCOMPRESS_CUDA_KVQUANT=experimental`` set;
+    any other value is refused, as is the variable with another method."""
+    value = os.environ.get(CUDA_KVQUANT_ENV)
+    if value is None:
+        return False
+    if value != "experimental":
+        raise KVCompressConfigError(f"{CUDA_KVQUANT_ENV}={value!r}: the only allowed value is 'experimental' "
+                                    "(kvquant rows on CUDA, for their GPU checks)")
+    if not kvquant_rows(config):
+        raise KVCompressConfigError(f"{CUDA_KVQUANT_ENV}=experimental runs kvquant rows on CUDA; method "
+                                    f"{config.method!r} has none")
     return True
 
 
@@ -315,6 +341,19 @@ def expand_preset(vllm_config: "VllmConfig") -> None:
     init_logger("vllm.kvcompress.startup").info("%s", presets.describe(raw["preset"], expanded))
 
 
+def check_positions(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
+    """kvquant rows on CUDA look their positions up in a RoPE table of fixed length (no read-back
+    inside a step): ``max_model_len`` must fit it."""
+    from vllm.platforms import current_platform
+
+    from vllm_kvcompress.kernels.rope_ref import MAX_TABLE
+
+    model = vllm_config.model_config
+    if kvquant_rows(config) and current_platform.is_cuda() and model is not None and model.max_model_len > MAX_TABLE:
+        raise KVCompressConfigError(f"kvcompress method {config.method!r} on CUDA holds positions up to {MAX_TABLE}: "
+                                    f"--max-model-len {model.max_model_len} is longer; lower it")
+
+
 def validate_vllm_config(vllm_config: "VllmConfig", async_requested: bool | None = None) -> KVCompressConfig | None:
     """Return the parsed plugin config when kvcompress is selected, else None.
 
@@ -335,6 +374,7 @@ def validate_vllm_config(vllm_config: "VllmConfig", async_requested: bool | None
     expand_preset(vllm_config)
     config = KVCompressConfig.from_additional_config(additional)
     check_platform(config)
+    check_positions(vllm_config, config)
     check_model(vllm_config)
     check_engine_options(vllm_config)
     check_method(vllm_config, config)
