@@ -305,7 +305,7 @@ def kvquant_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.
                    max_kv_len: int | None = None) -> torch.Tensor:
     if implementation("kvquant_decode", query, cache, block_table, kv_lens,
                       fits=_kvquant_fits(query, cache, layout)) == "triton":
-        return _twin("kvquant_triton").kvquant_decode(query, cache, _table(block_table), kv_lens, ranges, key_bits,
+        return _twin("kvquant_triton").kvquant_decode(query, cache, _table(block_table), _lens(kv_lens), ranges, key_bits,
                                                       theta, layout, scale, max_kv_len=max_kv_len)
     return kvquant_ref.decode_attention(query, cache, block_table, kv_lens, ranges, key_bits, theta, layout, scale,
                                         max_kv_len)

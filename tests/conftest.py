@@ -10,6 +10,14 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Triton binds its own library (tl.zeros, tl.max, ...) to the interpreter only if
+# TRITON_INTERPRET=1 is set when it is first imported; vLLM imports it too. Import it here, under
+# the interpreter where there is no GPU, so the kernel tests run whatever order the test
+# modules are collected in (triton_env restores the variable afterwards).
+import triton_env  # noqa: E402
+
+triton_env.import_kernels()
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:

@@ -17,7 +17,7 @@ def _interpreter(interpreter):
     yield
 
 
-def _case(key_bits, value_bits, positions, lens, hkv=2, group=3, D=32, bs=16, seed=0):
+def _case(key_bits, value_bits, positions, lens, hkv=2, group=3, D=32, bs=16, seed=0, farthest=5000):
     """Every slot of a shuffled paged cache holds a valid row (keys of a calibrated range, at
     scattered logical positions when the rows carry them, as after eviction)."""
     g = torch.Generator().manual_seed(seed)
@@ -26,7 +26,7 @@ def _case(key_bits, value_bits, positions, lens, hkv=2, group=3, D=32, bs=16, se
     rows = num_blocks * bs
     offsets = torch.randn(hkv, D, generator=g) * 3  # a k_proj bias: position-free, large
     pre = torch.randn(rows, hkv, D, generator=g) + offsets
-    where = torch.randint(0, 5000, (rows,), generator=g) if positions else torch.arange(rows) % bs
+    where = torch.randint(0, farthest, (rows,), generator=g) if positions else torch.arange(rows) % bs
     from vllm_kvcompress.kernels.rope_ref import rotate
 
     keys = rotate(pre.transpose(0, 1), where, THETA).transpose(0, 1)  # post-RoPE, as the model writes them
@@ -52,16 +52,19 @@ def _rel(out, ref):
 
 
 # Without stored positions a row's position is its index in the request, as the reference reads it.
-@pytest.mark.parametrize("key_bits,value_bits,positions,splits", [
-    (8, 8, True, None), (4, 4, True, 2), (8, 16, False, None), (4, 8, False, 3), (8, 4, True, 1)])
-def test_kvquant_decode_matches_reference(key_bits, value_bits, positions, splits):
-    layout, cache, table, kv_lens, ranges, query = _case(key_bits, value_bits, positions, [37, 5, 70])
+# The last case's positions reach the RoPE table's end (all four bytes of a stored position count).
+@pytest.mark.parametrize("key_bits,value_bits,positions,splits,farthest", [
+    (8, 8, True, None, 5000), (4, 4, True, 2, 5000), (8, 16, False, None, 0), (4, 8, False, 3, 0),
+    (8, 4, True, 1, 1 << 17)])
+def test_kvquant_decode_matches_reference(key_bits, value_bits, positions, splits, farthest):
+    layout, cache, table, kv_lens, ranges, query = _case(key_bits, value_bits, positions, [37, 5, 70],
+                                                         farthest=farthest)
     scale = 32 ** -0.5
     ref = kvquant_ref.decode_attention(query, cache, table.long().clamp_max(cache.shape[0] - 1), kv_lens, ranges,
                                        key_bits, THETA, layout, scale)
     out = kvquant_triton.kvquant_decode(query.to(DEV), cache.to(DEV), table.to(DEV), kv_lens.to(DEV),
                                         ranges.to(DEV), key_bits, THETA, layout, scale, num_splits=splits,
-                                        block_n=16, min_part=16, max_position=5000 if positions else None)
+                                        block_n=16, min_part=16, max_position=farthest if positions else None)
     # bf16 keys on the tensor cores (the reference scores in fp32), as the dense kernel's bf16 cache.
     assert out.shape == ref.shape and _rel(out, ref) < 1e-2
 

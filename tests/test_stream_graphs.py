@@ -117,16 +117,23 @@ class _Runner(EvictionRunnerMixin, _Base):
 
 
 @pytest.mark.parametrize("streams", [True, False])
-def test_the_step_that_compresses_streams_runs_eagerly(streams):
+def test_a_decode_batch_that_compresses_streams_runs_eagerly(streams):
     runner = _Runner()
     runner.kvc, runner.kvc_streams = WorkerState(), streams
     schedule = StreamSchedule(compress_at=80, budgets=(16,) * STREAMS, page=PAGE, block_size=BLOCK)
     runner.kvc.requests = {"a": RequestCache(schedule, length=79), "b": RequestCache(None, length=5)}
-    assert runner._determine_batch_execution_and_padding(num_tokens=2) == {"num_tokens": 2}  # no step yet
+
+    def decide(most_tokens=1):
+        return runner._determine_batch_execution_and_padding(num_tokens=2, max_num_scheduled_tokens=most_tokens)
+
+    assert "force_eager" not in decide()  # no step yet (a dummy run)
     runner.kvc.begin_step(["a", "b"])
-    assert "force_eager" not in runner._determine_batch_execution_and_padding(num_tokens=2)
+    assert "force_eager" not in decide() and not runner.kvc.step.forced_eager
     runner.kvc.requests["a"].length = 80  # this step ends on a's compression point
-    forced = runner._determine_batch_execution_and_padding(num_tokens=2).get("force_eager", False)
-    assert forced == streams  # whole-row compactions run after the forward: graphs stay
+    # A mixed batch runs its attention eagerly (PIECEWISE) anyway: it keeps its graphs.
+    assert "force_eager" not in decide(most_tokens=8) and not runner.kvc.step.forced_eager
+    forced = decide().get("force_eager", False)
+    assert forced == streams == runner.kvc.step.forced_eager  # whole-row compactions run after the forward
+    runner.kvc.begin_step(["a", "b"])
     runner.kvc.requests["a"].length = 81
-    assert "force_eager" not in runner._determine_batch_execution_and_padding(num_tokens=2)
+    assert "force_eager" not in decide()

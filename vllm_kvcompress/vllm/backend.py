@@ -211,16 +211,19 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
                                if self.evicts and self.compact and not self.paged else None)
         # Decode positions in a persistent buffer too: a replayed graph reads the captured address.
         self.decode_positions = torch.zeros(max_tokens, dtype=torch.long, device=device) if self.positions else None
-        self.stream_buffers = None
+        self.stream_buffers, self.stream_buffers_rows = None, 0
         if self.paged and torch.device(device).type == "cuda" and \
                 vllm_config.compilation_config.cudagraph_mode.has_full_cudagraphs() and \
                 self.get_cudagraph_support(vllm_config, kv_cache_spec) != AttentionCGSupport.NEVER:
             from vllm_kvcompress.vllm.stream_layout import StreamDecodeBuffers
 
-            max_reqs = max(vllm_config.scheduler_config.max_num_seqs,
-                           vllm_config.compilation_config.max_cudagraph_capture_size or 0)
-            self.stream_buffers = StreamDecodeBuffers(self.num_layers, kv_cache_spec.num_kv_heads, max_reqs,
-                                                      vllm_config.model_config.max_model_len, self.page_tokens, device)
+            # Rows for the largest captured batch only: a larger one runs eagerly on its own plan.
+            compilation = vllm_config.compilation_config
+            self.stream_buffers_rows = compilation.max_cudagraph_capture_size or \
+                vllm_config.scheduler_config.max_num_seqs
+            self.stream_buffers = StreamDecodeBuffers(self.num_layers, kv_cache_spec.num_kv_heads,
+                                                      self.stream_buffers_rows, vllm_config.model_config.max_model_len,
+                                                      self.page_tokens, device)
         logger.info("kvcompress attention active: method=%s, %d layers, block_size=%d, page %d bytes, "
                     "CUDA graphs for decode: %s", config.method, len(layer_names), kv_cache_spec.block_size,
                     kv_cache_spec.page_size_bytes,
@@ -236,12 +239,16 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
             from vllm_kvcompress.vllm import stream_layout
 
             geometry = self._geometry()
-            buffers = self.stream_buffers if _uniform_decode(m) else None
+            buffers = self.stream_buffers if _uniform_decode(m) and num_reqs <= self.stream_buffers_rows else None
             # A graph's batch: rows past the step's requests are padding.
             real = num_reqs if buffers is None or step is None else min(num_reqs, len(step.req_ids))
             planned = stream_layout.build(m, real, geometry, step, state.pool, host_seq_lens(m))
-            if planned is not None and buffers is not None and not planned.python_only:
-                return buffers.fill(planned, num_reqs, geometry, step, state.pool, planned.max_decode_len)
+            if planned is not None and buffers is not None:
+                if not planned.python_only:
+                    return buffers.fill(planned, num_reqs, geometry, step, state.pool, planned.max_decode_len)
+                if not step.forced_eager:  # a replay would read the previous step's buffers
+                    raise RuntimeError("kvcompress: a decode batch with stream work outside the CUDA graph buffers "
+                                       "was not kept off the graphs (the runner forces only compressions eager)")
             if planned is not None:
                 return planned
         if m.max_query_len == 1 and (not self.evicts or self.decode_buffers is not None):

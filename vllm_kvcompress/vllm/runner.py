@@ -45,8 +45,11 @@ class EvictionRunnerMixin:
         self.kvc = WorkerState()
 
     def _determine_batch_execution_and_padding(self, *args, **kwargs):
-        if self._kvc_step_compresses_streams():
+        # Only a batch of single-token decodes may replay a FULL graph; a mixed batch runs its
+        # attention eagerly (PIECEWISE) anyway, so it keeps its graphs.
+        if kwargs.get("max_num_scheduled_tokens") == 1 and self._kvc_step_compresses_streams():
             kwargs["force_eager"] = True
+            self.kvc.step.forced_eager = True
         return super()._determine_batch_execution_and_padding(*args, **kwargs)
 
     def _kvc_step_compresses_streams(self) -> bool:

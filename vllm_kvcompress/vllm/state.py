@@ -49,6 +49,7 @@ class StepPlan:
     kept_pending: dict[str, tuple[RequestCache, torch.Tensor]] = field(default_factory=dict)
     eviction: Any = None  # whole-row eviction: the step's EvictionPlan (the builder's), run after the forward
     host_block_table: torch.Tensor | None = None  # the runner's host copy of the block table (batch order)
+    forced_eager: bool = False  # the runner kept this step off CUDA graphs (a stream compression in a decode batch)
 
     @property
     def schedules(self) -> list:

@@ -112,16 +112,19 @@ class StreamDecodeBuffers:
     replay. Rows past the step's requests are padding (a graph's batch size): length 0,
     writes to row 0, which is vLLM's null block in layer 0 (never a request's).
 
-    Sized for the longest stream ``max_model_len`` allows: ``L x max_reqs x H x
-    cdiv(max_model_len, page)`` int32 page ids (about 1.1 GB for a Llama-3-8B shape at 512
-    requests and 34K tokens), allocated once, outside the KV pool vLLM profiled."""
+    Sized for the longest stream ``max_model_len`` allows and the largest captured batch:
+    ``L x max_reqs x H x cdiv(max_model_len, page)`` int32 page ids (about 1.1 GB for a
+    Llama-3-8B shape at 512 requests and 34K tokens, 4.3 GB at 128K), allocated once, outside
+    the KV pool vLLM profiled."""
 
     def __init__(self, geometry_layers: int, heads: int, max_reqs: int, max_len: int, page: int,
                  device: torch.device):
         self.width = cdiv(cdiv(max_len, page), 16) * 16  # the row stride the warm-up compiled (int32, 16k)
-        self.write_rows = torch.zeros(geometry_layers, max_reqs, heads, dtype=torch.long, device=device)
-        self.pages = torch.zeros(geometry_layers, max_reqs, heads, self.width, dtype=torch.int32, device=device)
-        self.lengths = torch.zeros(geometry_layers, max_reqs, heads, dtype=torch.int32, device=device)
+        # Every layer's slice 16-byte aligned, as Triton specialises pointers (the warm-up's).
+        rows = cdiv(max_reqs, 4) * 4
+        self.write_rows = torch.zeros(geometry_layers, rows, heads, dtype=torch.long, device=device)
+        self.pages = torch.zeros(geometry_layers, rows, heads, self.width, dtype=torch.int32, device=device)
+        self.lengths = torch.zeros(geometry_layers, rows, heads, dtype=torch.int32, device=device)
 
     def fill(self, planned: StreamMetadata | None, num_reqs: int, geometry: PoolGeometry, step, pool,
              max_len: int) -> StreamMetadata:
