@@ -97,16 +97,22 @@ CUDA_STREAM_METHODS = ("headkv", "kvzap", "dms")
 def experimental_cuda_streams(config: KVCompressConfig) -> bool:
     """Whether this stream method may start on CUDA: one of :data:`CUDA_STREAM_METHODS` with
     ``KVCOMPRESS_CUDA_STREAMS=experimental`` set; any other value is refused."""
-    value = os.environ.get(CUDA_STREAMS_ENV)
+    return _experimental(CUDA_STREAMS_ENV, "the stream methods on CUDA", config.method in CUDA_STREAM_METHODS,
+                         f"runs the streams of methods {', '.join(CUDA_STREAM_METHODS)} on CUDA; method "
+                         f"{config.method!r} stays on the CPU engine")
+
+
+def _experimental(env: str, what: str, applies: bool, refusal: str) -> bool:
+    """Whether the opt-in variable ``env`` is set (to ``experimental``, the only value allowed)
+    for settings it ``applies`` to; set for others, it is refused with ``refusal``."""
+    value = os.environ.get(env)
     if value is None:
         return False
     if value != "experimental":
-        raise KVCompressConfigError(f"{CUDA_STREAMS_ENV}={value!r}: the only allowed value is 'experimental' "
-                                    "(the stream methods on CUDA, for their GPU checks)")
-    if config.method not in CUDA_STREAM_METHODS:
-        raise KVCompressConfigError(f"{CUDA_STREAMS_ENV}=experimental runs the streams of methods "
-                                    f"{', '.join(CUDA_STREAM_METHODS)} on CUDA; method {config.method!r} stays on "
-                                    "the CPU engine")
+        raise KVCompressConfigError(f"{env}={value!r}: the only allowed value is 'experimental' ({what}, for their "
+                                    "GPU checks)")
+    if not applies:
+        raise KVCompressConfigError(f"{env}=experimental {refusal}")
     return True
 
 
@@ -124,16 +130,8 @@ def kvquant_rows(config: KVCompressConfig) -> bool:
 def experimental_cuda_kvquant(config: KVCompressConfig) -> bool:
     """Whether kvquant rows may start on CUDA: ``KVCOMPRESS_CUDA_KVQUANT=experimental`` set;
     any other value is refused, as is the variable with another method."""
-    value = os.environ.get(CUDA_KVQUANT_ENV)
-    if value is None:
-        return False
-    if value != "experimental":
-        raise KVCompressConfigError(f"{CUDA_KVQUANT_ENV}={value!r}: the only allowed value is 'experimental' "
-                                    "(kvquant rows on CUDA, for their GPU checks)")
-    if not kvquant_rows(config):
-        raise KVCompressConfigError(f"{CUDA_KVQUANT_ENV}=experimental runs kvquant rows on CUDA; method "
-                                    f"{config.method!r} has none")
-    return True
+    return _experimental(CUDA_KVQUANT_ENV, "kvquant rows on CUDA", kvquant_rows(config),
+                         f"runs kvquant rows on CUDA; method {config.method!r} has none")
 
 
 def check_engine_options(vllm_config: "VllmConfig") -> None:
