@@ -29,6 +29,25 @@ def drive(settings, schedule, q, k, v, scores, steps, check, blocks: int, block:
     as from the runner); ``no_sync``: the layers' forwards run under CUDA's sync debug mode
     "error" (any read-back raises), except the last layer of the step that packs a threshold
     rule's prompt (its survivor counts lay out the packed pages: one read-back, there)."""
+    request = Request("r", schedule, q, k, v, scores, steps, lambda out, first, computed: check(out, first, computed))
+    drive_many(settings, [request], blocks, block, page, state, device, dtype, no_sync)
+
+
+class Request:
+    """One request of :func:`drive_many`: its schedule, its tokens' ``q/k/v[L, T, heads, D]`` and
+    hook scores ``[L, T, H]``, the tokens it takes at each of its steps, the first batch step it
+    joins (``start``), and ``check(out, first position, computed)`` after each of its steps."""
+
+    def __init__(self, req_id, schedule, q, k, v, scores, steps, check, start: int = 0):
+        self.req_id, self.schedule, self.q, self.k, self.v, self.scores = req_id, schedule, q, k, v, scores
+        self.steps, self.check, self.start = list(steps), check, start
+
+
+def drive_many(settings, requests: list, blocks: int, block: int, page: int, state=None, device="cpu",
+               dtype=torch.float32, no_sync: bool = False):
+    """:func:`drive` for several requests batched as the runner batches them: each has its own
+    ``blocks`` blocks of one pool and joins at its ``start`` step; a step holds every request
+    that still has tokens (prompt chunks and decodes of other layouts mixed)."""
     from types import SimpleNamespace
 
     from vllm_kvcompress.eviction.streams import PoolGeometry
@@ -36,27 +55,43 @@ def drive(settings, schedule, q, k, v, scores, steps, check, blocks: int, block:
     from vllm_kvcompress.vllm import stream_layout
     from vllm_kvcompress.vllm.state import RequestCache, WorkerState
 
-    layers, _, q_heads, dim = q.shape
-    heads = k.shape[2]
-    buffer = torch.zeros(layers, blocks, heads, block, 2 * dim, dtype=dtype, device=device)
-    geometry = PoolGeometry(layers, blocks, heads, block, page)
+    layers, _, q_heads, dim = requests[0].q.shape
+    heads = requests[0].k.shape[2]
+    total_blocks = blocks * len(requests)
+    buffer = torch.zeros(layers, total_blocks, heads, block, 2 * dim, dtype=dtype, device=device)
+    geometry = PoolGeometry(layers, total_blocks, heads, block, page)
     method = settings.build()
     runners = [stream_layout.StreamRunner(method, layer, layers) for layer in range(layers)]
     state = WorkerState() if state is None else state
-    state.pool.num_blocks = blocks
-    state.pool.row_scores = torch.zeros(layers * blocks * heads * block, device=device)
-    state.requests["r"] = RequestCache(schedule)
-    computed = 0
-    for new in steps:
-        span = slice(computed, computed + new)
-        step = state.begin_step(["r"])
-        m = SimpleNamespace(query_start_loc_cpu=torch.tensor([0, new]), seq_lens=torch.tensor([computed + new]),
-                            block_table_tensor=torch.arange(blocks, device=device)[None], num_actual_tokens=new)
-        step.host_block_table = torch.arange(blocks)[None]
-        meta = stream_layout.build(m, 1, geometry, step, state.pool, m.seq_lens)
-        out = torch.zeros(layers, new, q_heads, dim, dtype=dtype, device=device)
-        inputs = [t[:, span].to(device, dtype) for t in (q, k, v)]
-        step_scores = scores[:, span].to(device)  # copies to the device before the trap
+    state.pool.num_blocks = total_blocks
+    state.pool.row_scores = torch.zeros(layers * total_blocks * heads * block, device=device)
+    table = torch.arange(total_blocks).view(len(requests), blocks)  # request i: blocks i*blocks ..
+    for request in requests:
+        state.requests[request.req_id] = RequestCache(request.schedule)
+    computed = {request.req_id: 0 for request in requests}
+    step_index = 0
+    while True:
+        batch = [(i, r) for i, r in enumerate(requests)
+                 if r.start <= step_index and step_index - r.start < len(r.steps)]
+        if not batch and step_index > max(r.start for r in requests):
+            break
+        step_index += 1
+        if not batch:
+            continue
+        news = [r.steps[step_index - 1 - r.start] for _, r in batch]
+        step = state.begin_step([r.req_id for _, r in batch])
+        rows = torch.tensor([i for i, _ in batch])
+        starts = torch.tensor([0] + news).cumsum(0)
+        seq_lens = torch.tensor([computed[r.req_id] + new for (_, r), new in zip(batch, news)])
+        m = SimpleNamespace(query_start_loc_cpu=starts, seq_lens=seq_lens, block_table_tensor=table[rows].to(device),
+                            num_actual_tokens=int(starts[-1]))
+        step.host_block_table = table[rows]
+        meta = stream_layout.build(m, len(batch), geometry, step, state.pool, seq_lens)
+        spans = [slice(computed[r.req_id], computed[r.req_id] + new) for (_, r), new in zip(batch, news)]
+        inputs = [torch.cat([getattr(r, name)[:, span] for (_, r), span in zip(batch, spans)], 1).to(device, dtype)
+                  for name in ("q", "k", "v")]
+        step_scores = torch.cat([r.scores[:, span] for (_, r), span in zip(batch, spans)], 1).to(device)
+        out = torch.zeros(layers, int(starts[-1]), q_heads, dim, dtype=dtype, device=device)
         packs = any(isinstance(c.schedule, ThresholdSchedule) for c in meta.compressions)
         try:
             for layer in range(layers):
@@ -73,5 +108,6 @@ def drive(settings, schedule, q, k, v, scores, steps, check, blocks: int, block:
         for req_id, pages in step.settle_reports().items():
             state.requests[req_id].schedule.pages_next = pages
         state.end_step()
-        check(out, computed, computed + new)
-        computed += new
+        for t, ((_, r), new) in enumerate(zip(batch, news)):
+            r.check(out[:, int(starts[t]):int(starts[t + 1])], computed[r.req_id], computed[r.req_id] + new)
+            computed[r.req_id] += new

@@ -136,3 +136,21 @@ def test_ring_streams_on_cuda_match_the_cpu_and_read_back_once_per_step(method, 
     assert kept["cuda"][-1] is not None and 0 < int(kept["cuda"][-1].sum()) < LAYERS * HEADS * (total - 32)
     for step, (want, have) in enumerate(zip(outputs["cpu"], outputs["cuda"])):
         torch.testing.assert_close(have, want, atol=2e-2, rtol=2e-2, msg=lambda text: f"step {step}: {text}")
+
+
+@pytest.mark.parametrize("method", ["headkv", "kvzap", "dms"])
+def test_two_staggered_requests_on_cuda_match_the_cpu(method, tmp_path):
+    """Two requests batched as the runner batches them (the second's prompt chunks beside the
+    first's decodes, then both decoding at other ring positions; ``test_stream_batches``): on
+    CUDA (Triton stream decode, no read-back inside a layer) as on the CPU, and as each alone."""
+    from test_stream_batches import staggered, stream_settings
+
+    settings = stream_settings(method, tmp_path)
+    runs = {device: staggered(settings, device=device, dtype=torch.bfloat16, no_sync=device == "cuda")
+            for device in ("cpu", "cuda")}
+    for req_id, want in runs["cpu"][0].items():
+        for name, have in (("batched", runs["cuda"][0][req_id]), ("alone", runs["cuda"][1][req_id])):
+            assert len(have) == len(want)
+            for step, (got, expected) in enumerate(zip(have, want)):
+                torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2,
+                                           msg=lambda text: f"{req_id} {name} step {step}: {text}")
