@@ -212,8 +212,8 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
         # Decode positions in a persistent buffer too: a replayed graph reads the captured address.
         self.decode_positions = torch.zeros(max_tokens, dtype=torch.long, device=device) if self.positions else None
         self.stream_buffers, self.stream_buffers_rows = None, 0
-        if self.paged and torch.device(device).type == "cuda" and \
-                vllm_config.compilation_config.cudagraph_mode.has_full_cudagraphs() and \
+        graphs = vllm_config.compilation_config.cudagraph_mode
+        if self.paged and torch.device(device).type == "cuda" and graphs is not None and graphs.has_full_cudagraphs() and \
                 self.get_cudagraph_support(vllm_config, kv_cache_spec) != AttentionCGSupport.NEVER:
             from vllm_kvcompress.vllm.stream_layout import StreamDecodeBuffers
 
