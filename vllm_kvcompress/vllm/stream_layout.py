@@ -117,14 +117,14 @@ class StreamDecodeBuffers:
     Llama-3-8B shape at 512 requests and 34K tokens, 4.3 GB at 128K), allocated once, outside
     the KV pool vLLM profiled."""
 
-    def __init__(self, geometry_layers: int, heads: int, max_reqs: int, max_len: int, page: int,
+    def __init__(self, num_layers: int, heads: int, max_reqs: int, max_len: int, page: int,
                  device: torch.device):
         self.width = cdiv(cdiv(max_len, page), 16) * 16  # the row stride the warm-up compiled (int32, 16k)
         # Every layer's slice 16-byte aligned, as Triton specialises pointers (the warm-up's).
         rows = cdiv(max_reqs, 4) * 4
-        self.write_rows = torch.zeros(geometry_layers, rows, heads, dtype=torch.long, device=device)
-        self.pages = torch.zeros(geometry_layers, rows, heads, self.width, dtype=torch.int32, device=device)
-        self.lengths = torch.zeros(geometry_layers, rows, heads, dtype=torch.int32, device=device)
+        self.write_rows = torch.zeros(num_layers, rows, heads, dtype=torch.long, device=device)
+        self.pages = torch.zeros(num_layers, rows, heads, self.width, dtype=torch.int32, device=device)
+        self.lengths = torch.zeros(num_layers, rows, heads, dtype=torch.int32, device=device)
 
     def fill(self, planned: StreamMetadata | None, num_reqs: int, geometry: PoolGeometry, step, pool,
              max_len: int) -> StreamMetadata:
