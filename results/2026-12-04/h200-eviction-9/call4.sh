@@ -6,7 +6,7 @@
 set -u
 bash .gpu-bundle/part4/unpack.sh
 source benchmarks/gpu_env.sh
-echo "commit $COMMIT" | tee $OUT/commit.txt; nvidia-smi -L
+echo "commit ${COMMIT:-unset: pass COMMIT=<sha>}" | tee $OUT/commit.txt; nvidia-smi -L
 mkdir -p $OUT/c4
 t0=$(date +%s)
 timeout -k 5 230 python3 -m pytest -m gpu -rP -p no:cacheprovider tests/test_gpu_streams.py > $OUT/c4/streams.log 2>&1; echo "streams rc=$? $(( $(date +%s)-t0 ))s"
