@@ -42,11 +42,8 @@ def case(num_q_heads: int, num_kv_heads: int, head_dim: int, batch: int, context
     ranges = torch.stack([pre.amin(0) - 0.5, pre.amax(0) + 0.5], 1)
     where = torch.randint(0, 4 * context, (rows,), generator=gen, device=device)  # logical positions, as after eviction
     values = torch.randn(rows, num_kv_heads, head_dim, generator=gen, device=device)
-    # Codes straight from the pre-RoPE keys (their rotation does not change the timing).
-    encoded = kvquant_ref.encode_rows(pre, values, torch.zeros(rows, dtype=torch.long, device=device), ranges, key_bits, THETA,
-                                      layout)
-    encoded[..., kvquant_ref._key_bytes(head_dim, key_bits):layout.m] = \
-        where.to(torch.int32).view(torch.uint8).view(rows, 1, 4)
+    # The random keys taken as turned to ``where`` (the codes' values do not change the timing).
+    encoded = kvquant_ref.encode_rows(pre, values, where, ranges, key_bits, THETA, layout)
     packed = encoded.view(num_blocks, BLOCK, num_kv_heads, -1).transpose(1, 2).contiguous()
     dense = torch.randn(num_blocks, num_kv_heads, BLOCK, 2 * head_dim, generator=gen, device=device,
                         dtype=torch.bfloat16)

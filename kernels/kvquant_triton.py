@@ -22,7 +22,7 @@ import triton.language as tl
 from vllm_kvcompress.kernels import rope_ref
 from vllm_kvcompress.kernels.kvquant_ref import POSITION_BYTES, _key_bytes, key_steps
 from vllm_kvcompress.kernels.lookat_ref import LookatLayout
-from vllm_kvcompress.kernels.lookat_triton import _accumulate_values, _load_page, _load_values
+from vllm_kvcompress.kernels.lookat_triton import _accumulate_values, _load_page, _load_values, _softmax_state
 from vllm_kvcompress.kernels.triton_common import LOG2E, _mma, _next_pow2, _program_span, _store_partial, \
     launch_split, partition
 
@@ -65,14 +65,7 @@ def _kvquant_decode_kernel(
     step1 = tl.load(step_ptr + h * D + j)
     step2 = tl.load(step_ptr + h * D + HALF + j)
 
-    m_i = tl.full([GD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GD], tl.float32)
-    if VALUE_BITS == 4:  # even / odd columns (low / high nibbles) in two accumulators
-        acc = tl.zeros([GD, D // 2], tl.float32)
-        acc_odd = tl.zeros([GD, D // 2], tl.float32)
-    else:
-        acc = tl.zeros([GD, D], tl.float32)
-        acc_odd = tl.zeros([GD, 1], tl.float32)  # unused
+    m_i, l_i, acc, acc_odd = _softmax_state(GD, D, VALUE_BITS)
     for n0 in range(start, kv_len, step):
         pos = n0 + offs_n
         valid = pos < kv_len
@@ -138,10 +131,7 @@ def kvquant_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.
     max_len = int(kv_lens.max()) if max_kv_len is None else int(max_kv_len)
     if max_position is None:
         max_position = rope_ref.MAX_TABLE if has_positions else max_len
-    if max_position > rope_ref.MAX_TABLE:
-        raise ValueError(f"positions up to {max_position}: the RoPE table holds {rope_ref.MAX_TABLE}")
-    positions = int(max_position)
-    table = rope_ref.table(theta, head_dim, query.device, positions)
+    table = rope_ref.table(theta, head_dim, query.device, int(max_position))  # refuses more than it holds
     low, step = key_steps(ranges.to(query.device), key_bits)
     query = query if query.stride(-1) == 1 else query.contiguous()
     block_n = cfg["block_n"]

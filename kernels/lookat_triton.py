@@ -157,6 +157,21 @@ def _load_values(row, slot, valid, cache_ptr, cache_i8_ptr, cache_16_ptr, cache_
 
 
 @triton.jit
+def _softmax_state(GD: tl.constexpr, D: tl.constexpr, VALUE_BITS: tl.constexpr):
+    """An online softmax's start for ``GD`` query rows: running max, sum and value accumulators
+    (4-bit values: even / odd columns, low / high nibbles, in two; else the second is unused)."""
+    m_i = tl.full([GD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GD], tl.float32)
+    if VALUE_BITS == 4:
+        acc = tl.zeros([GD, D // 2], tl.float32)
+        acc_odd = tl.zeros([GD, D // 2], tl.float32)
+    else:
+        acc = tl.zeros([GD, D], tl.float32)
+        acc_odd = tl.zeros([GD, 1], tl.float32)
+    return m_i, l_i, acc, acc_odd
+
+
+@triton.jit
 def _accumulate_values(pt, acc, acc_odd, x, sc, lo, VALUE_BITS: tl.constexpr, INTERP: tl.constexpr):
     """``acc (+ acc_odd) += pt @ values`` for probabilities ``pt[GD, N]`` (fp32); the per-token
     scale is folded into ``pt`` so the integers reach the tensor cores exactly (fp16)."""
@@ -207,14 +222,7 @@ def _lookat_decode_kernel(
         offs = (offs_i * (K * GL))[None, :, None] + tl.arange(0, GL)[None, None, :]  # [1, M, GL]
         VEC: tl.constexpr = GL
 
-    m_i = tl.full([GD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GD], tl.float32)
-    if VALUE_BITS == 4:  # even / odd columns (low / high nibbles) in two accumulators
-        acc = tl.zeros([GD, D // 2], tl.float32)
-        acc_odd = tl.zeros([GD, D // 2], tl.float32)
-    else:
-        acc = tl.zeros([GD, D], tl.float32)
-        acc_odd = tl.zeros([GD, 1], tl.float32)  # unused
+    m_i, l_i, acc, acc_odd = _softmax_state(GD, D, VALUE_BITS)
 
     pos = start + offs_n
     page = _load_page(bt_ptr, b, stride_bt, pos, pos < kv_len, BS)

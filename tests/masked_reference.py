@@ -29,8 +29,8 @@ def drive(settings, schedule, q, k, v, scores, steps, check, blocks: int, block:
     as from the runner); ``no_sync``: the layers' forwards run under CUDA's sync debug mode
     "error" (any read-back raises), except the last layer of the step that packs a threshold
     rule's prompt (its survivor counts lay out the packed pages: one read-back, there)."""
-    request = Request("r", schedule, q, k, v, scores, steps, lambda out, first, computed: check(out, first, computed))
-    drive_many(settings, [request], blocks, block, page, state, device, dtype, no_sync)
+    drive_many(settings, [Request("r", schedule, q, k, v, scores, steps, check)], blocks, block, page, state, device,
+               dtype, no_sync)
 
 
 class Request:

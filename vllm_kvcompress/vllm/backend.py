@@ -211,19 +211,17 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
                                if self.evicts and self.compact and not self.paged else None)
         # Decode positions in a persistent buffer too: a replayed graph reads the captured address.
         self.decode_positions = torch.zeros(max_tokens, dtype=torch.long, device=device) if self.positions else None
-        self.stream_buffers, self.stream_buffers_rows = None, 0
-        graphs = vllm_config.compilation_config.cudagraph_mode
+        self.stream_buffers = None
+        compilation = vllm_config.compilation_config
+        graphs = compilation.cudagraph_mode
         if self.paged and torch.device(device).type == "cuda" and graphs is not None and graphs.has_full_cudagraphs() and \
                 self.get_cudagraph_support(vllm_config, kv_cache_spec) != AttentionCGSupport.NEVER:
             from vllm_kvcompress.vllm.stream_layout import StreamDecodeBuffers
 
             # Rows for the largest captured batch only: a larger one runs eagerly on its own plan.
-            compilation = vllm_config.compilation_config
-            self.stream_buffers_rows = compilation.max_cudagraph_capture_size or \
-                vllm_config.scheduler_config.max_num_seqs
-            self.stream_buffers = StreamDecodeBuffers(self.num_layers, kv_cache_spec.num_kv_heads,
-                                                      self.stream_buffers_rows, vllm_config.model_config.max_model_len,
-                                                      self.page_tokens, device)
+            rows = compilation.max_cudagraph_capture_size or vllm_config.scheduler_config.max_num_seqs
+            self.stream_buffers = StreamDecodeBuffers(self.num_layers, kv_cache_spec.num_kv_heads, rows,
+                                                      vllm_config.model_config.max_model_len, self.page_tokens, device)
         logger.info("kvcompress attention active: method=%s, %d layers, block_size=%d, page %d bytes, "
                     "CUDA graphs for decode: %s", config.method, len(layer_names), kv_cache_spec.block_size,
                     kv_cache_spec.page_size_bytes,
@@ -239,7 +237,9 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
             from vllm_kvcompress.vllm import stream_layout
 
             geometry = self._geometry()
-            buffers = self.stream_buffers if _uniform_decode(m) and num_reqs <= self.stream_buffers_rows else None
+            buffers = self.stream_buffers
+            if buffers is not None and not (_uniform_decode(m) and num_reqs <= buffers.max_reqs):
+                buffers = None
             # A graph's batch: rows past the step's requests are padding.
             real = num_reqs if buffers is None or step is None else min(num_reqs, len(step.req_ids))
             planned = stream_layout.build(m, real, geometry, step, state.pool, host_seq_lens(m))

@@ -119,6 +119,7 @@ class StreamDecodeBuffers:
 
     def __init__(self, num_layers: int, heads: int, max_reqs: int, max_len: int, page: int,
                  device: torch.device):
+        self.max_reqs = max_reqs
         self.width = cdiv(cdiv(max_len, page), 16) * 16  # the row stride the warm-up compiled (int32, 16k)
         # Every layer's slice 16-byte aligned, as Triton specialises pointers (the warm-up's).
         rows = cdiv(max_reqs, 4) * 4
