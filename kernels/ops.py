@@ -20,7 +20,10 @@ Ops with a Triton twin (the rest are always the reference):
 * ``compact_layers`` -> ``compaction_triton.compact_layers`` (every layer in one launch).
 * ``dense_key_norms`` -> ``compaction_triton.key_norms`` (every layer in one launch).
 * ``stream_decode`` -> ``stream_attention_triton.stream_decode``.
-* ``kvquant_decode`` -> ``kvquant_triton.kvquant_decode``.
+* ``kvquant_decode`` -> ``kvquant_triton.kvquant_decode``; on CPU tensors (kind "auto"),
+  ``kvquant_cpu.decode_attention``: the reference's arithmetic compiled by ``torch.compile``.
+* ``kvquant_encode_rows``: on CPU tensors (kind "auto"), ``kvquant_cpu.encode_rows`` (compiled,
+  the same bytes).
 
 Each also needs shapes and dtypes its kernel handles (power-of-two ``head_dim >= 16``,
 16-bit dense rows, contiguous caches); a call outside them runs the reference. Results
@@ -40,7 +43,8 @@ from collections.abc import Iterator
 
 import torch
 
-from vllm_kvcompress.kernels import compaction_ref, kvquant_ref, lookat_ref, paged_dense_ref, stream_attention_ref
+from vllm_kvcompress.kernels import (compaction_ref, kvquant_cpu, kvquant_ref, lookat_ref, paged_dense_ref,
+                                     stream_attention_ref)
 from vllm_kvcompress.kernels.lookat_ref import LookatLayout
 
 __all__ = [
@@ -297,6 +301,8 @@ def lookat_key_norms(caches: list[torch.Tensor], block_table: torch.Tensor, leng
 
 def kvquant_encode_rows(key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, ranges: torch.Tensor,
                         key_bits: int, theta: float, layout: LookatLayout) -> torch.Tensor:
+    if _kind == "auto" and key.device.type == "cpu":
+        return kvquant_cpu.encode_rows(key, value, positions, ranges, key_bits, theta, layout)
     return kvquant_ref.encode_rows(key, value, positions, ranges, key_bits, theta, layout)
 
 
@@ -307,8 +313,27 @@ def kvquant_decode(query: torch.Tensor, cache: torch.Tensor, block_table: torch.
                       fits=_kvquant_fits(query, cache, layout)) == "triton":
         return _twin("kvquant_triton").kvquant_decode(query, cache, _table(block_table), _lens(kv_lens), ranges, key_bits,
                                                       theta, layout, scale, max_kv_len=max_kv_len)
+    if _kind == "auto" and not query.is_cuda:
+        max_kv_len = int(kv_lens.max()) if max_kv_len is None else int(max_kv_len)
+        if kvquant_cpu.fits(query, cache, max_kv_len):
+            return kvquant_cpu.decode_attention(query, cache, block_table, kv_lens, ranges, key_bits, theta, layout,
+                                                scale, max_kv_len)
     return kvquant_ref.decode_attention(query, cache, block_table, kv_lens, ranges, key_bits, theta, layout, scale,
                                         max_kv_len)
+
+
+def warm_up_kvquant(device: torch.device, num_q_heads: int, block_size: int, ranges: torch.Tensor, key_bits: int,
+                    theta: float, layout: LookatLayout, scale: float) -> None:
+    """Compile the CPU twins (decode and cache write) before serving, where serving runs them
+    (CPU, kind "auto"); the first steps would compile them otherwise. Inductor needs a C++ compiler."""
+    if torch.device(device).type != "cpu" or _kind != "auto":
+        return
+    try:
+        kvquant_cpu.warm_up(num_q_heads, block_size, ranges, key_bits, theta, layout, scale)
+    except Exception as exc:
+        raise RuntimeError(f"kvcompress: compiling the CPU kvquant ops failed ({type(exc).__name__}: {exc}); "
+                           "torch.compile needs a C++ compiler on the CPU, as vLLM's own compilation does. "
+                           "KVCOMPRESS_KERNELS=reference runs the eager PyTorch reference instead (slower)") from exc
 
 
 def _kvquant_fits(query: torch.Tensor, cache: torch.Tensor, layout: LookatLayout) -> bool:

@@ -28,6 +28,14 @@ def write_rows(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> 
     aimed at slot 0 and write back what is already there. Slot 0 lies in vLLM's null
     block, which never holds a request's token, so no real row of the same call lands there."""
     block_size = cache.shape[2]
+    if cache.device.type == "cpu" and slots.numel() <= 16:
+        # A decode step's few tokens: reading the slots back is free on the CPU, and one basic
+        # index per token costs a few microseconds where the masked form below costs tens.
+        rows = rows.to(cache.dtype)
+        for token, slot in enumerate(slots.tolist()):
+            if slot >= 0:
+                cache[slot // block_size, :, slot % block_size] = rows[token]
+        return
     valid = slots >= 0
     safe = torch.where(valid, slots, torch.zeros_like(slots)).long()
     blocks = torch.div(safe, block_size, rounding_mode="floor")

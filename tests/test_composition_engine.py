@@ -5,7 +5,6 @@ compaction moved them (methods/composition.py)."""
 
 import pytest
 
-from vllm_kvcompress.harness.equivalence import first_divergences
 from vllm_kvcompress.harness.generate import run_in_subprocess
 from vllm_kvcompress.harness.step_trace import run_traced
 from vllm_kvcompress.kernels import kvquant_ref
@@ -58,23 +57,30 @@ def test_kvquant_rows_under_knorm_free_blocks_as_dense_rows_do(smollm2_dir, docu
 
 @pytest.mark.parametrize("eviction", ["knorm", "snapkv"])
 def test_compacted_kvquant_rows_keep_their_positions(smollm2_dir, documents, eviction):
-    """The same eviction over dense bf16 rows and over kvquant int8 rows: the kept sets differ
-    only by key rounding, so the answers start the same. A row turned by its physical
-    index instead of its logical position after compaction turns the answer into noise."""
+    """The same eviction over dense bf16 rows and over kvquant int8 rows, the kvquant run forced
+    along the dense run's greedy tokens: the kept sets differ only by key rounding, so each
+    token's log-probability stays close (measured 2026-12-05: mean changes of 0.12 nats with
+    knorm, 0.07 with snapkv). A row turned by its physical index instead of its logical position
+    after compaction scores every kept key at a wrong angle (the bound of 0.5 is set between,
+    not measured against such a bug). Greedy agreement alone is too brittle a measure here: int8 rows
+    change a 0.25-nat margin at the fourth token of this prompt, and float rounding (the compiled
+    CPU ops against the eager reference) moves that margin."""
     prompt = [documents(1500, 1)[0]]
     settings = {"compression_ratio": 0.5}
     dense = run_in_subprocess(_llm(smollm2_dir, 40, attention_backend="kvcompress",
                                    additional_config={"kvcompress": {"method": eviction, **settings}}),
                               prompt, max_tokens=24)
+    tokens = dense["outputs"][0]["token_ids"]
     composed = run_in_subprocess(_llm(smollm2_dir, 40, **_kvc(f"kvquant+{eviction}", **settings)), prompt,
-                                 max_tokens=24)
-    a, b = dense["outputs"][0]["token_ids"], composed["outputs"][0]["token_ids"]
-    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-    divergences = first_divergences(dense["outputs"], composed["outputs"])
-    print(f"{eviction} at half the prompt, bf16 rows vs kvquant int8 rows: {same}/{len(a)} greedy tokens equal "
-          f"before the first difference; {[d.explain() for d in divergences]}")
+                                 forced=[tokens])
+    assert composed["outputs"][0]["token_ids"] == tokens
+    changes = [abs(a - b) for a, b in zip(dense["outputs"][0]["token_logprobs"],
+                                          composed["outputs"][0]["token_logprobs"], strict=True)]
+    mean = sum(changes) / len(changes)
+    print(f"{eviction} at half the prompt, kvquant int8 rows forced along bf16 rows' {len(tokens)} greedy tokens: "
+          f"mean |change| of their log-probabilities {mean:.3f} nats, largest {max(changes):.3f}")
     assert composed["attention_impls"] == ["KVCompressImpl"]
-    assert same >= 4 or all(d.is_near_tie for d in divergences)
+    assert mean < 0.5
 
 
 def test_a_preset_starts_as_its_expansion(smollm2_dir):

@@ -5,44 +5,15 @@ and the ops seam that picks between them."""
 import pytest
 import torch
 
+from kvquant_cases import THETA, paged_case
 from triton_env import DEV, import_kernels, interpreter  # noqa: F401  (autouse below)
 
 kvquant_ref, kvquant_triton = import_kernels("kvquant_ref", "kvquant_triton")
-
-THETA = 1e6
 
 
 @pytest.fixture(autouse=True)
 def _interpreter(interpreter):
     yield
-
-
-def _case(key_bits, value_bits, positions, lens, hkv=2, group=3, D=32, bs=16, seed=0, farthest=5000):
-    """Every slot of a shuffled paged cache holds a valid row (keys of a calibrated range, at
-    scattered logical positions when the rows carry them, as after eviction)."""
-    g = torch.Generator().manual_seed(seed)
-    layout = kvquant_ref.layout(D, key_bits, value_bits, torch.bfloat16, positions=positions)
-    num_blocks = sum(-(-n // bs) for n in lens) + 3
-    rows = num_blocks * bs
-    offsets = torch.randn(hkv, D, generator=g) * 3  # a k_proj bias: position-free, large
-    pre = torch.randn(rows, hkv, D, generator=g) + offsets
-    where = torch.randint(0, farthest, (rows,), generator=g) if positions else torch.arange(rows) % bs
-    from vllm_kvcompress.kernels.rope_ref import rotate
-
-    keys = rotate(pre.transpose(0, 1), where, THETA).transpose(0, 1)  # post-RoPE, as the model writes them
-    ranges = torch.stack([pre.amin(0) - 0.5, pre.amax(0) + 0.5], 1)  # [Hkv, 2, D]
-    values = torch.randn(rows, hkv, D, generator=g) * 2 + 0.5
-    encoded = kvquant_ref.encode_rows(keys, values, where, ranges, key_bits, THETA, layout)
-    cache = encoded.view(num_blocks, bs, hkv, -1).transpose(1, 2).contiguous()
-    need = [-(-n // bs) for n in lens]
-    perm = torch.randperm(num_blocks, generator=g)
-    table = torch.full((len(lens), max(need) + 1), 10**6, dtype=torch.int32)  # unused entries poisoned
-    used = 0
-    for r, n in enumerate(need):
-        table[r, :n] = perm[used:used + n].int()
-        used += n
-    query = (torch.randn(len(lens), hkv * group, D, generator=g) * 2).bfloat16()
-    return layout, cache, table, torch.tensor(lens, dtype=torch.int32), ranges, query
 
 
 def _rel(out, ref):
@@ -57,7 +28,7 @@ def _rel(out, ref):
     (8, 8, True, None, 5000), (4, 4, True, 2, 5000), (8, 16, False, None, 0), (4, 8, False, 3, 0),
     (8, 4, True, 1, 1 << 17)])
 def test_kvquant_decode_matches_reference(key_bits, value_bits, positions, splits, farthest):
-    layout, cache, table, kv_lens, ranges, query = _case(key_bits, value_bits, positions, [37, 5, 70],
+    layout, cache, table, kv_lens, ranges, query = paged_case(key_bits, value_bits, positions, [37, 5, 70],
                                                          farthest=farthest)
     scale = 32 ** -0.5
     ref = kvquant_ref.decode_attention(query, cache, table.long().clamp_max(cache.shape[0] - 1), kv_lens, ranges,
@@ -70,7 +41,7 @@ def test_kvquant_decode_matches_reference(key_bits, value_bits, positions, split
 
 
 def test_a_row_past_its_position_table_is_refused():
-    layout, cache, table, kv_lens, ranges, query = _case(8, 8, True, [20])
+    layout, cache, table, kv_lens, ranges, query = paged_case(8, 8, True, [20])
     from vllm_kvcompress.kernels import rope_ref
 
     with pytest.raises(ValueError, match=r"131073 positions: tables hold at most 131072"):
@@ -81,7 +52,7 @@ def test_a_row_past_its_position_table_is_refused():
 def test_the_ops_seam_runs_the_twin_where_it_fits_and_the_reference_elsewhere(monkeypatch):
     from vllm_kvcompress.kernels import ops
 
-    layout, cache, table, kv_lens, ranges, query = _case(8, 8, True, [37, 5])
+    layout, cache, table, kv_lens, ranges, query = paged_case(8, 8, True, [37, 5])
     calls = []
     monkeypatch.setattr(kvquant_triton, "kvquant_decode", lambda *a, **k: calls.append("triton") or "twin")
     monkeypatch.setattr(ops, "_twin", lambda name: kvquant_triton)

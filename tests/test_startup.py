@@ -149,7 +149,8 @@ def test_cuda_needs_ampere_and_refuses_stream_eviction_for_now(smollm2_dir, monk
         startup.experimental_cuda_kvquant(KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5}))
     long_context = engine_config(smollm2_dir, attention_backend="kvcompress")
     long_context.model_config.max_model_len = 200_000
-    with pytest.raises(KVCompressConfigError, match=r"on CUDA holds positions up to 131072: --max-model-len 200000"):
+    with pytest.raises(KVCompressConfigError,
+                       match=r"'kvquant\+snapkv' holds positions up to 131072: --max-model-len 200000"):
         startup.check_positions(long_context, kvquant)
     startup.check_positions(long_context, KVCompressConfig.from_dict({"method": "knorm", "compression_ratio": 0.5}))
     monkeypatch.setenv(startup.CUDA_KVQUANT_ENV, "yes")

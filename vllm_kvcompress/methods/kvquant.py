@@ -70,6 +70,10 @@ class KVQuantFormat:
         if self.ranges[0].device != device:
             self.ranges = [r.to(device) for r in self.ranges]
 
+    def warm_up(self, device: torch.device, num_q_heads: int, block_size: int, scale: float) -> None:
+        ops.warm_up_kvquant(device, num_q_heads, block_size, self.ranges[0], self.key_bits, self.theta, self.layout,
+                            scale)
+
     def write(self, layer: int, cache, key, value, slots, positions=None) -> None:
         rows = ops.kvquant_encode_rows(key, value, positions, self.ranges[layer], self.key_bits, self.theta,
                                        self.layout)

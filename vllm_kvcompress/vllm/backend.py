@@ -15,6 +15,8 @@ kernels' ops (:mod:`vllm_kvcompress.kernels.ops`, Triton on CUDA, PyTorch elsewh
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -225,6 +227,7 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
         logger.info("kvcompress attention active: method=%s, %d layers, block_size=%d, page %d bytes, "
                     "CUDA graphs for decode: %s", config.method, len(layer_names), kv_cache_spec.block_size,
                     kv_cache_spec.page_size_bytes,
+                    "n/a (CPU)" if torch.device(device).type == "cpu" else
                     "no" if self.get_cudagraph_support(vllm_config, kv_cache_spec) == AttentionCGSupport.NEVER else "yes")
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -439,6 +442,15 @@ class KVCompressImpl(AttentionImpl):
     def warm_up_eviction(self, layers: list) -> None:
         """Compile the kernels :meth:`evict` runs, once the caches exist (the runner)."""
         self.evictor.warm_up(_layer_caches(layers))
+
+    def warm_up_decode(self, kv_cache: torch.Tensor) -> None:
+        """Compile the format's decode before serving, where it has a compiled twin (the
+        runner, once the caches exist; ``[blocks, Hkv, block_size, row_bytes]``)."""
+        warm_up = getattr(self.format, "warm_up", None)
+        if warm_up is not None:
+            started = time.perf_counter()
+            warm_up(kv_cache.device, self.num_heads, kv_cache.shape[2], self.scale)
+            logger.info("kvcompress: decode ops warmed up in %.1f s", time.perf_counter() - started)
 
     def warm_up_streams(self, kv_cache: torch.Tensor, layer: int, num_layers: int, max_len: int) -> bool:
         """Compile the stream decode kernel, once the caches exist (the runner); whether it

@@ -146,6 +146,8 @@ class EvictionRunnerMixin:
                            key=lambda pair: pair[0])
         self.kvc_attention_layers = [(index, layer) for index, layer in attention
                                      if getattr(layer.impl, "evictor", None) is not None]
+        if attention:
+            attention[0][1].impl.warm_up_decode(attention[0][1].kv_cache)
         if self.kvc_attention_layers:
             self.kvc_attention_layers[0][1].impl.warm_up_eviction(self.kvc_attention_layers)
         elif attention and self.kvc_method.evicts:  # per-(layer, KV head) streams

@@ -340,15 +340,13 @@ def expand_preset(vllm_config: "VllmConfig") -> None:
 
 
 def check_positions(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
-    """kvquant rows on CUDA look their positions up in a RoPE table of fixed length (no read-back
-    inside a step): ``max_model_len`` must fit it."""
-    from vllm.platforms import current_platform
-
+    """kvquant rows' decode (Triton on CUDA, compiled on the CPU) looks positions up in a RoPE
+    table of fixed length, with no read-back inside a step: ``max_model_len`` must fit it."""
     from vllm_kvcompress.kernels.rope_ref import MAX_TABLE
 
     model = vllm_config.model_config
-    if kvquant_rows(config) and current_platform.is_cuda() and model is not None and model.max_model_len > MAX_TABLE:
-        raise KVCompressConfigError(f"kvcompress method {config.method!r} on CUDA holds positions up to {MAX_TABLE}: "
+    if kvquant_rows(config) and model is not None and model.max_model_len > MAX_TABLE:
+        raise KVCompressConfigError(f"kvcompress method {config.method!r} holds positions up to {MAX_TABLE}: "
                                     f"--max-model-len {model.max_model_len} is longer; lower it")
 
 
