@@ -107,8 +107,9 @@ def decode_attention(query: torch.Tensor, cache: torch.Tensor, block_table: torc
         return kvquant_ref.decode_attention(query, cache, block_table, kv_lens, ranges, key_bits, theta, rows, scale,
                                             max_len)
     num_blocks = -(-max_len // cache.shape[2])
-    table = rope_ref.table(theta, head_dim, cache.device,
-                           rope_ref.MAX_TABLE if stores_positions else num_blocks * cache.shape[2])
+    # The whole table whatever the rows hold: one table tensor for every graph (a table grown
+    # later would be another input shape, so another compilation).
+    table = rope_ref.table(theta, head_dim, cache.device, rope_ref.MAX_TABLE)
     # Fresh tensors in (no views): the compiled graph's guards then hold for every length and batch.
     pages = cache.index_select(0, block_table[:batch, :num_blocks].flatten()).view(batch, num_blocks, *cache.shape[1:])
     lens = kv_lens[:batch].to(torch.long, copy=True)

@@ -28,7 +28,7 @@ def write_rows(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> 
     aimed at slot 0 and write back what is already there. Slot 0 lies in vLLM's null
     block, which never holds a request's token, so no real row of the same call lands there."""
     block_size = cache.shape[2]
-    if cache.device.type == "cpu" and slots.numel() <= 16:
+    if cache.device.type == "cpu" and slots.numel() <= 16 and rows.shape[0] == slots.numel():
         # A decode step's few tokens: reading the slots back is free on the CPU, and one basic
         # index per token costs a few microseconds where the masked form below costs tens.
         rows = rows.to(cache.dtype)

@@ -100,3 +100,15 @@ def test_the_cache_write_compiles_at_the_warm_up_only():
             key = torch.randn(tokens, 2, 64).bfloat16()
             kvquant_cpu.encode_rows(key, key, torch.arange(tokens) + 7, ranges, 8, THETA, layout)
     assert _graphs() == before
+
+
+def test_rows_without_positions_compile_at_the_warm_up_only():
+    layout, cache, table, kv_lens, ranges, query = paged_case(8, 8, False, [37, 5, 70], hkv=2, group=7, D=64, seed=4)
+    table = table.long().clamp_max(cache.shape[0] - 1)
+    kvquant_cpu.warm_up(14, cache.shape[2], ranges, 8, THETA, layout, 0.125)
+    before = _graphs()
+    with torch.inference_mode():
+        _decode_every_batch(query, cache, table, ranges, 8, layout)
+        key = torch.randn(3, 2, 64).bfloat16()
+        kvquant_cpu.encode_rows(key, key, torch.arange(3), ranges, 8, THETA, layout)
+    assert _graphs() == before
