@@ -23,7 +23,7 @@ import types
 import torch
 
 from vllm_kvcompress.kernels import kvquant_ref, rope_ref
-from vllm_kvcompress.kernels.kvquant_ref import POSITION_BYTES, _key_bytes, key_steps
+from vllm_kvcompress.kernels.kvquant_ref import POSITION_BYTES, _key_bytes, key_base, key_codes
 from vllm_kvcompress.kernels.lookat_ref import LookatLayout, quantize_values
 
 
@@ -45,11 +45,7 @@ def _core(query: torch.Tensor, pages: torch.Tensor, table: torch.Tensor, ranges:
         positions = positions.clamp(0, table.shape[0] - 1)
     else:
         positions = torch.arange(data.shape[2], device=pages.device).clamp(max=table.shape[0] - 1)
-    codes = data[..., :key_bytes]
-    if key_bits == 4:
-        codes = torch.stack([codes & 15, codes >> 4], -1).flatten(-2)
-    low, step = key_steps(ranges, key_bits)
-    base = codes.float() * step[:, None, :] + low[:, None, :]  # the pre-RoPE key
+    base = key_base(data[..., :key_bytes], ranges, key_bits)  # the pre-RoPE keys
     cos_sin = table[positions]
     cos, sin = cos_sin[..., :half], cos_sin[..., half:]
     x1, x2 = base[..., :half], base[..., half:]
@@ -131,9 +127,7 @@ def _encode(key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, tab
     cos, sin = cos_sin[..., :half], cos_sin[..., half:]
     x1, x2 = key[..., :half], key[..., half:]
     base = torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], -1)  # turned back to position 0
-    low, step = key_steps(ranges, key_bits)
-    q = torch.round((base - low) / step).clamp_(0, 2 ** key_bits - 1).to(torch.uint8)
-    parts = [q if key_bits == 8 else q[..., 0::2] | (q[..., 1::2] << 4)]
+    parts = [key_codes(base, ranges, key_bits)]
     if rows.m > _key_bytes(key.shape[-1], key_bits):
         stored = torch.stack([(positions >> shift) & 255 for shift in (0, 8, 16, 24)], -1).to(torch.uint8)
         parts.append(stored[:, None, :].expand(-1, key.shape[1], -1))

@@ -66,8 +66,14 @@ def quantize_keys(key: torch.Tensor, positions: torch.Tensor, ranges: torch.Tens
                   theta: float) -> torch.Tensor:
     """Keys ``[T, Hkv, D]`` (post-RoPE, token t at ``positions[t]``) -> codes ``[T, Hkv, D * bits / 8]``
     uint8. Values outside the calibrated range are clamped to it."""
-    low, step = key_steps(ranges, key_bits)
     base = rotate(key.transpose(0, 1), positions, theta, nonnegative=True, back=True).transpose(0, 1)  # position 0
+    return key_codes(base, ranges, key_bits)
+
+
+def key_codes(base: torch.Tensor, ranges: torch.Tensor, key_bits: int) -> torch.Tensor:
+    """Pre-RoPE keys ``[T, Hkv, D]`` -> their codes ``[T, Hkv, D * bits / 8]`` uint8 (clamped to
+    the range; 4 bits: channel ``2j`` in the low nibble of byte ``j``)."""
+    low, step = key_steps(ranges, key_bits)
     q = torch.round((base - low) / step).clamp_(0, 2 ** key_bits - 1).to(torch.uint8)
     return q if key_bits == 8 else q[..., 0::2] | (q[..., 1::2] << 4)
 
@@ -75,11 +81,15 @@ def quantize_keys(key: torch.Tensor, positions: torch.Tensor, ranges: torch.Tens
 def dequantize_keys(codes: torch.Tensor, positions: torch.Tensor, ranges: torch.Tensor, key_bits: int,
                     theta: float) -> torch.Tensor:
     """Codes ``[..., Hkv, L, D * bits / 8]`` -> keys ``[..., Hkv, L, D]`` fp32 at ``positions[L]``."""
+    return rotate(key_base(codes, ranges, key_bits), positions, theta, nonnegative=True)
+
+
+def key_base(codes: torch.Tensor, ranges: torch.Tensor, key_bits: int) -> torch.Tensor:
+    """Codes ``[..., Hkv, L, D * bits / 8]`` -> the pre-RoPE keys ``[..., Hkv, L, D]`` fp32."""
     if key_bits == 4:
         codes = torch.stack([codes & 15, codes >> 4], -1).flatten(-2)
     low, step = key_steps(ranges, key_bits)
-    base = torch.addcmul(low[:, None, :], codes.float(), step[:, None, :])
-    return rotate(base, positions, theta, nonnegative=True)
+    return torch.addcmul(low[:, None, :], codes.float(), step[:, None, :])
 
 
 def encode_rows(key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, ranges: torch.Tensor,
