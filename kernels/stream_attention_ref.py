@@ -66,20 +66,18 @@ def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tens
         uniform = bool((lengths == max_len).all())
     device = pool.device
     rows = gather(pool, pages, page, max_len)  # [Hkv, L, 2D]
+    if visible is None and uniform:
+        # Equally long streams (a prompt before compression) are a dense prefill: vLLM's
+        # FlashAttention on CUDA (bottom-right causal, GQA native), as the dense layout prefills.
+        return paged_dense_ref.causal_attend(query, rows[..., :head_dim], rows[..., head_dim:], scale)
     k, v = rows[None, ..., :head_dim], rows[None, ..., head_dim:]
     q = query.transpose(0, 1)[None].to(k.dtype)  # [1, Hq, q_len, D]
-    if visible is None and uniform:  # equally long streams (a prompt before compression)
-        if q_len == max_len:
-            out = paged_dense_ref.attend(q, k, v, None, scale, causal=True)
-        else:
-            out = paged_dense_ref.attend(q, k, v, paged_dense_ref.bottom_right_mask(q_len, max_len, device), scale)
-    else:
-        lengths = lengths.to(device)
-        q_pos = lengths[:, None] - q_len + torch.arange(q_len, device=device)  # [Hkv, q_len]
-        mask = torch.arange(max_len, device=device)[None, None, :] <= q_pos[:, :, None]  # [Hkv, q_len, L]
-        if visible is not None:
-            mask = mask & visible
-        out = paged_dense_ref.attend(q, k, v, mask.repeat_interleave(group, 0)[None], scale)
+    lengths = lengths.to(device)
+    q_pos = lengths[:, None] - q_len + torch.arange(q_len, device=device)  # [Hkv, q_len]
+    mask = torch.arange(max_len, device=device)[None, None, :] <= q_pos[:, :, None]  # [Hkv, q_len, L]
+    if visible is not None:
+        mask = mask & visible
+    out = paged_dense_ref.attend(q, k, v, mask.repeat_interleave(group, 0)[None], scale)
     return out[0].transpose(0, 1)
 
 
