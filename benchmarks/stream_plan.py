@@ -13,6 +13,10 @@ of its prompt, or a DMS-style ring with survivors), and each step appends one to
                                                                    tables, copies to the GPU; host time;
                                                                    budgets: also the copy into the CUDA
                                                                    graph buffers)
+    python3 -m benchmarks.stream_plan --device meta ...           (no GPU: the device plan's host side on
+                                                                   shape-only tensors; torch's meta kernels
+                                                                   are Python, so it overstates what the
+                                                                   launches cost on CUDA)
 
 Shape: Llama-3-8B's streams (32 layers x 8 KV heads), blocks of 16, pages of 16.
 """
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--methods", nargs="+", choices=["headkv", "ring"], default=["headkv", "ring"])
-    parser.add_argument("--device", default="cpu", help="the pool's device (cpu, cuda)")
+    parser.add_argument("--device", default="cpu", help="the pool's device (cpu, cuda, meta)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.context <= WINDOW:

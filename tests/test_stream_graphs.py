@@ -32,7 +32,7 @@ def _batch(generator, kinds, q_lens=None):
         computed = 40 + r if kind != "budget" else 80 + int(torch.randint(1, 30, (1,), generator=generator))
         if kind == "budget":
             cache.stream_table = stream_layout.packed_table(geometry, schedule.stream_lengths(80), table[r], schedule)
-            stream_layout.grow_budget_table(cache.stream_table, schedule, 80, computed, table[r])
+            stream_layout.grow_budget_table(cache.stream_table, schedule, computed, table[r])
         requests.append((f"r{r}", cache, computed, 1 if q_lens is None else q_lens[r]))
     return geometry, table, requests
 

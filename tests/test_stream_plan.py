@@ -41,7 +41,7 @@ def _requests(generator):
             schedule.pages_next = schedule.pages_for(cache.kept)
         if kind == "budget":  # packed at the prompt end, then grown a step at a time, as decoding does
             cache.stream_table = stream_layout.packed_table(geometry, schedule.stream_lengths(80), table[r], schedule)
-            stream_layout.grow_budget_table(cache.stream_table, schedule, 80, computed, table[r])
+            stream_layout.grow_budget_table(cache.stream_table, schedule, computed, table[r])
         else:
             cache.stream_table = stream_layout.packed_table(geometry, lengths, table[r], schedule)
         made.append((f"r{r}", cache, computed, 1))
@@ -159,7 +159,7 @@ def _budget_requests(seed: int):
         cache = RequestCache(schedule)
         cache.stream_table = stream_layout.packed_table(geometry, schedule.stream_lengths(schedule.compress_at),
                                                         table[r], schedule)
-        stream_layout.grow_budget_table(cache.stream_table, schedule, schedule.compress_at, computed, table[r])
+        stream_layout.grow_budget_table(cache.stream_table, schedule, computed, table[r])
         made.append((cache, computed))
     return geometry, table, made
 
@@ -167,17 +167,26 @@ def _budget_requests(seed: int):
 def test_budget_decodes_planned_on_the_device_equal_the_host_plan():
     """docs/design/stream-tables-on-device.md §2: the closed form (``budget_decodes``, run here on
     CPU tensors) gives the host plan's pages, lengths and write rows, step after step across page
-    boundaries, and leaves each request's host table as the host plan does."""
+    boundaries. It leaves the host tables behind (no host work per decode); a host plan after it
+    catches them up to what the host plan alone made, and plans that step as the host plan does."""
     runs = {}
+    steps_on_device = 2 * PAGE + 3
     for name in ("host", "closed form"):
         geometry, table, requests = _budget_requests(3)
+        before = [(cache.stream_table.counts.copy(), cache.stream_table.grown_to) for cache, _ in requests]
         steps = []
-        for step in range(2 * PAGE + 3):
-            decodes = [stream_layout.PackedDecode(i, computed + step + 1, cache.schedule, cache,
-                                                  table[r, :BLOCKS_EACH], f"r{r}", r)
-                       for i, (r, (cache, computed)) in enumerate(enumerate(requests))]
-            plan = stream_layout.packed_decodes(geometry, decodes) if name == "host" else \
-                stream_layout.budget_decodes(geometry, decodes, table)
+        for step in range(steps_on_device + 1):  # the last step: a host plan for both
+            # Each request's block list as the builder passes it: the blocks its length needs
+            # (longer as it grows; a catch-up sees only the last one).
+            decodes = [stream_layout.PackedDecode(
+                i, computed + step + 1, cache.schedule, cache,
+                table[r, :-(-cache.schedule.rows_during(computed + step, computed + step + 1) // BLOCK)], f"r{r}", r)
+                for i, (r, (cache, computed)) in enumerate(enumerate(requests))]
+            if name == "closed form" and step == steps_on_device:
+                for (cache, _), (counts, grown_to) in zip(requests, before):  # untouched until now
+                    assert (cache.stream_table.counts == counts).all() and cache.stream_table.grown_to == grown_to
+            plan = stream_layout.packed_decodes(geometry, decodes) if name == "host" or step == steps_on_device \
+                else stream_layout.budget_decodes(geometry, decodes, table)
             steps.append(plan)
         runs[name] = (steps, [cache.stream_table for cache, _ in requests])
     for step, (want, got) in enumerate(zip(*(runs[n][0] for n in ("host", "closed form")))):
@@ -191,8 +200,8 @@ def test_budget_decodes_planned_on_the_device_equal_the_host_plan():
 
 
 def test_the_builder_plans_budget_decodes_on_a_cuda_pool_only(monkeypatch):
-    """On the device: budget layouts of a CUDA pool given its block table; a CPU pool, a batch
-    with a ring layout or no device table: the host plan."""
+    """On the device: budget layouts of a pool on a device (CUDA here) given its block table; a
+    CPU pool, a batch with a ring layout or no device table: the host plan."""
     calls = []
     geometry, table, requests = _budget_requests(4)
     decodes = [stream_layout.PackedDecode(i, computed + 1, cache.schedule, cache, table[i], f"r{i}", i)

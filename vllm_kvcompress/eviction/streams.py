@@ -258,6 +258,7 @@ class StreamPageTable:
         self.slots = np.zeros((streams, 0), dtype=np.int64)
         self.ids = np.zeros((streams, 0), dtype=np.int64)
         self.used = 0
+        self.grown_to: int | None = None  # budget layouts: the logical length last grown to (None: the packing)
 
     @classmethod
     def packed(cls, lengths, page: int, geometry: PoolGeometry, blocks, pages_per_block: int) -> "StreamPageTable":

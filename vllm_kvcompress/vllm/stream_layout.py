@@ -216,22 +216,28 @@ def native_layout(g: PoolGeometry, blocks, after: int, q_len: int, schedule, cac
     return RowPlan(pages, lengths, _appended(lengths, q_len), compression)
 
 
-def grow_budget_table(table: StreamPageTable, schedule: StreamSchedule, before: int, after: int, blocks) -> None:
-    """A budget layout's table from ``before`` to ``after`` logical tokens, one growth at a time
-    (at each, the streams that start a page take one, in stream order): the order
-    :attr:`StreamSchedule.slot_form` describes, so the device plan (:func:`budget_decodes`) finds
-    the pages where the host put them, also after a step of several tokens (a resumed request
-    recomputing its output). Only the growths that take pages touch the table."""
-    for logical in range(before + 1, after + 1):
+def grow_budget_table(table: StreamPageTable, schedule: StreamSchedule, after: int, blocks) -> None:
+    """A budget layout's table grown to ``after`` logical tokens from where it last was (the
+    packing, at first), one growth at a time (at each, the streams that start a page take one,
+    in stream order): the order :attr:`StreamSchedule.slot_form` describes, so the device plan
+    (:func:`budget_decodes`) finds the pages where the host put them, also after a step of
+    several tokens (a resumed request recomputing its output). Only the growths that take pages
+    touch the table. The device plan leaves the table behind (no host work per decode); a host
+    plan of the request catches it up here first. ``blocks``: the request's block ids now (its
+    list only grows while it is packed, so earlier growths find their blocks in it)."""
+    start = schedule.compress_at if table.grown_to is None else table.grown_to
+    for logical in range(start + 1, after + 1):
         if schedule.pages(logical) != schedule.pages(logical - 1):
             table.grow(schedule.kept_rows + (logical - schedule.compress_at), blocks)
+            blocks = None  # taken by the first growth; a long catch-up converts them once
+    table.grown_to = max(start, after)
 
 
 def packed_budget_layout(g: PoolGeometry, blocks, after: int, q_len: int, schedule: StreamSchedule, cache,
                          req_id: str, token_end: int) -> RowPlan:
     """After a budget compression (HeadKV, KVzap top-k): every stream appends its tokens."""
     lengths = (schedule.kept_rows + (after - schedule.compress_at)).view(g.num_layers, -1)
-    grow_budget_table(cache.stream_table, schedule, after - q_len, after, blocks)
+    grow_budget_table(cache.stream_table, schedule, after, blocks)
     pages = cache.stream_table.pages().view(g.num_layers, g.heads, -1)
     return RowPlan(pages, lengths, _appended(lengths, q_len))
 
@@ -273,12 +279,12 @@ def packed_decodes(g: PoolGeometry, decodes: list[PackedDecode], device: torch.d
                    block_table: torch.Tensor | None = None) -> PackedDecodes:
     """Budget layouts append the new token to every stream (row ``length - 1``); ring layouts
     write it over the ring row of the token leaving the window (``(after - 1) % ring``), whose
-    row is first copied to the spare row (``ring + kept``; :class:`StreamRunner`). On a CUDA
-    device a batch of budget layouts is planned there (:func:`budget_decodes`, from the step's
-    ``block_table`` on the device); otherwise the page table is made on the host for ``device``
-    (pinned for a CUDA one)."""
+    row is first copied to the spare row (``ring + kept``; :class:`StreamRunner`). On a device
+    other than the CPU (CUDA; ``meta`` in ``benchmarks.stream_plan``) a batch of budget layouts is
+    planned there (:func:`budget_decodes`, from the step's ``block_table`` on the device);
+    otherwise the page table is made on the host for ``device`` (pinned for a CUDA one)."""
     device = torch.device(device)
-    if device.type == "cuda" and block_table is not None and \
+    if device.type != "cpu" and block_table is not None and \
             not any(isinstance(d.schedule, ThresholdSchedule) for d in decodes):
         return budget_decodes(g, decodes, block_table)
     lengths = []
@@ -286,9 +292,10 @@ def packed_decodes(g: PoolGeometry, decodes: list[PackedDecode], device: torch.d
         schedule = d.schedule
         if isinstance(schedule, ThresholdSchedule):
             rows = schedule.stream_rows(d.cache.kept).flatten()
+            d.cache.stream_table.grow(rows, d.blocks)
         else:
             rows = schedule.kept_rows + (d.after - schedule.compress_at)
-        d.cache.stream_table.grow(rows, d.blocks)
+            grow_budget_table(d.cache.stream_table, schedule, d.after, d.blocks)
         lengths.append(rows)
     width = max(int(d.cache.stream_table.counts.max()) for d in decodes)
     count, layers, heads = len(decodes), g.num_layers, g.heads
@@ -323,13 +330,13 @@ def budget_decodes(g: PoolGeometry, decodes: list[PackedDecode], block_table: to
     is a pure function of its stream's budget and the logical length
     (:attr:`StreamSchedule.slot_form`), so the host sends ``O(batch)`` numbers instead of the
     ``[L, D, H, P]`` table (tens of MB at B=320). The result equals the host plan's (tested).
-    The host tables still take their pages, at the steps that take any (O(1) to check), so a
-    later host plan of the request finds them as it would have."""
+    The host tables are left as they are: growing them here cost ~60 us per request and step
+    (most steps start a page in some stream), 19 of the 24 ms a B=320 plan took on the H200's
+    host. A later host plan of the request catches its table up (:func:`grow_budget_table`)."""
     device, page, layers, heads = block_table.device, g.page, g.num_layers, g.heads
     growth, longest = [], 0
     for d in decodes:
         schedule = d.schedule
-        grow_budget_table(d.cache.stream_table, schedule, d.after - 1, d.after, d.blocks)
         if d.cache.device_form is None:  # uploaded once per request: [4 * S + page]
             form, residue = schedule.slot_form
             d.cache.device_form = ops.to_device(torch.from_numpy(np.concatenate([form.ravel(), residue])), device)
