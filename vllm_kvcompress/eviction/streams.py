@@ -270,13 +270,13 @@ class StreamPageTable:
         """Give every stream enough pages for ``lengths[streams]`` rows: new slots are taken
         in stream order, each stream's consecutively. ``blocks``: the request's block ids
         now (a longer list once the scheduler gave it more blocks)."""
-        if blocks is not None:
-            self.blocks = _int64(blocks)
         need = -(-_int64(lengths) // self.page) - self.counts
         np.maximum(need, 0, out=need)
         most = int(need.max()) if need.size else 0
-        if most == 0:
+        if most == 0:  # most steps: the blocks are converted only when a page is taken from them
             return
+        if blocks is not None:
+            self.blocks = _int64(blocks)
         self._reserve(int((self.counts + need).max()))
         start = self.used + np.cumsum(need) - need  # each stream's first new slot
         for j in range(most):
