@@ -195,6 +195,29 @@ def test_ring_stream_triton_path_matches_its_reference_path(monkeypatch, tmp_pat
     assert not result["splits"] and result["gap"] <= GAP_NATS
 
 
+@pytest.mark.parametrize("mode", ["threshold", "top-k"])
+def test_compiled_kvzap_with_piecewise_graphs_gives_the_eager_tokens(monkeypatch, tmp_path, mode):
+    """KVzap's predictor runs as a custom op into persistent buffers (``kvcompress::kvzap_score``),
+    so vLLM compiles the model and replays PIECEWISE CUDA graphs around the stream attention:
+    a replay must fill the buffers the attention reads as the eager hook does. Compiled +
+    PIECEWISE against ``--enforce-eager``, same engine otherwise: tokens up to near ties."""
+    from benchmarks.gpu_engine import synthetic_artefact
+
+    monkeypatch.setenv("KVCOMPRESS_CUDA_STREAMS", "experimental")
+    path = synthetic_artefact("kvzap_predictor", tmp_path, SMALL)
+    settings = {"method": "kvzap", "kvzap_predictor": str(path),
+                **({"kvzap_threshold": 0.0, "kvzap_window": 64} if mode == "threshold" else {"max_kv_tokens": 256})}
+    runs = [_generate(monkeypatch, "small", attention_backend="kvcompress", max_num_batched_tokens=256,
+                      additional_config={"kvcompress": settings}, **llm)
+            for llm in ({"enforce_eager": True, "compilation_config": {"mode": 0}},
+                        {"compilation_config": {"cudagraph_mode": "PIECEWISE", "cudagraph_capture_sizes": [1, 2, 4, 8]}})]
+    result = _compare(*runs)
+    print(f"small: kvzap {mode} (synthetic predictor), compiled + PIECEWISE vs eager: {_describe(result)}; "
+          f"cudagraph {runs[1]['cudagraph_mode']}")
+    assert runs[1]["cudagraph_mode"] != "NONE"
+    assert not result["splits"] and result["gap"] <= GAP_NATS
+
+
 @pytest.mark.parametrize("method", ["knorm", "headkv"])
 def test_async_scheduling_gives_the_sync_tokens(monkeypatch, tmp_path, method):
     """Whole-row eviction and HeadKV's budget streams with vLLM's async scheduling

@@ -87,7 +87,8 @@ def test_the_graph_fallback_runs_only_where_graphs_may_be_the_cause():
     assert helps("knorm-4x", {"start_s": 80.0}, False, None)  # crashed while serving
     assert helps("knorm-4x", None, True, None)  # timed out during start-up
     assert not helps("knorm-4x", {"start_s": 80.0}, True, None)  # started, then slow
-    assert not helps("kvzap-4x", None, False, None)  # eager: no graphs to fall back from
+    assert not helps("kvzap-4x-eager", None, False, None)  # eager: no graphs to fall back from
+    assert helps("kvzap-4x", None, False, None)  # compiled, PIECEWISE graphs
     assert not helps("vllm-bf16", None, False, None)  # vLLM's own
     assert not helps("knorm-4x", None, False, "PIECEWISE")  # already forced
 

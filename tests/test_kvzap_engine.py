@@ -117,3 +117,29 @@ def test_kvzap_keeping_everything_is_full_attention(smollm2_dir, prompt):
     print(f"KVzap keep-all (tau=-1e4) vs transformers' full attention (fp32, {len(prompt)}-token prompt, "
           f"{len(out['token_ids'])} tokens): largest logprob gap {gap:.2e}; {len(pages)} packed steps")
     assert gap < 1e-3 and len(pages) >= 39
+
+
+@pytest.mark.parametrize("mode", ["threshold", "top-k"])
+def test_compiled_kvzap_decides_as_eager_kvzap(smollm2_dir, documents, mode):
+    """Without --enforce-eager vLLM compiles the model (Inductor): the hooks' custom op
+    (``kvcompress::kvzap_score``) must still score every step into the buffers the attention
+    reads. The eager run's tokens forced through the compiled engine: the same survivors
+    (pages each step needs) and log-probabilities. A compiled graph that skipped the hooks
+    leaves the buffers at zero, which keeps every token under the threshold (other pages)
+    and picks other rows under top-k (other log-probabilities)."""
+    predictor = str(PREDICTORS / "kvzap-mlp.safetensors")
+    settings = dict(kvzap_predictor=predictor, **({"kvzap_threshold": -4.0} if mode == "threshold" else
+                                                  {"compression_ratio": 0.75}))
+    prompts = documents(400, 2)
+    eager = run_traced(_llm(smollm2_dir, **settings), prompts, max_tokens=48)
+    compiled_llm = {**_llm(smollm2_dir, **settings), "enforce_eager": False}
+    compiled = run_traced(compiled_llm, prompts, forced=[o["token_ids"] for o in eager["outputs"]])
+    gap = max(_gap(eager, compiled, i) for i in range(2))
+
+    def pages(trace):
+        return [s["pages_next"].get(r) for s in trace["steps"] for r in ("0", "1")]
+
+    differing = sum(a != b for a, b in zip(pages(eager), pages(compiled), strict=True))
+    print(f"kvzap {mode}, compiled vs eager (forced tokens): largest logprob gap {gap:.2e}, "
+          f"pages reported differently at {differing} of {len(pages(eager))} request-steps")
+    assert gap < 1e-2 and differing <= 2

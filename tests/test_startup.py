@@ -339,7 +339,7 @@ def test_headkv_with_tensor_parallelism_is_accepted(smollm2_dir, monkeypatch):
                                                                   "max_kv_tokens": 128}))
 
 
-def test_kvzap_predictors_and_eager_mode_checked_at_config_time(smollm2_dir, tmp_path):
+def test_kvzap_predictors_checked_at_config_time_and_compiled_mode_accepted(smollm2_dir, tmp_path):
     from pathlib import Path
 
     shipped = Path(__file__).parents[1] / "vllm_kvcompress" / "artefacts" / "kvzap" / "smollm2-135m"
@@ -356,9 +356,9 @@ def test_kvzap_predictors_and_eager_mode_checked_at_config_time(smollm2_dir, tmp
         engine_config(smollm2_dir, attention_backend="kvcompress",
                       additional_config={"kvcompress": {**kvzap, "kvzap_predictor": str(tmp_path / "missing")}})
     good = {**kvzap, "kvzap_predictor": str(shipped / "kvzap-linear.safetensors")}
-    with pytest.raises(KVCompressConfigError, match=r"'kvzap' needs eager mode.*--enforce-eager"):
-        engine_config(smollm2_dir, attention_backend="kvcompress", enforce_eager=False,
-                      additional_config={"kvcompress": good})
+    # Its scores come through a custom op into persistent buffers: compiled graphs keep them.
+    engine_config(smollm2_dir, attention_backend="kvcompress", enforce_eager=False,
+                  additional_config={"kvcompress": good})
     with pytest.raises(KVCompressConfigError, match=r"needs exactly one of .*kvzap_threshold"):
         engine_config(smollm2_dir, attention_backend="kvcompress",
                       additional_config={"kvcompress": {**good, "compression_ratio": 0.5}})
@@ -438,3 +438,13 @@ def test_decode_graphs_declared_except_for_learned_streams_and_masks():
     config = types.SimpleNamespace(additional_config={"kvcompress": {"method": "none"}}, model_config=model)
     assert KVCompressMetadataBuilder.get_cudagraph_support(config, spec) == never
     assert KVCompressMetadataBuilder.get_cudagraph_support(config, types.SimpleNamespace(head_size=128)) == graphs
+
+
+def test_dms_without_eager_mode_is_refused_naming_the_flag(smollm2_dir):
+    """DMS's hooks leave their decisions in Python state, which a compiled graph would skip
+    (KVzap's go through a custom op: accepted above)."""
+    from vllm_kvcompress.config import KVCompressConfig
+
+    settings = KVCompressConfig.from_dict({"method": "dms", "dms_adapters": "a.safetensors"})
+    with pytest.raises(KVCompressConfigError, match=r"'dms' needs eager mode.*--enforce-eager"):
+        startup.check_method(engine_config(smollm2_dir, enforce_eager=False), settings)

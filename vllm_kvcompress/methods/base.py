@@ -195,6 +195,9 @@ class Method:
     summary: ClassVar[str] = ""
     evicts: ClassVar[bool] = False  # evicts tokens: the plugin's scheduler and worker are wired in
     learned: ClassVar[bool] = False  # scores come from forward hooks (eager mode)
+    # Its hooks score through a custom op into persistent buffers, so compiled graphs (and
+    # CUDA graphs) keep them: no eager mode needed.
+    compiled_scores: ClassVar[bool] = False
     own_window: ClassVar[str | None] = None  # the key of the window it protects itself
     # Keeps every token at the model's precision in vLLM's page size: on CUDA, vLLM's own
     # FlashAttention can serve it unchanged (vllm/startup.py).
@@ -261,9 +264,11 @@ class Method:
         """Scores rows from their keys (higher = keep); None = scores stored per pool row."""
         return None
 
-    def install(self, model, shape: ModelShape, heads: list[int] | None, tp_size: int, device, record):
-        """Learned methods: hook the model so each layer's step scores reach ``record(layer, scores)``.
-        Returns a :class:`LearnedScores`."""
+    def install(self, model, shape: ModelShape, heads: list[int] | None, tp_size: int, device, record,
+                max_tokens: int | None = None):
+        """Learned methods: hook the model so each layer's step scores reach ``record(layer, scores,
+        seconds)``, or (:attr:`compiled_scores`) land in per-layer buffers of ``max_tokens`` rows
+        (``record(layer, None, seconds)`` then). Returns a :class:`LearnedScores`."""
         raise NotImplementedError(f"method {self.name!r} has no learned scores")
 
 
@@ -274,6 +279,7 @@ class LearnedScores:
 
     handles: list
     adjust_query: Any = None
+    score_buffers: list | None = None  # compiled_scores: per layer [max_tokens, KV heads], a step's scores first
 
 
 def floor_budget(prompt_len: int, tokens: int | None, ratio: float | None, minimum: int) -> int | None:

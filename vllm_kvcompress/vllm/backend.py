@@ -179,8 +179,8 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
     the forward (the runner), outside any graph. Per-(layer, KV head) streams (HeadKV)
     replay from :class:`~vllm_kvcompress.vllm.stream_layout.StreamDecodeBuffers`; a step
     that compresses runs eagerly (the runner forces it: the compression scores inside the
-    layers). Not captured (PIECEWISE): eviction's mask mode, and the learned methods, whose
-    hooks need eager mode anyway."""
+    layers). Not captured (PIECEWISE): eviction's mask mode, and the learned methods (KVzap
+    compiled: its scores reach the attention through buffers the captured pieces fill; DMS eager)."""
 
     worker_state = None
 
@@ -188,7 +188,7 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
     def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
         config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
         method = config.build()
-        # Streams replay from StreamDecodeBuffers; learned methods' hooks run eagerly anyway.
+        # Streams replay from StreamDecodeBuffers; the learned methods' attention runs between the pieces.
         paged = isinstance(config.settings, PagedSettings)
         capturable = not method.evicts or not (method.masks or (paged and method.learned))
         # A graph is sized for max_model_len: the PyTorch decode ops would gather that many

@@ -125,9 +125,11 @@ class EvictionRunnerMixin:
             return
         shape = model_shape(self.vllm_config)
         heads = parallel.kv_heads_of_rank(shape.num_kv_heads, self.kvc_tp_size, self.kvc_rank)
+        max_tokens = self.vllm_config.scheduler_config.max_num_batched_tokens if self.kvc_method.compiled_scores else None
         learned = self.kvc_method.install(self.model, shape, heads, self.kvc_tp_size, self.device,
-                                          self.kvc.record_scores)
+                                          self.kvc.record_scores, max_tokens)
         self.kvc.pool.adjust_query = learned.adjust_query
+        self.kvc.pool.score_buffers = learned.score_buffers
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)

@@ -147,12 +147,13 @@ def check_engine_options(vllm_config: "VllmConfig") -> None:
 
 def check_method(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
     """The method's artefacts and layout against the served model: a bad file never
-    half-starts an engine. Learned methods also need eager mode (forward pre-hooks,
-    which a compiled graph would skip)."""
+    half-starts an engine. Learned methods whose hooks leave their scores in Python state
+    (DMS) also need eager mode, which a compiled graph would skip; KVzap's score through a
+    custom op into persistent buffers (:attr:`Method.compiled_scores`)."""
     if vllm_config.model_config is None:
         return
     method = config.build()
-    if method.learned and not vllm_config.model_config.enforce_eager:
+    if method.learned and not method.compiled_scores and not vllm_config.model_config.enforce_eager:
         raise KVCompressConfigError(f"kvcompress method {config.method!r} needs eager mode (its scores come from "
                                     "forward pre-hooks on the decoder layers, which a compiled graph would skip): add "
                                     "--enforce-eager (enforce_eager=True)")

@@ -26,6 +26,7 @@ class PoolState:
     num_blocks: int = 0
     row_scores: torch.Tensor | None = None  # learned methods: one keep score per pool row, moved with the rows
     adjust_query: Callable | None = None  # a learned method's change to the query (DMS single-neuron)
+    score_buffers: list | None = None  # compiled_scores methods: per layer, the step's token scores first
 
 
 @dataclass
@@ -92,5 +93,5 @@ class WorkerState:
     def record_scores(self, layer: int, scores: torch.Tensor, seconds: float) -> None:
         """Where the learned methods' hooks leave each layer's scores (dummy runs have no step)."""
         self.predictor_seconds += seconds
-        if self.step is not None:
+        if self.step is not None and scores is not None:  # None: they are in the pool's score buffers
             self.step.token_scores[layer] = scores

@@ -554,7 +554,9 @@ class StreamRunner:
             scores[dst] = scores[src]
         ops.stream_write_rows(pool, meta.write_rows[layer], key, value)
         if self.scorer is None:
-            step_scores = meta.step.token_scores.pop(layer)[: meta.num_actual_tokens]
+            buffers = meta.pool.score_buffers
+            step_scores = (meta.step.token_scores.pop(layer) if buffers is None else buffers[layer])[
+                : meta.num_actual_tokens]
             if self.delayed:
                 # index_fill_ passes the value as a kernel argument; ``scores[rows] = UNDECIDED``
                 # would copy it from the host, a synchronizing copy on CUDA.

@@ -100,7 +100,7 @@ class DMS(Method):
     def schedule(self, prompt_len, budget, streams):
         return self.rule().schedule(prompt_len, streams.count, self.settings.page_tokens, streams.block_size)
 
-    def install(self, model, shape, heads, tp_size, device, record):
+    def install(self, model, shape, heads, tp_size, device, record, max_tokens=None):
         from vllm_kvcompress.methods.dms import hooks
 
         decisions = self.load(shape)

@@ -51,6 +51,7 @@ class KVzap(Method):
     summary = "evicts by a learned predictor's score (threshold or top-k per KV head)"
     evicts = True
     learned = True
+    compiled_scores = True
     own_window = "kvzap_window"
 
     def load(self, shape):
@@ -79,8 +80,11 @@ class KVzap(Method):
             return None
         return streams.budget_schedule(prompt_len, (budget,) * streams.total, s.page_tokens)
 
-    def install(self, model, shape, heads, tp_size, device, record):
+    def install(self, model, shape, heads, tp_size, device, record, max_tokens=None):
         from vllm_kvcompress.methods.kvzap import hooks
 
         predictors = [p.to(device) for p in self.load(shape)]
-        return LearnedScores(hooks.install(model, predictors, record, heads))
+        if max_tokens is None:  # the scores go to ``record`` (offline use, eager)
+            return LearnedScores(hooks.install(model, predictors, record, heads))
+        handles, buffers = hooks.install_buffered(model, predictors, max_tokens, record, heads)
+        return LearnedScores(handles, score_buffers=buffers)

@@ -6,8 +6,13 @@ relatives call it as ``self_attn(positions=..., hidden_states=...)``) runs the p
 on the whole step's tokens at once (one matmul, or two for the MLP) and leaves the
 ``[tokens, KV heads]`` scores with ``record(layer, scores, seconds)`` for the same
 layer's attention, which runs right after (the worker keeps them in its step plan). No model code is forked; the hooks exist
-only when method ``kvzap`` is configured. Python hooks cannot run inside a compiled
-graph, so kvzap needs eager mode (checked at start-up).
+only when method ``kvzap`` is configured.
+
+In the engine (:func:`install_buffered`) the hook is one custom op, ``kvcompress::kvzap_score``,
+that writes the scores into a persistent buffer per layer: a compiled graph keeps the op
+(Dynamo traces the hook, not the predictor inside it), and a CUDA graph replays its kernels
+into the same buffer, so kvzap needs no eager mode. :func:`install` (``record`` receives the
+scores) is for eager use, e.g. :func:`offline_scores` under transformers.
 """
 
 from __future__ import annotations
@@ -35,31 +40,91 @@ def _score(predictor: torch.nn.Module, layer: int, heads: list[int] | None, reco
     return hook
 
 
+# The predictors the op scores with, by layer: the engine process's installed model (one per
+# process; a later install replaces them). The op itself takes only tensors and the layer.
+_INSTALLED: dict[int, tuple[torch.nn.Module, list[int] | None, object]] = {}
+
+
+@torch.library.custom_op("kvcompress::kvzap_score", mutates_args=("out",))
+def _score_into(hidden: torch.Tensor, out: torch.Tensor, layer: int) -> None:
+    predictor, heads, record = _INSTALLED[layer]
+    if hidden.shape[0] > out.shape[0]:
+        raise RuntimeError(f"kvzap: a step of {hidden.shape[0]} tokens, scores buffered for {out.shape[0]}")
+    started = time.perf_counter()
+    with torch.no_grad(), torch.profiler.record_function(PREDICTOR_RANGE):
+        scores = predictor(hidden.to(torch.float32))
+        out[: hidden.shape[0]].copy_(scores if heads is None else scores[:, heads])
+    record(layer, None, time.perf_counter() - started)  # wall time where it runs eagerly; 0 in a graph replay
+
+
+@_score_into.register_fake
+def _(hidden: torch.Tensor, out: torch.Tensor, layer: int) -> None:
+    return None
+
+
+def install_buffered(model: torch.nn.Module, predictors: list[torch.nn.Module], max_tokens: int, record,
+                     heads: list[int] | None = None) -> tuple[list, list[torch.Tensor]]:
+    """The engine's hooks: each layer's scores of a step land in rows ``0 .. tokens - 1`` of
+    that layer's buffer ``[max_tokens, KV heads]`` (fp32, on the predictors' device; a module
+    buffer of the attention, so compiled graphs see one fixed tensor). Returns (handles, buffers
+    by layer); ``record(layer, None, seconds)`` hears the predictor's time."""
+    buffers: dict[int, torch.Tensor] = {}
+
+    def hook_of(layer: int):
+        def hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
+            torch.ops.kvcompress.kvzap_score(hidden, module.kvc_kvzap_scores, layer)
+
+        return hook
+
+    def attach(name: str, module: torch.nn.Module, layer: int):
+        predictor = predictors[layer]
+        subset = _subset(heads, predictor)
+        outputs = len(subset) if subset is not None else _outputs(predictor)
+        device = next(predictor.parameters()).device
+        module.register_buffer("kvc_kvzap_scores", torch.zeros(max_tokens, outputs, device=device), persistent=False)
+        buffers[layer] = module.kvc_kvzap_scores
+        _INSTALLED[layer] = (predictor, subset, record)
+        return module.register_forward_pre_hook(hook_of(layer), with_kwargs=True)
+
+    handles = _hook_layers(model, len(predictors), attach)
+    return handles, [buffers[layer] for layer in range(len(predictors))]
+
+
 def install(model: torch.nn.Module, predictors: list[torch.nn.Module], record, heads: list[int] | None = None) -> list:
     """Hook every decoder layer's attention (all must be found); returns the hook handles.
     ``record(layer, scores [tokens, KV heads], seconds)`` receives each layer's scores;
     ``heads``: the KV heads this rank holds (tensor parallelism), None = all."""
+    return _hook_layers(model, len(predictors), lambda name, module, layer: module.register_forward_pre_hook(
+        _score(predictors[layer], layer, _subset(heads, predictors[layer]), record), with_kwargs=True))
+
+
+def _hook_layers(model: torch.nn.Module, num_layers: int, attach) -> list:
+    """``attach(name, module, layer)`` on every decoder layer's attention (all must be found)."""
     hooked, handles = set(), []
     for name, module in model.named_modules():
         match = _ATTENTION.search(name)
         if match is None:
             continue
         layer = int(match.group(2))
-        if layer >= len(predictors):
+        if layer >= num_layers:
             raise NotImplementedError(f"kvzap: model has attention module {name} past the predictors' "
-                                      f"{len(predictors)} layers")
-        handles.append(module.register_forward_pre_hook(_score(predictors[layer], layer, _subset(heads, predictors[layer]), record),
-                                                  with_kwargs=True))
+                                      f"{num_layers} layers")
+        handles.append(attach(name, module, layer))
         hooked.add(layer)
-    if hooked != set(range(len(predictors))):
+    if hooked != set(range(num_layers)):
         raise NotImplementedError(
-            f"kvzap: found attention inputs for layers {sorted(hooked)} of {len(predictors)}; the model's decoder "
+            f"kvzap: found attention inputs for layers {sorted(hooked)} of {num_layers}; the model's decoder "
             "layers must be `...layers.<i>.self_attn` modules called with `hidden_states` (Llama/Qwen2 style)")
     return handles
 
 
+def _outputs(predictor: torch.nn.Module) -> int:
+    return [m.out_features for m in predictor.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
 def _subset(heads: list[int] | None, predictor: torch.nn.Module) -> list[int] | None:
-    outputs = [m.out_features for m in predictor.modules() if isinstance(m, torch.nn.Linear)][-1]
+    outputs = _outputs(predictor)
     return None if heads is None or heads == list(range(outputs)) else heads
 
 
