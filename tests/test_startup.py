@@ -359,6 +359,10 @@ def test_kvzap_predictors_checked_at_config_time_and_compiled_mode_accepted(smol
     # Its scores come through a custom op into persistent buffers: compiled graphs keep them.
     engine_config(smollm2_dir, attention_backend="kvcompress", enforce_eager=False,
                   additional_config={"kvcompress": good})
+    vllm_config = engine_config(smollm2_dir, enforce_eager=False)
+    vllm_config.compilation_config.use_inductor_graph_partition = True  # one graph: nothing orders buffer and attention
+    with pytest.raises(KVCompressConfigError, match=r"use_inductor_graph_partition=True is not supported"):
+        startup.check_method(vllm_config, KVCompressConfig.from_dict(good))
     with pytest.raises(KVCompressConfigError, match=r"needs exactly one of .*kvzap_threshold"):
         engine_config(smollm2_dir, attention_backend="kvcompress",
                       additional_config={"kvcompress": {**good, "compression_ratio": 0.5}})

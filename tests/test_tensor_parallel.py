@@ -94,6 +94,18 @@ def test_kvzap_hook_scores_only_this_ranks_heads():
     finally:
         for handle in handles:
             handle.remove()
+    # The engine's hooks (the custom op into a persistent buffer): the same heads, the step's rows first.
+    seconds = []
+    handles, buffers = kvzap_hooks.install_buffered(model, [predictor], 8, lambda layer, s, t: seconds.append(t),
+                                                    heads=[2, 3])
+    try:
+        model.layers[0].self_attn(hidden_states=hidden)
+        with torch.no_grad():
+            torch.testing.assert_close(buffers[0][:5], predictor(hidden)[:, [2, 3]])
+        assert buffers[0].shape == (8, 2) and len(seconds) == 1
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def test_dms_per_layer_decision_reaches_every_rank():

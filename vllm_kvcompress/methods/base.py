@@ -194,7 +194,7 @@ class Method:
     Settings: ClassVar[type[Settings]] = Settings
     summary: ClassVar[str] = ""
     evicts: ClassVar[bool] = False  # evicts tokens: the plugin's scheduler and worker are wired in
-    learned: ClassVar[bool] = False  # scores come from forward hooks (eager mode)
+    learned: ClassVar[bool] = False  # scores come from forward hooks on the model
     # Its hooks score through a custom op into persistent buffers, so compiled graphs (and
     # CUDA graphs) keep them: no eager mode needed.
     compiled_scores: ClassVar[bool] = False

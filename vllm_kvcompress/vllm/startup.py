@@ -157,6 +157,14 @@ def check_method(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
         raise KVCompressConfigError(f"kvcompress method {config.method!r} needs eager mode (its scores come from "
                                     "forward pre-hooks on the decoder layers, which a compiled graph would skip): add "
                                     "--enforce-eager (enforce_eager=True)")
+    compilation = vllm_config.compilation_config
+    if method.compiled_scores and not vllm_config.model_config.enforce_eager and \
+            getattr(compilation, "use_inductor_graph_partition", False):
+        # One Inductor graph for the whole model: nothing in it orders the scoring op's write
+        # to its buffer before the attention (an opaque op) reads it.
+        raise KVCompressConfigError(f"kvcompress method {config.method!r} with "
+                                    "compilation_config.use_inductor_graph_partition=True is not supported: leave it "
+                                    "False (vLLM's default, graphs split at attention) or add --enforce-eager")
     tp_size = vllm_config.parallel_config.tensor_parallel_size
     method.check_model(model_shape(vllm_config), vllm_config.model_config.hf_config, vllm_config.cache_config.block_size, tp_size)
     if method.evicts:  # the schedule's own checks (page size against the block size)

@@ -4,9 +4,8 @@ after the input norm), scored by that layer's predictor as the layer runs.
 A forward pre-hook on every ``<prefix>.layers.<i>.self_attn`` module (Llama, Qwen2 and
 relatives call it as ``self_attn(positions=..., hidden_states=...)``) runs the predictor
 on the whole step's tokens at once (one matmul, or two for the MLP) and leaves the
-``[tokens, KV heads]`` scores with ``record(layer, scores, seconds)`` for the same
-layer's attention, which runs right after (the worker keeps them in its step plan). No model code is forked; the hooks exist
-only when method ``kvzap`` is configured.
+``[tokens, KV heads]`` scores for the same layer's attention, which runs right after. No
+model code is forked; the hooks exist only when method ``kvzap`` is configured.
 
 In the engine (:func:`install_buffered`) the hook is one custom op, ``kvcompress::kvzap_score``,
 that writes the scores into a persistent buffer per layer: a compiled graph keeps the op
@@ -17,6 +16,7 @@ scores) is for eager use, e.g. :func:`offline_scores` under transformers.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 
@@ -40,25 +40,29 @@ def _score(predictor: torch.nn.Module, layer: int, heads: list[int] | None, reco
     return hook
 
 
-# The predictors the op scores with, by layer: the engine process's installed model (one per
-# process; a later install replaces them). The op itself takes only tensors and the layer.
-_INSTALLED: dict[int, tuple[torch.nn.Module, list[int] | None, object]] = {}
+# What the op scores with, by (install, layer): each install (one per engine; two engines may
+# share a process) gets its own number, which its hooks pass to the op with the layer. The op
+# itself takes only tensors and integers, which Dynamo and CUDA graphs keep as they are.
+_INSTALLED: dict[tuple[int, int], tuple[torch.nn.Module, torch.Tensor | None, object]] = {}
+_INSTALLS = itertools.count()
 
 
 @torch.library.custom_op("kvcompress::kvzap_score", mutates_args=("out",))
-def _score_into(hidden: torch.Tensor, out: torch.Tensor, layer: int) -> None:
-    predictor, heads, record = _INSTALLED[layer]
+def _score_into(hidden: torch.Tensor, out: torch.Tensor, install: int, layer: int) -> None:
+    predictor, heads, record = _INSTALLED[(install, layer)]
     if hidden.shape[0] > out.shape[0]:
         raise RuntimeError(f"kvzap: a step of {hidden.shape[0]} tokens, scores buffered for {out.shape[0]}")
     started = time.perf_counter()
     with torch.no_grad(), torch.profiler.record_function(PREDICTOR_RANGE):
         scores = predictor(hidden.to(torch.float32))
-        out[: hidden.shape[0]].copy_(scores if heads is None else scores[:, heads])
+        # A device index (tensor parallelism: this rank's heads): a list would be copied from
+        # the host at every call, which a CUDA graph capture refuses.
+        out[: hidden.shape[0]].copy_(scores if heads is None else scores.index_select(1, heads))
     record(layer, None, time.perf_counter() - started)  # wall time where it runs eagerly; 0 in a graph replay
 
 
 @_score_into.register_fake
-def _(hidden: torch.Tensor, out: torch.Tensor, layer: int) -> None:
+def _(hidden: torch.Tensor, out: torch.Tensor, install: int, layer: int) -> None:
     return None
 
 
@@ -69,11 +73,12 @@ def install_buffered(model: torch.nn.Module, predictors: list[torch.nn.Module], 
     buffer of the attention, so compiled graphs see one fixed tensor). Returns (handles, buffers
     by layer); ``record(layer, None, seconds)`` hears the predictor's time."""
     buffers: dict[int, torch.Tensor] = {}
+    install = next(_INSTALLS)
 
     def hook_of(layer: int):
         def hook(module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
-            torch.ops.kvcompress.kvzap_score(hidden, module.kvc_kvzap_scores, layer)
+            torch.ops.kvcompress.kvzap_score(hidden, module.kvc_kvzap_scores, install, layer)
 
         return hook
 
@@ -84,7 +89,8 @@ def install_buffered(model: torch.nn.Module, predictors: list[torch.nn.Module], 
         device = next(predictor.parameters()).device
         module.register_buffer("kvc_kvzap_scores", torch.zeros(max_tokens, outputs, device=device), persistent=False)
         buffers[layer] = module.kvc_kvzap_scores
-        _INSTALLED[layer] = (predictor, subset, record)
+        index = None if subset is None else torch.tensor(subset, dtype=torch.long, device=device)
+        _INSTALLED[(install, layer)] = (predictor, index, record)
         return module.register_forward_pre_hook(hook_of(layer), with_kwargs=True)
 
     handles = _hook_layers(model, len(predictors), attach)
