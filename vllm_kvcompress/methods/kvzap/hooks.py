@@ -27,14 +27,23 @@ from vllm_kvcompress.methods.base import PREDICTOR_RANGE
 _ATTENTION = re.compile(r"(^|\.)layers\.(\d+)\.self_attn$")
 
 
-def _score(predictor: torch.nn.Module, layer: int, heads: list[int] | None, record):
+def _hidden(args, kwargs) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
+
+
+def _predict(predictor: torch.nn.Module, hidden: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
+    """Scores ``[tokens, KV heads]`` of this rank's ``heads`` (tensor parallelism: the hidden
+    states are whole on every rank, the KV heads are not). ``heads``: a device index, since a
+    list would be copied from the host at every call, which a CUDA graph capture refuses."""
+    with torch.no_grad(), torch.profiler.record_function(PREDICTOR_RANGE):
+        scores = predictor(hidden.to(torch.float32))
+        return scores if heads is None else scores.index_select(1, heads)
+
+
+def _score(predictor: torch.nn.Module, layer: int, heads: torch.Tensor | None, record):
     def hook(module, args, kwargs):
         started = time.perf_counter()
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
-        with torch.no_grad(), torch.profiler.record_function(PREDICTOR_RANGE):
-            scores = predictor(hidden.to(torch.float32))
-            # Tensor parallelism: the hidden states are whole on every rank, the KV heads are not.
-            scores = scores if heads is None else scores[:, heads]
+        scores = _predict(predictor, _hidden(args, kwargs), heads)
         record(layer, scores, time.perf_counter() - started)
 
     return hook
@@ -53,11 +62,7 @@ def _score_into(hidden: torch.Tensor, out: torch.Tensor, install: int, layer: in
     if hidden.shape[0] > out.shape[0]:
         raise RuntimeError(f"kvzap: a step of {hidden.shape[0]} tokens, scores buffered for {out.shape[0]}")
     started = time.perf_counter()
-    with torch.no_grad(), torch.profiler.record_function(PREDICTOR_RANGE):
-        scores = predictor(hidden.to(torch.float32))
-        # A device index (tensor parallelism: this rank's heads): a list would be copied from
-        # the host at every call, which a CUDA graph capture refuses.
-        out[: hidden.shape[0]].copy_(scores if heads is None else scores.index_select(1, heads))
+    out[: hidden.shape[0]].copy_(_predict(predictor, hidden, heads))
     record(layer, None, time.perf_counter() - started)  # wall time where it runs eagerly; 0 in a graph replay
 
 
@@ -77,19 +82,17 @@ def install_buffered(model: torch.nn.Module, predictors: list[torch.nn.Module], 
 
     def hook_of(layer: int):
         def hook(module, args, kwargs):
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
-            torch.ops.kvcompress.kvzap_score(hidden, module.kvc_kvzap_scores, install, layer)
+            torch.ops.kvcompress.kvzap_score(_hidden(args, kwargs), module.kvc_kvzap_scores, install, layer)
 
         return hook
 
     def attach(name: str, module: torch.nn.Module, layer: int):
         predictor = predictors[layer]
-        subset = _subset(heads, predictor)
-        outputs = len(subset) if subset is not None else _outputs(predictor)
-        device = next(predictor.parameters()).device
-        module.register_buffer("kvc_kvzap_scores", torch.zeros(max_tokens, outputs, device=device), persistent=False)
+        index = _head_index(heads, predictor)
+        outputs = _outputs(predictor) if index is None else len(index)
+        module.register_buffer("kvc_kvzap_scores", torch.zeros(max_tokens, outputs, device=_device(predictor)),
+                               persistent=False)
         buffers[layer] = module.kvc_kvzap_scores
-        index = None if subset is None else torch.tensor(subset, dtype=torch.long, device=device)
         _INSTALLED[(install, layer)] = (predictor, index, record)
         return module.register_forward_pre_hook(hook_of(layer), with_kwargs=True)
 
@@ -102,7 +105,7 @@ def install(model: torch.nn.Module, predictors: list[torch.nn.Module], record, h
     ``record(layer, scores [tokens, KV heads], seconds)`` receives each layer's scores;
     ``heads``: the KV heads this rank holds (tensor parallelism), None = all."""
     return _hook_layers(model, len(predictors), lambda name, module, layer: module.register_forward_pre_hook(
-        _score(predictors[layer], layer, _subset(heads, predictors[layer]), record), with_kwargs=True))
+        _score(predictors[layer], layer, _head_index(heads, predictors[layer]), record), with_kwargs=True))
 
 
 def _hook_layers(model: torch.nn.Module, num_layers: int, attach) -> list:
@@ -129,9 +132,15 @@ def _outputs(predictor: torch.nn.Module) -> int:
     return [m.out_features for m in predictor.modules() if isinstance(m, torch.nn.Linear)][-1]
 
 
-def _subset(heads: list[int] | None, predictor: torch.nn.Module) -> list[int] | None:
-    outputs = _outputs(predictor)
-    return None if heads is None or heads == list(range(outputs)) else heads
+def _device(predictor: torch.nn.Module) -> torch.device:
+    return next(predictor.parameters()).device
+
+
+def _head_index(heads: list[int] | None, predictor: torch.nn.Module) -> torch.Tensor | None:
+    """``heads`` as an index on the predictor's device; None where they are all its outputs."""
+    if heads is None or heads == list(range(_outputs(predictor))):
+        return None
+    return torch.tensor(heads, dtype=torch.long, device=_device(predictor))
 
 
 @torch.no_grad()
