@@ -54,7 +54,7 @@ paged layout and Triton decode kernel, the baseline the LOOKAT configs share the
 whole-row eviction keeping 1/N of each prompt (vLLM's V1 runner, vLLM's async scheduling; ``-sync``:
 ``--no-async-scheduling``; ``-b2``: ``buffer_blocks`` 2); ``headkv-4x``, ``kvzap-4x``, ``dms-4x``: the
 stream methods at about the same ratio, with synthetic artefacts (``synthetic_artefact``; speed only)
-and ``KVCOMPRESS_CUDA_STREAMS=experimental``; DMS eager, KVzap compiled (``kvzap-4x-eager``: eager); their pool holds bf16's
+and ``KVCOMPRESS_CUDA_STREAMS=experimental``; KVzap and DMS compiled (``kvzap-4x-eager``, ``dms-4x-eager``: eager); their pool holds bf16's
 tokens, so ``capacity_tokens`` reads 1.00x and what eviction buys shows in the throughput
 columns (a request holds 1/N of its blocks, so N times as many run at once).
 
@@ -119,10 +119,11 @@ CONFIGS = {
                     "codebooks_m": None, "env": {}},
     # The per-(layer, KV head) stream methods, still behind KVCOMPRESS_CUDA_STREAMS=experimental:
     # HeadKV with async scheduling and FULL decode graphs (headkv-4x-sync: without async), the
-    # learned ones synchronous and eager. Their artefacts are synthetic (seeded; no real model
-    # to calibrate or train on, see synthetic_artefact): HeadKV's budgets differ per stream as
-    # they would; KVzap keeps exactly 1/4 (top-k); DMS evicts about 3/4 of what leaves its window.
-    # The learned ones run eager (--enforce-eager, as the plugin requires for them).
+    # learned ones synchronous, compiled with PIECEWISE graphs (their scores through the
+    # buffered custom op; the -eager rows: --enforce-eager). Their artefacts are synthetic
+    # (seeded; no real model to calibrate or train on, see synthetic_artefact): HeadKV's budgets
+    # differ per stream as they would; KVzap keeps exactly 1/4 (top-k); DMS (adapters) evicts
+    # about 3/4 of what leaves its window.
     "headkv-4x": {"llm": {}, "kvcompress": {"method": "headkv", "compression_ratio": 0.75}, "codebooks_m": None,
                   "artefact": "head_scores", "env": {STREAMS_ENV: "experimental"}},
     "headkv-4x-sync": {"llm": {"async_scheduling": False}, "kvcompress": {"method": "headkv", "compression_ratio": 0.75},
@@ -131,8 +132,10 @@ CONFIGS = {
                  "codebooks_m": None, "artefact": "kvzap_predictor", "env": {STREAMS_ENV: "experimental"}},
     "kvzap-4x-eager": {"llm": {"enforce_eager": True}, "kvcompress": {"method": "kvzap", "compression_ratio": 0.75},
                        "codebooks_m": None, "artefact": "kvzap_predictor", "env": {STREAMS_ENV: "experimental"}},
-    "dms-4x": {"llm": {"enforce_eager": True}, "kvcompress": {"method": "dms"}, "codebooks_m": None,
+    "dms-4x": {"llm": {}, "kvcompress": {"method": "dms"}, "codebooks_m": None,
                "artefact": "dms_adapters", "env": {STREAMS_ENV: "experimental"}},
+    "dms-4x-eager": {"llm": {"enforce_eager": True}, "kvcompress": {"method": "dms"}, "codebooks_m": None,
+                     "artefact": "dms_adapters", "env": {STREAMS_ENV: "experimental"}},
     # kvquant rows (8-bit pre-RoPE keys and values) under SnapKV at 4x, the `balanced` preset's
     # composition at its eviction ratio, behind KVCOMPRESS_CUDA_KVQUANT=experimental; synthetic
     # key ranges for the dummy weights.

@@ -6,7 +6,7 @@
 
 ``--candidate compiled`` compares instead a compiled engine (``enforce_eager=False``:
 torch.compile of the model, the attention an opaque op) with the eager one, at TP=1;
-methods that need eager mode (dms) are reported as refused.
+a method refused in that mode (e.g. a single-neuron DMS checkpoint) is reported as refused.
 
 ``smollm2-135m-gqa4`` is SmolLM2 with one inert KV head added (its 9/3 heads do not split
 over 2 ranks; see ``vllm_kvcompress.offline.models.ensure_padded_model``), run with SmolLM2's
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             runs = [run_in_subprocess({**llm, **variant}, prompts, max_tokens=args.max_tokens, ignore_eos=True)
                     for variant in ({}, candidate)]
-        except RuntimeError as exc:  # a refused combination (e.g. dms compiled) is a result, not a crash
+        except RuntimeError as exc:  # a refused combination is a result, not a crash
             from vllm_kvcompress.harness.subprocess_run import failure_reason
 
             rows[method] = {"refused": failure_reason(str(exc))}

@@ -1,6 +1,7 @@
 """DMS inside vLLM on the real test model (the shipped SmolLM2 adapters, fp32):
 
-* the engine's logprobs are transformers' under the DMS mask with the same decisions
+* the engine's logprobs (compiled, the adapters scoring through the buffered custom op)
+  are transformers' under the DMS mask with the same decisions
   (hard ``z > 0``, shift by one, window 128) over chunked prefill and decode: the
   decoder-layer hooks read the right residual stream and the prompt attends under the
   mask before it is packed;
@@ -25,8 +26,8 @@ ADAPTERS = Path(os.environ.get("KVCOMPRESS_TEST_DMS", Path(__file__).parents[1] 
                                / "dms" / "smollm2-135m" / "dms-cr8.safetensors"))
 
 
-def _llm(model_dir, blocks=32, chunk=256):  # 256-token chunks: the prompt's DMS mask spans a chunk boundary
-    return dict(model=model_dir, dtype="float32", max_model_len=min(2048, blocks * BLOCK), enforce_eager=True,
+def _llm(model_dir, blocks=32, chunk=256, eager=True):  # 256-token chunks: the prompt's DMS mask spans a chunk boundary
+    return dict(model=model_dir, dtype="float32", max_model_len=min(2048, blocks * BLOCK), enforce_eager=eager,
                 kv_cache_memory_bytes=(blocks + 1) * POOL_BLOCK, attention_backend="kvcompress",
                 max_num_batched_tokens=chunk,
                 additional_config={"kvcompress": {"method": "dms", "dms_adapters": str(ADAPTERS)}})
@@ -59,7 +60,10 @@ def test_dms_engine_is_transformers_under_the_dms_mask(smollm2_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     prompts = [long_document_ids(tokenizer, 400, offset=900 * i) for i in range(2)]
-    trace = run_traced(_llm(smollm2_dir), prompts, max_tokens=100)
+    # Compiled (no --enforce-eager, as users serve it): the adapters score through the custom op
+    # into buffers; a compiled graph that skipped the hooks would leave the scores at 0, which
+    # keeps every token (other pages).
+    trace = run_traced(_llm(smollm2_dir, eager=False), prompts, max_tokens=100)
     outputs = [o["token_ids"] for o in trace["outputs"]]
     reference, window = _reference(smollm2_dir, [p + o for p, o in zip(prompts, outputs)])
 

@@ -178,8 +178,8 @@ RING_METHODS = {"kvzap": ("kvzap_predictor", {"method": "kvzap", "kvzap_threshol
 
 @pytest.mark.parametrize("method", sorted(RING_METHODS))
 def test_ring_stream_triton_path_matches_its_reference_path(monkeypatch, tmp_path, method):
-    """KVzap (threshold) and DMS on CUDA (``KVCOMPRESS_CUDA_STREAMS=experimental``, eager as the
-    plugin requires for learned methods): decode on the Triton stream kernel against the same
+    """KVzap (threshold) and DMS on CUDA (``KVCOMPRESS_CUDA_STREAMS=experimental``, eager; the
+    compiled path is compared with eager below): decode on the Triton stream kernel against the same
     engine on the PyTorch ops. Both compute the same scores from the same hidden states, so
     their decisions, and so their tokens, agree up to near ties; a chunked 777-token prompt."""
     from benchmarks.gpu_engine import synthetic_artefact
@@ -195,24 +195,29 @@ def test_ring_stream_triton_path_matches_its_reference_path(monkeypatch, tmp_pat
     assert not result["splits"] and result["gap"] <= GAP_NATS
 
 
-@pytest.mark.parametrize("mode", ["threshold", "top-k"])
-def test_compiled_kvzap_with_piecewise_graphs_gives_the_eager_tokens(monkeypatch, tmp_path, mode):
-    """KVzap's predictor runs as a custom op into persistent buffers (``kvcompress::kvzap_score``),
-    so vLLM compiles the model and replays PIECEWISE CUDA graphs around the stream attention:
-    a replay must fill the buffers the attention reads as the eager hook does. Compiled +
-    PIECEWISE against ``--enforce-eager``, same engine otherwise: tokens up to near ties."""
+COMPILED_LEARNED = {"kvzap-threshold": ("kvzap_predictor", {"method": "kvzap", "kvzap_threshold": 0.0, "kvzap_window": 64}),
+                    "kvzap-top-k": ("kvzap_predictor", {"method": "kvzap", "max_kv_tokens": 256}),
+                    "dms": ("dms_adapters", {"method": "dms"})}
+
+
+@pytest.mark.parametrize("mode", sorted(COMPILED_LEARNED))
+def test_compiled_learned_scores_with_piecewise_graphs_give_the_eager_tokens(monkeypatch, tmp_path, mode):
+    """KVzap's predictor and DMS's adapters run as a custom op into persistent buffers
+    (``kvcompress::score_into``), so vLLM compiles the model and replays PIECEWISE CUDA graphs
+    around the stream attention: a replay must fill the buffers the attention reads as the
+    eager hook does. Compiled + PIECEWISE against ``--enforce-eager``, same engine otherwise:
+    tokens up to near ties."""
     from benchmarks.gpu_engine import synthetic_artefact
 
     monkeypatch.setenv("KVCOMPRESS_CUDA_STREAMS", "experimental")
-    path = synthetic_artefact("kvzap_predictor", tmp_path, SMALL)
-    settings = {"method": "kvzap", "kvzap_predictor": str(path),
-                **({"kvzap_threshold": 0.0, "kvzap_window": 64} if mode == "threshold" else {"max_kv_tokens": 256})}
+    setting, settings = COMPILED_LEARNED[mode]
+    settings = {**settings, setting: str(synthetic_artefact(setting, tmp_path, SMALL))}
     runs = [_generate(monkeypatch, "small", attention_backend="kvcompress", max_num_batched_tokens=256,
                       additional_config={"kvcompress": settings}, **llm)
             for llm in ({"enforce_eager": True, "compilation_config": {"mode": 0}},
                         {"compilation_config": {"cudagraph_mode": "PIECEWISE", "cudagraph_capture_sizes": [1, 2, 4, 8]}})]
     result = _compare(*runs)
-    print(f"small: kvzap {mode} (synthetic predictor), compiled + PIECEWISE vs eager: {_describe(result)}; "
+    print(f"small: {mode} (synthetic artefact), compiled + PIECEWISE vs eager: {_describe(result)}; "
           f"cudagraph {runs[1]['cudagraph_mode']}")
     assert runs[1]["cudagraph_mode"] != "NONE"
     assert not result["splits"] and result["gap"] <= GAP_NATS

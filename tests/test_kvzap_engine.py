@@ -122,7 +122,7 @@ def test_kvzap_keeping_everything_is_full_attention(smollm2_dir, prompt):
 @pytest.mark.parametrize("mode", ["threshold", "top-k"])
 def test_compiled_kvzap_decides_as_eager_kvzap(smollm2_dir, documents, mode):
     """Without --enforce-eager vLLM compiles the model (Inductor): the hooks' custom op
-    (``kvcompress::kvzap_score``) must still score every step into the buffers the attention
+    (``kvcompress::score_into``) must still score every step into the buffers the attention
     reads. The eager run's tokens forced through the compiled engine: the same survivors
     (pages each step needs) and log-probabilities. A compiled graph that skipped the hooks
     leaves the buffers at zero, which keeps every token under the threshold (other pages)

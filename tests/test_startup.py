@@ -1,6 +1,7 @@
 """Bad configurations fail in the front-end process, before any engine process starts."""
 
 import types
+from pathlib import Path
 
 import psutil
 import pytest
@@ -444,11 +445,22 @@ def test_decode_graphs_declared_except_for_learned_streams_and_masks():
     assert KVCompressMetadataBuilder.get_cudagraph_support(config, types.SimpleNamespace(head_size=128)) == graphs
 
 
-def test_dms_without_eager_mode_is_refused_naming_the_flag(smollm2_dir):
-    """DMS's hooks leave their decisions in Python state, which a compiled graph would skip
-    (KVzap's go through a custom op: accepted above)."""
+def test_dms_single_neuron_without_eager_mode_is_refused_naming_the_flag(smollm2_dir, tmp_path):
+    """A single-neuron DMS checkpoint changes the query inside the attention through Python
+    hooks, which a compiled graph would skip; adapter checkpoints score through the custom op
+    into buffers (as KVzap does) and start compiled."""
+    import json
+
     from vllm_kvcompress.config import KVCompressConfig
 
-    settings = KVCompressConfig.from_dict({"method": "dms", "dms_adapters": "a.safetensors"})
-    with pytest.raises(KVCompressConfigError, match=r"'dms' needs eager mode.*--enforce-eager"):
-        startup.check_method(engine_config(smollm2_dir, enforce_eager=False), settings)
+    folder = tmp_path / "single-neuron"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"dms_separate_alpha": False, "dms_window_size": 256}))
+    single_neuron = KVCompressConfig.from_dict({"method": "dms", "dms_adapters": str(folder)})
+    with pytest.raises(KVCompressConfigError, match=r"'dms' with these settings needs eager mode.*--enforce-eager"):
+        startup.check_method(engine_config(smollm2_dir, enforce_eager=False), single_neuron)
+    startup.check_method(engine_config(smollm2_dir, enforce_eager=True), single_neuron)
+    adapters = Path(__file__).parents[1] / "vllm_kvcompress" / "artefacts" / "dms" / "smollm2-135m" / "dms-cr4.safetensors"
+    compiled = KVCompressConfig.from_dict({"method": "dms", "dms_adapters": str(adapters)})
+    assert compiled.build().compiled_scores and not single_neuron.build().compiled_scores
+    startup.check_method(engine_config(smollm2_dir, enforce_eager=False), compiled)

@@ -109,8 +109,9 @@ def test_kvzap_hook_scores_only_this_ranks_heads():
 
 
 def test_dms_per_layer_decision_reaches_every_rank():
-    """``dms_alpha_per: layer``: KV head 0 decides for all heads, also on a rank without it."""
-    from vllm_kvcompress.methods.dms.hooks import keep_scores
+    """``dms_alpha_per: layer``: KV head 0 decides for all heads, also on a rank without it;
+    the eager hooks and the engine's (the custom op into a persistent buffer) alike."""
+    from vllm_kvcompress.methods.dms import hooks
     from vllm_kvcompress.methods.dms.decisions import DMSAdapter
     from vllm_kvcompress.methods.dms.checkpoint import DMSDecisions
 
@@ -120,7 +121,35 @@ def test_dms_per_layer_decision_reaches_every_rank():
     x = torch.randn(3, 16)
     per_head = DMSDecisions([adapter], 64, per_layer=False, source="t", heads=[2, 3])
     per_layer = DMSDecisions([adapter], 64, per_layer=True, source="t", heads=[2, 3])
+    assert hooks.head_index(DMSDecisions([adapter], 64, per_layer=False, source="t", heads=[0, 1, 2, 3])) is None
     with torch.no_grad():
-        whole = keep_scores(DMSDecisions([adapter], 64, per_layer=False, source="t"), 0, x)
-        torch.testing.assert_close(keep_scores(per_head, 0, x), whole[:, [2, 3]])
-        torch.testing.assert_close(keep_scores(per_layer, 0, x), whole[:, [0, 0]])
+        whole = hooks.keep_scores(DMSDecisions([adapter], 64, per_layer=False, source="t"), 0, x)
+        expected = {id(per_head): whole[:, [2, 3]], id(per_layer): whole[:, [0, 0]]}
+        for decisions in (per_head, per_layer):
+            torch.testing.assert_close(hooks.keep_scores(decisions, 0, x, hooks.head_index(decisions)),
+                                       expected[id(decisions)])
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = torch.nn.Identity()
+
+        def forward(self, positions, hidden_states, residual):
+            return hidden_states
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([Layer()])
+    residual = torch.randn(3, 16)
+    for decisions in (per_head, per_layer):
+        recorded, seconds = {}, []
+        handles = hooks.install(model, decisions, lambda layer, s, _: recorded.__setitem__(layer, s))
+        handles += hooks.install_buffered(model, decisions, 8, lambda layer, s, t: seconds.append(t))[0]
+        buffers = model.layers[0].kvc_scores
+        try:
+            model.layers[0](None, x - residual, residual)  # the stream: hidden_states + residual
+            torch.testing.assert_close(recorded[0], expected[id(decisions)])
+            torch.testing.assert_close(buffers[:3], expected[id(decisions)])
+            assert buffers.shape == (8, 2) and len(seconds) == 1
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -180,7 +180,8 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
     replay from :class:`~vllm_kvcompress.vllm.stream_layout.StreamDecodeBuffers`; a step
     that compresses runs eagerly (the runner forces it: the compression scores inside the
     layers). Not captured (PIECEWISE): eviction's mask mode, and the learned methods (KVzap
-    compiled: its scores reach the attention through buffers the captured pieces fill; DMS eager)."""
+    and DMS adapters compiled: their scores reach the attention through buffers the captured pieces
+    fill; single-neuron DMS eager)."""
 
     worker_state = None
 

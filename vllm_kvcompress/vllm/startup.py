@@ -147,16 +147,17 @@ def check_engine_options(vllm_config: "VllmConfig") -> None:
 
 def check_method(vllm_config: "VllmConfig", config: KVCompressConfig) -> None:
     """The method's artefacts and layout against the served model: a bad file never
-    half-starts an engine. Learned methods whose hooks leave their scores in Python state
-    (DMS) also need eager mode, which a compiled graph would skip; KVzap's score through a
-    custom op into persistent buffers (:attr:`Method.compiled_scores`)."""
+    half-starts an engine. Learned methods score through a custom op into persistent buffers
+    (:attr:`Method.compiled_scores`: KVzap, DMS adapters), which compiled graphs keep; hooks
+    that change the query inside the attention (DMS single-neuron checkpoints) need eager mode."""
     if vllm_config.model_config is None:
         return
     method = config.build()
     if method.learned and not method.compiled_scores and not vllm_config.model_config.enforce_eager:
-        raise KVCompressConfigError(f"kvcompress method {config.method!r} needs eager mode (its scores come from "
-                                    "forward pre-hooks on the decoder layers, which a compiled graph would skip): add "
-                                    "--enforce-eager (enforce_eager=True)")
+        raise KVCompressConfigError(f"kvcompress method {config.method!r} with these settings needs eager mode (its "
+                                    "hooks change the query inside the attention, e.g. a single-neuron DMS "
+                                    "checkpoint, which a compiled graph would skip): add --enforce-eager "
+                                    "(enforce_eager=True)")
     compilation = vllm_config.compilation_config
     if method.compiled_scores and not vllm_config.model_config.enforce_eager and \
             getattr(compilation, "use_inductor_graph_partition", False):
@@ -269,8 +270,8 @@ def wire_eviction(vllm_config: "VllmConfig", config: KVCompressConfig, async_req
     # lists on schedule-time lengths (EvictingBlockManager.cut_length), and
     # tests/test_gpu_engine.py::test_async_scheduling_gives_the_sync_tokens checks both on the GPU.
     # Ring layouts (KVzap threshold mode, DMS) need the worker's report of a step before the
-    # next one is scheduled, and the learned methods run eager; on the CPU vLLM turns async
-    # scheduling off itself.
+    # next one is scheduled; KVzap's top-k mode (budget streams, learned scores) has had no
+    # async check on a GPU yet. On the CPU vLLM turns async scheduling off itself.
     takes_async = on_cuda and (config.whole_row_eviction or (not config.spec.learned and config.budget_streams))
     if scheduler.async_scheduling and async_requested and not takes_async:
         raise KVCompressConfigError(

@@ -44,6 +44,14 @@ class DMS(Method):
         super().__init__(settings)
         self._window: int | None = None
 
+    @property
+    def compiled_scores(self) -> bool:
+        """Adapter checkpoints score through the buffered custom op (compiled graphs keep it);
+        single-neuron ones change the query inside the attention, which only eager hooks do."""
+        from vllm_kvcompress.methods.dms.checkpoint import checkpoint_single_neuron
+
+        return not checkpoint_single_neuron(self.settings.dms_adapters)
+
     @classmethod
     def foreign_key(cls, key, owners, evicting):
         if key in BudgetSettings.BUDGET_KEYS:
@@ -106,6 +114,9 @@ class DMS(Method):
         decisions = self.load(shape)
         decisions.adapters = [a.to(device) for a in decisions.adapters]
         decisions.heads = heads
+        if max_tokens is not None:  # the engine, compiled or eager: scores into persistent buffers
+            handles, buffers = hooks.install_buffered(model, decisions, max_tokens, record)
+            return LearnedScores(handles, score_buffers=buffers)
         # The single-neuron hook sees this rank's query heads only.
         handles = hooks.install(model, decisions, record, shape.num_layers, shape.num_attention_heads // tp_size,
                                 len(heads))

@@ -51,6 +51,12 @@ def checkpoint_window(path: str) -> int:
     return int(_metadata(p)["window"])
 
 
+def checkpoint_single_neuron(path: str) -> bool:
+    """Whether a checkpoint decides from the query channel (header/config only; cheap)."""
+    p = Path(path)
+    return p.is_dir() and not _official_config(p).get("dms_separate_alpha", False)
+
+
 def load_decisions(path: str, num_layers: int, hidden: int, kv_heads: int, eps: float = 1e-6) -> DMSDecisions:
     p = Path(path)
     if p.is_dir():

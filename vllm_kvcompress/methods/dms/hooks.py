@@ -15,7 +15,11 @@ call (vLLM shares one rotary module between layers, so a pre-hook on ``self_attn
 the layer) reads that channel and zeroes it; the attention impl zeroes it again after
 RoPE (the ``adjust_query`` that :func:`install` returns), so it never enters ``q . k``.
 
-Python hooks do not run inside a compiled graph, so DMS needs eager mode.
+Python hooks that hand scores to Python state do not run inside a compiled graph: in the
+engine, adapter checkpoints score through the custom op of
+:mod:`~vllm_kvcompress.methods.buffered_scores` into persistent buffers
+(:func:`install_buffered`), which compiled graphs and CUDA graphs keep. Single-neuron
+checkpoints change the query inside the attention, so they need eager mode.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 
 import torch
 
+from vllm_kvcompress.methods import buffered_scores
 from vllm_kvcompress.methods.base import PREDICTOR_RANGE
 from vllm_kvcompress.methods.dms.decisions import neuron_logits, without_decision_channel
 from vllm_kvcompress.methods.dms.checkpoint import DMSDecisions
@@ -41,24 +46,34 @@ def residual_stream(args: tuple, kwargs: dict) -> torch.Tensor:
     return hidden if residual is None else hidden + residual
 
 
-def keep_scores(decisions: DMSDecisions, layer: int, stream: torch.Tensor) -> torch.Tensor:
-    """``-z`` ``[T, KV heads]`` (fp32) of one layer's residual stream ``[T, hidden]``."""
-    return _keep(decisions, decisions.adapters[layer](stream.to(torch.float32)))
+def keep_scores(decisions: DMSDecisions, layer: int, stream: torch.Tensor,
+                heads: torch.Tensor | None = None) -> torch.Tensor:
+    """``-z`` ``[T, KV heads]`` (fp32) of one layer's residual stream ``[T, hidden]``;
+    ``heads``: this rank's KV heads as a device index (:func:`head_index`), None = all."""
+    return _keep(decisions, decisions.adapters[layer](stream.to(torch.float32)), heads)
 
 
-def _keep(decisions: DMSDecisions, z: torch.Tensor) -> torch.Tensor:
+def head_index(decisions: DMSDecisions) -> torch.Tensor | None:
+    """Tensor parallelism: the KV heads this rank keeps scores for, as an index on the
+    adapters' device (a host list would be copied at every call, which a CUDA graph
+    capture refuses); None where they are all the adapters' outputs."""
+    outputs = decisions.adapters[0].proj.out_features
+    if decisions.heads is None or list(decisions.heads) == list(range(outputs)):
+        return None
+    return torch.tensor(decisions.heads, dtype=torch.long, device=decisions.adapters[0].proj.weight.device)
+
+
+def _keep(decisions: DMSDecisions, z: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
     if decisions.per_layer:  # KV head 0 decides for every head
         z = z[:, :1].expand_as(z)
-    if decisions.heads is not None and z.shape[1] != len(decisions.heads):  # tensor parallelism: this rank's heads
-        z = z[:, decisions.heads]
-    return -z
+    return -(z if heads is None else z.index_select(1, heads))
 
 
-def _hook(decisions: DMSDecisions, layer: int, record):
+def _hook(decisions: DMSDecisions, layer: int, heads: torch.Tensor | None, record):
     def hook(module, args, kwargs):
         started = time.perf_counter()
         with torch.no_grad(), torch.profiler.record_function(PREDICTOR_RANGE):
-            scores = keep_scores(decisions, layer, residual_stream(args, kwargs))
+            scores = keep_scores(decisions, layer, residual_stream(args, kwargs), heads)
         record(layer, scores, time.perf_counter() - started)
 
     return hook
@@ -117,8 +132,37 @@ def install(model: torch.nn.Module, decisions: DMSDecisions, record, num_layers:
     ``record(layer, scores [tokens, KV heads], seconds)`` receives each layer's keep scores."""
     if decisions.single_neuron:
         return _install_query_channel(model, decisions, record, num_layers, num_q_heads, num_kv_heads)
-    layers = len(decisions.adapters)
-    hooked, handles = set(), []
+    heads = head_index(decisions)
+    return [module.register_forward_pre_hook(_hook(decisions, layer, heads, record), with_kwargs=True)
+            for layer, module in sorted(_decoder_layers(model, len(decisions.adapters)).items())]
+
+
+def install_buffered(model: torch.nn.Module, decisions: DMSDecisions, max_tokens: int,
+                     record) -> tuple[list, list[torch.Tensor]]:
+    """The engine's hooks (adapter checkpoints): each layer's keep scores of a step land in
+    rows ``0 .. tokens - 1`` of that layer's buffer ``[max_tokens, KV heads]`` through the
+    custom op of :mod:`~vllm_kvcompress.methods.buffered_scores`, which compiled graphs keep.
+    Returns (handles, buffers by layer); ``record(layer, None, seconds)`` hears the time."""
+    if decisions.single_neuron:
+        raise NotImplementedError("dms: a single-neuron checkpoint changes the query inside the attention, which "
+                                  "only eager hooks do (install)")
+    heads = head_index(decisions)
+    outputs = decisions.adapters[0].proj.out_features if heads is None else len(heads)
+
+    def score_of(layer: int):
+        def score(stream: torch.Tensor) -> torch.Tensor:
+            with torch.profiler.record_function(PREDICTOR_RANGE):
+                return keep_scores(decisions, layer, stream, heads)
+
+        return score
+
+    return buffered_scores.install(_decoder_layers(model, len(decisions.adapters)), score_of, outputs,
+                                   decisions.adapters[0].proj.weight.device, residual_stream, max_tokens, record)
+
+
+def _decoder_layers(model: torch.nn.Module, layers: int) -> dict[int, torch.nn.Module]:
+    """Every decoder layer, by layer (all must be found)."""
+    found = {}
     for name, module in model.named_modules():
         match = _DECODER_LAYER.search(name)
         if match is None or not isinstance(module, torch.nn.Module) or not hasattr(module, "self_attn"):
@@ -126,10 +170,9 @@ def install(model: torch.nn.Module, decisions: DMSDecisions, record, num_layers:
         layer = int(match.group(2))
         if layer >= layers:
             raise NotImplementedError(f"dms: model has decoder layer {name} past the checkpoint's {layers} layers")
-        handles.append(module.register_forward_pre_hook(_hook(decisions, layer, record), with_kwargs=True))
-        hooked.add(layer)
-    if hooked != set(range(layers)):
+        found[layer] = module
+    if set(found) != set(range(layers)):
         raise NotImplementedError(
-            f"dms: found decoder layers {sorted(hooked)} of {layers}; the model's decoder layers must be "
+            f"dms: found decoder layers {sorted(found)} of {layers}; the model's decoder layers must be "
             "`...layers.<i>` modules with a `self_attn`, called as layer(positions, hidden_states, residual)")
-    return handles
+    return found

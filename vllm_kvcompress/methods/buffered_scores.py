@@ -1,0 +1,67 @@
+"""Learned scores that survive compilation: a forward pre-hook whose only work is one
+custom op, ``kvcompress::score_into``, that scores a step's tokens into a persistent
+buffer per layer (a module buffer of the hooked module).
+
+vLLM compiles the model (Dynamo, then Inductor) and replays CUDA graphs of its pieces. A
+Python hook that hands its scores to Python state runs once, while Dynamo traces, and never
+again. Dynamo does trace a hook into a call of an opaque op, though, and keeps it; the op's
+kernels write into the same buffer at every replay, and the attention (a splitting op, run
+between the pieces) reads that buffer. KVzap (its predictor on the attention input) and DMS
+(its adapters on the residual stream) both score this way in the engine.
+
+The op takes only tensors and integers: what it scores with is looked up by (install,
+layer), each install (one per engine; two engines may share a process) having its own number.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Callable
+
+import torch
+
+# (install, layer) -> (score: input [T, ...] -> [T, outputs] fp32, record)
+_INSTALLED: dict[tuple[int, int], tuple[Callable, Callable]] = {}
+_INSTALLS = itertools.count()
+BUFFER = "kvc_scores"  # the buffer's name on each hooked module
+
+
+@torch.library.custom_op("kvcompress::score_into", mutates_args=("out",))
+def _score_into(tokens: torch.Tensor, out: torch.Tensor, install: int, layer: int) -> None:
+    score, record = _INSTALLED[(install, layer)]
+    if tokens.shape[0] > out.shape[0]:
+        raise RuntimeError(f"kvcompress: a step of {tokens.shape[0]} tokens, scores buffered for {out.shape[0]}")
+    started = time.perf_counter()
+    with torch.no_grad():
+        out[: tokens.shape[0]].copy_(score(tokens))
+    record(layer, None, time.perf_counter() - started)  # wall time where it runs eagerly; 0 in a graph replay
+
+
+@_score_into.register_fake
+def _(tokens: torch.Tensor, out: torch.Tensor, install: int, layer: int) -> None:
+    return None
+
+
+def install(modules: dict[int, torch.nn.Module], score_of: Callable[[int], Callable], outputs: int,
+            device: torch.device, tokens_of: Callable, max_tokens: int, record) -> tuple[list, list[torch.Tensor]]:
+    """Hook ``modules`` (by layer, every layer present): before each runs, ``tokens_of(args,
+    kwargs)`` (traced with the model) goes through ``score_of(layer)`` into rows ``0 .. T - 1``
+    of that layer's buffer ``[max_tokens, outputs]`` (fp32, on ``device``). ``record(layer,
+    None, seconds)`` hears the scoring time. Returns (handles, buffers by layer)."""
+    number = next(_INSTALLS)
+
+    def hook_of(layer: int):
+        def hook(module, args, kwargs):
+            torch.ops.kvcompress.score_into(tokens_of(args, kwargs), getattr(module, BUFFER), number, layer)
+
+        return hook
+
+    handles, buffers = [], []
+    for layer in range(len(modules)):
+        module = modules[layer]
+        module.register_buffer(BUFFER, torch.zeros(max_tokens, outputs, device=device), persistent=False)
+        buffers.append(getattr(module, BUFFER))
+        _INSTALLED[(number, layer)] = (score_of(layer), record)
+        handles.append(module.register_forward_pre_hook(hook_of(layer), with_kwargs=True))
+    return handles, buffers
