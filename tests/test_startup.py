@@ -430,7 +430,8 @@ def test_decode_graphs_declared_except_for_learned_streams_and_masks():
     # Whole-row eviction compacts after the forward: its decode steps replay graphs.
     assert support({"method": "knorm", "compression_ratio": 0.5}) == graphs
     assert support({"method": "knorm", "compression_ratio": 0.5, "eviction_mode": "mask"}) == never
-    # HeadKV's streams replay from the stream buffers; learned methods' hooks need eager mode.
+    # HeadKV's streams replay from the stream buffers; the learned methods' stream attention runs
+    # between the compiled pieces (PIECEWISE), their scores in buffers the pieces fill.
     assert support({"method": "headkv", "compression_ratio": 0.5, "head_scores": "uniform"}) == graphs
     assert support({"method": "kvzap", "kvzap_predictor": "p.safetensors", "compression_ratio": 0.5}) == never
     # Only the Triton kernels are captured (a graph is sized for max_model_len).
@@ -464,3 +465,8 @@ def test_dms_single_neuron_without_eager_mode_is_refused_naming_the_flag(smollm2
     compiled = KVCompressConfig.from_dict({"method": "dms", "dms_adapters": str(adapters)})
     assert compiled.build().compiled_scores and not single_neuron.build().compiled_scores
     startup.check_method(engine_config(smollm2_dir, enforce_eager=False), compiled)
+    # A folder that is no checkpoint: the key and the reason, eager or not.
+    empty = KVCompressConfig.from_dict({"method": "dms", "dms_adapters": str(tmp_path)})
+    for eager in (False, True):
+        with pytest.raises(KVCompressConfigError, match=r"dms_adapters: .*needs config.json with the dms_\* keys"):
+            startup.check_method(engine_config(smollm2_dir, enforce_eager=eager), empty)

@@ -96,7 +96,7 @@ def test_kvzap_hook_scores_only_this_ranks_heads():
             handle.remove()
     # The engine's hooks (the custom op into a persistent buffer): the same heads, the step's rows first.
     seconds = []
-    handles, buffers = kvzap_hooks.install_buffered(model, [predictor], 8, lambda layer, s, t: seconds.append(t),
+    handles, buffers, _ = kvzap_hooks.install_buffered(model, [predictor], 8, lambda layer, s, t: seconds.append(t),
                                                     heads=[2, 3])
     try:
         model.layers[0].self_attn(hidden_states=hidden)

@@ -196,8 +196,9 @@ class Method:
     evicts: ClassVar[bool] = False  # evicts tokens: the plugin's scheduler and worker are wired in
     learned: ClassVar[bool] = False  # scores come from forward hooks on the model
     # Its hooks score through a custom op into persistent buffers, so compiled graphs (and
-    # CUDA graphs) keep them: no eager mode needed.
-    compiled_scores: ClassVar[bool] = False
+    # CUDA graphs) keep them: no eager mode needed. Read it on an instance: a method may decide
+    # per artefact (DMS: a property, false for single-neuron checkpoints).
+    compiled_scores: bool = False
     own_window: ClassVar[str | None] = None  # the key of the window it protects itself
     # Keeps every token at the model's precision in vLLM's page size: on CUDA, vLLM's own
     # FlashAttention can serve it unchanged (vllm/startup.py).
@@ -280,6 +281,7 @@ class LearnedScores:
     handles: list
     adjust_query: Any = None
     score_buffers: list | None = None  # compiled_scores: per layer [max_tokens, KV heads], a step's scores first
+    scores_install: int | None = None  # compiled_scores: the install to activate before each step (buffered_scores)
 
 
 def floor_budget(prompt_len: int, tokens: int | None, ratio: float | None, minimum: int) -> int | None:

@@ -9,8 +9,11 @@ kernels write into the same buffer at every replay, and the attention (a splitti
 between the pieces) reads that buffer. KVzap (its predictor on the attention input) and DMS
 (its adapters on the residual stream) both score this way in the engine.
 
-The op takes only tensors and integers: what it scores with is looked up by (install,
-layer), each install (one per engine; two engines may share a process) having its own number.
+The op takes only tensors and the layer number: what it scores with is looked up by
+(install, layer), where the install is the one :func:`activate` names (each engine's runner
+activates its own before a step; two engines may share a process). The install's number is
+not an argument of the op, so a compiled graph that vLLM saved in another process (where the
+number differed) finds the right scorer too.
 """
 
 from __future__ import annotations
@@ -24,12 +27,18 @@ import torch
 # (install, layer) -> (score: input [T, ...] -> [T, outputs] fp32, record)
 _INSTALLED: dict[tuple[int, int], tuple[Callable, Callable]] = {}
 _INSTALLS = itertools.count()
+_ACTIVE: list[int | None] = [None]  # the install whose engine runs the model now
 BUFFER = "kvc_scores"  # the buffer's name on each hooked module
 
 
+def activate(number: int) -> None:
+    """The install whose scorers the op uses from now on (its engine's step runs next)."""
+    _ACTIVE[0] = number
+
+
 @torch.library.custom_op("kvcompress::score_into", mutates_args=("out",))
-def _score_into(tokens: torch.Tensor, out: torch.Tensor, install: int, layer: int) -> None:
-    score, record = _INSTALLED[(install, layer)]
+def _score_into(tokens: torch.Tensor, out: torch.Tensor, layer: int) -> None:
+    score, record = _INSTALLED[(_ACTIVE[0], layer)]
     if tokens.shape[0] > out.shape[0]:
         raise RuntimeError(f"kvcompress: a step of {tokens.shape[0]} tokens, scores buffered for {out.shape[0]}")
     started = time.perf_counter()
@@ -39,21 +48,23 @@ def _score_into(tokens: torch.Tensor, out: torch.Tensor, install: int, layer: in
 
 
 @_score_into.register_fake
-def _(tokens: torch.Tensor, out: torch.Tensor, install: int, layer: int) -> None:
+def _(tokens: torch.Tensor, out: torch.Tensor, layer: int) -> None:
     return None
 
 
 def install(modules: dict[int, torch.nn.Module], score_of: Callable[[int], Callable], outputs: int,
-            device: torch.device, tokens_of: Callable, max_tokens: int, record) -> tuple[list, list[torch.Tensor]]:
+            device: torch.device, tokens_of: Callable, max_tokens: int, record) -> tuple[list, list[torch.Tensor], int]:
     """Hook ``modules`` (by layer, every layer present): before each runs, ``tokens_of(args,
     kwargs)`` (traced with the model) goes through ``score_of(layer)`` into rows ``0 .. T - 1``
     of that layer's buffer ``[max_tokens, outputs]`` (fp32, on ``device``). ``record(layer,
-    None, seconds)`` hears the scoring time. Returns (handles, buffers by layer)."""
+    None, seconds)`` hears the scoring time. Returns (handles, buffers by layer, the install's
+    number), the install active (:func:`activate`)."""
     number = next(_INSTALLS)
+    activate(number)
 
     def hook_of(layer: int):
         def hook(module, args, kwargs):
-            torch.ops.kvcompress.score_into(tokens_of(args, kwargs), getattr(module, BUFFER), number, layer)
+            torch.ops.kvcompress.score_into(tokens_of(args, kwargs), getattr(module, BUFFER), layer)
 
         return hook
 
@@ -64,4 +75,4 @@ def install(modules: dict[int, torch.nn.Module], score_of: Callable[[int], Calla
         buffers.append(getattr(module, BUFFER))
         _INSTALLED[(number, layer)] = (score_of(layer), record)
         handles.append(module.register_forward_pre_hook(hook_of(layer), with_kwargs=True))
-    return handles, buffers
+    return handles, buffers, number

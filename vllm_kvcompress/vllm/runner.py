@@ -25,6 +25,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.utils.math_utils import cdiv
 
 from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.methods import buffered_scores
 from vllm_kvcompress.methods.base import PagedSettings
 from vllm_kvcompress.vllm.policy import EvictionPolicy, model_shape
 from vllm_kvcompress.vllm import parallel
@@ -43,6 +44,7 @@ class EvictionRunnerMixin:
         self.kvc_method = self.kvc_policy.method
         self.kvc_streams = isinstance(config.settings, PagedSettings)  # per-(layer, KV head) streams
         self.kvc = WorkerState()
+        self.kvc_scores_install: int | None = None  # learned scores through buffered_scores (load_model)
 
     def _determine_batch_execution_and_padding(self, *args, **kwargs):
         # Only a batch of single-token decodes may replay a FULL graph; a mixed batch runs its
@@ -130,6 +132,7 @@ class EvictionRunnerMixin:
                                           self.kvc.record_scores, max_tokens)
         self.kvc.pool.adjust_query = learned.adjust_query
         self.kvc.pool.score_buffers = learned.score_buffers
+        self.kvc_scores_install = learned.scores_install
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
@@ -159,6 +162,8 @@ class EvictionRunnerMixin:
 
     def execute_model(self, *args, **kwargs):
         output = None
+        if self.kvc_scores_install is not None:  # this engine's scorers (another may share the process)
+            buffered_scores.activate(self.kvc_scores_install)
         try:
             output = super().execute_model(*args, **kwargs)
             return output

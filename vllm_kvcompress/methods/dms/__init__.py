@@ -48,9 +48,12 @@ class DMS(Method):
     def compiled_scores(self) -> bool:
         """Adapter checkpoints score through the buffered custom op (compiled graphs keep it);
         single-neuron ones change the query inside the attention, which only eager hooks do."""
-        from vllm_kvcompress.methods.dms.checkpoint import checkpoint_single_neuron
+        from vllm_kvcompress.methods.dms.checkpoint import DMSCheckpointError, checkpoint_single_neuron
 
-        return not checkpoint_single_neuron(self.settings.dms_adapters)
+        try:
+            return not checkpoint_single_neuron(self.settings.dms_adapters)
+        except DMSCheckpointError:  # a bad folder: check_model names the key and the reason
+            return True
 
     @classmethod
     def foreign_key(cls, key, owners, evicting):
@@ -115,8 +118,8 @@ class DMS(Method):
         decisions.adapters = [a.to(device) for a in decisions.adapters]
         decisions.heads = heads
         if max_tokens is not None:  # the engine, compiled or eager: scores into persistent buffers
-            handles, buffers = hooks.install_buffered(model, decisions, max_tokens, record)
-            return LearnedScores(handles, score_buffers=buffers)
+            handles, buffers, install = hooks.install_buffered(model, decisions, max_tokens, record)
+            return LearnedScores(handles, score_buffers=buffers, scores_install=install)
         # The single-neuron hook sees this rank's query heads only.
         handles = hooks.install(model, decisions, record, shape.num_layers, shape.num_attention_heads // tp_size,
                                 len(heads))

@@ -138,11 +138,11 @@ def install(model: torch.nn.Module, decisions: DMSDecisions, record, num_layers:
 
 
 def install_buffered(model: torch.nn.Module, decisions: DMSDecisions, max_tokens: int,
-                     record) -> tuple[list, list[torch.Tensor]]:
+                     record) -> tuple[list, list[torch.Tensor], int]:
     """The engine's hooks (adapter checkpoints): each layer's keep scores of a step land in
     rows ``0 .. tokens - 1`` of that layer's buffer ``[max_tokens, KV heads]`` through the
     custom op of :mod:`~vllm_kvcompress.methods.buffered_scores`, which compiled graphs keep.
-    Returns (handles, buffers by layer); ``record(layer, None, seconds)`` hears the time."""
+    Returns (handles, buffers by layer, install); ``record(layer, None, seconds)`` hears the time."""
     if decisions.single_neuron:
         raise NotImplementedError("dms: a single-neuron checkpoint changes the query inside the attention, which "
                                   "only eager hooks do (install)")

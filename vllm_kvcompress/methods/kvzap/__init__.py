@@ -86,5 +86,5 @@ class KVzap(Method):
         predictors = [p.to(device) for p in self.load(shape)]
         if max_tokens is None:  # the scores go to ``record`` (offline use, eager)
             return LearnedScores(hooks.install(model, predictors, record, heads))
-        handles, buffers = hooks.install_buffered(model, predictors, max_tokens, record, heads)
-        return LearnedScores(handles, score_buffers=buffers)
+        handles, buffers, install = hooks.install_buffered(model, predictors, max_tokens, record, heads)
+        return LearnedScores(handles, score_buffers=buffers, scores_install=install)

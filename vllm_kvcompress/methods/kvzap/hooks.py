@@ -50,11 +50,11 @@ def _score(predictor: torch.nn.Module, layer: int, heads: torch.Tensor | None, r
 
 
 def install_buffered(model: torch.nn.Module, predictors: list[torch.nn.Module], max_tokens: int, record,
-                     heads: list[int] | None = None) -> tuple[list, list[torch.Tensor]]:
+                     heads: list[int] | None = None) -> tuple[list, list[torch.Tensor], int]:
     """The engine's hooks: each layer's scores of a step land in rows ``0 .. tokens - 1`` of
     that layer's buffer ``[max_tokens, KV heads]`` (fp32, on the predictors' device; a module
     buffer of the attention, so compiled graphs see one fixed tensor), through
-    :mod:`~vllm_kvcompress.methods.buffered_scores`. Returns (handles, buffers by layer);
+    :mod:`~vllm_kvcompress.methods.buffered_scores`. Returns (handles, buffers by layer, install);
     ``record(layer, None, seconds)`` hears the predictor's time."""
     modules = _attention_modules(model, len(predictors))
     indices = [_head_index(heads, predictor) for predictor in predictors]
