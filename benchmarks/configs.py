@@ -24,7 +24,9 @@ really remove is measured per request.
 
 Compositions: ``FORMAT+EVICTION`` of two such names, a row format (``kvquant-…`` or
 ``lookat-…``) and a whole-row eviction (``knorm-…``/``snapkv-…``), e.g.
-``kvquant-k8-v8+snapkv-r0.8``: method ``kvquant+snapkv`` with both configs' settings.
+``kvquant-k8-v8+snapkv-r0.8``: method ``kvquant+snapkv`` with both configs' settings;
+``kvquant-…`` rows also under the stream methods (``headkv-…``, ``kvzap-…``, ``dms-cr{N}``),
+e.g. ``kvquant-k8-v8+dms-cr8``.
 
 Presets: ``preset-{safe|balanced|max}`` (``{"preset": NAME}``, expanded at start-up).
 
@@ -131,8 +133,9 @@ def resolve(name: str, model: str) -> dict | None:
 
 def _composition(name: str, model: str) -> dict | None:
     fmt, _, evict = name.partition("+")
-    if not (KVQUANT_NAME.fullmatch(fmt) or LOOKAT_NAME.fullmatch(fmt)) or not (
-            EVICTION_NAME.fullmatch(evict) or BUDGET_NAME.fullmatch(evict)) or evict.startswith("headkv"):
+    whole_rows = (EVICTION_NAME.fullmatch(evict) or BUDGET_NAME.fullmatch(evict)) and not evict.startswith("headkv")
+    streams = evict.startswith("headkv") or KVZAP_NAME.fullmatch(evict) or DMS_NAME.fullmatch(evict)
+    if not (KVQUANT_NAME.fullmatch(fmt) and (whole_rows or streams) or LOOKAT_NAME.fullmatch(fmt) and whole_rows):
         return None
     rows, eviction = resolve(fmt, model), resolve(evict, model)
     rows_settings, eviction_settings = rows["additional_config"][KVC], eviction["additional_config"][KVC]

@@ -76,6 +76,9 @@ def summarise(configs: dict, accuracy: dict | None, capacity: dict | None) -> di
             base_scores = [base_acc["cells"][c]["score"] for c in kept]
             s["accuracy_ratio"] = (s["mean_accuracy"] / statistics.fmean(base_scores)) if scores and base_scores and statistics.fmean(base_scores) else None
             s["bytes_per_token"] = r["bytes_per_token"]
+            if r.get("kept_fractions"):  # ring layouts (KVzap threshold, DMS): what the requests really kept
+                keep = statistics.fmean(r["kept_fractions"])
+                s["evicted_fraction"] = 1.0 - keep
             s["compression"] = 1.0 - (r["bytes_per_token"] / base_acc["bytes_per_token"]) * keep
             s["capacity_ratio"] = r["kv_cache_tokens"] / base_acc["kv_cache_tokens"] / keep
             s["accuracy_wall_s"] = r["wall_s"]

@@ -102,6 +102,19 @@ def encode_rows(key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
     return torch.cat([*parts, quantize_values(value, rows)], -1)
 
 
+def decode_rows(data: torch.Tensor, ranges: torch.Tensor, key_bits: int, theta: float,
+                rows: LookatLayout) -> torch.Tensor:
+    """Rows ``[..., Hkv, L, row_bytes]`` that store their positions (an evicting cache) ->
+    ``[..., Hkv, L, 2D]`` ``[key | value]`` fp32, each key at its stored position: what a
+    stream attention gathers from a pool of kvquant rows."""
+    key_bytes = _key_bytes(rows.head_dim, key_bits)
+    if rows.m == key_bytes:
+        raise ValueError("kvquant rows gathered out of order must store their positions (layout(positions=True))")
+    positions = _positions(data, rows, key_bits, data.shape[-2])
+    keys = dequantize_keys(data[..., :key_bytes], positions, ranges, key_bits, theta)
+    return torch.cat([keys, dequantize_values(data[..., rows.m :], rows)], -1)
+
+
 def read_rows(cache: torch.Tensor, blocks: torch.Tensor, length: int, ranges: torch.Tensor, key_bits: int,
               theta: float, rows: LookatLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """One request's first ``length`` rows: keys and values ``[Hkv, length, D]`` fp32."""

@@ -349,6 +349,12 @@ def kvquant_prefill(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tens
     return kvquant_ref.prefill_attention(query, cache, blocks, kv_len, ranges, key_bits, theta, layout, scale)
 
 
+def kvquant_stream_rows(data: torch.Tensor, ranges: torch.Tensor, key_bits: int, theta: float,
+                        layout: LookatLayout) -> torch.Tensor:
+    """Gathered kvquant rows ``[..., Hkv, L, row_bytes]`` -> ``[key | value]`` ``[..., Hkv, L, 2D]``."""
+    return kvquant_ref.decode_rows(data, ranges, key_bits, theta, layout)
+
+
 def kvquant_keys(cache: torch.Tensor, blocks: torch.Tensor, length: int, ranges: torch.Tensor, key_bits: int,
                  theta: float, layout: LookatLayout) -> torch.Tensor:
     """Keys ``[Hkv, length, D]`` of one request, at their positions."""
@@ -424,8 +430,11 @@ def stream_move_rows(pool: torch.Tensor, source: torch.Tensor, dest: torch.Tenso
 
 
 def stream_decode(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor, page: int,
-                  scale: float, max_kv_len: int | None = None) -> torch.Tensor:
-    """``max_kv_len``: a host bound on ``lengths`` (no read-back)."""
+                  scale: float, max_kv_len: int | None = None, decoder=None) -> torch.Tensor:
+    """``max_kv_len``: a host bound on ``lengths`` (no read-back). ``decoder``: a pool of
+    encoded rows (kvquant), decoded as they are gathered; the reference only (CPU build)."""
+    if decoder is not None:
+        return stream_attention_ref.decode_attention(query, pool, pages, lengths, page, scale, max_kv_len, decoder)
     if implementation("stream_decode", query, pool, pages, lengths,
                       fits=_stream_fits(query, pool, page)) == "triton":
         return _twin("stream_attention_triton").stream_decode(query, pool, pages, lengths, page, scale,
@@ -447,9 +456,10 @@ def warm_up_stream_decode(pool: torch.Tensor, page: int, num_q_heads: int, num_k
 
 def stream_prefill(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor, page: int,
                    scale: float, visible: torch.Tensor | None = None, max_len: int | None = None,
-                   uniform: bool | None = None) -> torch.Tensor:
+                   uniform: bool | None = None, decoder=None) -> torch.Tensor:
     # No Triton prefill: the reference is torch SDPA.
-    return stream_attention_ref.prefill_attention(query, pool, pages, lengths, page, scale, visible, max_len, uniform)
+    return stream_attention_ref.prefill_attention(query, pool, pages, lengths, page, scale, visible, max_len, uniform,
+                                                  decoder)
 
 
 def page_rows(pages: torch.Tensor, page: int) -> torch.Tensor:

@@ -7,6 +7,9 @@ list and length, so heads of one request may hold different numbers of rows (Hea
 
 * ``pages[..., P]``: page ids, padded with any valid id past the stream's length.
 * ``lengths[...]``: rows each stream attends to (the step's new rows included).
+* ``decoder``: for a pool of encoded rows (kvquant bytes), turns gathered rows
+  ``[..., Hkv, L, row_bytes]`` into ``[..., Hkv, L, 2D]`` ``[key | value]`` (keys at their
+  logical positions); None: the pool holds ``[key | value]`` already.
 Softmax and accumulation run in fp32.
 """
 
@@ -27,20 +30,21 @@ def write_rows(pool: torch.Tensor, rows: torch.Tensor, key: torch.Tensor, value:
     pool[rows] = torch.cat([key, value], dim=-1).to(pool.dtype)
 
 
-def gather(pool: torch.Tensor, pages: torch.Tensor, page: int, length: int) -> torch.Tensor:
+def gather(pool: torch.Tensor, pages: torch.Tensor, page: int, length: int, decoder=None) -> torch.Tensor:
     """Rows ``[..., length, 2D]`` of streams ``pages[..., P]`` (first ``length`` rows)."""
     rows = page_rows(pages, page)[..., :length]
-    return pool.index_select(0, rows.flatten()).view(*rows.shape, *pool.shape[1:])  # pool[rows], faster on the CPU
+    data = pool.index_select(0, rows.flatten()).view(*rows.shape, *pool.shape[1:])  # pool[rows], faster on the CPU
+    return data if decoder is None else decoder(data)
 
 
 def decode_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor,
-                     page: int, scale: float, max_kv_len: int | None = None) -> torch.Tensor:
+                     page: int, scale: float, max_kv_len: int | None = None, decoder=None) -> torch.Tensor:
     """One query per request ``[B, Hq, D]``; ``pages[B, Hkv, P]``, ``lengths[B, Hkv]``.
     ``max_kv_len``: a host bound on ``lengths`` (else read back from their device)."""
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads = pages.shape[1]
     max_len = int(lengths.max()) if max_kv_len is None else int(max_kv_len)
-    rows = gather(pool, pages, page, max_len)  # [B, Hkv, L, 2D]
+    rows = gather(pool, pages, page, max_len, decoder)  # [B, Hkv, L, 2D]
     k, v = rows[..., :head_dim].float(), rows[..., head_dim:].float()
     q = query.view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim).float()
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hkv, group, L]
@@ -52,7 +56,7 @@ def decode_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tenso
 
 def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor,
                       page: int, scale: float, visible: torch.Tensor | None = None, max_len: int | None = None,
-                      uniform: bool | None = None) -> torch.Tensor:
+                      uniform: bool | None = None, decoder=None) -> torch.Tensor:
     """Causal attention of one request's ``q_len`` new queries ``[q_len, Hq, D]``; each
     stream's last ``q_len`` rows are those tokens (``pages[Hkv, P]``, ``lengths[Hkv]``).
     ``visible[Hkv, q_len, max(lengths)]`` restricts it further (DMS's mask). ``max_len``
@@ -65,7 +69,9 @@ def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tens
     if uniform is None:
         uniform = bool((lengths == max_len).all())
     device = pool.device
-    rows = gather(pool, pages, page, max_len)  # [Hkv, L, 2D]
+    rows = gather(pool, pages, page, max_len, decoder)  # [Hkv, L, 2D]
+    if decoder is not None:
+        rows = rows.to(query.dtype)  # as a dense pool holds them
     if visible is None and uniform:
         # Equally long streams (a prompt before compression) are a dense prefill: vLLM's
         # FlashAttention on CUDA (bottom-right causal, GQA native), as the dense layout prefills.

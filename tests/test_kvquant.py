@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
-from vllm_kvcompress.kernels import kvquant_ref, paged_dense_ref
+from vllm_kvcompress.kernels import kvquant_ref, lookat_ref, paged_dense_ref
 from vllm_kvcompress.kernels.rope_ref import rotate
 
 THETA = 10000.0
@@ -164,9 +164,16 @@ def test_compositions_take_both_settings_and_refuse_what_cannot_work():
     lookat = KVCompressConfig.from_dict({"method": "lookat+knorm", "codebooks": "c", "value_bits": 4,
                                          "max_kv_tokens": 256, "sink_tokens": 4}).build()
     assert lookat.protected() == (4, 0) and lookat.schedule(1000, 256, _Streams()).budget == 256
+    # The stream methods take kvquant rows (their attention decodes them), on the CPU build only.
+    for evict, extra in (("dms", {"dms_adapters": "a"}), ("kvzap", {"kvzap_predictor": "p", "compression_ratio": 0.5}),
+                         ("headkv", {"head_scores": "uniform", "compression_ratio": 0.5})):
+        streams = KVCompressConfig.from_dict({"method": f"kvquant+{evict}", "key_ranges": "r", **extra}).build()
+        assert streams.evicts and streams.needs_positions and streams.rows.stores_positions
+        assert streams.row_bytes(64, torch.bfloat16) == 64 + 4 + 64 + 2
+        assert f"under '{evict}''s per-(layer, KV head) streams run on the CPU build only" in streams.cuda_refusal()
     refusals = {
-        "kvquant+dms": "per-\\(layer, KV head\\) streams",
-        "kvquant+headkv": "per-\\(layer, KV head\\) streams",
+        "lookat+dms": "builds no 'lookat' lookup tables; .* or use kvquant\\+dms",
+        "lookat+headkv": "builds no 'lookat' lookup tables",
         "knorm+kvquant": "first part must be a row format",
         "lookat+kvquant": "second part must be an eviction method",
         "kvquant+knorm+snapkv": "must be FORMAT\\+EVICTION",
@@ -187,3 +194,49 @@ def test_compositions_take_both_settings_and_refuse_what_cannot_work():
 
 class _Streams:
     block_size = 16
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_stream_attention_over_kvquant_rows_is_the_whole_row_attention(bits):
+    """kvquant under the per-(layer, KV head) stream methods: rows written through the format
+    with their logical positions (out of order, as after eviction), gathered by page and decoded
+    by the stream attention, give the whole-row kvquant attention over the same rows (decode
+    and causal prefill). A decoder that ignored the stored positions (their index instead)
+    would turn the keys by the wrong angles."""
+    from vllm_kvcompress.kernels import ops
+    from vllm_kvcompress.methods.kvquant import KVQuantFormat
+
+    g = torch.Generator().manual_seed(3)
+    heads, q_heads, dim, block, length = 2, 4, 16, 16, 37
+    layout = kvquant_ref.layout(dim, bits, 8, torch.bfloat16, positions=True)
+    fmt = KVQuantFormat([_ranges(g, heads, dim)], bits, THETA, layout)
+    positions = torch.sort(torch.randperm(400, generator=g)[:length]).values  # logical, with gaps
+    keys = rotate(torch.randn(heads, length, dim, generator=g), positions, THETA).transpose(0, 1)  # [T, H, D]
+    values = torch.randn(length, heads, dim, generator=g)
+    blocks = torch.tensor([3, 1, 4])
+    cache = torch.zeros(6, heads, block, layout.row_bytes, dtype=torch.uint8)
+    slots = blocks.repeat_interleave(block)[:length] * block + torch.arange(length) % block
+    lookat_ref.write_rows(cache, fmt.encode(0, keys, values, positions), slots)
+    pool = cache.view(-1, layout.row_bytes)  # one layer: global page (block * heads + head), one page per block
+    pages = (blocks[None, :] * heads + torch.arange(heads)[:, None])[None]  # [1, H, 3]
+    lengths = torch.full((1, heads), length)
+    query = torch.randn(1, q_heads, dim, generator=g)
+    whole = kvquant_ref.decode_attention(query, cache, blocks[None], torch.tensor([length]), fmt.ranges[0], bits,
+                                         THETA, layout, 0.25)
+    streams = ops.stream_decode(query, pool, pages, lengths, block, 0.25, length, fmt.stream_decoder(0))
+    torch.testing.assert_close(streams, whole, atol=1e-5, rtol=1e-5)
+    prompt = torch.randn(5, q_heads, dim, generator=g)
+    whole = kvquant_ref.prefill_attention(prompt, cache, blocks, length, fmt.ranges[0], bits, THETA, layout, 0.25)
+    streams = ops.stream_prefill(prompt, pool, pages[0], lengths[0], block, 0.25, decoder=fmt.stream_decoder(0))
+    torch.testing.assert_close(streams, whole, atol=1e-5, rtol=1e-5)
+    # The stored positions matter: a decoder that turned each key by its index in the stream instead
+    # would attend otherwise (this test would catch it).
+    key_bytes = dim * bits // 8
+
+    def by_index(data):
+        turned = kvquant_ref.dequantize_keys(data[..., :key_bytes], torch.arange(data.shape[-2]), fmt.ranges[0], bits,
+                                             THETA)
+        return torch.cat([turned, kvquant_ref.dequantize_values(data[..., layout.m:], layout)], -1)
+
+    wrong = ops.stream_prefill(prompt, pool, pages[0], lengths[0], block, 0.25, decoder=by_index)
+    assert (wrong - streams).abs().max() > 0.05

@@ -1,6 +1,9 @@
 """Compositions: a compact row format (``lookat`` PQ keys or ``kvquant`` integer keys, each
-with its 16/8/4-bit values) under a whole-row eviction method (``knorm``, ``snapkv``),
-named ``FORMAT+EVICTION``, e.g. ``{"method": "kvquant+snapkv", "compression_ratio": 0.5}``.
+with its 16/8/4-bit values) under an eviction method, named ``FORMAT+EVICTION``, e.g.
+``{"method": "kvquant+snapkv", "compression_ratio": 0.5}``. Whole-row eviction (``knorm``,
+``snapkv``) takes either format; the per-(layer, KV head) stream methods (``headkv``,
+``kvzap``, ``dms``) take ``kvquant`` rows, which their stream attention decodes as it
+gathers them (CPU build).
 
 The row format makes each (token, KV head) row smaller, so vLLM's page holds more rows;
 the eviction method keeps fewer rows and hands emptied blocks back to vLLM's pool. The
@@ -8,9 +11,10 @@ savings multiply in vLLM's own block accounting. The composition takes the evict
 method's schedule, scorer and budget, and the format method's row layout and artefact
 checks; the settings of both are accepted, each validated by its owner.
 
-Refused, with the reason: two formats or two eviction methods; the per-(layer, KV head)
-stream methods (``headkv``, ``kvzap``, ``dms``), whose pages hold dense rows; knorm's
-``eviction_mode: mask`` (the formats read rows without a visibility mask).
+Refused, with the reason: two formats or two eviction methods; ``lookat`` under the stream
+methods (LOOKAT's keys are read through per-query lookup tables, which the stream attention
+does not build); knorm's ``eviction_mode: mask`` (the formats read rows without a visibility
+mask); stream compositions on CUDA (no stream kernel reads kvquant rows yet).
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from vllm_kvcompress.methods.base import KVCompressConfigError, Method, PagedSet
 
 FORMATS = ("lookat", "kvquant")
 ROW_EVICTIONS = ("knorm", "snapkv")
+STREAM_EVICTIONS = ("headkv", "kvzap", "dms")
+STREAM_FORMATS = ("kvquant",)  # formats the stream attention decodes
 
 
 def allowed(methods) -> str:
     """What ``method`` may name, for the errors."""
     return (f"{', '.join(methods)}, or FORMAT+EVICTION with FORMAT in {', '.join(FORMATS)} and EVICTION in "
-            f"{', '.join(ROW_EVICTIONS)}")
+            f"{', '.join(ROW_EVICTIONS)} (kvquant also: {', '.join(STREAM_EVICTIONS)})")
 
 
 def split(name: str) -> tuple[str, str] | None:
@@ -53,11 +59,12 @@ def compose(methods: dict[str, type[Method]], name: str) -> type[Method]:
                                     f"({', '.join(FORMATS)}), got {fmt!r}")
     if evict in FORMATS or not methods[evict].evicts:
         raise KVCompressConfigError(f"{key_name('method')}: {name!r}: the second part must be an eviction method "
-                                    f"({', '.join(ROW_EVICTIONS)}), got {evict!r}")
-    if issubclass(methods[evict].Settings, PagedSettings):
+                                    f"({', '.join(ROW_EVICTIONS + STREAM_EVICTIONS)}), got {evict!r}")
+    if issubclass(methods[evict].Settings, PagedSettings) and fmt not in STREAM_FORMATS:
         raise KVCompressConfigError(
-            f"{key_name('method')}: {name!r} is not supported: {evict!r} keeps per-(layer, KV head) streams whose "
-            f"pages hold dense rows, not {fmt!r} rows; compose {fmt!r} with {' or '.join(ROW_EVICTIONS)}")
+            f"{key_name('method')}: {name!r} is not supported: {evict!r} keeps per-(layer, KV head) streams, whose "
+            f"attention decodes {', '.join(STREAM_FORMATS)} rows but builds no {fmt!r} lookup tables; compose "
+            f"{fmt!r} with {' or '.join(ROW_EVICTIONS)}, or use {', '.join(f'{f}+{evict}' for f in STREAM_FORMATS)}")
     return _composed(methods[fmt], methods[evict])
 
 
@@ -93,6 +100,9 @@ def _composed(fmt: type[Method], evict: type[Method]) -> type[Method]:
             self.rows.check_model(shape, hf_config, block_size, tp_size)
 
         def cuda_refusal(self) -> str | None:
+            if issubclass(evict.Settings, PagedSettings):
+                return (f"{fmt.name!r} rows under {evict.name!r}'s per-(layer, KV head) streams run on the CPU build "
+                        f"only: no stream kernel reads {fmt.name!r} rows yet")
             return self.rows.cuda_refusal() or super().cuda_refusal()
 
         def row_bytes(self, head_dim: int, dtype) -> int | None:

@@ -88,6 +88,18 @@ class KVQuantFormat:
         return ops.kvquant_prefill(query, cache, blocks, kv_len, self.ranges[layer], self.key_bits, self.theta,
                                    self.layout, scale)
 
+    def encode(self, layer: int, key, value, positions):
+        """Rows ``[T, Hkv, row_bytes]`` of the step's keys/values at their logical ``positions[T]``
+        (the per-(layer, KV head) streams write them where their plan says)."""
+        return ops.kvquant_encode_rows(key, value, positions, self.ranges[layer], self.key_bits, self.theta,
+                                       self.layout)
+
+    def stream_decoder(self, layer: int):
+        """How a stream attention reads this layer's gathered rows: ``[..., Hkv, L, row_bytes]``
+        -> ``[..., Hkv, L, 2D]`` ``[key | value]`` (keys at their stored positions)."""
+        ranges, key_bits, theta, layout = self.ranges[layer], self.key_bits, self.theta, self.layout
+        return lambda data: ops.kvquant_stream_rows(data, ranges, key_bits, theta, layout)
+
     def keys(self, layer: int, cache, blocks, length: int):
         return ops.kvquant_keys(cache, blocks, length, self.ranges[layer], self.key_bits, self.theta, self.layout)
 

@@ -247,6 +247,8 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
             # A graph's batch: rows past the step's requests are padding.
             real = num_reqs if buffers is None or step is None else min(num_reqs, len(step.req_ids))
             planned = stream_layout.build(m, real, geometry, step, state.pool, host_seq_lens(m))
+            if planned is not None and self.positions:  # encoded rows (kvquant) store each token's position
+                planned.positions = ops.to_device(token_positions(m, host_seq_lens(m)), m.block_table_tensor.device)
             if planned is not None and buffers is not None:
                 if not planned.python_only:
                     return buffers.fill(planned, num_reqs, geometry, step, state.pool, planned.max_decode_len)
@@ -407,7 +409,8 @@ class KVCompressImpl(AttentionImpl):
         out = output[:n].view(n, self.num_heads, self.head_size)
         if isinstance(attn_metadata, StreamMetadata):
             if self.stream_runner is None:
-                self.stream_runner = StreamRunner(self.method, self.layer_index, attn_metadata.geometry.num_layers)
+                self.stream_runner = StreamRunner(self.method, self.layer_index, attn_metadata.geometry.num_layers,
+                                                  self.format)
             self.stream_runner.forward(query, key, value, kv_cache, attn_metadata, out, self.scale)
         else:
             self._forward_blocks(query, key, value, kv_cache, attn_metadata, out)
@@ -448,7 +451,7 @@ class KVCompressImpl(AttentionImpl):
         """Compile the format's decode before serving, where it has a compiled twin (the
         runner, once the caches exist; ``[blocks, Hkv, block_size, row_bytes]``)."""
         warm_up = getattr(self.format, "warm_up", None)
-        if warm_up is not None:
+        if warm_up is not None and not isinstance(self.method.settings, PagedSettings):  # streams decode otherwise
             started = time.perf_counter()
             warm_up(kv_cache.device, self.num_heads, kv_cache.shape[2], self.scale)
             logger.info("kvcompress: decode ops warmed up in %.1f s", time.perf_counter() - started)
@@ -456,6 +459,8 @@ class KVCompressImpl(AttentionImpl):
     def warm_up_streams(self, kv_cache: torch.Tensor, layer: int, num_layers: int, max_len: int) -> bool:
         """Compile the stream decode kernel, once the caches exist (the runner); whether it
         is the Triton kernel (on the CPU, the reference needs none)."""
+        if not hasattr(self.format, "dtype"):  # encoded rows: decoded by the reference, nothing to compile
+            return False
         pool = pool_rows(kv_cache, layer, num_layers)
         return ops.warm_up_stream_decode(pool, self.method.settings.page_tokens, self.num_heads, self.num_kv_heads,
                                          self.head_size, self.format.dtype, max_len)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from vllm_kvcompress import BACKEND_NAME
 from vllm_kvcompress.config import CONFIG_KEY, KVCompressConfig, KVCompressConfigError
 from vllm_kvcompress.methods import evicting
-from vllm_kvcompress.methods.base import key_name
+from vllm_kvcompress.methods.base import PagedSettings, key_name
 from vllm_kvcompress.vllm.policy import EvictionPolicy, model_shape, validate_overrides
 from vllm_kvcompress.vllm.version import check_vllm_version
 
@@ -73,7 +73,9 @@ def check_platform(config: KVCompressConfig) -> None:
             f"{'.'.join(map(str, MIN_CUDA_CAPABILITY))} (Ampere or newer); this one has "
             f"{'unknown' if have is None else '.'.join(map(str, have))}")
     refusal = config.build().cuda_refusal()
-    if refusal and not (kvquant_rows(config) and experimental_cuda_kvquant(config)):
+    # The opt-in covers kvquant rows in vLLM's pages (alone, or under whole-row eviction), not under streams.
+    streams = isinstance(config.settings, PagedSettings)
+    if refusal and not (kvquant_rows(config) and experimental_cuda_kvquant(config) and not streams):
         raise KVCompressConfigError(f"kvcompress method {config.method!r} on CUDA: {refusal}")
     if config.spec.evicts and not config.whole_row_eviction and not experimental_cuda_streams(config):
         raise KVCompressConfigError(

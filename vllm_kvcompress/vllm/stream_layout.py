@@ -96,6 +96,7 @@ class StreamMetadata:
     # decision of the token before it, stored at ``decision_rows[:, i]``.
     decision_token_index: torch.Tensor | None = None  # [T']
     decision_rows: torch.Tensor | None = None  # [L, T', H]
+    positions: torch.Tensor | None = None  # [T] logical positions: encoded rows (kvquant) store them
 
     @property
     def python_only(self) -> bool:
@@ -533,14 +534,26 @@ UNDECIDED = 3.0e38  # the newest token's DMS keep score until the next token dec
 class StreamRunner:
     """One per attention layer (HeadKV, KVzap, DMS). Scores come from the method's scorer
     (keys and window queries) or, for learned methods (no scorer), from the pool's row
-    scores, written from the hooks' step scores; a threshold rule decides survivors."""
+    scores, written from the hooks' step scores; a threshold rule decides survivors.
+    ``rows``: the cache format. Dense rows are ``[key | value]``; an encoding format
+    (kvquant) writes its rows with the step's positions and decodes them as they are gathered."""
 
-    def __init__(self, method, layer: int, num_layers: int):
+    def __init__(self, method, layer: int, num_layers: int, rows=None):
         self.scorer = method.scorer()
         rule = method.rule()
         self.threshold = None if rule is None else rule.threshold
         self.delayed = rule is not None and rule.delayed  # shift by one: scores arrive with the next token
         self.layer, self.num_layers = layer, num_layers
+        self.encode = getattr(rows, "encode", None)
+        self.decoder = rows.stream_decoder(layer) if hasattr(rows, "stream_decoder") else None
+
+    def _write(self, pool, rows, key, value, meta: StreamMetadata) -> None:
+        if self.encode is None:
+            ops.stream_write_rows(pool, rows, key, value)
+            return
+        if meta.positions is None:
+            raise RuntimeError("kvcompress: encoded stream rows need the step's positions (none were planned)")
+        pool[rows] = self.encode(self.layer, key, value, meta.positions[: key.shape[0]])
 
     def forward(self, query, key, value, kv_cache, meta: StreamMetadata, out, scale: float) -> None:
         pool = pool_rows(kv_cache, self.layer, self.num_layers)
@@ -552,7 +565,7 @@ class StreamRunner:
             src, dst = meta.victim_src[layer], meta.victim_dst[layer]
             pool[dst] = pool[src]
             scores[dst] = scores[src]
-        ops.stream_write_rows(pool, meta.write_rows[layer], key, value)
+        self._write(pool, meta.write_rows[layer], key, value, meta)
         if self.scorer is None:
             buffers = meta.pool.score_buffers
             step_scores = (meta.step.token_scores.pop(layer) if buffers is None else buffers[layer])[
@@ -568,7 +581,7 @@ class StreamRunner:
         if meta.decode_pages.shape[1]:
             idx = slice(0, meta.decode_pages.shape[1]) if meta.decode_token_index is None else meta.decode_token_index
             result = ops.stream_decode(query[idx], pool, meta.decode_pages[layer], meta.decode_lengths[layer], page,
-                                       scale, meta.max_decode_len)
+                                       scale, meta.max_decode_len, self.decoder)
             out[idx] = result.to(out.dtype)
         for span in meta.prefills:
             rows = slice(span.token_start, span.token_end)
@@ -578,7 +591,7 @@ class StreamRunner:
                 visible = delayed_visible(scores[key_rows], span.lengths[layer], span.token_end - span.token_start,
                                       span.delayed_window, self.threshold)
             result = ops.stream_prefill(query[rows], pool, span.pages[layer], span.lengths[layer], page, scale,
-                                        visible, span.max_len[layer], span.uniform[layer])
+                                        visible, span.max_len[layer], span.uniform[layer], self.decoder)
             out[rows] = result.to(out.dtype)
         if meta.victim_src is not None:  # after the attention: the leaving token was still seen
             meta.victim_kept[layer] += (scores[meta.victim_dst[layer]] >= self.threshold).long()
@@ -600,7 +613,8 @@ class StreamRunner:
             scores = row_scores[rows]
         else:
             head_dim = query.shape[-1]
-            scores = self.scorer.score(pool[rows][..., :head_dim],
+            keys = pool[rows] if self.decoder is None else self.decoder(pool[rows])
+            scores = self.scorer.score(keys[..., :head_dim].to(query.dtype),
                                        queries=self.scorer.window_queries(query, c.token_end, c.length))
         budgets = c.schedule.budgets[self.layer * heads:(self.layer + 1) * heads]
         keep = keep_indices_per_head(scores, list(budgets), 0, self.scorer.window if self.scorer else 0)
