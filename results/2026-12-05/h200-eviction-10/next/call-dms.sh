@@ -6,3 +6,5 @@ set -u
 source benchmarks/gpu_env.sh
 bash benchmarks/gpu_oracles.sh $OUT/dms-oracle 170 "compiled_learned and dms"
 CONFIG=dms-4x LIMIT=${LIMIT:-380} bash results/2026-12-04/h200-eviction-9/call5.sh
+# The predictors' share of a B=32 step, against the kvzap-4x / dms-4x rows of this machine (/tmp/full).
+timeout -k 5 60 python3 -m benchmarks.predictor_cost --device cuda --summary /tmp/full/summary.json --out $OUT/predictor

@@ -1,0 +1,121 @@
+"""The learned methods' scoring cost per decode step, as the engine runs it: every layer's
+KVzap predictor (linear or MLP) or DMS adapter on the step's tokens, through the same
+scoring functions the custom op calls (``kvcompress::score_into``), into the same
+per-layer buffers. On CUDA all layers are captured in one CUDA graph and replayed, as the
+compiled model's pieces replay them (timed with CUDA events); on the CPU, wall time.
+
+    python -m benchmarks.predictor_cost --device cuda --tokens 32 320 --out DIR
+    python -m benchmarks.predictor_cost --device cuda --summary DIR/summary.json   # % of each row's step
+
+``--summary``: a ``benchmarks.gpu_engine`` summary from the same machine. Each learned row's
+TPOT at B=32 is the step the scoring is a share of (``predictor_pct_b32``; the issue's goal is
+at most 2%). Shape: Llama-3-8B (32 layers, hidden 4096, 8 KV heads), weights random: the cost
+depends on the shapes only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+KINDS = ("kvzap-linear", "kvzap-mlp", "dms")
+ROWS = {"kvzap-linear": "kvzap-4x", "kvzap-mlp": None, "dms": "dms-4x"}  # the gpu_engine row each one serves
+
+
+def scorers(kind: str, layers: int, hidden: int, kv_heads: int, device: torch.device) -> list:
+    """Per layer, ``hidden states [T, hidden] -> scores [T, KV heads]`` as the engine's op scores."""
+    from vllm_kvcompress.methods.kvzap.hooks import _predict
+    from vllm_kvcompress.methods.kvzap.predictors import LinearPredictor, MLPPredictor
+
+    torch.manual_seed(0)
+    if kind == "dms":
+        from vllm_kvcompress.methods.dms.checkpoint import DMSDecisions
+        from vllm_kvcompress.methods.dms.decisions import DMSAdapter
+        from vllm_kvcompress.methods.dms.hooks import keep_scores
+
+        adapters = [DMSAdapter(hidden, kv_heads).to(device) for _ in range(layers)]
+        decisions = DMSDecisions(adapters, 256, per_layer=False, source="random")
+        return [lambda x, i=i: keep_scores(decisions, i, x) for i in range(layers)]
+    module = LinearPredictor if kind == "kvzap-linear" else MLPPredictor
+    predictors = [module(hidden, kv_heads).to(device).eval() for _ in range(layers)]
+    return [lambda x, p=p: _predict(p, x, None) for p in predictors]
+
+
+def measure(kind: str, tokens: int, device: torch.device, layers: int, hidden: int, kv_heads: int,
+            dtype: torch.dtype, repeats: int) -> dict:
+    score = scorers(kind, layers, hidden, kv_heads, device)
+    hidden_states = [torch.randn(tokens, hidden, device=device, dtype=dtype) for _ in range(layers)]
+    buffers = [torch.zeros(tokens, kv_heads, device=device) for _ in range(layers)]
+
+    def step():
+        with torch.no_grad():
+            for layer in range(layers):
+                buffers[layer].copy_(score[layer](hidden_states[layer]))
+
+    for _ in range(3):
+        step()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(repeats):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            began = time.perf_counter()
+            step()
+            times.append(1000 * (time.perf_counter() - began))
+    return {"kind": kind, "tokens": tokens, "device": str(device), "ms_per_step": round(statistics.median(times), 4),
+            "layers": layers, "hidden": hidden, "kv_heads": kv_heads, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def with_step_share(rows: list[dict], summary: dict) -> list[dict]:
+    """Each row's share of the same-session gpu_engine row's B=32 step (TPOT), where there is one."""
+    steps = {r["config"]: r.get("tpot_ms_b32") for r in summary.get("rows", [])}
+    for row in rows:
+        step = steps.get(ROWS.get(row["kind"]) or "")
+        if step and row["tokens"] == 32:
+            row["step_ms_b32"] = step
+            row["predictor_pct_b32"] = round(100 * row["ms_per_step"] / step, 2)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--tokens", type=int, nargs="+", default=[32, 320], help="tokens per step (batch size)")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--summary", type=Path, help="a gpu_engine summary.json of the same machine")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = [measure(kind, tokens, device, args.layers, args.hidden, args.kv_heads, dtype, args.repeats)
+            for kind in args.kinds for tokens in args.tokens]
+    if args.summary is not None:
+        rows = with_step_share(rows, json.loads(args.summary.read_text()))
+    for row in rows:
+        print(json.dumps(row))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "predictor_cost.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
