@@ -106,6 +106,7 @@ def run_config(name: str, llm: dict, samples: list[dict]) -> dict:
               "wall_s": out["wall_s"]}
     if out.get("kept_fractions"):  # ring layouts: what the requests really kept (the workers' records)
         result["kept_fractions"] = out["kept_fractions"]
+        result["kept_pages"] = out.get("kept_pages")
     return result
 
 

@@ -53,7 +53,7 @@ DMS_NAME = re.compile(r"dms-cr(\d+)")
 KVQUANT_NAME = re.compile(r"kvquant-k(8|4)-v(16|8|4)")
 NAMES_HELP = (f"{', '.join(sorted(CONFIGS))}, lookat-m{{M}}-v{{16|8|4}}[-exact], {{knorm|snapkv|headkv}}-r{{RATIO}}, "
               "{knorm|snapkv|headkv}-b{TOKENS}, kvzap-{linear|mlp}-{t{TAU}|r{RATIO}}, dms-cr{N}, kvquant-k{8|4}-v{16|8|4}, "
-              "FORMAT+EVICTION (e.g. kvquant-k8-v8+snapkv-r0.8) or preset-{safe|balanced|max}")
+              "FORMAT+EVICTION (e.g. kvquant-k8-v8+snapkv-r0.8, kvquant-k8-v8+dms-cr8) or preset-{safe|balanced|max}")
 
 
 def _shipped(relative: str, missing: str) -> str:
@@ -134,7 +134,8 @@ def resolve(name: str, model: str) -> dict | None:
 def _composition(name: str, model: str) -> dict | None:
     fmt, _, evict = name.partition("+")
     whole_rows = (EVICTION_NAME.fullmatch(evict) or BUDGET_NAME.fullmatch(evict)) and not evict.startswith("headkv")
-    streams = evict.startswith("headkv") or KVZAP_NAME.fullmatch(evict) or DMS_NAME.fullmatch(evict)
+    streams = ((EVICTION_NAME.fullmatch(evict) or BUDGET_NAME.fullmatch(evict)) and evict.startswith("headkv")) or \
+        KVZAP_NAME.fullmatch(evict) or DMS_NAME.fullmatch(evict)
     if not (KVQUANT_NAME.fullmatch(fmt) and (whole_rows or streams) or LOOKAT_NAME.fullmatch(fmt) and whole_rows):
         return None
     rows, eviction = resolve(fmt, model), resolve(evict, model)

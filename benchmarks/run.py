@@ -76,7 +76,10 @@ def summarise(configs: dict, accuracy: dict | None, capacity: dict | None) -> di
             base_scores = [base_acc["cells"][c]["score"] for c in kept]
             s["accuracy_ratio"] = (s["mean_accuracy"] / statistics.fmean(base_scores)) if scores and base_scores and statistics.fmean(base_scores) else None
             s["bytes_per_token"] = r["bytes_per_token"]
-            if r.get("kept_fractions"):  # ring layouts (KVzap threshold, DMS): what the requests really kept
+            if r.get("kept_pages"):  # ring layouts (KVzap threshold, DMS): the pages the requests really held
+                keep = sum(p for p, _ in r["kept_pages"]) / sum(n for _, n in r["kept_pages"])  # (page rounding
+                s["evicted_fraction"] = 1.0 - keep  # and the spare row included; weighted by length)
+            elif r.get("kept_fractions"):  # older results: rows kept, unweighted
                 keep = statistics.fmean(r["kept_fractions"])
                 s["evicted_fraction"] = 1.0 - keep
             s["compression"] = 1.0 - (r["bytes_per_token"] / base_acc["bytes_per_token"]) * keep

@@ -56,6 +56,13 @@ def test_summary_counts_eviction_and_bytes():
     # Half the bytes per token and half the tokens kept: a quarter of the memory, 4x the context.
     assert s["half"]["compression"] == pytest.approx(0.75) and s["half"]["capacity_ratio"] == pytest.approx(4.0)
     assert s["half"]["mean_accuracy"] == 0.5 and s["half"]["accuracy_ratio"] == 0.5
+    # Ring layouts (DMS): no declared ratio; the pages the requests really held, weighted by length.
+    configs["ring"] = {"additional_config": {"kvcompress": {"method": "dms"}}}
+    accuracy["results"]["ring"] = {**accuracy["results"]["half"], "kept_fractions": [0.1, 0.5],
+                                   "kept_pages": [[30, 100], [150, 300]]}
+    ring = summarise(configs, accuracy, None)["ring"]
+    assert ring["evicted_fraction"] == pytest.approx(1 - 180 / 400)
+    assert ring["capacity_ratio"] == pytest.approx(2.0 * 400 / 180)
 
 
 @pytest.mark.engine

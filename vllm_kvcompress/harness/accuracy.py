@@ -5,7 +5,8 @@
 SPEC: {"llm": {LLM kwargs}, "samples": [Sample.to_dict(), ...]}
 OUT:  {"results": [{"text", "output_tokens", "forced_logprobs"?}, ...] in sample order,
        "kv_cache_tokens": int, "bytes_per_token": float (measured from the cache tensors),
-       "kept_fractions": [kept fraction of each finished request, ring layouts only]}
+       "kept_fractions": [kept fraction of each finished request, ring layouts only],
+       "kept_pages": [[pages it held at the end, pages its tokens fill in vLLM's layout], ...]}
 
 Samples run cell by cell (one batch per (task, length)), with a progress bar on stderr.
 """
@@ -63,9 +64,10 @@ def run(spec: dict) -> dict:
         bar.update(len(indices))
     bar.close()
     pool = kv_pool(llm)
-    kept = [r["kept_fraction"] for r in kept_records(llm)]
+    records = kept_records(llm)
     return {"results": results, "kv_cache_tokens": pool["kv_capacity_tokens"], "bytes_per_token": pool["bytes_per_token"],
-            "kept_fractions": kept}
+            "kept_fractions": [r["kept_fraction"] for r in records],
+            "kept_pages": [[r["pages"], r["native_pages"]] for r in records]}
 
 
 if __name__ == "__main__":
