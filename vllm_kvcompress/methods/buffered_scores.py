@@ -19,6 +19,7 @@ number differed) finds the right scorer too.
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from typing import Callable
 
@@ -50,6 +51,34 @@ def _score_into(tokens: torch.Tensor, out: torch.Tensor, layer: int) -> None:
 @_score_into.register_fake
 def _(tokens: torch.Tensor, out: torch.Tensor, layer: int) -> None:
     return None
+
+
+def layer_modules(model: torch.nn.Module, pattern: re.Pattern, num_layers: int, what: str, requirement: str,
+                  accept=lambda module: True) -> dict[int, torch.nn.Module]:
+    """The modules a learned method hooks, by layer: those whose name matches ``pattern``
+    (group 2: the layer) and ``accept``; every layer must have one. ``what``, ``requirement``:
+    the method and what the model must look like, for the errors."""
+    found = {}
+    for name, module in model.named_modules():
+        match = pattern.search(name)
+        if match is None or not accept(module):
+            continue
+        layer = int(match.group(2))
+        if layer >= num_layers:
+            raise NotImplementedError(f"{what}: model has module {name} past the {num_layers} layers of its artefact")
+        found[layer] = module
+    if set(found) != set(range(num_layers)):
+        raise NotImplementedError(f"{what}: found modules for layers {sorted(found)} of {num_layers}; {requirement}")
+    return found
+
+
+def head_index(heads: list[int] | None, outputs: int, device: torch.device) -> torch.Tensor | None:
+    """Tensor parallelism: this rank's KV heads among a scorer's ``outputs`` as an index on
+    ``device`` (a host list would be copied at every call, which a CUDA graph capture
+    refuses); None where they are all of them."""
+    if heads is None or list(heads) == list(range(outputs)):
+        return None
+    return torch.tensor(heads, dtype=torch.long, device=device)
 
 
 def install(modules: dict[int, torch.nn.Module], score_of: Callable[[int], Callable], outputs: int,

@@ -246,9 +246,10 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
                 buffers = None
             # A graph's batch: rows past the step's requests are padding.
             real = num_reqs if buffers is None or step is None else min(num_reqs, len(step.req_ids))
-            planned = stream_layout.build(m, real, geometry, step, state.pool, host_seq_lens(m))
+            seq_lens = host_seq_lens(m)
+            planned = stream_layout.build(m, real, geometry, step, state.pool, seq_lens)
             if planned is not None and self.positions:  # encoded rows (kvquant) store each token's position
-                planned.positions = ops.to_device(token_positions(m, host_seq_lens(m)), m.block_table_tensor.device)
+                planned.positions = ops.to_device(token_positions(m, seq_lens), m.block_table_tensor.device)
             if planned is not None and buffers is not None:
                 if not planned.python_only:
                     return buffers.fill(planned, num_reqs, geometry, step, state.pool, planned.max_decode_len)

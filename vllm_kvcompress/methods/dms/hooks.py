@@ -57,10 +57,8 @@ def head_index(decisions: DMSDecisions) -> torch.Tensor | None:
     """Tensor parallelism: the KV heads this rank keeps scores for, as an index on the
     adapters' device (a host list would be copied at every call, which a CUDA graph
     capture refuses); None where they are all the adapters' outputs."""
-    outputs = decisions.adapters[0].proj.out_features
-    if decisions.heads is None or list(decisions.heads) == list(range(outputs)):
-        return None
-    return torch.tensor(decisions.heads, dtype=torch.long, device=decisions.adapters[0].proj.weight.device)
+    proj = decisions.adapters[0].proj
+    return buffered_scores.head_index(decisions.heads, proj.out_features, proj.weight.device)
 
 
 def _keep(decisions: DMSDecisions, z: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
@@ -162,17 +160,6 @@ def install_buffered(model: torch.nn.Module, decisions: DMSDecisions, max_tokens
 
 def _decoder_layers(model: torch.nn.Module, layers: int) -> dict[int, torch.nn.Module]:
     """Every decoder layer, by layer (all must be found)."""
-    found = {}
-    for name, module in model.named_modules():
-        match = _DECODER_LAYER.search(name)
-        if match is None or not isinstance(module, torch.nn.Module) or not hasattr(module, "self_attn"):
-            continue
-        layer = int(match.group(2))
-        if layer >= layers:
-            raise NotImplementedError(f"dms: model has decoder layer {name} past the checkpoint's {layers} layers")
-        found[layer] = module
-    if set(found) != set(range(layers)):
-        raise NotImplementedError(
-            f"dms: found decoder layers {sorted(found)} of {layers}; the model's decoder layers must be "
-            "`...layers.<i>` modules with a `self_attn`, called as layer(positions, hidden_states, residual)")
-    return found
+    return buffered_scores.layer_modules(
+        model, _DECODER_LAYER, layers, "dms", "the model's decoder layers must be `...layers.<i>` modules with a "
+        "`self_attn`, called as layer(positions, hidden_states, residual)", accept=lambda m: hasattr(m, "self_attn"))

@@ -76,21 +76,9 @@ def install(model: torch.nn.Module, predictors: list[torch.nn.Module], record, h
 
 def _attention_modules(model: torch.nn.Module, num_layers: int) -> dict[int, torch.nn.Module]:
     """Every decoder layer's attention module, by layer (all must be found)."""
-    found = {}
-    for name, module in model.named_modules():
-        match = _ATTENTION.search(name)
-        if match is None:
-            continue
-        layer = int(match.group(2))
-        if layer >= num_layers:
-            raise NotImplementedError(f"kvzap: model has attention module {name} past the predictors' "
-                                      f"{num_layers} layers")
-        found[layer] = module
-    if set(found) != set(range(num_layers)):
-        raise NotImplementedError(
-            f"kvzap: found attention inputs for layers {sorted(found)} of {num_layers}; the model's decoder "
-            "layers must be `...layers.<i>.self_attn` modules called with `hidden_states` (Llama/Qwen2 style)")
-    return found
+    return buffered_scores.layer_modules(
+        model, _ATTENTION, num_layers, "kvzap", "the model's decoder layers must be `...layers.<i>.self_attn` modules "
+        "called with `hidden_states` (Llama/Qwen2 style)")
 
 
 def _outputs(predictor: torch.nn.Module) -> int:
@@ -102,10 +90,7 @@ def _device(predictor: torch.nn.Module) -> torch.device:
 
 
 def _head_index(heads: list[int] | None, predictor: torch.nn.Module) -> torch.Tensor | None:
-    """``heads`` as an index on the predictor's device; None where they are all its outputs."""
-    if heads is None or heads == list(range(_outputs(predictor))):
-        return None
-    return torch.tensor(heads, dtype=torch.long, device=_device(predictor))
+    return buffered_scores.head_index(heads, _outputs(predictor), _device(predictor))
 
 
 @torch.no_grad()
