@@ -9,9 +9,9 @@ source benchmarks/gpu_env.sh
 echo "commit ${COMMIT:-unset: pass COMMIT=<sha>}" | tee $OUT/commit.txt; nvidia-smi -L
 mkdir -p $OUT/c4
 t0=$(date +%s)
-timeout -k 5 120 python3 -m pytest -m gpu -rP -p no:cacheprovider tests/test_gpu_streams.py > $OUT/c4/streams.log 2>&1; echo "streams rc=$? $(( $(date +%s)-t0 ))s"
+timeout -k 5 60 python3 -m pytest -m gpu -rP -p no:cacheprovider tests/test_gpu_streams.py > $OUT/c4/streams.log 2>&1; echo "streams rc=$? $(( $(date +%s)-t0 ))s"
 grep -E "passed|failed|Error" $OUT/c4/streams.log | tail -5
-bash benchmarks/gpu_oracles.sh $OUT/c4/ev 150 "compiled_learned and (threshold or dms)"
-if [ $(( $(date +%s)-t0 )) -lt 300 ]; then bash benchmarks/gpu_oracles.sh $OUT/c4/ev 140 "headkv and full"; fi
+bash benchmarks/gpu_oracles.sh $OUT/c4/ev 130 "compiled_learned and (threshold or dms)"
+if [ $(( $(date +%s)-t0 )) -lt 240 ]; then bash benchmarks/gpu_oracles.sh $OUT/c4/ev 140 "headkv and full"; fi
 echo "call4 $(( $(date +%s)-t0 ))s"
 (cd $OUT && tar czf c4.tgz c4 && rm -rf c4)
