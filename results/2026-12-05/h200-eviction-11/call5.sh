@@ -8,4 +8,4 @@ source benchmarks/gpu_env.sh
 for spec in vllm-bf16:${BF16_LIMIT:-262} dms-4x:${DMS_LIMIT:-290}; do
   CONFIG=${spec%%:*} LIMIT=${spec##*:} bash results/2026-12-04/h200-eviction-9/call5.sh
 done
-timeout -k 5 40 python3 -m benchmarks.predictor_cost --device cuda --summary /tmp/full/summary.json --out $OUT/predictor
+[ -n "${SKIP_PREDICTOR:-}" ] || timeout -k 5 40 python3 -m benchmarks.predictor_cost --device cuda --summary /tmp/full/summary.json --out $OUT/predictor
