@@ -40,6 +40,9 @@ SUITES = {
         ruler_length=4096, ruler={"niah_multikey_1": 2, "vt": 2, "qa_1": 2},
         perplexity={4096: 1}, continuation=128, pool_gib=2,
     ),
+    # The frontier's QA cell alone: which half of a composition (rows or eviction) loses a QA answer.
+    "frontier-qa": dict(niah={}, passkey={}, ruler_length=4096, ruler={"qa_1": 2}, perplexity={}, continuation=128,
+                        pool_gib=2),
     # HeadKV budget sweep: retrieval only, up to 4K (many configs on a 2-core CPU).
     "retrieval": dict(
         niah={2048: [25, 75], 4096: [25, 75]}, passkey={4096: [50]},
