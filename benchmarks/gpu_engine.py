@@ -157,6 +157,10 @@ WORKLOADS = {
 
 BASE = "vllm-bf16"
 MIN_LEFT_S = 150  # --deadline-s: no config starts with less than this left
+# A config starts once the GPU holds less than this (vLLM sizes its pool from the memory free
+# at start-up: an engine a killed run left behind shrank knorm-2x's pool to 0.18x on 2026-12-05).
+IDLE_GPU_USED_MIB = 2048
+IDLE_GPU_WAIT_S = 90
 # Prompt seeds, one per timed run, so that no run's prompts share a prefix-cache block with another's.
 SEED_WARMUP, SEED_DECODE_HEAVY, SEED_LONG_CONTEXT, SEED_TPOT_PREFILL, SEED_TPOT_TOTAL = 1, 3, 4, 1000, 2000
 
@@ -491,18 +495,25 @@ def _cell(value) -> str:
 
 def error_line(row: dict, width: int = 120) -> str:
     """A table cell for an error row: timed out or not, and the log's last line naming an error."""
-    lines = [line.strip() for line in row.get("error", "").splitlines() if line.strip()]
+    error = row.get("error", "")
+    busy = re.match(r"another process held [\d,]+ MiB of the GPU[^;]*", error)
+    if busy:
+        error = error[busy.end():].lstrip("; ")
+        if not error:
+            return busy.group(0)
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
     named = [line for line in lines if re.search(r"Error|Exception|error:|Killed|Traceback", line)]
     text = (named or lines or ["?"])[-1][-width:]
+    prefix = busy.group(0) + "; " if busy else ""
     if not row.get("timed_out"):
-        return text
+        return prefix + text
     # A timeout's log tail names no cause worth a cell (the last warning before the kill): the
     # stages it did not reach say more.
-    head = re.match(r"timed out after \d+ s", row.get("error", ""))
+    head = re.match(r"timed out after \d+ s", error)
     stages = {"throughput_tok_s": "decode-heavy", "tpot_ms_b1": "TPOT B=1", "tpot_ms_b32": "TPOT B=32",
               "long_context_tok_s": "long-context"}
     missing = [stage for field, stage in stages.items() if field not in row]
-    return (head.group(0) if head else "timed out") + ("; not reached: " + ", ".join(missing) if missing else "")
+    return prefix + (head.group(0) if head else "timed out") + ("; not reached: " + ", ".join(missing) if missing else "")
 
 
 def summarise(rows: list[dict], meta: dict) -> tuple[dict, str]:
@@ -627,6 +638,27 @@ def _device_name() -> str:
         return "unknown GPU"
 
 
+def _gpu_used_mib() -> int | None:
+    """Memory in use on GPU 0 (every process's), from nvidia-smi; None where it cannot say."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                              check=False, capture_output=True, text=True, timeout=30)
+        return int(done.stdout.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def wait_for_idle_gpu(limit_s: float = IDLE_GPU_WAIT_S, poll_s: float = 2.0, used_mib=_gpu_used_mib) -> int | None:
+    """Waits until the GPU holds less than IDLE_GPU_USED_MIB (or ``limit_s`` passed); the MiB
+    still in use then (None: unknown)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        used = used_mib()
+        if used is None or used < IDLE_GPU_USED_MIB or time.monotonic() >= deadline:
+            return used
+        time.sleep(poll_s)
+
+
 def _versions() -> dict:
     facts = {}
     try:
@@ -679,13 +711,16 @@ def apply_config_env(name: str, env) -> None:
             env[key] = value
 
 
-def graph_fallback_helps(name: str, partial: dict | None, timed_out: bool, forced_mode: str | None) -> bool:
+def graph_fallback_helps(name: str, partial: dict | None, timed_out: bool, forced_mode: str | None,
+                         log: str = "") -> bool:
     """Whether a config that gave no row is worth a PIECEWISE retry: only one of the plugin's,
     on CUDA graphs (not eager, no mode forced), that failed at start-up (capture) or crashed
     while serving. One that timed out after its engine started is slow, not broken: a retry
     would spend another timeout on the same outcome (kvzap-4x on 2026-12-04 ran its device call
-    past its limit so)."""
+    past its limit so). One that ran out of GPU memory would run out again (dms-4x, 2026-12-05)."""
     if name.startswith("vllm-") or forced_mode is not None or CONFIGS[name]["llm"].get("enforce_eager"):
+        return False
+    if "CUDA out of memory" in log:
         return False
     started = partial is not None and "start_s" in partial
     return not (timed_out and started)
@@ -763,9 +798,10 @@ def sweep(args, names: list[str]) -> None:
         timeout_s = min(args.config_timeout, left_s() - 20)  # 20 s: kill it and write its row
         print(f"[gpu_engine] {name} (timeout {timeout_s:.0f} s) ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
+        used_at_start = wait_for_idle_gpu()
         row, partial, stderr, timed_out = run_config(name, args, utilization, timeout_s, out / f"{name}.log",
                                                      args.cudagraph_mode)
-        if row is None and graph_fallback_helps(name, partial, timed_out, args.cudagraph_mode):
+        if row is None and graph_fallback_helps(name, partial, timed_out, args.cudagraph_mode, stderr):
             reason = ("timed out; " if timed_out else "") + stderr[-600:]
             if left_s() < MIN_LEFT_S:
                 row = _error_row(name, partial, stderr, timed_out, timeout_s)
@@ -781,6 +817,11 @@ def sweep(args, names: list[str]) -> None:
                 row.update(fallback="PIECEWISE", fallback_reason=reason)
         elif row is None:
             row = _error_row(name, partial, stderr, timed_out, timeout_s)
+        if used_at_start is not None and used_at_start >= IDLE_GPU_USED_MIB:
+            busy = (f"another process held {used_at_start:,} MiB of the GPU at this config's start: its pool is "
+                    "smaller than the other rows' (not comparable)")
+            row["error"] = busy + ("; " + row["error"] if row.get("error") else "")
+        row["gpu_used_mib_at_start"] = used_at_start
         row["graph_capture"] = graph_capture_lines(stderr)
         row["graph_modes"] = captured_modes(row["graph_capture"])
         row["jit_while_serving"] = jit_while_serving(stderr)

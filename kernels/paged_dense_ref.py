@@ -85,6 +85,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
+# A masked attention's mask is per query head and torch's kernels turn it into floats
+# ([Hq, Tq, Tk] x 4 bytes: 16 GiB for an 8K-token chunk over 16K rows at 32 heads), so the
+# queries go through in tiles whose float mask stays under this many bytes.
+MASK_TILE_BYTES = 1 << 30
+
+
+def masked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_rows, scale: float) -> torch.Tensor:
+    """:func:`attend` with a mask built per tile of query rows: q ``[1, Hq, Tq, D]``, k/v
+    ``[1, Hkv, Tk, D]``; ``mask_rows(start, end)`` is the bool mask ``[1, Hq | 1, end - start,
+    Tk]`` of those queries. Each query row is attended on its own, so tiles change nothing
+    but the peak memory."""
+    num_q_heads, q_len, kv_len = q.shape[1], q.shape[2], k.shape[2]
+    tile = max(1, MASK_TILE_BYTES // (num_q_heads * kv_len * 4))
+    if tile >= q_len:
+        return attend(q, k, v, mask_rows(0, q_len), scale)
+    if q.is_cuda and num_q_heads != k.shape[1]:  # repeated once here, not once per tile in attend()
+        group = num_q_heads // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return torch.cat([attend(q[:, :, start:start + tile], k, v, mask_rows(start, min(start + tile, q_len)), scale)
+                      for start in range(0, q_len, tile)], dim=2)
+
+
 @functools.cache
 def _flash_varlen():
     """``(flash_attn_varlen_func, fa_version)`` of vLLM's FlashAttention build on this GPU, or
@@ -116,8 +138,9 @@ def causal_attend(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     flash = _flash_varlen() if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) else None
     if flash is not None:
         varlen, version = flash
-        cu_q = torch.tensor([0, q_len], dtype=torch.int32, device=query.device)
-        cu_k = torch.tensor([0, kv_len], dtype=torch.int32, device=query.device)
+        # Made on the device: a host list would be a blocking copy inside the step.
+        ends = torch.arange(2, dtype=torch.int32, device=query.device)
+        cu_q, cu_k = ends * q_len, ends * kv_len
         return varlen(query.contiguous(), k.transpose(0, 1).to(query.dtype).contiguous(),
                       v.transpose(0, 1).to(query.dtype).contiguous(), max_seqlen_q=q_len, cu_seqlens_q=cu_q,
                       max_seqlen_k=kv_len, cu_seqlens_k=cu_k, softmax_scale=scale, causal=True, fa_version=version)
@@ -146,10 +169,14 @@ def prefill_attention(
         return causal_attend(query.to(k.dtype), k, v, scale)
     # Masked eviction: causal (bottom-right) and the rows each KV head still sees.
     q = query.transpose(0, 1)[None].to(k.dtype)
-    group = num_q_heads // visible.shape[0]  # per query head: [1, Hq, q_len, kv_len]
-    mask = bottom_right_mask(q_len, kv_len, q.device) & visible.repeat_interleave(group, 0)[None, :, None, :]
+    group = num_q_heads // visible.shape[0]
+    seen = visible.repeat_interleave(group, 0)[None, :, None, :]  # per query head: [1, Hq, 1, kv_len]
     k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
-    return attend(q, k[None], v[None], mask, scale)[0].transpose(0, 1)
+
+    def mask_rows(start: int, end: int) -> torch.Tensor:
+        return bottom_right_mask(q_len, kv_len, q.device)[:, :, start:end] & seen
+
+    return masked_attend(q, k[None], v[None], mask_rows, scale)[0].transpose(0, 1)
 
 
 def decode_attention(

@@ -80,11 +80,15 @@ def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tens
     q = query.transpose(0, 1)[None].to(k.dtype)  # [1, Hq, q_len, D]
     lengths = lengths.to(device)
     q_pos = lengths[:, None] - q_len + torch.arange(q_len, device=device)  # [Hkv, q_len]
-    mask = torch.arange(max_len, device=device)[None, None, :] <= q_pos[:, :, None]  # [Hkv, q_len, L]
-    if visible is not None:
-        mask = mask & visible
-    out = paged_dense_ref.attend(q, k, v, mask.repeat_interleave(group, 0)[None], scale)
-    return out[0].transpose(0, 1)
+    columns = torch.arange(max_len, device=device)[None, None, :]
+
+    def mask_rows(start: int, end: int) -> torch.Tensor:  # [1, Hq, end - start, L]
+        mask = columns <= q_pos[:, start:end, None]
+        if visible is not None:
+            mask = mask & visible[:, start:end]
+        return mask.repeat_interleave(group, 0)[None]
+
+    return paged_dense_ref.masked_attend(q, k, v, mask_rows, scale)[0].transpose(0, 1)
 
 
 def move_rows(pool: torch.Tensor, source: torch.Tensor, dest: torch.Tensor) -> None:

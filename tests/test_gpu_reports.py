@@ -57,6 +57,10 @@ def test_a_timed_out_row_names_the_stages_it_did_not_reach():
            "partial": True, "error": "timed out after 240 s; (pid=1) WARNING Tokenizer not available"}
     assert gpu_engine.error_line(row) == "timed out after 240 s; not reached: long-context"
     assert gpu_engine.error_line({"error": "boom\nValueError: bad"}) == "ValueError: bad"
+    busy = "another process held 19,600 MiB of the GPU at this config's start: its pool is smaller"
+    assert gpu_engine.error_line(dict(row, error=busy + "; " + row["error"])) == \
+        busy + "; timed out after 240 s; not reached: long-context"
+    assert gpu_engine.error_line({"error": busy}) == busy
 
 
 def test_a_leak_shows_in_the_summary_and_fails_the_sweep(tmp_path, monkeypatch):
@@ -77,8 +81,13 @@ def test_a_leak_shows_in_the_summary_and_fails_the_sweep(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_engine, "plot_summary", lambda *_: None)
     args = SimpleNamespace(out=str(tmp_path), workload="quick", gpu_memory_utilization=None, argv=[],
                            deadline_s=None, config_timeout=330.0, cudagraph_mode=None)
+    held = iter([None, 19_600])  # knorm-4x starts beside a killed engine's 19.6 GB
+    monkeypatch.setattr(gpu_engine, "wait_for_idle_gpu", lambda: next(held))
     with pytest.raises(SystemExit, match="leak.*knorm-4x"):
         gpu_engine.sweep(args, ["vllm-bf16", "knorm-4x"])
+    swept = {row["config"]: row for row in gpu_engine._rows(tmp_path)}
+    assert "error" not in swept["vllm-bf16"]
+    assert swept["knorm-4x"]["error"].startswith("another process held 19,600 MiB of the GPU")
 
 
 def test_the_graph_fallback_runs_only_where_graphs_may_be_the_cause():
@@ -91,6 +100,17 @@ def test_the_graph_fallback_runs_only_where_graphs_may_be_the_cause():
     assert helps("kvzap-4x", None, False, None)  # compiled, PIECEWISE graphs
     assert not helps("vllm-bf16", None, False, None)  # vLLM's own
     assert not helps("knorm-4x", None, False, "PIECEWISE")  # already forced
+    assert not helps("dms-4x", {"start_s": 111.0}, False, None, "torch.OutOfMemoryError: CUDA out of memory. Tried")
+
+
+def test_a_config_waits_for_the_gpu_that_a_killed_engine_still_holds(monkeypatch):
+    """vLLM sizes its pool from the memory free at start-up: the sweep waits for the GPU to be
+    idle, and says how much was still held if it never became so."""
+    monkeypatch.setattr(gpu_engine.time, "sleep", lambda _s: None)
+    readings = iter([19_600, 19_600, 900])
+    assert gpu_engine.wait_for_idle_gpu(limit_s=60, used_mib=lambda: next(readings)) == 900
+    assert gpu_engine.wait_for_idle_gpu(limit_s=0, used_mib=lambda: 19_600) == 19_600
+    assert gpu_engine.wait_for_idle_gpu(used_mib=lambda: None) is None
 
 
 def test_range_time_comes_from_the_worker_trace(tmp_path):

@@ -120,6 +120,33 @@ def test_lookat_ops_are_the_reference_on_cpu(bits, permuted):
     assert torch.equal(out, ref)
 
 
+def test_masked_prefills_go_in_query_tiles_that_bound_the_mask(monkeypatch):
+    """A DMS prefill of an 8K-token chunk over 16K rows asked torch for a 16 GiB float mask on
+    the H200 (h200-eviction-12): masked prefills now attend in tiles of query rows whose
+    per-head mask stays under MASK_TILE_BYTES, with the one-pass result."""
+    g, pool, pages, lengths, page, _ = _stream_case()
+    g2, cache, table, _, _ = _dense_case()
+    q_stream = torch.randn(9, 6, D, generator=g)
+    visible = torch.rand(2, 9, 37, generator=g) > 0.3
+    visible[..., 0] = True
+    q_dense = torch.randn(9, 6, D, generator=g2)
+    seen = visible[:, 0]
+    calls = [
+        lambda: stream_attention_ref.prefill_attention(q_stream, pool.float(), pages[0], lengths[0], page, 0.2, visible),
+        lambda: stream_attention_ref.prefill_attention(q_stream, pool.float(), pages[0], lengths[0], page, 0.2),
+        lambda: paged_dense_ref.prefill_attention(q_dense, cache.float(), table[0], 37, 0.2, seen),
+    ]
+    whole = [call() for call in calls]
+    masks, attend = [], paged_dense_ref.attend
+    monkeypatch.setattr(paged_dense_ref, "attend", lambda q, k, v, mask, *a, **kw: (masks.append(mask.shape), attend(q, k, v, mask, *a, **kw))[1])
+    monkeypatch.setattr(paged_dense_ref, "MASK_TILE_BYTES", 6 * 37 * 4 * 2)  # two query rows per tile
+    for call, expected in zip(calls, whole):
+        masks.clear()
+        tiled = call()
+        assert len(masks) == 5 and all(shape[-2] <= 2 for shape in masks), masks
+        torch.testing.assert_close(tiled, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_compact_is_the_reference_on_cpu():
     g, cache, table, _, _ = _dense_case()
     keep = torch.stack([torch.sort(torch.randperm(37, generator=g)[:12]).values for _ in range(2)])
