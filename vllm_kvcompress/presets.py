@@ -21,16 +21,19 @@ from vllm_kvcompress.methods.base import key_name
 # Prompts up to this many tokens are not evicted (a chat turn keeps every token; the rows are
 # still compact); the ratios bind from 1,138 (safe) and 2,560 (balanced, max) prompt tokens.
 SHORT_PROMPT = 512
+# SnapKV scores the prompt with its last 32 queries: behind a chat template the last 8 are the
+# template's own tokens and "Answer:", which never see the question.
+WINDOW = 32
 PRESETS: dict[str, dict] = {
     # ~4.2x: int8 keys and values (rows of 134 bytes at head_dim 64 vs 256) x 45% of the prompt kept
     "safe": {"method": "kvquant+snapkv", "key_bits": 8, "value_bits": 8, "compression_ratio": 0.55,
-             "min_kv_tokens": SHORT_PROMPT},
+             "window_tokens": WINDOW, "min_kv_tokens": SHORT_PROMPT},
     # ~9.5x: int8 keys and values x 20% of the prompt kept
     "balanced": {"method": "kvquant+snapkv", "key_bits": 8, "value_bits": 8, "compression_ratio": 0.8,
-                 "min_kv_tokens": SHORT_PROMPT},
+                 "window_tokens": WINDOW, "min_kv_tokens": SHORT_PROMPT},
     # ~18x: int4 keys and values (72-byte rows) x 20% of the prompt kept
     "max": {"method": "kvquant+snapkv", "key_bits": 4, "value_bits": 4, "compression_ratio": 0.8,
-            "min_kv_tokens": SHORT_PROMPT},
+            "window_tokens": WINDOW, "min_kv_tokens": SHORT_PROMPT},
 }
 # What a user may set beside a preset: the model's artefact, nothing that changes what was measured.
 WITH_PRESET = ("preset", "key_ranges")

@@ -17,7 +17,8 @@ from vllm_kvcompress.methods.base import BudgetSettings, KVCompressConfigError, 
 @dataclass(frozen=True)
 class WindowSettings(BudgetSettings):
     window_tokens: int = setting(8, "SnapKV/HeadKV: the prompt's last tokens whose attention scores the rest "
-                                    "(alpha); always kept.")
+                                    "(alpha); always kept. Behind a chat template the last 8 are the template's "
+                                    "own tokens: 32 (the presets', the SnapKV paper's) reaches the question.")
     pool_kernel: int = setting(7, "SnapKV/HeadKV: max-pooling kernel along positions (odd integer >= 1).")
 
     def validate(self) -> None:
