@@ -78,11 +78,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     (the math kernel) materialises ``[Hq, Tq, Tk]`` scores (tens of GB for a 16K-token chunk
     over a 32K context), so there K/V are repeated per query head for the memory-efficient
     kernel instead."""
+    if mask is not None:
+        k, v = _kv_for_masked(q, k, v)
     gqa = q.shape[1] != k.shape[1]
-    if gqa and mask is not None and q.is_cuda:
-        group = q.shape[1] // k.shape[1]
-        k, v, gqa = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+def _kv_for_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V as a masked :func:`attend` takes them: repeated per query head on CUDA (see there)."""
+    if not q.is_cuda or q.shape[1] == k.shape[1]:
+        return k, v
+    group = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
 
 
 # A masked attention's mask is per query head and torch's kernels turn it into floats
@@ -100,9 +107,7 @@ def masked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_rows, 
     tile = max(1, MASK_TILE_BYTES // (num_q_heads * kv_len * 4))
     if tile >= q_len:
         return attend(q, k, v, mask_rows(0, q_len), scale)
-    if q.is_cuda and num_q_heads != k.shape[1]:  # repeated once here, not once per tile in attend()
-        group = num_q_heads // k.shape[1]
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    k, v = _kv_for_masked(q, k, v)  # once here, not once per tile in attend()
     return torch.cat([attend(q[:, :, start:start + tile], k, v, mask_rows(start, min(start + tile, q_len)), scale)
                       for start in range(0, q_len, tile)], dim=2)
 
@@ -172,9 +177,10 @@ def prefill_attention(
     group = num_q_heads // visible.shape[0]
     seen = visible.repeat_interleave(group, 0)[None, :, None, :]  # per query head: [1, Hq, 1, kv_len]
     k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    causal = bottom_right_mask(q_len, kv_len, q.device)  # [1, 1, q_len, kv_len] bools, made once
 
     def mask_rows(start: int, end: int) -> torch.Tensor:
-        return bottom_right_mask(q_len, kv_len, q.device)[:, :, start:end] & seen
+        return causal[:, :, start:end] & seen
 
     return masked_attend(q, k[None], v[None], mask_rows, scale)[0].transpose(0, 1)
 
