@@ -6,7 +6,9 @@ every step; where it takes longer than the GPU's step the host is the limit
 (``benchmarks.gpu_host_profile`` shows it inside the engine).
 
 Nothing runs a forward here: every request starts packed (HeadKV-style budgets averaging 1/4
-of its prompt, or a DMS-style ring with survivors), and each step appends one token.
+of its prompt, or a DMS-style ring with survivors), and each step appends one token. Rings:
+after each step every stream keeps its leaving token with probability 1/4 (DMS at 4x), so a
+request's streams take a few new pages per step, as they do when serving.
 
     python3 -m benchmarks.stream_plan --batch 64 320 --out DIR   (any machine; CPU tensors)
     python3 -m benchmarks.stream_plan --device cuda ...           (the plan for a CUDA pool: pinned
@@ -37,6 +39,7 @@ from vllm_kvcompress.vllm import stream_layout
 from vllm_kvcompress.vllm.state import PoolState, RequestCache, WorkerState
 
 LAYERS, HEADS, BLOCK, PAGE, WINDOW = 32, 8, 16, 16, 256
+SURVIVING = 0.25  # rings: the share of leaving tokens a stream keeps (DMS at 4x compression)
 SCHEDULER_CALLS = 5  # rows_during/rows_held per request and step in vLLM's block manager (measured in a profile)
 
 
@@ -105,6 +108,10 @@ def measure(method: str, batch: int, context: int, steps: int, device: str = "cp
             buffers.fill(meta, batch, geometry, step, state.pool, meta.max_decode_len)
             fill_ms.append(1000 * (time.perf_counter() - started))
         state.end_step()
+        if method == "ring":  # the forward's decisions, settled after the step (untimed)
+            for cache in caches:
+                cache.kept = cache.kept + (torch.rand(cache.kept.shape, generator=generator) < SURVIVING).long()
+                cache.schedule.pages_next = cache.schedule.pages_for(cache.kept)
     return {"method": method, "batch": batch, "context": context, "steps": steps, "device": device,
             "scheduler_ms_per_step": round(statistics.median(scheduler_ms), 3),
             "build_ms_per_step": round(statistics.median(build_ms), 3),

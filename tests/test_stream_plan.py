@@ -4,6 +4,7 @@ together (``packed_decodes``); each request must get what it gets when it is pla
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from vllm_kvcompress.eviction.streams import PoolGeometry, StreamSchedule
@@ -212,10 +213,15 @@ def test_the_builder_plans_budget_decodes_on_a_cuda_pool_only(monkeypatch):
     assert stream_layout.packed_decodes(geometry, decodes, "cuda") != "device plan"
     assert stream_layout.packed_decodes(geometry, decodes, "cuda", table) == "device plan"
     _, ring_table, mixed = _requests(torch.Generator().manual_seed(4))
-    _, cache, computed, _ = mixed[2]  # a DMS ring
+    _, cache, computed, _ = mixed[2]  # a DMS ring: planned by ring_decodes, beside the budgets' device plan
     ring = stream_layout.PackedDecode(len(decodes), computed + 1, cache.schedule, cache, ring_table[2], "ring", 2)
-    assert stream_layout.packed_decodes(geometry, decodes + [ring], "cuda", table) != "device plan"
-    assert len(calls) == 1
+    monkeypatch.setattr(stream_layout, "ring_decodes", lambda *args: calls.append(args) or "ring plan")
+    monkeypatch.setattr(stream_layout, "_joined", lambda *parts: parts)
+    assert stream_layout.packed_decodes(geometry, decodes + [ring], "cuda", table, "tables") == ("device plan",
+                                                                                                 "ring plan")
+    assert len(calls) == 3 and calls[2][1] == [ring] and calls[2][2] == "tables"
+    with pytest.raises(RuntimeError, match="ring tables"):
+        stream_layout.packed_decodes(geometry, [ring], "cuda", table)
 
 
 def test_a_batch_with_budget_decodes_planned_on_the_device_builds_the_host_plan(monkeypatch):
@@ -230,7 +236,8 @@ def test_a_batch_with_budget_decodes_planned_on_the_device_builds_the_host_plan(
     want = _build(*batch(5))
     host_plan = stream_layout.packed_decodes
     monkeypatch.setattr(stream_layout, "packed_decodes",
-                        lambda g, decodes, device="cpu", block_table=None: host_plan(g, decodes, "cuda", block_table))
+                        lambda g, decodes, device="cpu", block_table=None, *rest: host_plan(g, decodes, "cuda",
+                                                                                          block_table, *rest))
     got = _build(*batch(5))
     assert got.decode_token_index.tolist() == [1, 0, 2]  # the host's decode chunk first, then the packed ones
     for name in ("write_rows", "decode_token_index", "decode_pages", "decode_lengths"):

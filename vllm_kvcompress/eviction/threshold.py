@@ -36,6 +36,20 @@ import torch
 from vllm_kvcompress.eviction.streams import cdiv
 
 
+def ring_stream_rows(ring, kept):
+    """Rows a packed stream needs for its next step: its ring, its ``kept`` survivors and the
+    spare row (ints, tensors or arrays; a batch's rings broadcast against its survivors)."""
+    return ring + kept + 1
+
+
+def pages_for_batch(schedules: list, kept: torch.Tensor) -> list[int]:
+    """:meth:`ThresholdSchedule.pages_for` of many requests at once (``kept[R, streams]``): the
+    step's reports, where a call per request cost ~17 us each, 5 ms at B=320."""
+    ring = torch.tensor([s.ring for s in schedules])[:, None]
+    page = torch.tensor([s.page for s in schedules])[:, None]
+    return (-(-ring_stream_rows(ring, kept) // page)).sum(dim=1).tolist()
+
+
 @dataclass
 class ThresholdSchedule:
     compress_at: int  # logical length at which the prompt is packed: max(prompt, window)
@@ -71,7 +85,7 @@ class ThresholdSchedule:
 
     def stream_rows(self, kept):
         """Rows a packed stream with ``kept`` survivors (an int or a tensor) needs for its next step."""
-        return self.ring + kept + 1
+        return ring_stream_rows(self.ring, kept)
 
     def pages_for(self, kept_per_stream) -> int:
         """Stream pages the next step needs with ``kept_per_stream`` survivors (a tensor or a list)."""

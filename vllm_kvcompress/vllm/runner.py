@@ -86,7 +86,7 @@ class EvictionRunnerMixin:
         # the same step, whose cache must not be the one dropped here.
         for req_id in scheduler_output.finished_req_ids:
             self._kvc_record_finished(req_id)
-            requests.pop(req_id, None)
+            self.kvc.drop(req_id)
         for request in scheduler_output.scheduled_new_reqs:
             extra_args = request.sampling_params.extra_args if request.sampling_params is not None else None
             schedule = self.kvc_policy.schedule_for(len(request.prompt_token_ids or ()), extra_args)
@@ -94,7 +94,7 @@ class EvictionRunnerMixin:
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, num_computed in zip(cached.req_ids, cached.num_computed_tokens):
             if req_id in cached.resumed_req_ids:  # recomputed from scratch; vLLM replaces the block list
-                if (cache := requests.get(req_id)) is not None:
+                if (cache := self.kvc.drop(req_id)) is not None:
                     requests[req_id] = RequestCache(cache.schedule)
             elif not self.kvc_method.masks:
                 self._kvc_truncate(req_id, num_computed)

@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from vllm_kvcompress.eviction.threshold import pages_for_batch
+
 
 @dataclass
 class PoolState:
@@ -27,6 +29,7 @@ class PoolState:
     row_scores: torch.Tensor | None = None  # learned methods: one keep score per pool row, moved with the rows
     adjust_query: Callable | None = None  # a learned method's change to the query (DMS single-neuron)
     score_buffers: list | None = None  # compiled_scores methods: per layer, the step's token scores first
+    ring_tables: Any = None  # ring layouts: their page tables on the pool's device (ring_tables.RingTables)
 
 
 @dataclass
@@ -37,6 +40,7 @@ class RequestCache:
     stream_table: Any = None  # packed streams: their StreamPageTable
     kept: torch.Tensor | None = None  # ring layout: survivors per stream [layers, KV heads]
     device_form: torch.Tensor | None = None  # budget layout on CUDA: its schedule's slot form on the device
+    ring_row: tuple | None = None  # ring layout, once it decodes: (the pool's RingTables, its row there)
 
 
 @dataclass
@@ -69,8 +73,11 @@ class StepPlan:
         if self.kept_pending:
             req_ids = list(self.kept_pending)
             kept = torch.stack([self.kept_pending[r][1] for r in req_ids]).cpu()
-            for req_id, counts in zip(req_ids, kept, strict=True):
-                self.report_kept(req_id, self.kept_pending[req_id][0], counts)
+            caches = [self.kept_pending[r][0] for r in req_ids]
+            pages = pages_for_batch([c.schedule for c in caches], kept.flatten(1))
+            for req_id, cache, counts, need in zip(req_ids, caches, kept, pages, strict=True):
+                cache.kept = counts
+                self.pages_reports[req_id] = need
             self.kept_pending.clear()
         return self.pages_reports
 
@@ -82,6 +89,14 @@ class WorkerState:
         self.step: StepPlan | None = None
         self.finished: list[dict] = []  # ring layouts: what each finished request kept (read by the tools)
         self.predictor_seconds = 0.0  # time in the learned methods' hooks (the overhead benchmark reads it)
+
+    def drop(self, req_id: str) -> RequestCache | None:
+        """Forget a request's cache (finished, or to be recomputed): its ring table row is freed."""
+        cache = self.requests.pop(req_id, None)
+        if cache is not None and cache.ring_row is not None:
+            tables, row = cache.ring_row
+            tables.release(row)
+        return cache
 
     def begin_step(self, req_ids: list[str]) -> StepPlan:
         self.step = StepPlan(list(req_ids), [self.requests.get(r) for r in req_ids])

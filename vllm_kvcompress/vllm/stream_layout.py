@@ -40,8 +40,9 @@ import torch
 
 from vllm_kvcompress.eviction.selection import keep_indices_per_head
 from vllm_kvcompress.eviction.streams import PoolGeometry, StreamPageTable, StreamSchedule, cdiv
-from vllm_kvcompress.eviction.threshold import ThresholdSchedule, prompt_survivors, ring_order
+from vllm_kvcompress.eviction.threshold import ThresholdSchedule, prompt_survivors, ring_order, ring_stream_rows
 from vllm_kvcompress.kernels import ops
+from vllm_kvcompress.vllm.ring_tables import RingTables
 
 
 @dataclass
@@ -267,67 +268,112 @@ class PackedDecodes:
     pages: torch.Tensor  # [L, D, H, P]
     lengths: torch.Tensor  # [L, D, H] rows after the step's write
     writes: torch.Tensor  # [L, D, H] each new token's row
-    ring: list[int]  # which of the D are ring layouts (threshold rules) ...
-    victim_src: torch.Tensor  # [L, V, H] ... the row of the token leaving each stream's window
-    victim_dst: torch.Tensor  # [L, V, H] ... and the spare row it goes to first
-    delayed: list[int]  # which of the ring ones decide one token late (DMS) ...
-    decision_rows: torch.Tensor  # [L, V', H] ... the previous token's row, which the new token's score decides
     longest: int  # the longest stream after the step (a host bound on ``lengths``)
-    on_device: bool = False  # planned on the pool's device (:func:`budget_decodes`), the rest on the host
+    on_device: bool = False  # planned on the pool's device (the rest on the host)
+    ring: list = field(default_factory=list)  # the ring layouts (threshold rules) among them, as V ...
+    victim_src: torch.Tensor | None = None  # [L, V, H] ... the row of the token leaving each stream's window
+    victim_dst: torch.Tensor | None = None  # [L, V, H] ... and the spare row it goes to first
+    kept: torch.Tensor | None = None  # [L, V, H] ... their survivors per stream before the step
+    decision_tokens: list[int] = field(default_factory=list)  # DMS (decides one token late): its tokens ...
+    decision_rows: torch.Tensor | None = None  # [L, V', H] ... and the previous token's row each decides
 
 
 def packed_decodes(g: PoolGeometry, decodes: list[PackedDecode], device: torch.device | str = "cpu",
-                   block_table: torch.Tensor | None = None) -> PackedDecodes:
+                   block_table: torch.Tensor | None = None, ring_tables: RingTables | None = None) -> PackedDecodes:
     """Budget layouts append the new token to every stream (row ``length - 1``); ring layouts
     write it over the ring row of the token leaving the window (``(after - 1) % ring``), whose
-    row is first copied to the spare row (``ring + kept``; :class:`StreamRunner`). On a device
-    other than the CPU (CUDA; ``meta`` in ``benchmarks.stream_plan``) a batch of budget layouts is
-    planned there (:func:`budget_decodes`, from the step's ``block_table`` on the device);
-    otherwise the page table is made on the host for ``device`` (pinned for a CUDA one)."""
+    row is first copied to the spare row (``ring + kept``; :class:`StreamRunner`). Ring layouts
+    are planned on ``ring_tables``' device (:func:`ring_decodes`). On a device other than the
+    CPU (CUDA; ``meta`` in ``benchmarks.stream_plan``) budget layouts are planned there too
+    (:func:`budget_decodes`, from the step's ``block_table`` on the device); otherwise their
+    page table is made on the host for ``device`` (pinned for a CUDA one)."""
     device = torch.device(device)
-    if device.type != "cpu" and block_table is not None and \
-            not any(isinstance(d.schedule, ThresholdSchedule) for d in decodes):
-        return budget_decodes(g, decodes, block_table)
+    budgets = [d for d in decodes if not isinstance(d.schedule, ThresholdSchedule)]
+    rings = [d for d in decodes if isinstance(d.schedule, ThresholdSchedule)]
+    parts = []
+    if budgets:
+        parts.append(budget_decodes(g, budgets, block_table) if device.type != "cpu" and block_table is not None
+                     else _host_budget_decodes(g, budgets, device))
+    if rings:
+        if ring_tables is None:
+            raise RuntimeError("kvcompress: ring layouts are planned with the pool's ring tables (none given)")
+        parts.append(ring_decodes(g, rings, ring_tables))
+    return parts[0] if len(parts) == 1 else _joined(*parts)
+
+
+def _host_budget_decodes(g: PoolGeometry, decodes: list[PackedDecode], device: torch.device) -> PackedDecodes:
     lengths = []
     for d in decodes:
         schedule = d.schedule
-        if isinstance(schedule, ThresholdSchedule):
-            rows = schedule.stream_rows(d.cache.kept).flatten()
-            d.cache.stream_table.grow(rows, d.blocks)
-        else:
-            rows = schedule.kept_rows + (d.after - schedule.compress_at)
-            grow_budget_table(d.cache.stream_table, schedule, d.after, d.blocks)
-        lengths.append(rows)
+        lengths.append(schedule.kept_rows + (d.after - schedule.compress_at))
+        grow_budget_table(d.cache.stream_table, schedule, d.after, d.blocks)
     width = max(int(d.cache.stream_table.counts.max()) for d in decodes)
     count, layers, heads = len(decodes), g.num_layers, g.heads
-    # Stacked straight into [L, D, H, W]: one copy of the batch's tables (tens of MB at B=320),
-    # into memory the copy to the device reads from.
+    # Stacked straight into [L, D, H, W]: one copy of the batch's tables, into memory the copy
+    # to the device reads from.
     pages = ops.host_empty((layers, count, heads, width), torch.long, device)
     np.stack([d.cache.stream_table.padded(width).reshape(layers, heads, width) for d in decodes], axis=1,
              out=pages.numpy())
     lengths = torch.stack(lengths).view(count, layers, heads).transpose(0, 1).contiguous()  # [L, D, H]
-    ring = [i for i, d in enumerate(decodes) if isinstance(d.schedule, ThresholdSchedule)]
-    delayed = [i for i in ring if decodes[i].schedule.delayed]
-    in_ring = torch.zeros(count, dtype=torch.bool)
-    in_ring[ring] = True
-    ring_set, delayed_set = set(ring), set(delayed)
-    ring_row = torch.tensor([(d.after - 1) % d.schedule.ring if i in ring_set else 0 for i, d in enumerate(decodes)])
-    previous = torch.tensor([(d.after - 2) % d.schedule.ring if i in delayed_set else 0
-                             for i, d in enumerate(decodes)])
+    writes = rows_at(pages, (lengths - 1)[..., None], g.page)[..., 0]
+    return PackedDecodes([d.token for d in decodes], pages, lengths, writes, int(lengths.max()))
 
-    wanted = [torch.where(in_ring[None, :, None], ring_row[None, :, None], lengths - 1)]  # each new token's row
-    if ring:  # rows only the ring layouts need
-        wanted.append(lengths - 1)  # a ring's last row is its spare row
-    if delayed:
-        wanted.append(previous[None, :, None].expand(layers, -1, heads))
-    # One gather for all [L, D, H] positions: the lookups of a stream share its page list, so
-    # they cost one cache miss in the batch's table, not one each (3x faster at B=320).
-    found = rows_at(pages, torch.stack(wanted, dim=-1), g.page)
-    writes = found[..., 0]
-    spare = found[..., 1][:, ring] if ring else writes[:, :0]
-    decision_rows = found[..., -1][:, delayed] if delayed else writes[:, :0]
-    return PackedDecodes([d.token for d in decodes], pages, lengths, writes, ring, writes[:, ring], spare, delayed,
-                         decision_rows, int(lengths.max()))
+
+def ring_decodes(g: PoolGeometry, decodes: list[PackedDecode], tables: RingTables) -> PackedDecodes:
+    """Ring layouts' decodes, planned on ``tables``' device: each request's table row grows by
+    the pages its survivors need (:meth:`RingTables.grow`), then one gather takes the batch's
+    tables and the rows of the step's writes, leaving tokens and DMS decisions come from them
+    there. The host sends ``O(batch)`` numbers and the few new pages, not the tables."""
+    layers, heads, page = g.num_layers, g.heads, g.page
+    for d in decodes:
+        if d.cache.ring_row is None or d.cache.ring_row[0] is not tables:  # its first packed decode
+            d.cache.ring_row = (tables, tables.add(d.cache.stream_table))
+    count = len(decodes)
+    rows = np.array([d.cache.ring_row[1] for d in decodes], dtype=np.int64)
+    kept = torch.stack([d.cache.kept for d in decodes]).view(count, -1)  # [D, S] survivors before the step
+    ring = np.array([d.schedule.ring for d in decodes], dtype=np.int64)
+    after = np.array([d.after for d in decodes], dtype=np.int64)
+    stream_rows = ring_stream_rows(ring[:, None], kept.numpy())
+    blocks = np.zeros((count, max(len(d.blocks) for d in decodes)), dtype=np.int64)
+    for i, d in enumerate(decodes):
+        blocks[i, : len(d.blocks)] = d.blocks.numpy() if isinstance(d.blocks, torch.Tensor) else d.blocks
+    tables.grow(rows, stream_rows, blocks, page, decodes[0].schedule.pages_per_block)
+    width = int(tables.counts[rows].max())
+    device = tables.device
+    pages = tables.pages(ops.to_device(torch.from_numpy(rows), device), width)
+    pages = pages.view(count, layers, heads, width).transpose(0, 1).contiguous()  # [L, D, H, W]
+    kept = ops.to_device(kept.view(count, layers, heads).transpose(0, 1).contiguous(), device)  # [L, D, H]
+    # Per request: rows beside the survivors, the ring row the new token takes, the previous token's.
+    per_request = ops.to_device(torch.from_numpy(np.stack([ring_stream_rows(ring, 0), (after - 1) % ring,
+                                                           (after - 2) % ring])),
+                                device)[:, None, :, None].expand(-1, layers, -1, heads)
+    lengths = kept + per_request[0]
+    # One gather for every position: the lookups of a stream share its page list.
+    found = rows_at(pages, torch.stack([per_request[1], lengths - 1, per_request[2]], dim=-1), page)
+    writes, spare = found[..., 0], found[..., 1]
+    delayed = [i for i, d in enumerate(decodes) if d.schedule.delayed]
+    decision_rows = found[..., 2] if len(delayed) == count else \
+        found[..., 2].index_select(1, ops.to_device(torch.tensor(delayed, dtype=torch.long), device))
+    return PackedDecodes([d.token for d in decodes], pages, lengths, writes, int(stream_rows.max()), on_device=True,
+                         ring=list(decodes), victim_src=writes, victim_dst=spare, kept=kept,
+                         decision_tokens=[decodes[i].token for i in delayed], decision_rows=decision_rows)
+
+
+def _joined(first: PackedDecodes, second: PackedDecodes) -> PackedDecodes:
+    """Two plans of one step's decodes (budgets, then rings) as one, on the device of either
+    that was planned on the device."""
+    on_device = first if first.on_device else second
+    device = on_device.pages.device
+
+    def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([ops.to_device(a, device), ops.to_device(b, device)], dim=1)
+
+    pages = _pad_pages([ops.to_device(first.pages, device), ops.to_device(second.pages, device)])
+    return PackedDecodes(first.tokens + second.tokens, torch.cat(pages, dim=1), cat(first.lengths, second.lengths),
+                         cat(first.writes, second.writes), max(first.longest, second.longest),
+                         first.on_device or second.on_device, ring=second.ring, victim_src=second.victim_src,
+                         victim_dst=second.victim_dst, kept=second.kept, decision_tokens=second.decision_tokens,
+                         decision_rows=second.decision_rows)
 
 
 def budget_decodes(g: PoolGeometry, decodes: list[PackedDecode], block_table: torch.Tensor) -> PackedDecodes:
@@ -372,9 +418,8 @@ def budget_decodes(g: PoolGeometry, decodes: list[PackedDecode], block_table: to
     def batch_major(x: torch.Tensor) -> torch.Tensor:  # [D, S, ...] -> [L, D, H, ...]
         return x.view(count_d, layers, heads, *x.shape[2:]).transpose(0, 1).contiguous()
 
-    empty = torch.zeros(layers, 0, heads, dtype=torch.long, device=device)
     return PackedDecodes([d.token for d in decodes], batch_major(ids), batch_major(lengths), batch_major(writes),
-                         [], empty, empty, [], empty, longest, on_device=True)
+                         longest, on_device=True)
 
 
 def layout_of(schedule, computed: int):
@@ -440,7 +485,9 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
     longest_decode = max((int(lengths.max()) for lengths in decode_lengths), default=0)  # host bounds
     planned_on_device = None  # packed decodes planned on the device: their write rows go in after the copy
     if packed:
-        plan = packed_decodes(geometry, packed, device, m.block_table_tensor)
+        if pool.ring_tables is None:
+            pool.ring_tables = RingTables(geometry, device)
+        plan = packed_decodes(geometry, packed, device, m.block_table_tensor, pool.ring_tables)
         longest_decode = max(longest_decode, plan.longest)
         if plan.on_device:
             planned_on_device = plan
@@ -450,12 +497,10 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
         decode_pages.append(plan.pages)
         decode_lengths.append(plan.lengths)
         if plan.ring:
-            victim_fields = dict(victim_req_ids=[packed[i].req_id for i in plan.ring],
-                                 victim_caches=[packed[i].cache for i in plan.ring],
-                                 victim_src=plan.victim_src, victim_dst=plan.victim_dst,
-                                 victim_kept=torch.stack([packed[i].cache.kept for i in plan.ring], dim=1))
-        if plan.delayed:
-            decision_tokens.append(torch.tensor([packed[i].token for i in plan.delayed], dtype=torch.long))
+            victim_fields = dict(victim_req_ids=[d.req_id for d in plan.ring], victim_caches=[d.cache for d in plan.ring],
+                                 victim_src=plan.victim_src, victim_dst=plan.victim_dst, victim_kept=plan.kept)
+        if plan.decision_tokens:
+            decision_tokens.append(torch.tensor(plan.decision_tokens, dtype=torch.long))
             decision_rows.append(plan.decision_rows)
     if planned_on_device is not None:  # the host's chunks join the device's
         decode_pages = [ops.to_device(p, device) for p in decode_pages]
@@ -467,7 +512,8 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
         decode_pages_t = torch.zeros(geometry.num_layers, 0, geometry.heads, 1, dtype=torch.long)
         decode_lengths_t = torch.zeros(geometry.num_layers, 0, geometry.heads, dtype=torch.long)
     if decision_tokens:
-        victim_fields.update(decision_token_index=torch.cat(decision_tokens), decision_rows=torch.cat(decision_rows, 1))
+        victim_fields.update(decision_token_index=torch.cat(decision_tokens),
+                             decision_rows=torch.cat([ops.to_device(rows, device) for rows in decision_rows], 1))
     for span in prefills:
         longest = span.lengths.amax(dim=1)
         span.max_len, span.uniform = longest.tolist(), (span.lengths == longest[:, None]).all(dim=1).tolist()
