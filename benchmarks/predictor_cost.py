@@ -7,6 +7,10 @@ compiled model's pieces replay them (timed with CUDA events); on the CPU, wall t
     python -m benchmarks.predictor_cost --device cuda --tokens 32 320 --out DIR
     python -m benchmarks.predictor_cost --device cuda --summary DIR/summary.json   # % of each row's step
 
+Each kind runs twice, with the PyTorch reference ops and with the engine's choice (``auto``:
+the Triton twin of ``ops.linear_scores`` on CUDA for KVzap-linear and DMS, one launch per
+layer; the MLP is its module either way); ``x_reference`` is the reference's time over this one.
+
 ``--summary``: a ``benchmarks.gpu_engine`` summary from the same machine. Each learned row's
 TPOT at B=32 is the step the scoring is a share of (``predictor_pct_b32``; the issue's goal is
 at most 2%). Shape: Llama-3-8B (32 layers, hidden 4096, 8 KV heads), weights random: the cost
@@ -23,31 +27,40 @@ from pathlib import Path
 
 import torch
 
+from vllm_kvcompress.kernels import ops
+
 KINDS = ("kvzap-linear", "kvzap-mlp", "dms")
 ROWS = {"kvzap-linear": "kvzap-4x", "kvzap-mlp": None, "dms": "dms-4x"}  # the gpu_engine row each one serves
 
 
 def scorers(kind: str, layers: int, hidden: int, kv_heads: int, device: torch.device) -> list:
     """Per layer, ``hidden states [T, hidden] -> scores [T, KV heads]`` as the engine's op scores."""
-    from vllm_kvcompress.methods.kvzap.hooks import _predict
     from vllm_kvcompress.methods.kvzap.predictors import LinearPredictor, MLPPredictor
+
+    from vllm_kvcompress.methods.kvzap.hooks import _scorer
 
     torch.manual_seed(0)
     if kind == "dms":
         from vllm_kvcompress.methods.dms.checkpoint import DMSDecisions
         from vllm_kvcompress.methods.dms.decisions import DMSAdapter
-        from vllm_kvcompress.methods.dms.hooks import keep_scores
+        from vllm_kvcompress.methods.dms.hooks import _linear_keep_scores
 
         adapters = [DMSAdapter(hidden, kv_heads).to(device) for _ in range(layers)]
         decisions = DMSDecisions(adapters, 256, per_layer=False, source="random")
-        return [lambda x, i=i: keep_scores(decisions, i, x) for i in range(layers)]
+        return [_linear_keep_scores(decisions, i, None) for i in range(layers)]
     module = LinearPredictor if kind == "kvzap-linear" else MLPPredictor
     predictors = [module(hidden, kv_heads).to(device).eval() for _ in range(layers)]
-    return [lambda x, p=p: _predict(p, x, None) for p in predictors]
+    return [_scorer(p, None) for p in predictors]
 
 
 def measure(kind: str, tokens: int, device: torch.device, layers: int, hidden: int, kv_heads: int,
-            dtype: torch.dtype, repeats: int) -> dict:
+            dtype: torch.dtype, repeats: int, kernels: str = "auto") -> dict:
+    with ops.use(kernels):  # the seam picks while the graph is captured: its kernels replay
+        return _measure(kind, tokens, device, layers, hidden, kv_heads, dtype, repeats) | {"kernels": kernels}
+
+
+def _measure(kind: str, tokens: int, device: torch.device, layers: int, hidden: int, kv_heads: int,
+             dtype: torch.dtype, repeats: int) -> dict:
     score = scorers(kind, layers, hidden, kv_heads, device)
     hidden_states = [torch.randn(tokens, hidden, device=device, dtype=dtype) for _ in range(layers)]
     buffers = [torch.zeros(tokens, kv_heads, device=device) for _ in range(layers)]
@@ -86,7 +99,7 @@ def with_step_share(rows: list[dict], summary: dict) -> list[dict]:
     steps = {r["config"]: r.get("tpot_ms_b32") for r in summary.get("rows", [])}
     for row in rows:
         step = steps.get(ROWS.get(row["kind"]) or "")
-        if step and row["tokens"] == 32:
+        if step and row["tokens"] == 32 and row.get("kernels", "auto") == "auto":
             row["step_ms_b32"] = step
             row["predictor_pct_b32"] = round(100 * row["ms_per_step"] / step, 2)
     return rows
@@ -106,8 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = [measure(kind, tokens, device, args.layers, args.hidden, args.kv_heads, dtype, args.repeats)
-            for kind in args.kinds for tokens in args.tokens]
+    rows = []
+    for kind in args.kinds:
+        for tokens in args.tokens:
+            reference, chosen = (measure(kind, tokens, device, args.layers, args.hidden, args.kv_heads, dtype,
+                                         args.repeats, kernels) for kernels in ("reference", "auto"))
+            chosen["x_reference"] = round(reference["ms_per_step"] / chosen["ms_per_step"], 2)
+            rows += [reference, chosen]
     if args.summary is not None:
         rows = with_step_share(rows, json.loads(args.summary.read_text()))
     for row in rows:

@@ -20,6 +20,7 @@ Ops with a Triton twin (the rest are always the reference):
 * ``compact_layers`` -> ``compaction_triton.compact_layers`` (every layer in one launch).
 * ``dense_key_norms`` -> ``compaction_triton.key_norms`` (every layer in one launch).
 * ``stream_decode`` -> ``stream_attention_triton.stream_decode``.
+* ``linear_scores`` -> ``scores_triton.linear_scores`` (KVzap's linear predictor, DMS's adapters).
 * ``kvquant_decode`` -> ``kvquant_triton.kvquant_decode``; on CPU tensors (kind "auto"),
   ``kvquant_cpu.decode_attention``: the reference's arithmetic compiled by ``torch.compile``.
 * ``kvquant_encode_rows``: on CPU tensors (kind "auto"), ``kvquant_cpu.encode_rows`` (compiled,
@@ -44,7 +45,7 @@ from collections.abc import Iterator
 import torch
 
 from vllm_kvcompress.kernels import (compaction_ref, kvquant_cpu, kvquant_ref, lookat_ref, paged_dense_ref,
-                                     stream_attention_ref)
+                                     scores_ref, stream_attention_ref)
 from vllm_kvcompress.kernels.lookat_ref import LookatLayout
 
 __all__ = [
@@ -54,7 +55,7 @@ __all__ = [
     "lookat_keys_batch", "lookat_key_norms", "lookat_centroid_square_norms", "compact", "compact_batch",
     "compact_layers", "dense_key_norms", "to_device",
     "stream_write_rows", "stream_move_rows",
-    "stream_decode", "stream_prefill", "page_rows",
+    "stream_decode", "stream_prefill", "page_rows", "linear_scores",
 ]
 
 KINDS = ("auto", "reference", "triton")
@@ -71,6 +72,7 @@ TRITON_OPS: dict[str, tuple[str, ...]] = {
     "dense_key_norms": (),
     "stream_decode": (),
     "kvquant_decode": (),
+    "linear_scores": (),
 }
 OPS = frozenset(TRITON_OPS) | {
     "dense_write", "dense_prefill", "dense_gather", "dense_gather_batch", "lookat_encode_rows", "lookat_write_rows",
@@ -393,6 +395,18 @@ def dense_key_norms(caches: list[torch.Tensor], block_table: torch.Tensor, lengt
     if implementation("dense_key_norms", *caches, block_table, fits=fits) == "triton":
         return _twin("compaction_triton").key_norms(caches, _table(block_table), length)
     return compaction_ref.key_norms(caches, block_table, length)
+
+
+def linear_scores(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                  eps: float = 1e-6, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    """Learned keep scores ``scale * linear(rms_norm(x)) + shift`` ``[T, H]`` (fp32): one launch
+    on CUDA (:mod:`scores_triton`), where eager PyTorch takes four to eight per layer."""
+    params = (weight, bias) if norm_weight is None else (weight, bias, norm_weight)
+    fits = (x.dim() == 2 and x.stride(-1) == 1 and weight.dim() == 2 and weight.shape[1] == x.shape[1]
+            and weight.shape[0] <= 64 and all(p.dtype == torch.float32 and p.is_contiguous() for p in params))
+    if implementation("linear_scores", x, *params, fits=fits) == "triton":
+        return _twin("scores_triton").linear_scores(x, weight, bias, norm_weight, eps, scale, shift)
+    return scores_ref.linear_scores(x, weight, bias, norm_weight, eps, scale, shift)
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -59,7 +59,8 @@ def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tens
                       uniform: bool | None = None, decoder=None) -> torch.Tensor:
     """Causal attention of one request's ``q_len`` new queries ``[q_len, Hq, D]``; each
     stream's last ``q_len`` rows are those tokens (``pages[Hkv, P]``, ``lengths[Hkv]``).
-    ``visible[Hkv, q_len, max(lengths)]`` restricts it further (DMS's mask). ``max_len``
+    ``visible[Hkv, q_len, max(lengths)]`` restricts it further (DMS's mask), or a function
+    ``(start, end) -> visible[:, start:end]`` that makes one query tile's part of it. ``max_len``
     and ``uniform`` (every stream ``max_len`` long): host facts of ``lengths``, else read
     back from their device."""
     q_len, num_q_heads, head_dim = query.shape
@@ -85,7 +86,7 @@ def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tens
     def mask_rows(start: int, end: int) -> torch.Tensor:  # [1, Hq, end - start, L]
         mask = columns <= q_pos[:, start:end, None]
         if visible is not None:
-            mask = mask & visible[:, start:end]
+            mask = mask & (visible(start, end) if callable(visible) else visible[:, start:end])
         return mask.repeat_interleave(group, 0)[None]
 
     return paged_dense_ref.masked_attend(q, k, v, mask_rows, scale)[0].transpose(0, 1)

@@ -199,7 +199,7 @@ def test_auto_picks_the_reference_for_cpu_tensors():
 
 def test_auto_picks_triton_for_cuda_tensors_where_a_twin_fits(triton_installed):
     assert ops.TRITON_OPS.keys() == {"dense_decode", "lookat_decode", "lookat_write", "compact", "compact_batch",
-                                     "compact_layers", "dense_key_norms", "stream_decode", "kvquant_decode"}
+                                     "compact_layers", "dense_key_norms", "stream_decode", "kvquant_decode", "linear_scores"}
     for op in ops.TRITON_OPS:
         assert ops.implementation(op, CUDA, CUDA, None) == "triton"
         assert ops.implementation(op, CUDA, CPU) == "reference"  # not all on CUDA
@@ -435,3 +435,27 @@ def test_triton_forced_but_not_honoured_runs_the_reference(interpreter, twins):
     with ops.use("triton"):
         out = ops.dense_decode(query, cache, table, lens, 0.2, visible)
     assert not twins and _same(out, paged_dense_ref.decode_attention(query, cache, table, lens, 0.2, visible))
+
+
+def test_a_dms_prompt_mask_is_made_a_query_tile_at_a_time(monkeypatch):
+    """DMS's prompt mask (``stream_layout.delayed_visible``) is a function of a query span: the
+    kernel makes each tile's part (a whole 8K x 32K mask asked for 32 GiB on the H200), and
+    the attention equals the one with the whole mask, built from the rule itself."""
+    from vllm_kvcompress.vllm.stream_layout import delayed_visible
+
+    g, pool, pages, lengths, page, _ = _stream_case()
+    q_len, window = 9, 4
+    q = torch.randn(q_len, 6, D, generator=g)
+    scores = torch.randn(2, int(lengths[0].max()), generator=g)
+    q_pos = lengths[0][:, None] - q_len + torch.arange(q_len)  # [H, q]
+    rows = torch.arange(scores.shape[-1])
+    whole = ((q_pos[:, :, None] - rows) <= window) | (scores >= 0)[:, None, :]  # the rule, every query at once
+    tiles = delayed_visible(scores, lengths[0], q_len, window)
+    assert torch.equal(torch.cat([tiles(0, 4), tiles(4, 9)], dim=1), whole)
+    expected = stream_attention_ref.prefill_attention(q, pool.float(), pages[0], lengths[0], page, 0.2, whole)
+    made = []
+    monkeypatch.setattr(paged_dense_ref, "MASK_TILE_BYTES", 6 * scores.shape[-1] * 4 * 2)  # two query rows per tile
+    tiled = stream_attention_ref.prefill_attention(q, pool.float(), pages[0], lengths[0], page, 0.2,
+                                                   lambda start, end: made.append(end - start) or tiles(start, end))
+    assert made == [2, 2, 2, 2, 1]
+    torch.testing.assert_close(tiled, expected, rtol=1e-5, atol=1e-6)

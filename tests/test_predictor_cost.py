@@ -18,7 +18,10 @@ def test_scorers_are_the_engines_and_the_share_comes_from_the_same_sessions_row(
                          "--hidden", "16", "--kv-heads", "4", "--repeats", "3", "--summary", str(summary),
                          "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "predictor_cost.json").read_text())
-    assert [(r["kind"], r["tokens"]) for r in rows] == [("dms", 32), ("dms", 4), ("kvzap-mlp", 32), ("kvzap-mlp", 4)]
-    dms = rows[0]
+    # each kind and size with the reference ops, then with the engine's choice (the ratio on the second)
+    assert [(r["kind"], r["tokens"], r["kernels"]) for r in rows] == [
+        (kind, tokens, kernels) for kind in ("dms", "kvzap-mlp") for tokens in (32, 4) for kernels in ("reference", "auto")]
+    assert all(r["x_reference"] == round(ref["ms_per_step"] / r["ms_per_step"], 2) for ref, r in zip(rows[::2], rows[1::2]))
+    dms = rows[1]
     assert dms["ms_per_step"] > 0 and dms["predictor_pct_b32"] == round(100 * dms["ms_per_step"] / 2.0, 2)
-    assert all("predictor_pct_b32" not in r for r in rows[1:])  # no row for MLP; B=4 is no TPOT stage
+    assert [r for r in rows if "predictor_pct_b32" in r] == [dms]  # no row for MLP; B=4 is no TPOT stage

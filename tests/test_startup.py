@@ -416,8 +416,10 @@ def test_method_none_hands_attention_to_flash_attention_on_cuda(smollm2_dir, mon
     assert config.attention_config.backend.name == "FLASH_ATTN"
 
 
-def test_decode_graphs_declared_except_for_learned_streams_and_masks():
+def test_decode_graphs_declared_except_for_eager_scores_and_masks(monkeypatch):
     from vllm.v1.attention.backend import AttentionCGSupport
+
+    from vllm_kvcompress.methods.dms import DMS
 
     from vllm_kvcompress.vllm.backend import KVCompressMetadataBuilder
 
@@ -430,10 +432,15 @@ def test_decode_graphs_declared_except_for_learned_streams_and_masks():
     # Whole-row eviction compacts after the forward: its decode steps replay graphs.
     assert support({"method": "knorm", "compression_ratio": 0.5}) == graphs
     assert support({"method": "knorm", "compression_ratio": 0.5, "eviction_mode": "mask"}) == never
-    # HeadKV's streams replay from the stream buffers; the learned methods' stream attention runs
-    # between the compiled pieces (PIECEWISE), their scores in buffers the pieces fill.
+    # Streams replay from the stream buffers (HeadKV; the learned methods with their scores in the
+    # buffers the compiled op fills, ring victims and decisions too).
     assert support({"method": "headkv", "compression_ratio": 0.5, "head_scores": "uniform"}) == graphs
-    assert support({"method": "kvzap", "kvzap_predictor": "p.safetensors", "compression_ratio": 0.5}) == never
+    assert support({"method": "kvzap", "kvzap_predictor": "p.safetensors", "compression_ratio": 0.5}) == graphs
+    assert support({"method": "kvzap", "kvzap_predictor": "p.safetensors", "kvzap_threshold": 0.0}) == graphs
+    assert support({"method": "dms", "dms_adapters": "a.safetensors"}) == graphs
+    # Single-neuron DMS changes the query in eager hooks, which a replay skips.
+    monkeypatch.setattr(DMS, "compiled_scores", property(lambda self: False))
+    assert support({"method": "dms", "dms_adapters": "a.safetensors"}) == never
     # Only the Triton kernels are captured (a graph is sized for max_model_len).
     from vllm_kvcompress.kernels import ops
 

@@ -137,3 +137,95 @@ def test_a_decode_batch_that_compresses_streams_runs_eagerly(streams):
     runner.kvc.begin_step(["a", "b"])
     runner.kvc.requests["a"].length = 81
     assert "force_eager" not in decide()
+
+
+def _ring_batch(generator, delayed: bool, count: int):
+    """``count`` packed ring requests (DMS if ``delayed``, else KVzap's threshold rule)."""
+    from vllm_kvcompress.eviction.threshold import ThresholdSchedule
+
+    geometry = PoolGeometry(LAYERS, count * BLOCKS_EACH + 1, HEADS, BLOCK, PAGE)
+    table = (torch.randperm(count * BLOCKS_EACH, generator=generator) + 1).view(count, BLOCKS_EACH).int()
+    requests = []
+    for r in range(count):
+        schedule = ThresholdSchedule(compress_at=80, ring=16, streams=STREAMS, page=PAGE, block_size=BLOCK,
+                                     threshold=0.0, delayed=delayed)
+        cache = RequestCache(schedule)
+        cache.kept = torch.randint(0, 30, (LAYERS, HEADS), generator=generator)
+        schedule.pages_next = schedule.pages_for(cache.kept)
+        cache.stream_table = stream_layout.packed_table(geometry, schedule.stream_rows(cache.kept).flatten(), table[r],
+                                                        schedule)
+        computed = 80 + int(torch.randint(0, 40, (1,), generator=generator))
+        cache.length = computed + 1
+        requests.append((f"r{r}", cache, computed, 1))
+    return geometry, table, requests
+
+
+@pytest.mark.parametrize("delayed", [True, False])
+def test_ring_decodes_in_the_graph_buffers_do_what_their_plan_does(delayed):
+    """DMS / KVzap ring decodes replayed from the buffers (padding rows included, earlier steps'
+    rows left in them): the same attention, the same pool and scores after every layer (the
+    leaving tokens moved, the decisions written), and the same survivor reports, which the
+    step reads from the buffers' rows (a replay runs no Python)."""
+    import copy
+
+    from vllm_kvcompress.eviction.threshold import ThresholdRule
+
+    generator = torch.Generator().manual_seed(5 + delayed)
+    geometry, table, requests = _ring_batch(generator, delayed, 3)
+    padded, dim = 5, 16
+    rows = geometry.num_layers * geometry.num_blocks * HEADS * BLOCK
+    kv = torch.randn(LAYERS, geometry.num_blocks, HEADS, BLOCK, 2 * dim, generator=generator)
+    scores = torch.randn(rows, generator=generator)
+    step_scores = [torch.randn(padded, HEADS, generator=generator) for _ in range(LAYERS)]
+    query = torch.randn(padded, 2 * HEADS, dim, generator=generator)
+    key, value = torch.randn(2, padded, HEADS, dim, generator=generator).unbind(0)
+    method = SimpleNamespace(scorer=lambda: None, rule=lambda: ThresholdRule(0.0, 16, delayed=delayed))
+    results = {}
+    n = len(requests)
+    for path in ("plan", "buffers"):
+        tokens = padded if path == "buffers" else n  # a graph's batch is padded; an eager step is not
+        planned, step, state = _plan(geometry, table, copy.deepcopy(requests), tokens)
+        assert not planned.python_only
+        state.pool.row_scores, state.pool.score_buffers = scores.clone(), step_scores
+        meta = planned
+        if path == "buffers":
+            buffers = stream_layout.StreamDecodeBuffers(LAYERS, HEADS, 8, MAX_LEN, PAGE, torch.device("cpu"),
+                                                        ring=True, delayed=delayed)
+            for buffer in (buffers.victim_src, buffers.victim_dst, buffers.victim_kept, buffers.write_rows):
+                buffer.fill_(3)  # an earlier step's rows
+            meta = buffers.fill(planned, padded, geometry, step, state.pool, planned.max_decode_len)
+            assert meta.victim_src.shape[1] == padded and meta.victim_src.data_ptr() == buffers.victim_src.data_ptr()
+        cache, out = kv.clone(), torch.zeros(tokens, 2 * HEADS, dim)
+        for layer in range(LAYERS):
+            runner = stream_layout.StreamRunner(method, layer, LAYERS)
+            runner.forward(query[:tokens], key[:tokens], value[:tokens], cache[layer], meta, out, 0.25)
+        results[path] = (out[:n], cache, state.pool.row_scores,
+                         step.settle_reports(), [state.requests[r].kept for r, *_ in requests])
+    plan, replay = results["plan"], results["buffers"]
+    torch.testing.assert_close(replay[0], plan[0])
+    null_rows = BLOCK * HEADS  # block 0 of layer 0: where padding rows write
+    assert torch.equal(replay[1].flatten(0, 3)[null_rows:], plan[1].flatten(0, 3)[null_rows:])
+    assert torch.equal(replay[2][null_rows:], plan[2][null_rows:])
+    assert replay[3] == plan[3] and len(plan[3]) == 3
+    assert all(torch.equal(a, b) for a, b in zip(replay[4], plan[4]))
+
+
+def test_a_decode_batch_with_a_dms_prompt_in_vllms_layout_runs_eagerly():
+    """A DMS request decoding before its prompt is packed (a prompt shorter than the window)
+    attends under its prompt mask, built in Python: its step stays off the graphs; once
+    packed, its decodes replay."""
+    from vllm_kvcompress.eviction.threshold import ThresholdSchedule
+
+    runner = _Runner()
+    runner.kvc, runner.kvc_streams = WorkerState(), True
+    for delayed in (True, False):
+        schedule = ThresholdSchedule(compress_at=64, ring=64, streams=STREAMS, page=PAGE, block_size=BLOCK,
+                                     threshold=0.0, delayed=delayed)
+        runner.kvc.requests = {"a": RequestCache(schedule, length=30)}
+        runner.kvc.begin_step(["a"])
+        forced = runner._determine_batch_execution_and_padding(num_tokens=1, max_num_scheduled_tokens=1)
+        assert forced.get("force_eager", False) == delayed  # KVzap's native decode has no mask
+        runner.kvc.begin_step(["a"])
+        runner.kvc.requests["a"].length = 66  # packed at 64: a ring decode
+        assert "force_eager" not in runner._determine_batch_execution_and_padding(num_tokens=1,
+                                                                                 max_num_scheduled_tokens=1)

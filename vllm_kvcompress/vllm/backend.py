@@ -179,9 +179,10 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
     the forward (the runner), outside any graph. Per-(layer, KV head) streams (HeadKV)
     replay from :class:`~vllm_kvcompress.vllm.stream_layout.StreamDecodeBuffers`; a step
     that compresses runs eagerly (the runner forces it: the compression scores inside the
-    layers). Not captured (PIECEWISE): eviction's mask mode, and the learned methods (KVzap
-    and DMS adapters compiled: their scores reach the attention through buffers the captured pieces
-    fill; single-neuron DMS eager)."""
+    layers). Ring layouts (KVzap threshold, DMS adapters) replay their victims and decisions
+    from the same buffers, with the learned scores the compiled op leaves in its buffers; a DMS
+    prompt still in vLLM's layout runs eagerly (its prompt mask is Python). Not captured
+    (PIECEWISE): eviction's mask mode, and single-neuron DMS (eager hooks)."""
 
     worker_state = None
 
@@ -189,9 +190,10 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
     def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
         config = KVCompressConfig.from_additional_config(vllm_config.additional_config)
         method = config.build()
-        # Streams replay from StreamDecodeBuffers; the learned methods' attention runs between the pieces.
+        # Streams replay from StreamDecodeBuffers, ring layouts' victims and decisions too; learned
+        # scores must come through the compiled op's buffers (eager hooks run only outside graphs).
         paged = isinstance(config.settings, PagedSettings)
-        capturable = not method.evicts or not (method.masks or (paged and method.learned))
+        capturable = not method.evicts or not (method.masks or (paged and method.learned and not method.compiled_scores))
         # A graph is sized for max_model_len: the PyTorch decode ops would gather that many
         # rows per request at every replay, so only the Triton kernels are captured.
         capturable = capturable and ops.current_kind() != "reference" and (
@@ -223,8 +225,10 @@ class KVCompressMetadataBuilder(AttentionMetadataBuilder):
 
             # Rows for the largest captured batch only: a larger one runs eagerly on its own plan.
             rows = compilation.max_cudagraph_capture_size or vllm_config.scheduler_config.max_num_seqs
+            rule = config.build().rule()  # ring layouts (KVzap threshold, DMS): their fields replay too
             self.stream_buffers = StreamDecodeBuffers(self.num_layers, kv_cache_spec.num_kv_heads, rows,
-                                                      vllm_config.model_config.max_model_len, self.page_tokens, device)
+                                                      vllm_config.model_config.max_model_len, self.page_tokens, device,
+                                                      ring=rule is not None, delayed=rule is not None and rule.delayed)
         logger.info("kvcompress attention active: method=%s, %d layers, block_size=%d, page %d bytes, "
                     "CUDA graphs for decode: %s", config.method, len(layer_names), kv_cache_spec.block_size,
                     kv_cache_spec.page_size_bytes,

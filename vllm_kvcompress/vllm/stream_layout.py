@@ -93,6 +93,8 @@ class StreamMetadata:
     victim_src: torch.Tensor | None = None  # [L, V, H]
     victim_dst: torch.Tensor | None = None  # [L, V, H]
     victim_kept: torch.Tensor | None = None  # [L, V, H] survivors per stream (updated in the step)
+    victim_tokens: list[int] = field(default_factory=list)  # [V] each ring decode's token in the step ...
+    victim_token_index: torch.Tensor | None = None  # ... and on the device
     # DMS (shift by one): the score computed with token ``decision_token_index[i]`` is the
     # decision of the token before it, stored at ``decision_rows[:, i]``.
     decision_token_index: torch.Tensor | None = None  # [T']
@@ -101,9 +103,10 @@ class StreamMetadata:
 
     @property
     def python_only(self) -> bool:
-        """Whether the step does work a replayed CUDA graph would skip: prompts, compressions,
-        ring victims or DMS decisions (their shapes and host loops change every step)."""
-        return bool(self.prefills or self.compressions or self.victim_caches or self.decision_token_index is not None)
+        """Whether the step does work a replayed CUDA graph would skip: prompts and compressions
+        (their shapes and host loops change every step). Ring victims and DMS decisions replay
+        from the graph buffers' rows (:class:`StreamDecodeBuffers`)."""
+        return bool(self.prefills or self.compressions)
 
 
 class StreamDecodeBuffers:
@@ -120,7 +123,7 @@ class StreamDecodeBuffers:
     the KV pool vLLM profiled."""
 
     def __init__(self, num_layers: int, heads: int, max_reqs: int, max_len: int, page: int,
-                 device: torch.device):
+                 device: torch.device, ring: bool = False, delayed: bool = False):
         self.max_reqs = max_reqs
         self.width = cdiv(cdiv(max_len, page), 16) * 16  # the row stride the warm-up compiled (int32, 16k)
         # Every layer's slice 16-byte aligned, as Triton specialises pointers (the warm-up's).
@@ -128,6 +131,16 @@ class StreamDecodeBuffers:
         self.write_rows = torch.zeros(num_layers, rows, heads, dtype=torch.long, device=device)
         self.pages = torch.zeros(num_layers, rows, heads, self.width, dtype=torch.int32, device=device)
         self.lengths = torch.zeros(num_layers, rows, heads, dtype=torch.int32, device=device)
+        # Ring layouts (KVzap threshold, DMS): the leaving token's rows and the survivor counts
+        # per row, and (DMS) the row each token's score decides; a row that is no ring decode
+        # moves row 0 onto itself and decides row 0 (vLLM's null block in layer 0).
+        self.ring, self.delayed = ring, delayed
+        if ring:
+            self.victim_src, self.victim_dst, self.victim_kept = (
+                torch.zeros(num_layers, rows, heads, dtype=torch.long, device=device) for _ in range(3))
+        if delayed:
+            self.decision_rows = torch.zeros(num_layers, rows, heads, dtype=torch.long, device=device)
+            self.decision_token_index = torch.arange(rows, device=device)
 
     def fill(self, planned: StreamMetadata | None, num_reqs: int, geometry: PoolGeometry, step, pool,
              max_len: int) -> StreamMetadata:
@@ -151,7 +164,8 @@ class StreamDecodeBuffers:
             max_len = planned.max_decode_len
         self.write_rows[:, real:num_reqs].zero_()
         self.lengths[:, real:num_reqs].zero_()
-        return StreamMetadata(
+        ring = self._fill_ring(planned, num_reqs, step) if self.ring else {}
+        return StreamMetadata(**ring,
             num_actual_tokens=num_reqs,
             write_rows=self.write_rows[:, :num_reqs],
             decode_token_index=None,
@@ -164,6 +178,30 @@ class StreamDecodeBuffers:
             step=step,
             pool=pool,
         )
+
+    def _fill_ring(self, planned: StreamMetadata | None, num_reqs: int, step) -> dict:
+        """The ring fields of the step in rows (token ``r``: row ``r``); each ring request's
+        survivor counts, which the forward updates in place, are reported from its row here."""
+        for buffer in (self.victim_src, self.victim_dst, self.victim_kept) + \
+                ((self.decision_rows,) if self.delayed else ()):
+            buffer[:, :num_reqs].zero_()
+        if planned is not None and planned.victim_src is not None:
+            tokens = planned.victim_token_index
+            self.victim_src.index_copy_(1, tokens, planned.victim_src)
+            self.victim_dst.index_copy_(1, tokens, planned.victim_dst)
+            self.victim_kept.index_copy_(1, tokens, planned.victim_kept)
+            for v, token in enumerate(planned.victim_tokens):
+                step.kept_pending[planned.victim_req_ids[v]] = (planned.victim_caches[v], self.victim_kept[:, token])
+        if planned is not None and planned.decision_rows is not None:
+            if not self.delayed:
+                raise RuntimeError("kvcompress: DMS decisions in a ring engine that is not delayed")
+            self.decision_rows.index_copy_(1, planned.decision_token_index, planned.decision_rows)
+        fields = dict(victim_src=self.victim_src[:, :num_reqs], victim_dst=self.victim_dst[:, :num_reqs],
+                      victim_kept=self.victim_kept[:, :num_reqs])
+        if self.delayed:
+            fields.update(decision_rows=self.decision_rows[:, :num_reqs],
+                          decision_token_index=self.decision_token_index[:num_reqs])
+        return fields
 
 
 def _native_pages(geometry: PoolGeometry, blocks: torch.Tensor, length: int) -> torch.Tensor:
@@ -498,7 +536,9 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
         decode_lengths.append(plan.lengths)
         if plan.ring:
             victim_fields = dict(victim_req_ids=[d.req_id for d in plan.ring], victim_caches=[d.cache for d in plan.ring],
-                                 victim_src=plan.victim_src, victim_dst=plan.victim_dst, victim_kept=plan.kept)
+                                 victim_src=plan.victim_src, victim_dst=plan.victim_dst, victim_kept=plan.kept,
+                                 victim_tokens=[d.token for d in plan.ring],
+                                 victim_token_index=torch.tensor([d.token for d in plan.ring], dtype=torch.long))
         if plan.decision_tokens:
             decision_tokens.append(torch.tensor(plan.decision_tokens, dtype=torch.long))
             decision_rows.append(plan.decision_rows)
@@ -522,6 +562,8 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
         c.host_pages, c.pages = c.pages, ops.to_device(c.pages, device)
     victim_fields = {name: ops.to_device(value, device) if isinstance(value, torch.Tensor) else value
                      for name, value in victim_fields.items()}
+    for v, cache in enumerate(victim_fields.get("victim_caches", ())):  # read back after the forward
+        _record_kept(step, victim_fields["victim_req_ids"][v], cache, victim_fields["victim_kept"][:, v])
     write_rows = ops.to_device(writes, device)
     if planned_on_device is not None:
         tokens = ops.to_device(torch.tensor(planned_on_device.tokens, dtype=torch.long), device)
@@ -554,12 +596,21 @@ def _previous_rows(pages: torch.Tensor, page: int, after: int, q_len: int) -> tu
 
 
 def delayed_visible(scores: torch.Tensor, lengths: torch.Tensor, q_len: int, window: int,
-                threshold: float = 0.0) -> torch.Tensor:
-    """Prompt queries' DMS mask ``[H, q_len, L]`` (causality is the kernel's): key ``j`` is
-    visible to query ``i`` while ``i - j <= window`` or when it is not marked."""
-    q_pos = lengths[:, None] - q_len + torch.arange(q_len, device=lengths.device)  # [H, q]
-    recent = (q_pos[:, :, None] - torch.arange(scores.shape[-1], device=lengths.device)) <= window
-    return recent | (scores >= threshold)[:, None, :]
+                    threshold: float = 0.0):
+    """Prompt queries' DMS mask (causality is the kernel's): key ``j`` is visible to query ``i``
+    while ``i - j <= window`` or when it is not marked. A function of a span of queries,
+    ``(start, end) -> [H, end - start, L]``, which the kernel calls a query tile at a time: the
+    whole mask of an 8K-token chunk over 32K rows asked torch for 32 GiB on the H200
+    (h200-eviction-13)."""
+    keep = (scores >= threshold)[:, None, :]  # [H, 1, L]
+    window_start = lengths[:, None] - q_len - window  # [H, 1]: query i sees every row from window_start + i
+    columns = torch.arange(scores.shape[-1], device=lengths.device)
+
+    def tile(start: int, end: int) -> torch.Tensor:
+        first = window_start + torch.arange(start, end, device=lengths.device)  # [H, n]
+        return (columns >= first[:, :, None]) | keep
+
+    return tile
 
 
 def pool_rows(kv_cache: torch.Tensor, layer: int, num_layers: int) -> torch.Tensor:
@@ -646,8 +697,6 @@ class StreamRunner:
         if layer == self.num_layers - 1:
             for c in meta.compressions:
                 _repack(pool, c, meta.geometry, meta.pool.row_scores, meta.step)
-            for v, cache in enumerate(meta.victim_caches):
-                _record_kept(meta.step, meta.victim_req_ids[v], cache, meta.victim_kept[:, v])
 
     def _select(self, pool, query, c: StreamCompression, row_scores) -> None:
         rows = ops.page_rows(c.pages[self.layer], c.schedule.page)[:, : c.length]  # [H, T]
@@ -668,8 +717,10 @@ class StreamRunner:
 
 
 def _record_kept(step, req_id: str, cache, kept: torch.Tensor) -> None:
-    """After a ring decode: survivors per stream ``[L, H]`` on the pool's device. The step
-    reads them back once for all requests after the forward (``StepPlan.settle_reports``:
+    """A ring decode's survivors per stream ``[L, H]`` on the pool's device, which the forward
+    updates in place (recorded when the step is planned, so a replayed CUDA graph, which runs
+    no Python, leaves them too). The step reads them back once for all requests after the
+    forward (``StepPlan.settle_reports``:
     the request's ``kept`` and the pages its next step needs, which the runner settles over
     the ranks and hands to the schedule and the scheduler)."""
     step.kept_pending[req_id] = (cache, kept)

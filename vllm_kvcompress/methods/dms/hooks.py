@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from vllm_kvcompress.kernels import ops
 from vllm_kvcompress.methods import buffered_scores
 from vllm_kvcompress.methods.base import PREDICTOR_RANGE
 from vllm_kvcompress.methods.dms.decisions import neuron_logits, without_decision_channel
@@ -147,15 +148,28 @@ def install_buffered(model: torch.nn.Module, decisions: DMSDecisions, max_tokens
     heads = head_index(decisions)
     outputs = decisions.adapters[0].proj.out_features if heads is None else len(heads)
 
-    def score_of(layer: int):
-        def score(stream: torch.Tensor) -> torch.Tensor:
-            with torch.profiler.record_function(PREDICTOR_RANGE):
-                return keep_scores(decisions, layer, stream, heads)
-
-        return score
-
-    return buffered_scores.install(_decoder_layers(model, len(decisions.adapters)), score_of, outputs,
+    return buffered_scores.install(_decoder_layers(model, len(decisions.adapters)),
+                                   lambda layer: _linear_keep_scores(decisions, layer, heads), outputs,
                                    decisions.adapters[0].proj.weight.device, residual_stream, max_tokens, record)
+
+
+def _linear_keep_scores(decisions: DMSDecisions, layer: int, heads: torch.Tensor | None):
+    """:func:`keep_scores` of one layer as one linear head through ``ops.linear_scores`` (one
+    launch on CUDA; the same numbers on the CPU), the sign and the offset folded in; this rank's
+    heads selected from its output, as :func:`keep_scores` does (a GEMM over fewer rows rounds
+    differently on the CPU)."""
+    adapter = decisions.adapters[layer]
+    weight, bias = adapter.proj.weight.detach(), adapter.proj.bias.detach()
+    if decisions.per_layer:  # every output head 0's (as many as the adapter has: the same numbers as expand)
+        weight, bias = weight[:1].expand_as(weight).contiguous(), bias[:1].expand_as(bias).contiguous()
+    gain = adapter.norm.weight.detach()
+
+    def score(stream: torch.Tensor) -> torch.Tensor:
+        with torch.profiler.record_function(PREDICTOR_RANGE):
+            scores = ops.linear_scores(stream, weight, bias, gain, adapter.norm.eps, -adapter.scale, adapter.offset)
+            return scores if heads is None else scores.index_select(1, heads)
+
+    return score
 
 
 def _decoder_layers(model: torch.nn.Module, layers: int) -> dict[int, torch.nn.Module]:

@@ -21,8 +21,10 @@ import time
 
 import torch
 
+from vllm_kvcompress.kernels import ops
 from vllm_kvcompress.methods import buffered_scores
 from vllm_kvcompress.methods.base import PREDICTOR_RANGE
+from vllm_kvcompress.methods.kvzap.predictors import LinearPredictor
 
 _ATTENTION = re.compile(r"(^|\.)layers\.(\d+)\.self_attn$")
 
@@ -59,9 +61,25 @@ def install_buffered(model: torch.nn.Module, predictors: list[torch.nn.Module], 
     modules = _attention_modules(model, len(predictors))
     indices = [_head_index(heads, predictor) for predictor in predictors]
     outputs = _outputs(predictors[0]) if indices[0] is None else len(indices[0])
-    return buffered_scores.install(
-        modules, lambda layer: lambda hidden: _predict(predictors[layer], hidden, indices[layer]), outputs,
-        _device(predictors[0]), _hidden, max_tokens, record)
+    return buffered_scores.install(modules, lambda layer: _scorer(predictors[layer], indices[layer]), outputs,
+                                   _device(predictors[0]), _hidden, max_tokens, record)
+
+
+def _scorer(predictor: torch.nn.Module, heads: torch.Tensor | None):
+    """One layer's ``hidden [T, D] -> scores [T, this rank's KV heads]`` for the engine: a linear
+    predictor through ``ops.linear_scores`` (one launch on CUDA; the same numbers as the module
+    on the CPU), an MLP through its module."""
+    if not isinstance(predictor, LinearPredictor):
+        return lambda hidden: _predict(predictor, hidden, heads)
+    weight, bias = predictor.proj.weight.detach(), predictor.proj.bias.detach()
+
+    def score(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.profiler.record_function(PREDICTOR_RANGE):
+            scores = ops.linear_scores(hidden, weight, bias)
+            # this rank's heads from the output, as _predict does (fewer rows round differently)
+            return scores if heads is None else scores.index_select(1, heads)
+
+    return score
 
 
 def install(model: torch.nn.Module, predictors: list[torch.nn.Module], record, heads: list[int] | None = None) -> list:
