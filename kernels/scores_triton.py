@@ -49,6 +49,6 @@ def linear_scores(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nor
     grid = (triton.cdiv(num_tokens, block_t),)
     _linear_scores_kernel[grid](x, weight, bias, weight if norm_weight is None else norm_weight, out, num_tokens,
                                 x.stride(0), float(eps), float(scale), float(shift), D=dim, H=heads,
-                                HP=triton.next_power_of_2(heads), RMS=norm_weight is not None, BLOCK_T=block_t,
+                                HP=max(2, triton.next_power_of_2(heads)), RMS=norm_weight is not None, BLOCK_T=block_t,
                                 BLOCK_D=min(256, triton.next_power_of_2(dim)))
     return out

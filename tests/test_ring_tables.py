@@ -119,9 +119,24 @@ def test_grow_takes_the_slots_the_host_table_takes():
     for _ in range(10):
         stream_rows = np.stack([h.counts * PAGE for h in hosts]) + \
             torch.randint(0, 2 * PAGE, (3, STREAMS), generator=generator).numpy()
-        tables.grow(rows, stream_rows, table.numpy(), PAGE, hosts[0].pages_per_block)
+        tables.grow(rows, stream_rows, table.numpy(), np.full(3, BLOCKS_EACH), PAGE, hosts[0].pages_per_block)
         for r, host in enumerate(hosts):
             host.grow(stream_rows[r], table[r])
             width = int(host.counts.max())
             assert (tables.counts[rows[r]] == host.counts).all() and tables.used[rows[r]] == host.used
             assert (tables.ids[rows[r], :, :width].numpy() == host.padded(width)).all()
+
+
+def test_a_block_list_shorter_than_the_pages_is_refused():
+    """A stream page past the request's blocks would land in block 0 of the padding (vLLM's null
+    block): refused, naming the disagreement."""
+    import pytest
+
+    geometry = PoolGeometry(LAYERS, BLOCKS_EACH, HEADS, BLOCK, PAGE)
+    cache = _ring_request(geometry, torch.arange(BLOCKS_EACH), torch.Generator().manual_seed(3), delayed=False)
+    tables = RingTables(geometry, "cpu")
+    row = np.array([tables.add(cache.stream_table)])
+    held = -(-cache.stream_table.used // cache.stream_table.pages_per_block)
+    more = np.full((1, STREAMS), int(cache.stream_table.counts.max() + 4) * PAGE)
+    with pytest.raises(RuntimeError, match="pages report and its block list disagree"):
+        tables.grow(row, more, np.arange(BLOCKS_EACH)[None], np.array([held]), PAGE, cache.stream_table.pages_per_block)

@@ -53,11 +53,12 @@ class RingTables:
     def release(self, row: int) -> None:
         self.free.append(row)
 
-    def grow(self, rows: np.ndarray, stream_rows: np.ndarray, blocks: np.ndarray, page: int,
-             pages_per_block: int) -> None:
+    def grow(self, rows: np.ndarray, stream_rows: np.ndarray, blocks: np.ndarray, num_blocks: np.ndarray,
+             page: int, pages_per_block: int) -> None:
         """Give the streams of table rows ``rows[D]`` pages for ``stream_rows[D, streams]`` rows,
         as :meth:`StreamPageTable.grow` does for each (new slots in stream order, each stream's
-        consecutively). ``blocks[D, n]``: each request's block ids now."""
+        consecutively). ``blocks[D, n]``: each request's block ids now, its first ``num_blocks[D]``
+        (the rest padding)."""
         counts = self.counts[rows]
         need = -(-stream_rows // page) - counts
         np.maximum(need, 0, out=need)
@@ -70,6 +71,11 @@ class RingTables:
         for j in range(most):  # one round per page a stream takes (one, in steady decoding)
             d, s = np.nonzero(need > j)
             slot = first[d, s] + j
+            if (short := slot // pages_per_block >= num_blocks[d]).any():  # the scheduler's list lags the report
+                i = int(np.flatnonzero(short)[0])
+                raise RuntimeError(f"kvcompress: a ring layout needs block {int(slot[i] // pages_per_block)} of a "
+                                   f"request holding {int(num_blocks[d[i]])}: its pages report and its block list "
+                                   "disagree")
             pages.append(self.geometry.block_pages(blocks[d, slot // pages_per_block], slot, pages_per_block))
             where.append((rows[d] * self.streams + s) * self.width + counts[d, s] + j)
         self.counts[rows] = counts + need

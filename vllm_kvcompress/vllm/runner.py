@@ -93,6 +93,7 @@ class EvictionRunnerMixin:
         for request in scheduler_output.scheduled_new_reqs:
             extra_args = request.sampling_params.extra_args if request.sampling_params is not None else None
             schedule = self.kvc_policy.schedule_for(len(request.prompt_token_ids or ()), extra_args)
+            self.kvc.drop(request.req_id)  # an id vLLM sends again as new: its old cache's ring row is freed
             requests[request.req_id] = RequestCache(schedule)
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, num_computed in zip(cached.req_ids, cached.num_computed_tokens):

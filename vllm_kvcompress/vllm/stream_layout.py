@@ -375,7 +375,8 @@ def ring_decodes(g: PoolGeometry, decodes: list[PackedDecode], tables: RingTable
     blocks = np.zeros((count, max(len(d.blocks) for d in decodes)), dtype=np.int64)
     for i, d in enumerate(decodes):
         blocks[i, : len(d.blocks)] = d.blocks.numpy() if isinstance(d.blocks, torch.Tensor) else d.blocks
-    tables.grow(rows, stream_rows, blocks, page, decodes[0].schedule.pages_per_block)
+    tables.grow(rows, stream_rows, blocks, np.array([len(d.blocks) for d in decodes]), page,
+                decodes[0].schedule.pages_per_block)
     width = int(tables.counts[rows].max())
     device = tables.device
     pages = tables.pages(ops.to_device(torch.from_numpy(rows), device), width)
