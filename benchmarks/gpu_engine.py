@@ -22,8 +22,8 @@ Measured per config, each ratio against ``vllm-bf16`` (FLASH_ATTN, bf16 KV):
   pool holds (``long_context_tok_s``, ``long_context_ratio``);
 - TPOT: decode time per output token at batch 1 and 32 after a long prompt: a prefill-only run
   (``max_tokens=1``) on other prompts of the same length, then a run of ``tokens + 1`` on fresh
-  prompts, then a second prefill-only run; the difference to the faster prefill divided by ``tokens`` (``tpot_ms_b1``/``_b32``, ``tpot_ratio_*`` =
-  config / bf16, lower is better). Every timed run has its own random prompts, so vLLM's prefix
+  prompts, then a second prefill-only run; the difference to the faster prefill divided by
+  ``tokens`` (``tpot_ms_b1``/``_b32``, ``tpot_ratio_*`` = config / bf16, lower is better). Every timed run has its own random prompts, so vLLM's prefix
   cache never skips a prefill;
 - engine start time, the attention implementation, the configured ``cudagraph_mode`` and the
   graphs vLLM actually captured (``graph_capture``: its capture lines from the config's log),
@@ -196,8 +196,8 @@ def _tpot(llm, batch: int, context: int, tokens: int) -> tuple[float, dict]:
     after, _ = _timed(llm, _prompts(batch, context, SEED_TPOT_PREFILL + 1 + batch), 1)
     prefill_s = min(before, after)
     return round(1000 * (total_s - prefill_s) / tokens, 2), {
-        "context": context, "tokens": tokens, "prefill_s": round(prefill_s, 3), "prefill_runs_s": [round(before, 3), round(after, 3)],
-        "total_s": round(total_s, 3), "out_tokens": out}
+        "context": context, "tokens": tokens, "prefill_s": round(prefill_s, 3),
+        "prefill_runs_s": [round(before, 3), round(after, 3)], "total_s": round(total_s, 3), "out_tokens": out}
 
 
 def _emit(tag: str, row: dict) -> None:

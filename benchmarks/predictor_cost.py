@@ -35,9 +35,8 @@ ROWS = {"kvzap-linear": "kvzap-4x", "kvzap-mlp": None, "dms": "dms-4x"}  # the g
 
 def scorers(kind: str, layers: int, hidden: int, kv_heads: int, device: torch.device) -> list:
     """Per layer, ``hidden states [T, hidden] -> scores [T, KV heads]`` as the engine's op scores."""
-    from vllm_kvcompress.methods.kvzap.predictors import LinearPredictor, MLPPredictor
-
     from vllm_kvcompress.methods.kvzap.hooks import _scorer
+    from vllm_kvcompress.methods.kvzap.predictors import LinearPredictor, MLPPredictor
 
     torch.manual_seed(0)
     if kind == "dms":

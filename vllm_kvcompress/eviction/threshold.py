@@ -89,8 +89,7 @@ class ThresholdSchedule:
 
     def pages_for(self, kept_per_stream) -> int:
         """Stream pages the next step needs with ``kept_per_stream`` survivors (a tensor or a list)."""
-        kept = torch.as_tensor(kept_per_stream, dtype=torch.long)
-        return int((-(-self.stream_rows(kept) // self.page)).sum())
+        return pages_for_batch([self], torch.as_tensor(kept_per_stream, dtype=torch.long).reshape(1, -1))[0]
 
     def rows_held(self, logical: int) -> int:
         if not self.packed(logical) or self.pages_next is None:

@@ -93,8 +93,7 @@ class StreamMetadata:
     victim_src: torch.Tensor | None = None  # [L, V, H]
     victim_dst: torch.Tensor | None = None  # [L, V, H]
     victim_kept: torch.Tensor | None = None  # [L, V, H] survivors per stream (updated in the step)
-    victim_tokens: list[int] = field(default_factory=list)  # [V] each ring decode's token in the step ...
-    victim_token_index: torch.Tensor | None = None  # ... and on the device
+    victim_tokens: list[int] = field(default_factory=list)  # [V] each ring decode's token in the step
     # DMS (shift by one): the score computed with token ``decision_token_index[i]`` is the
     # decision of the token before it, stored at ``decision_rows[:, i]``.
     decision_token_index: torch.Tensor | None = None  # [T']
@@ -186,7 +185,7 @@ class StreamDecodeBuffers:
                 ((self.decision_rows,) if self.delayed else ()):
             buffer[:, :num_reqs].zero_()
         if planned is not None and planned.victim_src is not None:
-            tokens = planned.victim_token_index
+            tokens = ops.to_device(torch.tensor(planned.victim_tokens, dtype=torch.long), self.victim_src.device)
             self.victim_src.index_copy_(1, tokens, planned.victim_src)
             self.victim_dst.index_copy_(1, tokens, planned.victim_dst)
             self.victim_kept.index_copy_(1, tokens, planned.victim_kept)
@@ -372,11 +371,11 @@ def ring_decodes(g: PoolGeometry, decodes: list[PackedDecode], tables: RingTable
     ring = np.array([d.schedule.ring for d in decodes], dtype=np.int64)
     after = np.array([d.after for d in decodes], dtype=np.int64)
     stream_rows = ring_stream_rows(ring[:, None], kept.numpy())
-    blocks = np.zeros((count, max(len(d.blocks) for d in decodes)), dtype=np.int64)
+    num_blocks = np.array([len(d.blocks) for d in decodes])
+    blocks = np.zeros((count, num_blocks.max()), dtype=np.int64)
     for i, d in enumerate(decodes):
-        blocks[i, : len(d.blocks)] = d.blocks.numpy() if isinstance(d.blocks, torch.Tensor) else d.blocks
-    tables.grow(rows, stream_rows, blocks, np.array([len(d.blocks) for d in decodes]), page,
-                decodes[0].schedule.pages_per_block)
+        blocks[i, : num_blocks[i]] = d.blocks
+    tables.grow(rows, stream_rows, blocks, num_blocks, page, decodes[0].schedule.pages_per_block)
     width = int(tables.counts[rows].max())
     device = tables.device
     pages = tables.pages(ops.to_device(torch.from_numpy(rows), device), width)
@@ -538,8 +537,7 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
         if plan.ring:
             victim_fields = dict(victim_req_ids=[d.req_id for d in plan.ring], victim_caches=[d.cache for d in plan.ring],
                                  victim_src=plan.victim_src, victim_dst=plan.victim_dst, victim_kept=plan.kept,
-                                 victim_tokens=[d.token for d in plan.ring],
-                                 victim_token_index=torch.tensor([d.token for d in plan.ring], dtype=torch.long))
+                                 victim_tokens=[d.token for d in plan.ring])
         if plan.decision_tokens:
             decision_tokens.append(torch.tensor(plan.decision_tokens, dtype=torch.long))
             decision_rows.append(plan.decision_rows)
