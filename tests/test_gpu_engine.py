@@ -176,23 +176,29 @@ RING_METHODS = {"kvzap": ("kvzap_predictor", {"method": "kvzap", "kvzap_threshol
                 "dms": ("dms_adapters", {"method": "dms"})}
 
 
+@pytest.mark.parametrize("graphs", ["eager", "full"])
 @pytest.mark.parametrize("method", sorted(RING_METHODS))
-def test_ring_stream_triton_path_matches_its_reference_path(monkeypatch, tmp_path, method):
-    """KVzap (threshold) and DMS on CUDA (``KVCOMPRESS_CUDA_STREAMS=experimental``, eager; the
-    compiled path is compared with eager below): decode on the Triton stream kernel against the same
-    engine on the PyTorch ops. Both compute the same scores from the same hidden states, so
-    their decisions, and so their tokens, agree up to near ties; a chunked 777-token prompt."""
+def test_ring_stream_triton_path_matches_its_reference_path(monkeypatch, tmp_path, method, graphs):
+    """KVzap (threshold) and DMS on CUDA (``KVCOMPRESS_CUDA_STREAMS=experimental``): decode on the
+    Triton stream kernel against the same engine on the PyTorch ops (eager: the reference ops are
+    never captured). Both compute the same scores from the same hidden states, so their
+    decisions, and so their tokens, agree up to near ties; a chunked 777-token prompt.
+    ``full``: the Triton engine's ring decodes replay FULL graphs from the stream buffers (victims,
+    survivor counts, decision rows), so a buffer a replay does not refill changes tokens."""
     from benchmarks.gpu_engine import synthetic_artefact
 
     setting, settings = RING_METHODS[method]
     path = synthetic_artefact(setting, tmp_path, SMALL)
     monkeypatch.setenv("KVCOMPRESS_CUDA_STREAMS", "experimental")
+    llm = {"enforce_eager": True, "compilation_config": {"mode": 0}} if graphs == "eager" else {}
     triton, _, result = _triton_and_reference(
-        monkeypatch, "small", {**settings, setting: str(path)}, max_num_batched_tokens=256, enforce_eager=True,
-        compilation_config={"mode": 0})
-    print(f"small: {method} (ring layout, synthetic artefact), Triton vs PyTorch ops on the GPU: {_describe(result)} "
-          f"({triton['distinct_tokens']} distinct tokens); start {triton['start_s']} s")
+        monkeypatch, "small", {**settings, setting: str(path)}, max_num_batched_tokens=256, **llm)
+    print(f"small: {method} (ring layout, synthetic artefact, {graphs}), Triton vs PyTorch ops on the GPU: "
+          f"{_describe(result)} ({triton['distinct_tokens']} distinct tokens); decode steps by graph mode "
+          f"{triton['decode_modes']}; start {triton['start_s']} s")
     assert not result["splits"] and result["gap"] <= GAP_NATS
+    if graphs == "full":  # decode steps replay, but compressions and unpacked DMS prompts run eager
+        assert triton["decode_modes"].get("FULL", 0) > 0
 
 
 COMPILED_LEARNED = {"kvzap-threshold": ("kvzap_predictor", {"method": "kvzap", "kvzap_threshold": 0.0, "kvzap_window": 64}),

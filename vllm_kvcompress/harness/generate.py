@@ -31,6 +31,12 @@ def attention_impls(worker) -> list[str]:
     return sorted({type(m.impl).__name__ for m in worker_model(worker).modules() if isinstance(m, Attention)})
 
 
+def decode_modes(worker) -> dict[str, int]:
+    """Decode steps by the CUDA graph mode they ran in (FULL = a replay), per rank."""
+    state = getattr(worker.model_runner, "kvc", None)
+    return {} if state is None else dict(state.decode_modes)
+
+
 def _kept_records(worker) -> list[dict]:
     """Ring layouts (KVzap threshold, DMS): what each finished request kept, per rank."""
     state = getattr(worker.model_runner, "kvc", None)

@@ -5,7 +5,8 @@
 SPEC: {"model_config": {HF config.json}, "llm": {LLM kwargs}, "prompts": [[token ids], ...],
        "max_tokens": 32, "codebooks_m": null | m (synthetic LOOKAT codebooks for that config),
        "init_std": null | std (weights re-drawn after start-up: :func:`reinitialise_weights`)}
-OUT:  {"outputs": [{"token_ids", "token_logprobs", "top_logprobs"}], "attention_impls", "cudagraph_mode", "kernels",
+OUT:  {"outputs": [{"token_ids", "token_logprobs", "top_logprobs"}], "attention_impls", "cudagraph_mode",
+       "decode_modes", "kernels",
        "start_s", "kv_cache_tokens", "distinct_tokens"}
 
 No weights reach the GPU machine: ``load_format="dummy"`` (vLLM's seeded initialisation, the
@@ -76,11 +77,17 @@ def reinitialise_weights(worker, std: float) -> int:
 
 
 def engine_facts(llm) -> dict:
-    from vllm_kvcompress.harness.generate import attention_impls
+    from collections import Counter
+
+    from vllm_kvcompress.harness.generate import attention_impls, decode_modes
 
     config = llm.llm_engine.vllm_config
+    modes = Counter()
+    for rank_modes in llm.collective_rpc(decode_modes):
+        modes.update(rank_modes)
     return {"attention_impls": sorted({n for names in llm.collective_rpc(attention_impls) for n in names}),
             "cudagraph_mode": str(config.compilation_config.cudagraph_mode),
+            "decode_modes": dict(modes),  # decode steps by the graph mode they ran in, all ranks
             "async_scheduling": bool(config.scheduler_config.async_scheduling),
             "kv_cache_tokens": int(config.cache_config.num_gpu_blocks or 0) * int(config.cache_config.block_size)}
 

@@ -52,7 +52,10 @@ class EvictionRunnerMixin:
         if kwargs.get("max_num_scheduled_tokens") == 1 and self._kvc_step_compresses_streams():
             kwargs["force_eager"] = True
             self.kvc.step.forced_eager = True
-        return super()._determine_batch_execution_and_padding(*args, **kwargs)
+        decision = super()._determine_batch_execution_and_padding(*args, **kwargs)
+        if kwargs.get("max_num_scheduled_tokens") == 1 and self.kvc.step is not None:
+            self.kvc.decode_modes[getattr(decision[0], "name", str(decision[0]))] += 1
+        return decision
 
     def _kvc_step_compresses_streams(self) -> bool:
         """Whether a request's stream compression runs in this step (it scores with the step's

@@ -15,6 +15,7 @@ metadata builders, which put what a step needs into the metadata they return.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -89,6 +90,7 @@ class WorkerState:
         self.step: StepPlan | None = None
         self.finished: list[dict] = []  # ring layouts: what each finished request kept (read by the tools)
         self.predictor_seconds = 0.0  # time in the learned methods' hooks (the overhead benchmark reads it)
+        self.decode_modes: Counter[str] = Counter()  # decode steps by CUDA graph mode (FULL, PIECEWISE, NONE)
 
     def drop(self, req_id: str) -> RequestCache | None:
         """Forget a request's cache (finished, or to be recomputed): its ring table row is freed."""
