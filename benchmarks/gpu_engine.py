@@ -256,6 +256,8 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
     count, prompt, output = workload["decode_heavy"]
     seconds, out = _timed(llm, _prompts(count, prompt, SEED_DECODE_HEAVY), output)
     row.update(throughput_tok_s=round(out / seconds, 1), throughput_s=round(seconds, 1))
+    # Decode steps (warm-up included) by the graph mode they ran in: FULL = a replay, NONE = eager
+    row["decode_modes"] = engine_facts(llm)["decode_modes"]
     _emit("PARTIAL", row)
     for batch, context, tokens in workload["tpot"]:
         row[f"tpot_ms_b{batch}"], row[f"tpot_detail_b{batch}"] = _tpot(llm, batch, context, tokens)

@@ -184,13 +184,17 @@ def test_ring_stream_triton_path_matches_its_reference_path(monkeypatch, tmp_pat
     never captured). Both compute the same scores from the same hidden states, so their
     decisions, and so their tokens, agree up to near ties; a chunked 777-token prompt.
     ``full``: the Triton engine's ring decodes replay FULL graphs from the stream buffers (victims,
-    survivor counts, decision rows), so a buffer a replay does not refill changes tokens."""
+    survivor counts, decision rows), so a buffer a replay does not refill changes tokens; its
+    prompts are all longer than DMS's window, so they pack and their decodes may replay."""
     from benchmarks.gpu_engine import synthetic_artefact
 
     setting, settings = RING_METHODS[method]
     path = synthetic_artefact(setting, tmp_path, SMALL)
     monkeypatch.setenv("KVCOMPRESS_CUDA_STREAMS", "experimental")
-    llm = {"enforce_eager": True, "compilation_config": {"mode": 0}} if graphs == "eager" else {}
+    # full: every prompt longer than DMS's window (256), so each packs and its decodes may replay
+    # (a DMS prompt in vLLM's layout keeps its batch eager)
+    llm = {"enforce_eager": True, "compilation_config": {"mode": 0}} if graphs == "eager" else \
+        {"prompt_lengths": (300, 281, 777, 263)}
     triton, _, result = _triton_and_reference(
         monkeypatch, "small", {**settings, setting: str(path)}, max_num_batched_tokens=256, **llm)
     print(f"small: {method} (ring layout, synthetic artefact, {graphs}), Triton vs PyTorch ops on the GPU: "

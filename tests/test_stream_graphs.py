@@ -109,7 +109,8 @@ def test_a_stream_longer_than_the_buffers_is_refused():
 
 class _Base:
     def _determine_batch_execution_and_padding(self, *args, **kwargs):
-        return kwargs
+        """vLLM's decision, first the graph mode (here: FULL unless forced eager); the kwargs for the test."""
+        return ("NONE" if kwargs.get("force_eager") else "FULL"), kwargs
 
 
 class _Runner(EvictionRunnerMixin, _Base):
@@ -124,7 +125,7 @@ def test_a_decode_batch_that_compresses_streams_runs_eagerly(streams):
     runner.kvc.requests = {"a": RequestCache(schedule, length=79), "b": RequestCache(None, length=5)}
 
     def decide(most_tokens=1):
-        return runner._determine_batch_execution_and_padding(num_tokens=2, max_num_scheduled_tokens=most_tokens)
+        return runner._determine_batch_execution_and_padding(num_tokens=2, max_num_scheduled_tokens=most_tokens)[1]
 
     assert "force_eager" not in decide()  # no step yet (a dummy run)
     runner.kvc.begin_step(["a", "b"])
@@ -137,6 +138,8 @@ def test_a_decode_batch_that_compresses_streams_runs_eagerly(streams):
     runner.kvc.begin_step(["a", "b"])
     runner.kvc.requests["a"].length = 81
     assert "force_eager" not in decide()
+    # Decode steps of this engine by graph mode (a mixed batch and the dummy run are not counted)
+    assert runner.kvc.decode_modes == ({"FULL": 2, "NONE": 1} if streams else {"FULL": 3})
 
 
 def _ring_batch(generator, delayed: bool, count: int):
@@ -223,9 +226,9 @@ def test_a_decode_batch_with_a_dms_prompt_in_vllms_layout_runs_eagerly():
                                      threshold=0.0, delayed=delayed)
         runner.kvc.requests = {"a": RequestCache(schedule, length=30)}
         runner.kvc.begin_step(["a"])
-        forced = runner._determine_batch_execution_and_padding(num_tokens=1, max_num_scheduled_tokens=1)
+        forced = runner._determine_batch_execution_and_padding(num_tokens=1, max_num_scheduled_tokens=1)[1]
         assert forced.get("force_eager", False) == delayed  # KVzap's native decode has no mask
         runner.kvc.begin_step(["a"])
         runner.kvc.requests["a"].length = 66  # packed at 64: a ring decode
         assert "force_eager" not in runner._determine_batch_execution_and_padding(num_tokens=1,
-                                                                                 max_num_scheduled_tokens=1)
+                                                                                 max_num_scheduled_tokens=1)[1]
