@@ -163,6 +163,7 @@ IDLE_GPU_USED_MIB = 2048
 IDLE_GPU_WAIT_S = 90
 # Prompt seeds, one per timed run, so that no run's prompts share a prefix-cache block with another's.
 SEED_WARMUP, SEED_DECODE_HEAVY, SEED_LONG_CONTEXT, SEED_TPOT_PREFILL, SEED_TPOT_TOTAL = 1, 3, 4, 1000, 2000
+SEED_DECODE_HEAVY_PREFILL = 5
 
 
 def _prompts(count: int, length: int, seed: int):
@@ -231,10 +232,13 @@ def engine_kwargs(name: str, workload: dict, utilization: float, cudagraph_mode:
 
 
 def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str | None = None,
-            profile_dir: Path | None = None, profile_shape: tuple[int, int] = (PROFILE_BATCH, PROFILE_CONTEXT)) -> dict:
+            profile_dir: Path | None = None, profile_shape: tuple[int, int] = (PROFILE_BATCH, PROFILE_CONTEXT),
+            prefill_split: bool = False) -> dict:
     """One config in this process: start, capacity, decode-heavy throughput, TPOT per workload batch and
     long-context throughput (``profile_dir``: then a profiled decode run, its kernel table
-    ``profile-<config>.txt`` there). Prints ``PARTIAL {json}`` after each stage (what a timeout keeps)."""
+    ``profile-<config>.txt`` there; ``prefill_split``: after the decode-heavy run, its prompts'
+    prefill alone, one output token each, ``decode_heavy_prefill_s``). Prints ``PARTIAL {json}``
+    after each stage (what a timeout keeps)."""
     from vllm import LLM
 
     from vllm_kvcompress.harness.gpu_generate import engine_facts
@@ -259,6 +263,10 @@ def run_one(name: str, workload: dict, utilization: float, cudagraph_mode: str |
     # Decode steps (warm-up included) by the graph mode they ran in: FULL = a replay, NONE = eager
     row["decode_modes"] = engine_facts(llm)["decode_modes"]
     _emit("PARTIAL", row)
+    if prefill_split:  # how much of the decode-heavy run its prefill takes (other prompts: no cache hits)
+        prefill_s, _ = _timed(llm, _prompts(count, prompt, SEED_DECODE_HEAVY_PREFILL), 1)
+        row["decode_heavy_prefill_s"] = round(prefill_s, 1)
+        _emit("PARTIAL", row)
     for batch, context, tokens in workload["tpot"]:
         row[f"tpot_ms_b{batch}"], row[f"tpot_detail_b{batch}"] = _tpot(llm, batch, context, tokens)
         _emit("PARTIAL", row)
@@ -748,6 +756,8 @@ def run_config(name: str, args, utilization: float, timeout_s: float, log: Path,
         command += ["--cudagraph-mode", cudagraph_mode]
     if args.profile:
         command += ["--profile", "--profile-shape", args.profile_shape]
+    if args.prefill_split:
+        command += ["--prefill-split"]
     env = os.environ.copy()
     apply_config_env(name, env)
     timed_out = False
@@ -899,6 +909,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-shape", default=f"{PROFILE_BATCH},{PROFILE_CONTEXT}", metavar="B,CONTEXT",
                         help="--profile's batch and prompt length (default %(default)s; e.g. 256,1024: the quick "
                              "decode-heavy batch)")
+    parser.add_argument("--prefill-split", action="store_true",
+                        help="after the decode-heavy run, time its prompts' prefill alone (decode_heavy_prefill_s)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
@@ -916,7 +928,7 @@ def main(argv: list[str] | None = None) -> None:
         workload = WORKLOADS[args.workload]
         utilization = args.gpu_memory_utilization or workload["gpu_memory_utilization"]
         row = run_one(args.one, workload, utilization, args.cudagraph_mode, out if args.profile else None,
-                      parse_profile_shape(args.profile_shape))
+                      parse_profile_shape(args.profile_shape), args.prefill_split)
         _emit("ROW", row)
         return
     names = [n for n in args.configs.split(",") if n]
