@@ -93,6 +93,41 @@ def _measure(kind: str, tokens: int, device: torch.device, layers: int, hidden: 
             "layers": layers, "hidden": hidden, "kv_heads": kv_heads, "dtype": str(dtype).removeprefix("torch.")}
 
 
+def sweep_tiles(tokens: int, device: torch.device, layers: int, hidden: int, kv_heads: int, repeats: int) -> list[dict]:
+    """The Triton scoring kernel alone (DMS's form: RMSNorm + linear), ``layers`` launches in
+    one CUDA graph, for tile choices around :func:`scores_triton.tiles`' (marked ``chosen``)."""
+    from vllm_kvcompress.kernels import scores_triton
+
+    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+    weight, bias = torch.randn(kv_heads, hidden, device=device), torch.randn(kv_heads, device=device)
+    gain = torch.rand(hidden, device=device) + 0.5
+    chosen = scores_triton.tiles(tokens, hidden, kv_heads)
+    rows = []
+    for block_t in (1, 2, 4):
+        for block_d in (256, 1024, 2048):
+            for num_warps in (4, 8):
+                tile = {"block_t": block_t, "block_d": block_d, "num_warps": num_warps}
+                for _ in range(2):
+                    scores_triton.linear_scores(x, weight, bias, gain, **tile)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(layers):
+                        scores_triton.linear_scores(x, weight, bias, gain, **tile)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                times = []
+                for _ in range(repeats):
+                    start.record()
+                    graph.replay()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+                rows.append({"sweep": "linear_scores", "tokens": tokens, **tile, "chosen": tile == chosen,
+                             "us_per_layer": round(1000 * statistics.median(times) / layers, 2)})
+                print(json.dumps(rows[-1]), flush=True)
+    return sorted(rows, key=lambda r: r["us_per_layer"])
+
+
 def with_step_share(rows: list[dict], summary: dict) -> list[dict]:
     """Each row's share of the same-session gpu_engine row's B=32 step (TPOT), where there is one."""
     steps = {r["config"]: r.get("tpot_ms_b32") for r in summary.get("rows", [])}
@@ -115,8 +150,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--summary", type=Path, help="a gpu_engine summary.json of the same machine")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--sweep-tiles", action="store_true", help="CUDA: time the scoring kernel's tile choices")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.sweep_tiles:
+        rows = [r for tokens in args.tokens
+                for r in sweep_tiles(tokens, device, args.layers, args.hidden, args.kv_heads, args.repeats)]
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "scores_tiles.json").write_text(json.dumps(rows, indent=1))
+        return
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for kind in args.kinds:

@@ -15,15 +15,19 @@ def _interpreter(interpreter):
     yield
 
 
-@pytest.mark.parametrize("tokens,dim,heads,rms", [(5, 96, 3, True), (9, 64, 8, False), (1, 300, 2, True), (3, 40, 1, True)])
-def test_linear_scores_match_the_reference(tokens, dim, heads, rms):
+@pytest.mark.parametrize("tokens,dim,heads,rms,tile", [
+    (5, 96, 3, True, {}), (9, 64, 8, False, {}), (1, 300, 2, True, {}), (3, 40, 1, True, {}),
+    (259, 40, 2, True, {}),  # two tokens per program, an odd last one
+    (2, 2100, 3, True, {}),  # three column steps, the last partial
+    (6, 700, 5, True, {"block_t": 4, "block_d": 256, "num_warps": 2})])  # the benchmark's sweep overrides
+def test_linear_scores_match_the_reference(tokens, dim, heads, rms, tile):
     g = torch.Generator().manual_seed(dim + heads)
     x = (3 * torch.randn(tokens, dim, generator=g)).to(torch.bfloat16)
     weight, bias = torch.randn(heads, dim, generator=g), torch.randn(heads, generator=g)
     gain = torch.rand(dim, generator=g) + 0.5 if rms else None
     ref = scores_ref.linear_scores(x, weight, bias, gain, 1e-6, -20.0, 5.0)
     out = scores_triton.linear_scores(x.to(DEV), weight.to(DEV), bias.to(DEV), None if gain is None else gain.to(DEV),
-                                      1e-6, -20.0, 5.0).cpu()
+                                      1e-6, -20.0, 5.0, **tile).cpu()
     assert out.shape == (tokens, heads) and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
 
