@@ -213,22 +213,29 @@ def test_ring_decodes_in_the_graph_buffers_do_what_their_plan_does(delayed):
     assert all(torch.equal(a, b) for a, b in zip(replay[4], plan[4]))
 
 
-def test_a_decode_batch_with_a_dms_prompt_in_vllms_layout_runs_eagerly():
+def test_a_dms_decode_in_vllms_layout_replays_unless_it_needs_a_mask():
     """A DMS request decoding before its prompt is packed (a prompt shorter than the window)
-    attends under its prompt mask, built in Python: its step stays off the graphs; once
-    packed, its decodes replay."""
-    from vllm_kvcompress.eviction.threshold import ThresholdSchedule
+    sees every token (all are in the window), so its decode is plain and replays; a decode
+    under the mask (a token older than the window, unpacked: a schedule the rule never makes)
+    is built in Python and stays off the graphs. Once packed, decodes replay. On the GPU the
+    test prompts of 41 and 129 tokens kept every DMS batch eager (31/31 steps, h200-eviction-14)."""
+    from vllm_kvcompress.eviction.threshold import ThresholdRule, ThresholdSchedule
 
     runner = _Runner()
     runner.kvc, runner.kvc_streams = WorkerState(), True
+
+    def forced(schedule, length):
+        runner.kvc.requests = {"a": RequestCache(schedule, length=length)}
+        runner.kvc.begin_step(["a"])
+        return runner._determine_batch_execution_and_padding(num_tokens=1, max_num_scheduled_tokens=1)[1].get(
+            "force_eager", False)
+
     for delayed in (True, False):
-        schedule = ThresholdSchedule(compress_at=64, ring=64, streams=STREAMS, page=PAGE, block_size=BLOCK,
-                                     threshold=0.0, delayed=delayed)
-        runner.kvc.requests = {"a": RequestCache(schedule, length=30)}
-        runner.kvc.begin_step(["a"])
-        forced = runner._determine_batch_execution_and_padding(num_tokens=1, max_num_scheduled_tokens=1)[1]
-        assert forced.get("force_eager", False) == delayed  # KVzap's native decode has no mask
-        runner.kvc.begin_step(["a"])
-        runner.kvc.requests["a"].length = 66  # packed at 64: a ring decode
-        assert "force_eager" not in runner._determine_batch_execution_and_padding(num_tokens=1,
-                                                                                 max_num_scheduled_tokens=1)[1]
+        rule = ThresholdRule(0.0, 64, delayed)
+        short = rule.schedule(30, STREAMS, PAGE, BLOCK)  # packs at the window, 64
+        assert not any(short.masks_decode(n) for n in range(31, 65))
+        assert not forced(short, 31) and not forced(short, 65)  # in vLLM's layout; packed: a ring decode
+        assert not any(rule.schedule(100, STREAMS, PAGE, BLOCK).masks_decode(n) for n in range(101, 130))
+        unpacked_past_window = ThresholdSchedule(compress_at=128, ring=64, streams=STREAMS, page=PAGE,
+                                                 block_size=BLOCK, threshold=0.0, delayed=delayed)
+        assert forced(unpacked_past_window, 80) == delayed == unpacked_past_window.masks_decode(80)

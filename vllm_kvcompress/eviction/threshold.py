@@ -77,6 +77,13 @@ class ThresholdSchedule:
     def compacts_at(self, logical: int) -> bool:
         return logical == self.compress_at
 
+    def masks_decode(self, logical: int) -> bool:
+        """Whether a single-token decode to ``logical`` tokens in vLLM's layout attends under the
+        delayed rule's mask: only once a token older than the window exists. A prompt packs at
+        ``max(prompt, window)``, so an unpacked one never gets there: its decodes are plain
+        (and may replay a graph); a mask would be all true."""
+        return self.delayed and not self.packed(logical - 1) and logical - 1 > self.ring
+
     def next_point(self, logical: int) -> int:
         """Steps end at the packing point, and once packed every step is one token
         (each token leaving the window is decided on its own), also when a preempted

@@ -60,13 +60,13 @@ class EvictionRunnerMixin:
     def _kvc_step_compresses_streams(self) -> bool:
         """Whether a request's stream compression runs in this step (it scores with the step's
         queries inside every layer, which a replayed decode graph would skip; whole-row
-        compactions run after the forward and need no such step), or a DMS prompt still in
-        vLLM's layout decodes (its prompt mask is built in Python)."""
+        compactions run after the forward and need no such step), or a DMS decode in vLLM's
+        layout attends under a mask (built in Python; never, as prompts pack by the window)."""
         step = self.kvc.step
         return self.kvc_streams and step is not None and any(
             cache is not None and cache.schedule is not None and (
                 cache.schedule.compacts_at(cache.length)
-                or getattr(cache.schedule, "delayed", False) and not cache.schedule.packed(cache.length - 1))
+                or getattr(cache.schedule, "delayed", False) and cache.schedule.masks_decode(cache.length))
             for cache in step.caches)
 
     def _kvc_truncate(self, req_id: str, num_computed: int) -> None:

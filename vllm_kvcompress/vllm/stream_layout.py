@@ -511,7 +511,7 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
             tokens, rows_prev = _previous_rows(row.pages, geometry.page, after, q_len)
             decision_tokens.append(starts[r] + tokens)
             decision_rows.append(rows_prev)
-        if q_len == 1 and not native_delayed:
+        if q_len == 1 and not (native_delayed and schedule.masks_decode(after)):
             decode_tokens.append(starts[r])
             decode_pages.append(row.pages[:, None])
             decode_lengths.append(row.lengths[:, None])
@@ -551,7 +551,7 @@ def build(m, num_reqs: int, geometry: PoolGeometry, step, pool, seq_lens: torch.
         decode_pages_t = torch.zeros(geometry.num_layers, 0, geometry.heads, 1, dtype=torch.long)
         decode_lengths_t = torch.zeros(geometry.num_layers, 0, geometry.heads, dtype=torch.long)
     if decision_tokens:
-        victim_fields.update(decision_token_index=torch.cat(decision_tokens),
+        victim_fields.update(decision_token_index=ops.to_device(torch.cat(decision_tokens), device),
                              decision_rows=torch.cat([ops.to_device(rows, device) for rows in decision_rows], 1))
     for span in prefills:
         longest = span.lengths.amax(dim=1)
