@@ -153,6 +153,10 @@ WORKLOADS = {
               "long_context": (16, 16384, 256), "tpot": ((1, 32768, 128), (32, 4096, 64))},
     "full": {"gpu_memory_utilization": 0.85, "max_model_len": 34816, "decode_heavy": (320, 2048, 2048),
              "long_context": (64, 16384, 1024), "tpot": ((1, 32768, 128), (32, 16384, 64))},
+    # For --profile only: the full workload's engine, stages reduced to a few seconds, so the
+    # profiled run (e.g. --profile-shape 320,2048, the decode-heavy batch) starts soon.
+    "profile": {"gpu_memory_utilization": 0.85, "max_model_len": 34816, "decode_heavy": (8, 256, 16),
+                "long_context": (1, 256, 1), "tpot": ()},
 }
 
 BASE = "vllm-bf16"
