@@ -52,6 +52,23 @@ def scorers(kind: str, layers: int, hidden: int, kv_heads: int, device: torch.de
     return [_scorer(p, None) for p in predictors]
 
 
+def graph_times_ms(step, repeats: int) -> list[float]:
+    """``step`` captured in one CUDA graph, then each replay's time (CUDA events)."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
 def measure(kind: str, tokens: int, device: torch.device, layers: int, hidden: int, kv_heads: int,
             dtype: torch.dtype, repeats: int, kernels: str = "auto") -> dict:
     with ops.use(kernels):  # the seam picks while the graph is captured: its kernels replay
@@ -73,17 +90,7 @@ def _measure(kind: str, tokens: int, device: torch.device, layers: int, hidden: 
         step()
     times = []
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(repeats):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        times = graph_times_ms(step, repeats)
     else:
         for _ in range(repeats):
             began = time.perf_counter()
@@ -109,19 +116,12 @@ def sweep_tiles(tokens: int, device: torch.device, layers: int, hidden: int, kv_
                 tile = {"block_t": block_t, "block_d": block_d, "num_warps": num_warps}
                 for _ in range(2):
                     scores_triton.linear_scores(x, weight, bias, gain, **tile)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+
+                def step():
                     for _ in range(layers):
                         scores_triton.linear_scores(x, weight, bias, gain, **tile)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                times = []
-                for _ in range(repeats):
-                    start.record()
-                    graph.replay()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
+
+                times = graph_times_ms(step, repeats)
                 rows.append({"sweep": "linear_scores", "tokens": tokens, **tile, "chosen": tile == chosen,
                              "us_per_layer": round(1000 * statistics.median(times) / layers, 2)})
                 print(json.dumps(rows[-1]), flush=True)
