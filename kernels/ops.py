@@ -20,6 +20,8 @@ Ops with a Triton twin (the rest are always the reference):
 * ``compact_layers`` -> ``compaction_triton.compact_layers`` (every layer in one launch).
 * ``dense_key_norms`` -> ``compaction_triton.key_norms`` (every layer in one launch).
 * ``stream_decode`` -> ``stream_attention_triton.stream_decode``.
+* ``stream_prefill`` -> ``stream_prefill_triton.prefill_attention`` (streams of unequal length, or
+  DMS's rule); equal streams without a rule stay on FlashAttention.
 * ``linear_scores`` -> ``scores_triton.linear_scores`` (KVzap's linear predictor, DMS's adapters).
 * ``kvquant_decode`` -> ``kvquant_triton.kvquant_decode``; on CPU tensors (kind "auto"),
   ``kvquant_cpu.decode_attention``: the reference's arithmetic compiled by ``torch.compile``.
@@ -41,6 +43,7 @@ import importlib
 import importlib.util
 import os
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -73,6 +76,7 @@ TRITON_OPS: dict[str, tuple[str, ...]] = {
     "stream_decode": (),
     "kvquant_decode": (),
     "linear_scores": (),
+    "stream_prefill": ("visible", "decoder"),  # a mask tensor, encoded rows: the reference
 }
 OPS = frozenset(TRITON_OPS) | {
     "dense_write", "dense_prefill", "dense_gather", "dense_gather_batch", "lookat_encode_rows", "lookat_write_rows",
@@ -468,12 +472,40 @@ def warm_up_stream_decode(pool: torch.Tensor, page: int, num_q_heads: int, num_k
     return True
 
 
+class DelayedRule(NamedTuple):
+    """DMS's rule for prompt queries: a key older than ``window`` is visible only where its
+    pool row's keep score ``row_scores[rows]`` is at least ``threshold``."""
+
+    row_scores: torch.Tensor
+    window: int
+    threshold: float
+
+
 def stream_prefill(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor, page: int,
                    scale: float, visible: torch.Tensor | None = None, max_len: int | None = None,
-                   uniform: bool | None = None, decoder=None) -> torch.Tensor:
-    # No Triton prefill: the reference is torch SDPA.
+                   uniform: bool | None = None, decoder=None, rule: DelayedRule | None = None) -> torch.Tensor:
+    """One request's prefill over its streams (``visible``: a mask, reference only; ``rule``:
+    DMS's). Streams equally long without a mask or rule go to FlashAttention (the reference's
+    ``causal_attend`` on CUDA); the rest to the Triton twin, which applies the rule in the kernel."""
+    if not (uniform and rule is None and visible is None) and implementation(
+            "stream_prefill", query, pool, lengths, visible=visible, decoder=decoder,
+            fits=_stream_prefill_fits(query, pool)) == "triton":
+        return _twin("stream_prefill_triton").prefill_attention(
+            query, pool, pages, lengths, page, scale, *(() if rule is None else rule))
+    if rule is not None:
+        length = int(lengths.max()) if max_len is None else int(max_len)
+        key_rows = stream_attention_ref.page_rows(pages, page)[:, :length]
+        visible = stream_attention_ref.delayed_visible(rule.row_scores[key_rows], lengths, query.shape[0], rule.window,
+                                                       rule.threshold)
     return stream_attention_ref.prefill_attention(query, pool, pages, lengths, page, scale, visible, max_len, uniform,
                                                   decoder)
+
+
+def _stream_prefill_fits(query: torch.Tensor, pool: torch.Tensor) -> bool:
+    # tl.dot tiles: a power-of-two head size of at least 16, a [key | value] pool of the query's dtype.
+    head_dim = query.shape[-1]
+    return pool.dim() == 2 and pool.shape[1] == 2 * head_dim and _pow2_head_dim(head_dim) and \
+        pool.dtype == query.dtype
 
 
 def page_rows(pages: torch.Tensor, page: int) -> torch.Tensor:

@@ -92,6 +92,24 @@ def prefill_attention(query: torch.Tensor, pool: torch.Tensor, pages: torch.Tens
     return paged_dense_ref.masked_attend(q, k, v, mask_rows, scale)[0].transpose(0, 1)
 
 
+def delayed_visible(scores: torch.Tensor, lengths: torch.Tensor, q_len: int, window: int,
+                    threshold: float = 0.0):
+    """Prompt queries' DMS mask (causality is the attention's): key ``j`` is visible to query
+    ``i`` while ``i - j <= window`` or when its score ``scores[Hkv, L]`` passes ``threshold``. A
+    function of a span of queries, ``(start, end) -> [Hkv, end - start, L]``, which
+    :func:`prefill_attention` calls a query tile at a time: the whole mask of an 8K-token chunk
+    over 32K rows asked torch for 32 GiB on the H200 (h200-eviction-13)."""
+    keep = (scores >= threshold)[:, None, :]  # [H, 1, L]
+    window_start = lengths[:, None] - q_len - window  # [H, 1]: query i sees every row from window_start + i
+    columns = torch.arange(scores.shape[-1], device=lengths.device)
+
+    def tile(start: int, end: int) -> torch.Tensor:
+        first = window_start + torch.arange(start, end, device=lengths.device)  # [H, n]
+        return (columns >= first[:, :, None]) | keep
+
+    return tile
+
+
 def move_rows(pool: torch.Tensor, source: torch.Tensor, dest: torch.Tensor) -> None:
     """``pool[dest] = pool[source]`` as if all reads came first (sources and destinations
     may overlap: a repack of a request inside its own blocks)."""

@@ -199,7 +199,8 @@ def test_auto_picks_the_reference_for_cpu_tensors():
 
 def test_auto_picks_triton_for_cuda_tensors_where_a_twin_fits(triton_installed):
     assert ops.TRITON_OPS.keys() == {"dense_decode", "lookat_decode", "lookat_write", "compact", "compact_batch",
-                                     "compact_layers", "dense_key_norms", "stream_decode", "kvquant_decode", "linear_scores"}
+                                     "compact_layers", "dense_key_norms", "stream_decode", "kvquant_decode", "linear_scores",
+                                     "stream_prefill"}
     for op in ops.TRITON_OPS:
         assert ops.implementation(op, CUDA, CUDA, None) == "triton"
         assert ops.implementation(op, CUDA, CPU) == "reference"  # not all on CUDA
@@ -212,6 +213,8 @@ def test_auto_picks_triton_for_cuda_tensors_where_a_twin_fits(triton_installed):
     assert ops.implementation("dense_decode", CUDA, visible=None) == "triton"
     assert ops.implementation("dense_decode", CUDA, visible=CUDA) == "reference"
     assert ops.implementation("lookat_decode", CUDA, current=(CUDA, CUDA)) == "reference"
+    assert ops.implementation("stream_prefill", CUDA, visible=CUDA) == "reference"  # a mask tensor
+    assert ops.implementation("stream_prefill", CUDA, decoder=len) == "reference"  # encoded rows
 
 
 def test_auto_without_triton_is_the_reference(monkeypatch):
@@ -438,11 +441,11 @@ def test_triton_forced_but_not_honoured_runs_the_reference(interpreter, twins):
 
 
 def test_a_dms_prompt_mask_is_made_a_query_tile_at_a_time(monkeypatch):
-    """DMS's prompt mask (``stream_layout.delayed_visible``) is a function of a query span: the
-    kernel makes each tile's part (a whole 8K x 32K mask asked for 32 GiB on the H200), and
-    the attention equals the one with the whole mask, built from the rule itself."""
-    from vllm_kvcompress.vllm.stream_layout import delayed_visible
-
+    """DMS's prompt mask (``stream_attention_ref.delayed_visible``) is a function of a query
+    span: the kernel makes each tile's part (a whole 8K x 32K mask asked for 32 GiB on the
+    H200), and the attention equals the one with the whole mask, built from the rule itself;
+    so does the seam given the rule (``ops.DelayedRule``, the pool rows' scores)."""
+    delayed_visible = stream_attention_ref.delayed_visible
     g, pool, pages, lengths, page, _ = _stream_case()
     q_len, window = 9, 4
     q = torch.randn(q_len, 6, D, generator=g)
@@ -459,3 +462,7 @@ def test_a_dms_prompt_mask_is_made_a_query_tile_at_a_time(monkeypatch):
                                                    lambda start, end: made.append(end - start) or tiles(start, end))
     assert made == [2, 2, 2, 2, 1]
     torch.testing.assert_close(tiled, expected, rtol=1e-5, atol=1e-6)
+    row_scores = torch.zeros(pool.shape[0])
+    row_scores[stream_attention_ref.page_rows(pages[0], page)[:, : scores.shape[-1]]] = scores
+    by_rule = ops.stream_prefill(q, pool.float(), pages[0], lengths[0], page, 0.2, rule=ops.DelayedRule(row_scores, window, 0.0))
+    torch.testing.assert_close(by_rule, expected, rtol=1e-5, atol=1e-6)

@@ -594,24 +594,6 @@ def _previous_rows(pages: torch.Tensor, page: int, after: int, q_len: int) -> tu
     return tokens, rows.permute(0, 2, 1)
 
 
-def delayed_visible(scores: torch.Tensor, lengths: torch.Tensor, q_len: int, window: int,
-                    threshold: float = 0.0):
-    """Prompt queries' DMS mask (causality is the kernel's): key ``j`` is visible to query ``i``
-    while ``i - j <= window`` or when it is not marked. A function of a span of queries,
-    ``(start, end) -> [H, end - start, L]``, which the kernel calls a query tile at a time: the
-    whole mask of an 8K-token chunk over 32K rows asked torch for 32 GiB on the H200
-    (h200-eviction-13)."""
-    keep = (scores >= threshold)[:, None, :]  # [H, 1, L]
-    window_start = lengths[:, None] - q_len - window  # [H, 1]: query i sees every row from window_start + i
-    columns = torch.arange(scores.shape[-1], device=lengths.device)
-
-    def tile(start: int, end: int) -> torch.Tensor:
-        first = window_start + torch.arange(start, end, device=lengths.device)  # [H, n]
-        return (columns >= first[:, :, None]) | keep
-
-    return tile
-
-
 def pool_rows(kv_cache: torch.Tensor, layer: int, num_layers: int) -> torch.Tensor:
     """Every layer's cache as one ``[rows, 2D]`` array (vLLM allocates one backing buffer;
     layer-outermost, each layer's ``[blocks, heads, block_size, 2D]`` view contiguous)."""
@@ -681,13 +663,10 @@ class StreamRunner:
             out[idx] = result.to(out.dtype)
         for span in meta.prefills:
             rows = slice(span.token_start, span.token_end)
-            visible = None
-            if span.delayed_window is not None:
-                key_rows = ops.page_rows(span.pages[layer], page)[:, : span.max_len[layer]]
-                visible = delayed_visible(scores[key_rows], span.lengths[layer], span.token_end - span.token_start,
-                                      span.delayed_window, self.threshold)
+            rule = None if span.delayed_window is None else ops.DelayedRule(scores, span.delayed_window,
+                                                                            self.threshold)
             result = ops.stream_prefill(query[rows], pool, span.pages[layer], span.lengths[layer], page, scale,
-                                        visible, span.max_len[layer], span.uniform[layer], self.decoder)
+                                        None, span.max_len[layer], span.uniform[layer], self.decoder, rule)
             out[rows] = result.to(out.dtype)
         if meta.victim_src is not None:  # after the attention: the leaving token was still seen
             meta.victim_kept[layer] += (scores[meta.victim_dst[layer]] >= self.threshold).long()
