@@ -25,6 +25,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.utils.math_utils import cdiv
 
 from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.eviction.threshold import ThresholdSchedule
 from vllm_kvcompress.methods import buffered_scores
 from vllm_kvcompress.methods.base import PagedSettings
 from vllm_kvcompress.vllm.policy import EvictionPolicy, model_shape
@@ -49,11 +50,12 @@ class EvictionRunnerMixin:
     def _determine_batch_execution_and_padding(self, *args, **kwargs):
         # Only a batch of single-token decodes may replay a FULL graph; a mixed batch runs its
         # attention eagerly (PIECEWISE) anyway, so it keeps its graphs.
-        if kwargs.get("max_num_scheduled_tokens") == 1 and self._kvc_step_compresses_streams():
+        decodes_only = kwargs.get("max_num_scheduled_tokens") == 1
+        if decodes_only and self._kvc_step_compresses_streams():
             kwargs["force_eager"] = True
             self.kvc.step.forced_eager = True
         decision = super()._determine_batch_execution_and_padding(*args, **kwargs)
-        if kwargs.get("max_num_scheduled_tokens") == 1 and self.kvc.step is not None:
+        if decodes_only and self.kvc.step is not None:
             self.kvc.decode_modes[getattr(decision[0], "name", str(decision[0]))] += 1
         return decision
 
@@ -66,7 +68,7 @@ class EvictionRunnerMixin:
         return self.kvc_streams and step is not None and any(
             cache is not None and cache.schedule is not None and (
                 cache.schedule.compacts_at(cache.length)
-                or getattr(cache.schedule, "delayed", False) and cache.schedule.masks_decode(cache.length))
+                or isinstance(cache.schedule, ThresholdSchedule) and cache.schedule.masks_decode(cache.length))
             for cache in step.caches)
 
     def _kvc_truncate(self, req_id: str, num_computed: int) -> None:
